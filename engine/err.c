@@ -1,0 +1,46 @@
+/* err.c — filling and decorating tm_err records (see err.h). */
+#include "err.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+void err_clear(tm_err *e) {
+    if (!e) return;
+    e->code = TM_OK;
+    e->current_version = -1;
+    e->msg[0] = '\0';
+}
+
+int err_set(tm_err *e, int code, const char *fmt, ...) {
+    if (!e) return -1;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+    va_end(ap);
+    e->code = code;
+    return -1;
+}
+
+int err_prefix(tm_err *e, const char *fmt, ...) {
+    if (!e) return -1;
+    char pre[256], old[sizeof e->msg];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(pre, sizeof pre, fmt, ap);
+    va_end(ap);
+    memcpy(old, e->msg, sizeof old);
+    snprintf(e->msg, sizeof e->msg, "%s: %s", pre, old);
+    return -1;
+}
+
+const char *err_code_name(int code) {
+    switch (code) {
+    case TM_OK: return "ok";
+    case TM_EINVAL: return "invalid";
+    case TM_ENOTFOUND: return "not found";
+    case TM_ECONFLICT: return "conflict";
+    case TM_EIO: return "i/o error";
+    default: return "error";
+    }
+}

@@ -192,7 +192,7 @@ local function print_table(rs)
     head[i] = pad(c, w[i], numeric[i] and #rows > 0)
     sep[i] = string.rep("-", w[i])
   end
-  buf[#buf + 1] = concat(head, " | ")
+  buf[#buf + 1] = (concat(head, " | "):gsub("%s+$", ""))
   buf[#buf + 1] = concat(sep, "-+-")
   for _, line in ipairs(cells) do
     local l = {}

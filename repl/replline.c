@@ -83,6 +83,7 @@ int replline_run(repl *r) {
     const char *hist = history_path(&hp);
     rl_readline_name = "tidemark";
     rl_attempted_completion_function = complete;
+    rl_completion_append_character = 0;
     rl_basic_word_break_characters = " \t\n()[]{},;=+-*/<>~^%#&|";
     using_history();
     stifle_history(HISTORY_MAX);

@@ -736,7 +736,9 @@ void repllua_close(repl *r) {
 static int incomplete(lua_State *L) {
     size_t n;
     const char *msg = lua_tolstring(L, -1, &n);
-    return msg && n >= 5 && !strcmp(msg + n - 5, "<eof>");
+    /* LuaJIT: "... near '<eof>'" (lua.c checks the same suffix) */
+    return msg && ((n >= 7 && !strcmp(msg + n - 7, "'<eof>'")) ||
+                   (n >= 5 && !strcmp(msg + n - 5, "<eof>")));
 }
 
 static void print_error(repl *r, const char *msg) {

@@ -85,6 +85,10 @@ int replline_run(repl *r) {
     rl_attempted_completion_function = complete;
     rl_completion_append_character = 0;
     rl_basic_word_break_characters = " \t\n()[]{},;=+-*/<>~^%#&|";
+    rl_initialize();
+    /* libedit's readline emulation leaves ^R unbound: bind incremental
+     * reverse search (like GNU readline) */
+    rl_parse_and_bind("bind ^R em-inc-search-prev");
     using_history();
     stifle_history(HISTORY_MAX);
     if (hist) read_history(hist);

@@ -85,9 +85,7 @@ struct proj {
     buf arena;
     /* progress */
     uint64_t position, cp_position, events, cp_events, uncommitted;
-    volatile uint64_t cur_position;     /* read by the watchdog */
-    const char *volatile cur_type;
-    volatile size_t cur_type_len;
+    volatile int32_t cur_index;         /* written by the runtime per event, read by the watchdog */
     /* faults */
     int faulted;
     proj_fault fault;
@@ -337,12 +335,15 @@ static void sb_hard_limit(void *ud, double limit) {
         return;
     }
     char msg[700];
-    size_t tl = p->cur_type_len;
+    uint64_t pos;
+    const char *t;
+    size_t tl;
+    proj_current(p, &pos, &t, &tl);
     int n = snprintf(msg, sizeof msg,
                      "tidemark: projection %s faulted at position %llu (type %.*s): "
                      "CPU limit exceeded (%gs) in a JIT-compiled loop\n",
-                     p->name, (unsigned long long)p->cur_position,
-                     (int)(tl < 256 ? tl : 256), p->cur_type ? p->cur_type : "?", limit);
+                     p->name, (unsigned long long)pos, (int)(tl < 256 ? tl : 256), t ? t : "?",
+                     limit);
     if (n > 0) {
         ssize_t w = write(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
         (void)w;
@@ -363,6 +364,7 @@ proj *proj_new(const char *name, const char *src, size_t len, const char *filena
     p->batch = p->o.batch ? p->o.batch : 256;
     p->slots = malloc(p->batch * sizeof *p->slots);
     p->rt_ref = LUA_NOREF;
+    p->cur_index = -1;
     sandbox_opts so = {.memory_limit = p->o.memory_limit, .cpu_limit = p->o.cpu_limit,
                        .on_hard_limit = sb_hard_limit, .ud = p,
                        .print = p->o.print ? proj_print : NULL};
@@ -461,9 +463,17 @@ uint64_t proj_uncommitted(const proj *p) { return p->uncommitted; }
 const proj_fault *proj_fault_info(const proj *p) { return p->faulted ? &p->fault : NULL; }
 
 void proj_current(const proj *p, uint64_t *position, const char **type, size_t *type_len) {
-    if (position) *position = p->cur_position;
-    if (type) *type = p->cur_type;
-    if (type_len) *type_len = p->cur_type_len;
+    int32_t j = p->cur_index;
+    if (j < 0 || (unsigned)j >= p->nslots) {
+        if (position) *position = p->position;
+        if (type) *type = NULL;
+        if (type_len) *type_len = 0;
+        return;
+    }
+    const proj_slot *s = &p->slots[j];
+    if (position) *position = (uint64_t)s->position;
+    if (type) *type = p->type_names[s->type_idx];
+    if (type_len) *type_len = p->type_lens[s->type_idx];
 }
 
 static int name_in(const proj *p, const char *s, size_t n) {
@@ -556,19 +566,19 @@ static int run_batch(proj *p, tm_err *err) {
     if (p->faulted) return err_set(err, TM_EINVAL, "projection %s is faulted", p->name);
     lua_State *L = p->L;
     unsigned n = p->nslots;
-    p->cur_position = (uint64_t)p->slots[0].position;
-    p->cur_type = p->type_names[p->slots[0].type_idx];
-    p->cur_type_len = p->type_lens[p->slots[0].type_idx];
+    p->cur_index = 0;
     rt_get(p, "run");
     lua_pushlightuserdata(L, p->slots);
     lua_pushlightuserdata(L, p->arena.ptr ? p->arena.ptr : (char *)p->slots);
     lua_pushinteger(L, (lua_Integer)n);
     lua_pushinteger(L, (lua_Integer)p->arena.len);
+    lua_pushlightuserdata(L, (void *)&p->cur_index);
     buf trace = BUF_INIT;
     sandbox_enter(p->sb);
-    int rc = sandbox_pcall(p->sb, 4, 0, &trace, err);
+    int rc = sandbox_pcall(p->sb, 5, 0, &trace, err);
     sandbox_leave(p->sb);
     if (rc == 0) {
+        p->cur_index = -1;
         buf_free(&trace);
         p->position = (uint64_t)p->slots[n - 1].position;
         p->events += n;
@@ -578,10 +588,8 @@ static int run_batch(proj *p, tm_err *err) {
         return 0;
     }
     /* which event? */
-    rt_get(p, "current");
-    lua_call(L, 0, 1);
-    int j = (int)lua_tointeger(L, -1);
-    lua_pop(L, 1);
+    int j = p->cur_index;
+    p->cur_index = -1;
     if (j < 0 || (unsigned)j >= n) j = 0;
     const proj_slot *s = &p->slots[j];
     uint64_t pos = (uint64_t)s->position;

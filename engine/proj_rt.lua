@@ -26,6 +26,7 @@ local slotp = ffi.typeof("const proj_slot *")
 local slotarr = ffi.typeof("proj_slot[?]")
 local bytes = ffi.typeof("uint8_t[?]")
 local u8p = ffi.typeof("const uint8_t *")
+local i32p = ffi.typeof("int32_t *")
 local fstr, fcopy, fcast, sizeof = ffi.string, ffi.copy, ffi.cast, ffi.sizeof
 local tohex = bit.tohex
 local type, error, pairs, rawget, rawset, setmetatable, tostring, select =
@@ -217,8 +218,9 @@ end
 local M = { emit = emit, link = link, types = types, states = states, dirty = dirty,
   committed = committed, partitioned = partitioned }
 
-function M.run(sp, ap, n, keep_bytes)
+function M.run(sp, ap, n, keep_bytes, curp)
   local s = fcast(slotp, sp)
+  local cur = fcast(i32p, curp) -- the host's watchdog reads the event index here
   local a = fcast(u8p, ap)
   -- GC-owned copies for lazy fields (live as long as an event of this batch)
   local ks = slotarr(n)
@@ -237,6 +239,7 @@ function M.run(sp, ap, n, keep_bytes)
     if h then
       local pos = x.position
       cur_j, cur_pos = j, pos
+      cur[0] = j
       seedtab[1] = pos
       local data
       if x.data_len > 0 then data = decode(a, x.data_off) end

@@ -513,6 +513,7 @@ int sandbox_pcall(sandbox *sb, int nargs, int nresults, buf *trace, tm_err *err)
         err_set(err, TM_EINVAL, "%.*s", (int)(first < 480 ? first : 480), m);
     if (trace) buf_append(trace, m, len);
     lua_settop(L, base - 1);
+    if (sb->oom) lua_gc(L, LUA_GCCOLLECT, 0); /* Lua 5.1 has no emergency GC */
     sb->oom = 0;
     return -1;
 }

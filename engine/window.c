@@ -284,26 +284,24 @@ static int cmp_start(const void *a, const void *b) {
     return (x->end > y->end) - (x->end < y->end);
 }
 
-size_t window_list(const window *w, window_agg **out) {
-    size_t n = w->retained.len + w->nopen, j = 0;
-    *out = NULL;
-    if (!n) return 0;
-    window_agg *a = xcalloc(n, sizeof *a);
-    for (uint32_t i = 0; i < w->retained.len; i++) a[j++] = *ring_at(&w->retained, i);
-    for (size_t i = 0; i < w->nopen; i++) a[j++] = w->open[i];
-    qsort(a, n, sizeof *a, cmp_start);
-    *out = a;
-    return n;
+size_t window_count(const window *w) { return w->retained.len + w->nopen; }
+
+size_t window_list(const window *w, window_agg *out) {
+    size_t j = 0;
+    for (uint32_t i = 0; i < w->retained.len; i++) out[j++] = *ring_at(&w->retained, i);
+    for (size_t i = 0; i < w->nopen; i++) out[j++] = w->open[i];
+    qsort(out, j, sizeof *out, cmp_start);
+    return j;
 }
 
-size_t window_take_closed(window *w, window_agg **out) {
-    size_t n = w->pending.len;
-    *out = NULL;
-    if (!n) return 0;
-    window_agg *a = xcalloc(n, sizeof *a);
-    for (uint32_t i = 0; i < n; i++) a[i] = *ring_at(&w->pending, i);
-    w->pending.head = w->pending.len = 0;
-    *out = a;
+size_t window_pending(const window *w) { return w->pending.len; }
+
+size_t window_take_closed(window *w, window_agg *out, size_t max) {
+    ring *r = &w->pending;
+    size_t n = r->len < max ? r->len : max;
+    for (size_t i = 0; i < n; i++) out[i] = *ring_at(r, (uint32_t)i);
+    if (n) r->head = (r->head + (uint32_t)n) % r->cap;
+    r->len -= (uint32_t)n;
     return n;
 }
 

@@ -58,11 +58,15 @@ const window_cfg *window_config(const window *w);
  * event went into (0: late), or -1 + e for a bad time or value. */
 int window_add(window *w, int64_t t, double v, tm_err *e);
 
-/* Open and retained closed windows, sorted by start; *out is malloc'ed
- * (caller frees; NULL when 0). */
-size_t window_list(const window *w, window_agg **out);
-/* Windows closed since the last call, in closing order; clears the queue. */
-size_t window_take_closed(window *w, window_agg **out);
+/* Open and retained closed windows: window_count() of them, written to
+ * out (room for window_count()) sorted by start; returns the count. */
+size_t window_count(const window *w);
+size_t window_list(const window *w, window_agg *out);
+/* Windows closed and not yet taken (emit-on-close), at most
+ * WINDOW_MAX_PENDING. */
+size_t window_pending(const window *w);
+/* Move up to max of them, oldest first, to out; returns how many. */
+size_t window_take_closed(window *w, window_agg *out, size_t max);
 size_t window_open_count(const window *w);
 
 /* 1 and *wm when at least one event was seen, else 0. */

@@ -30,6 +30,17 @@ static int64_t irand(int64_t lo, int64_t hi) { return lo + (int64_t)(rnd() % (ui
 
 static int64_t fdiv(int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); }
 
+/* malloc'ed copies of the list and of the taken closed windows */
+static size_t list(const window *w, window_agg **out) {
+    *out = malloc((window_count(w) + 1) * sizeof **out);
+    return window_list(w, *out);
+}
+static size_t take(window *w, window_agg **out) {
+    size_t n = window_pending(w);
+    *out = malloc((n + 1) * sizeof **out);
+    return window_take_closed(w, *out, n);
+}
+
 static window *mk(int kind, int64_t size, int64_t hop, int64_t gap, int64_t late, uint32_t retain) {
     window_cfg c;
     window_cfg_init(&c, kind);
@@ -102,14 +113,13 @@ static void run_fixed(int kind, int64_t size, int64_t hop, int64_t late, int64_t
     for (size_t i = 0; i < n; i++) {
         assert_true(window_add(w, t[i], v[i], NULL) >= 0);
         if (i % 1000 == 999) { /* emit-on-close: each window once, in order */
-            window_agg *c;
-            size_t nc = window_take_closed(w, &c);
+            window_agg c[WINDOW_MAX_PENDING];
+            size_t nc = window_take_closed(w, c, WINDOW_MAX_PENDING);
             for (size_t j = 0; j < nc; j++) {
                 assert_true(c[j].closed && c[j].end > last_end);
                 last_end = c[j].end;
             }
             emitted += nc;
-            free(c);
         }
     }
     uint64_t lc;
@@ -121,7 +131,7 @@ static void run_fixed(int kind, int64_t size, int64_t hop, int64_t late, int64_t
     int64_t wm;
     assert_true(window_watermark(w, &wm));
     window_agg *a;
-    size_t na = window_list(w, &a), j = 0, closed = 0;
+    size_t na = list(w, &a), j = 0, closed = 0;
     for (size_t k = 0; k < b.nw; k++) {
         if (!b.count[k]) continue;
         assert_true(j < na);
@@ -135,10 +145,11 @@ static void run_fixed(int kind, int64_t size, int64_t hop, int64_t late, int64_t
     }
     assert_int_equal(j, na);
     window_agg *c;
-    size_t nc = window_take_closed(w, &c);
+    size_t nc = take(w, &c);
     free(c);
     assert_int_equal(emitted + nc, closed);
-    assert_int_equal(window_take_closed(w, &c), 0);
+    assert_int_equal(take(w, &c), 0);
+    free(c);
     free(a);
     window_free(w);
     free(b.count); free(b.sum); free(b.min); free(b.max);
@@ -169,20 +180,22 @@ static void test_lateness_story(void **st) {
     assert_true(window_watermark(w, &wm) && wm == 9);
     assert_int_equal(window_add(w, 8, 4, NULL), 1);  /* accepted within lateness */
     window_agg *c;
-    assert_int_equal(window_take_closed(w, &c), 0);
+    assert_int_equal(take(w, &c), 0);
+    free(c);
     assert_int_equal(window_add(w, 16, 8, NULL), 1); /* wm = 11: [0,10) closes */
-    assert_int_equal(window_take_closed(w, &c), 1);
+    assert_int_equal(take(w, &c), 1);
     assert_true(c[0].start == 0 && c[0].end == 10 && c[0].count == 2 && c[0].sum == 5 &&
                 c[0].min == 1 && c[0].max == 4 && c[0].closed);
     free(c);
-    assert_int_equal(window_take_closed(w, &c), 0); /* retrievable once */
+    assert_int_equal(take(w, &c), 0); /* retrievable once */
+    free(c);
     assert_int_equal(window_add(w, 7, 16, NULL), 0); /* late */
     uint64_t lc;
     double ls;
     window_late(w, &lc, &ls);
     assert_true(lc == 1 && ls == 16);
     window_agg *a;
-    assert_int_equal(window_list(w, &a), 2); /* closed [0,10) still queryable + [10,20) */
+    assert_int_equal(list(w, &a), 2); /* closed [0,10) still queryable + [10,20) */
     assert_true(a[0].closed && a[0].count == 2 && !a[1].closed && a[1].count == 2 && a[1].sum == 10);
     free(a);
     tm_err e;
@@ -196,11 +209,11 @@ static void test_retention_and_cap(void **st) {
     window *w = mk(WINDOW_TUMBLING, 10, 0, 0, 0, 3);
     for (int64_t t = 0; t < 100; t += 5) window_add(w, t, 1, NULL);
     window_agg *a;
-    size_t n = window_list(w, &a);
+    size_t n = list(w, &a);
     assert_int_equal(n, 4); /* 3 retained closed + the open [90,100) */
     assert_true(a[0].start == 60 && a[3].start == 90 && !a[3].closed && a[2].closed);
     free(a);
-    assert_int_equal(window_take_closed(w, &a), 9); /* emission is not capped by retain */
+    assert_int_equal(take(w, &a), 9); /* emission is not capped by retain */
     free(a);
     window_free(w);
     /* the open cap: huge lateness, max_open 2 -> the oldest closes early */
@@ -216,7 +229,7 @@ static void test_retention_and_cap(void **st) {
     assert_int_equal(window_open_count(w), 2);
     assert_int_equal(window_add(w, 6, 1, NULL), 0); /* that window is closed: late */
     assert_int_equal(window_add(w, 16, 1, NULL), 1);
-    assert_int_equal(window_take_closed(w, &a), 1);
+    assert_int_equal(take(w, &a), 1);
     assert_true(a[0].start == 0 && a[0].count == 1);
     free(a);
     window_free(w);
@@ -227,19 +240,19 @@ static void test_session(void **st) {
     window_add(w, 0, 1, NULL);
     window_add(w, 18, 2, NULL);
     window_agg *a;
-    assert_int_equal(window_list(w, &a), 2);
+    assert_int_equal(list(w, &a), 2);
     free(a);
     window_add(w, 9, 4, NULL); /* [9,19) bridges [0,10) and [18,28) */
-    assert_int_equal(window_list(w, &a), 1);
+    assert_int_equal(list(w, &a), 1);
     assert_true(a[0].start == 0 && a[0].end == 28 && a[0].count == 3 && a[0].sum == 7 &&
                 a[0].min == 1 && a[0].max == 4);
     free(a);
     window_add(w, 38, 1, NULL); /* [38,48) */
     window_add(w, 28, 1, NULL); /* [28,38): touches [0,28) and [38,48) but does not overlap */
-    assert_int_equal(window_list(w, &a), 3);
+    assert_int_equal(list(w, &a), 3);
     free(a);
     window_add(w, 200, 1, NULL); /* wm = 100: all three close */
-    assert_int_equal(window_take_closed(w, &a), 3);
+    assert_int_equal(take(w, &a), 3);
     free(a);
     /* wm = 100, closed sessions end at 28, 38, 48 */
     assert_int_equal(window_add(w, 85, 5, NULL), 0);  /* [85,95) would be closed already: late */
@@ -278,7 +291,7 @@ static void test_session_brute(void **st) {
     window_late(w, &lc, &ls);
     assert_int_equal(lc, 0);
     window_agg *a;
-    size_t na = window_list(w, &a), j = 0;
+    size_t na = list(w, &a), j = 0;
     for (size_t i = 0; i < n;) {
         size_t k = i + 1;
         double sum = (double)(s[i] % 7);
@@ -317,7 +330,7 @@ static void roundtrip_kind(window *w, window *twin, int kind) {
             window_add(w, t, v, NULL);
             window_add(twin, t, v, NULL);
         }
-        if (round == 2) { window_agg *c; window_take_closed(w, &c); free(c); window_take_closed(twin, &c); free(c); }
+        if (round == 2) { window_agg *c; take(w, &c); free(c); take(twin, &c); free(c); }
         buf ser = BUF_INIT;
         window_serialize(w, &ser);
         window *d = window_deserialize(ser.ptr, ser.len, &e);

@@ -23,9 +23,6 @@
 #include "lsketch.h"
 #include "mp.h"
 
-#pragma weak lsketch_ext_type
-#pragma weak lsketch_serialize
-#pragma weak lsketch_push_decoded
 
 /* ------------------------------------------------------------ encode */
 
@@ -235,7 +232,7 @@ static int enc_value(enc *e, int idx) {
     }
     case LUA_TTABLE: return enc_table(e, idx);
     case LUA_TUSERDATA: {
-        int t = lsketch_ext_type ? lsketch_ext_type(L, idx) : 0;
+        int t = lsketch_ext_type(L, idx);
         if (t > 0) {
             buf b = BUF_INIT;
             if (lsketch_serialize(L, idx, &b) < 0) {
@@ -316,8 +313,7 @@ static int push_item(lua_State *L, const char **p, const char *end, int depth, t
     case MP_ARRAY:
     case MP_MAP: return push_container(L, &it, p, end, depth, err);
     case MP_EXT:
-        if (lsketch_push_decoded &&
-            lsketch_push_decoded(L, it.v.s.ext, it.v.s.ptr, it.v.s.len) == 0)
+        if (lsketch_push_decoded(L, it.v.s.ext, it.v.s.ptr, it.v.s.len) == 0)
             return 0;
         return err_set(err, TM_EINVAL, "unknown or invalid msgpack ext type %d", it.v.s.ext);
     }

@@ -30,7 +30,6 @@
 #include "mp.h"
 #include "sandbox.h"
 
-#pragma weak lsketch_push_decoded
 
 /* The runtime's Lua source, embedded at build time. */
 __asm__(".section .rodata\n"
@@ -195,7 +194,7 @@ static int c_ext(lua_State *L) {
     int t = (int)luaL_checkinteger(L, 1);
     size_t n;
     const char *s = luaL_checklstring(L, 2, &n);
-    if (lsketch_push_decoded && lsketch_push_decoded(L, t, s, n) == 0) return 1;
+    if (lsketch_push_decoded(L, t, s, n) == 0) return 1;
     return luaL_error(L, "event holds an unknown msgpack ext type %d", t);
 }
 

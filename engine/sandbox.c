@@ -32,9 +32,6 @@
 
 #include "lsketch.h"
 
-/* The sketch library may not be linked yet (built on another branch):
- * weak references keep this file linkable without it. */
-#pragma weak luaopen_tidemark_sketch
 
 struct sandbox {
     lua_State *L;
@@ -300,14 +297,10 @@ static int setup(lua_State *L) {
     lua_pop(L, 1);
 
     /* tm: the sketch library when linked, plus whatever the host adds. */
-    if (luaopen_tidemark_sketch) {
-        lua_pushcfunction(L, luaopen_tidemark_sketch);
-        lua_call(L, 0, 1);
-        if (!lua_istable(L, -1)) {
-            lua_pop(L, 1);
-            lua_newtable(L);
-        }
-    } else {
+    lua_pushcfunction(L, luaopen_tidemark_sketch);
+    lua_call(L, 0, 1);
+    if (!lua_istable(L, -1)) {
+        lua_pop(L, 1);
         lua_newtable(L);
     }
     lua_setglobal(L, "tm");

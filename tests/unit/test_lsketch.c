@@ -1,0 +1,252 @@
+/* test_lsketch.c — the Lua face of the sketches: a plain luaL_newstate()
+ * with luaopen_tidemark_sketch installed as the global `tm`, Lua snippets
+ * checked with assert(), argument errors, and the state-encoding hooks
+ * (ext type, serialise, decode) round-tripping every kind. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <string.h>
+
+#include "lsketch.h"
+
+static lua_State *L;
+
+static int setup(void **st) {
+    L = luaL_newstate();
+    luaL_openlibs(L);
+    lua_pushcfunction(L, luaopen_tidemark_sketch);
+    lua_call(L, 0, 1);
+    lua_setglobal(L, "tm");
+    return 0;
+}
+
+static int teardown(void **st) {
+    lua_close(L);
+    return 0;
+}
+
+static void run(const char *chunk) {
+    if (luaL_dostring(L, chunk)) fail_msg("lua: %s", lua_tostring(L, -1));
+    lua_settop(L, 0);
+}
+
+/* The chunk must raise an error whose message contains want. */
+static void run_err(const char *chunk, const char *want) {
+    if (!luaL_dostring(L, chunk)) fail_msg("expected an error from: %s", chunk);
+    const char *msg = lua_tostring(L, -1);
+    if (!msg || !strstr(msg, want)) fail_msg("error %s lacks '%s'", msg ? msg : "(nil)", want);
+    lua_settop(L, 0);
+}
+
+static void test_hll(void **st) {
+    run("local h = tm.hll()\n"
+        "assert(h:count() == 0)\n"
+        "for i = 1, 100000 do h:add('u' .. i) end\n"
+        "for i = 1, 100000 do h:add('u' .. i) end\n"
+        "local c = h:count()\n"
+        "assert(math.abs(c - 100000) < 2000, c)\n"
+        "local g = tm.hll()\n"
+        "assert(g:add(1) == true and g:add(1) == false and g:add(-0.0) == true)\n"
+        "assert(g:add('1') == true)\n"            /* '1' differs from 1 */
+        "assert(g:count() == 3)\n"
+        "assert(g:add(0) == false)\n"             /* 0 == -0 */
+        "local a, b = tm.hll(), tm.hll()\n"
+        "for i = 1, 3000 do a:add(i) end\n"
+        "for i = 2001, 5000 do b:add(i) end\n"
+        "assert(a:merge(b) == a)\n"
+        "assert(math.abs(a:count() - 5000) < 100, a:count())\n"
+        "assert(tostring(a):match('^hll%(~%d+ distinct'))\n"
+        "assert(getmetatable(a) == 'tidemark.sketch')\n");
+    run_err("tm.hll():add(true)", "string or number expected");
+    run_err("tm.hll():add()", "string or number expected");
+    run_err("tm.hll():merge(tm.quantiles())", "tidemark.hll expected");
+    run_err("tm.hll().count(5)", "tidemark.hll expected");
+    run_err("setmetatable(tm.hll(), {})", "");
+}
+
+static void test_quantiles(void **st) {
+    run("local q = tm.quantiles()\n"
+        "assert(q:quantile(0.5) == nil and q:count() == 0 and q:min() == nil)\n"
+        "for i = 1, 100000 do q:add(i) end\n"
+        "local p50, p99 = q:quantile(0.5), q:quantile(0.99)\n"
+        "assert(math.abs(p50 - 50000) <= 1000, p50)\n"
+        "assert(math.abs(p99 - 99000) <= 1000, p99)\n"
+        "assert(q:count() == 100000 and q:min() == 1 and q:max() == 100000)\n"
+        "assert(q:quantile(0) == 1 and q:quantile(1) == 100000)\n"
+        "assert(math.abs(q:rank(25000) - 0.25) < 0.01)\n"
+        "local r = tm.quantiles(64)\n"
+        "for i = 100001, 200000 do r:add(i) end\n"
+        "q:merge(r)\n"
+        "assert(q:count() == 200000 and q:max() == 200000)\n"
+        "assert(math.abs(q:quantile(0.5) - 100000) <= 2000)\n"
+        "assert(tostring(q):match('^quantiles%(n=200000'))\n");
+    run_err("tm.quantiles(3)", "k must be an integer");
+    run_err("tm.quantiles():add(0/0)", "NaN");
+    run_err("tm.quantiles():add('x')", "number expected");
+    run_err("tm.quantiles():quantile(1.5)", "q must be in [0, 1]");
+}
+
+static void test_topk(void **st) {
+    run("local t = tm.topk(3)\n"
+        "for i = 1, 1000 do t:add('k' .. (i % 20)) end\n"
+        "t:add('heavy', 500) t:add('mid', 100.5)\n"
+        "local top = t:top()\n"
+        "assert(#top == 3)\n"
+        "assert(top[1].key == 'heavy' and top[1].count == 500)\n"
+        "assert(top[2].key == 'mid' and top[2].count == 100.5)\n"
+        "assert(top[3].key == 'k0' and top[3].error == 0 and top[3].count == 50)\n"
+        "assert(#t:top(5) == 5 and #t:top(0) == 0)\n"
+        "assert(t:total() == 1600.5)\n"
+        "local c, e = t:get('heavy')\n"
+        "assert(c == 500 and e == 0 and t:get('nope') == nil)\n"
+        "local u = tm.topk(2, 2)\n"
+        "u:add('b') u:add('a') u:add('c')\n"          /* c replaces b (ties: last by key) */
+        "local x = u:top()\n"
+        "assert(x[1].key == 'c' and x[1].count == 2 and x[1].error == 1, x[1].key)\n"
+        "assert(x[2].key == 'a' and x[2].count == 1)\n"
+        "local m = tm.topk(3) m:add('heavy', 10)\n"
+        "t:merge(m)\n"
+        "assert(t:top(1)[1].count == 510)\n"
+        "t:add(12) assert(t:get('12'))\n");
+    run_err("tm.topk(0)", "k must be an integer");
+    run_err("tm.topk(10, 5)", "capacity must be an integer");
+    run_err("tm.topk(3):add('x', -1)", "weight must be a positive");
+    run_err("tm.topk(3):add('x', 0/0)", "weight must be a positive");
+    run_err("tm.topk(3):add(string.rep('x', 1025))", "key longer");
+    run_err("tm.topk(3):add({})", "string expected");
+}
+
+static void test_window(void **st) {
+    run("local w = tm.window.tumbling{size = 10, lateness = 5}\n"
+        "assert(w:watermark() == nil)\n"
+        "assert(w:add(3, 1) == 1) w:add(14, 2) w:add(8, 4)\n"
+        "assert(w:watermark() == 9)\n"
+        "assert(#w:closed() == 0)\n"
+        "w:add(16, 8)\n"
+        "local c = w:closed()\n"
+        "assert(#c == 1 and c[1].start == 0 and c[1]['end'] == 10 and c[1].count == 2)\n"
+        "assert(c[1].sum == 5 and c[1].min == 1 and c[1].max == 4 and c[1].closed == true)\n"
+        "assert(#w:closed() == 0)\n"
+        "assert(w:add(7, 16) == 0)\n"
+        "local l = w:late() assert(l.count == 1 and l.sum == 16)\n"
+        "local ws = w:windows()\n"
+        "assert(#ws == 2 and ws[1].closed and not ws[2].closed and ws[2].sum == 10)\n"
+        "w:add(17)\n"                                     /* value defaults to 1 */
+        "assert(w:windows()[2].sum == 11)\n"
+        "local h = tm.window.hopping{size = 10, hop = 5}\n"
+        "assert(h:add(12, 1) == 2)\n"
+        "local hw = h:windows()\n"
+        "assert(#hw == 2 and hw[1].start == 5 and hw[2].start == 10)\n"
+        "local s = tm.window.session{gap = 10, lateness = 100}\n"
+        "s:add(0) s:add(18) s:add(9)\n"
+        "local sw = s:windows()\n"
+        "assert(#sw == 1 and sw[1].start == 0 and sw[1]['end'] == 28 and sw[1].count == 3)\n"
+        "assert(tostring(s):match('^window.session'))\n"
+        "local r = tm.window.tumbling{size = 10, retain = 2}\n"
+        "for t = 0, 99, 5 do r:add(t) end\n"
+        "assert(#r:windows() == 3 and #r:closed() == 9)\n");
+    run_err("tm.window.tumbling{}", "size");
+    run_err("tm.window.tumbling{size = 10, lateness_ms = 5}", "unknown option 'lateness_ms'");
+    run_err("tm.window.tumbling{size = 1.5}", "field 'size' must be an integer");
+    run_err("tm.window.hopping{size = 10, hop = 20}", "hop must be");
+    run_err("tm.window.session{gap = 0}", "field 'gap'");
+    run_err("tm.window.tumbling(10)", "table expected");
+    run_err("tm.window.tumbling{size = 10}:add(1.5)", "time (ms) must be an integer");
+    run_err("tm.window.tumbling{size = 10}:add(1, 1/0)", "finite");
+}
+
+/* ext type + serialise + decode: the decoded sketch answers the same and
+ * re-serialises to the same bytes; corrupt bytes are refused. */
+static void roundtrip(const char *make, int want_type, const char *probe) {
+    char chunk[1024];
+    snprintf(chunk, sizeof chunk, "return %s", make);
+    if (luaL_dostring(L, chunk)) fail_msg("lua: %s", lua_tostring(L, -1));
+    assert_int_equal(lsketch_ext_type(L, -1), want_type);
+    buf a = BUF_INIT, b = BUF_INIT;
+    assert_int_equal(lsketch_serialize(L, -1, &a), 0);
+    assert_int_equal(lsketch_push_decoded(L, want_type, a.ptr, a.len), 0);
+    assert_int_equal(lsketch_ext_type(L, -1), want_type);
+    assert_int_equal(lsketch_serialize(L, -1, &b), 0);
+    assert_int_equal(a.len, b.len);
+    assert_memory_equal(a.ptr, b.ptr, a.len);
+    /* same answers from Lua: probe(orig, decoded) */
+    lua_setglobal(L, "decoded");
+    lua_setglobal(L, "orig");
+    run(probe);
+    int top = lua_gettop(L);
+    a.ptr[a.len / 2] ^= 1;
+    assert_int_equal(lsketch_push_decoded(L, want_type, a.ptr, a.len), -1);
+    assert_int_equal(lsketch_push_decoded(L, want_type, a.ptr, a.len - 1), -1);
+    a.ptr[a.len / 2] ^= 1;
+    assert_int_equal(lsketch_push_decoded(L, want_type % 4 + 1, a.ptr, a.len), -1); /* wrong type */
+    assert_int_equal(lsketch_push_decoded(L, 9, a.ptr, a.len), -1);
+    assert_int_equal(lua_gettop(L), top); /* nothing pushed on failure */
+    buf_free(&a);
+    buf_free(&b);
+}
+
+static void test_state_encoding(void **st) {
+    roundtrip("(function() local h = tm.hll() for i = 1, 5000 do h:add(i) end return h end)()",
+              LSKETCH_EXT_HLL, "assert(orig:count() == decoded:count())");
+    roundtrip("(function() local q = tm.quantiles() for i = 1, 50000 do q:add(i % 977) end return q end)()",
+              LSKETCH_EXT_QUANTILES,
+              "for _, p in ipairs{0.5, 0.95, 0.99} do assert(orig:quantile(p) == decoded:quantile(p)) end\n"
+              "orig:add(5) decoded:add(5) assert(orig:count() == decoded:count())");
+    roundtrip("(function() local t = tm.topk(5) for i = 1, 5000 do t:add('k' .. (i * i % 101)) end return t end)()",
+              LSKETCH_EXT_TOPK,
+              "local a, b = orig:top(), decoded:top()\n"
+              "for i = 1, 5 do assert(a[i].key == b[i].key and a[i].count == b[i].count) end");
+    roundtrip("(function() local w = tm.window.session{gap = 5, lateness = 20}\n"
+              "for i = 1, 500 do w:add(i * 3 + (i % 7) * 4, i) end return w end)()",
+              LSKETCH_EXT_WINDOW,
+              "local a, b = orig:windows(), decoded:windows()\n"
+              "assert(#a == #b and #a > 0)\n"
+              "for i = 1, #a do assert(a[i].start == b[i].start and a[i].sum == b[i].sum) end\n"
+              "assert(#orig:closed() == #decoded:closed())\n"
+              "assert(orig:late().count == decoded:late().count)");
+    /* not a sketch: a table with a forged metatable, a number, other userdata */
+    run("forged = setmetatable({}, {__tm_ext = 1})");
+    lua_getglobal(L, "forged");
+    assert_int_equal(lsketch_ext_type(L, -1), 0);
+    buf x = BUF_INIT;
+    assert_int_equal(lsketch_serialize(L, -1, &x), -1);
+    lua_pushnumber(L, 3);
+    assert_int_equal(lsketch_ext_type(L, -1), 0);
+    lua_getglobal(L, "io");
+    lua_getfield(L, -1, "stdout");
+    assert_int_equal(lsketch_ext_type(L, -1), 0);
+    lua_settop(L, 0);
+    buf_free(&x);
+}
+
+/* Decoding into a fresh state that never ran luaopen still works. */
+static void test_decode_fresh_state(void **st) {
+    run("h = tm.hll() h:add('a') h:add('b')");
+    lua_getglobal(L, "h");
+    buf a = BUF_INIT;
+    assert_int_equal(lsketch_serialize(L, -1, &a), 0);
+    lua_State *M = luaL_newstate();
+    luaL_openlibs(M);
+    assert_int_equal(lsketch_push_decoded(M, LSKETCH_EXT_HLL, a.ptr, a.len), 0);
+    lua_setglobal(M, "h");
+    assert_int_equal(luaL_dostring(M, "assert(h:count() == 2) h:add('c') assert(h:count() == 3)"), 0);
+    lua_close(M);
+    buf_free(&a);
+    lua_settop(L, 0);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_hll),
+        cmocka_unit_test(test_quantiles),
+        cmocka_unit_test(test_topk),
+        cmocka_unit_test(test_window),
+        cmocka_unit_test(test_state_encoding),
+        cmocka_unit_test(test_decode_fresh_state),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

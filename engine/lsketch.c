@@ -47,6 +47,14 @@ static void kind_free(int kind, void *p) {
     }
 }
 
+/* Sketch memory is malloc'ed, invisible to the Lua GC.  Charging a
+ * sketch's nominal footprint as a GC step when it is created keeps
+ * garbage sketches (say, one made per event) collected in proportion to
+ * the C memory they hold. */
+static void charge(lua_State *L, size_t bytes) {
+    if (bytes >= 1024) lua_gc(L, LUA_GCSTEP, (int)(bytes >> 10));
+}
+
 /* Push a new empty box of the given kind (metatable set). */
 static lsk *push_box(lua_State *L, int kind) {
     lsk *b = lua_newuserdata(L, sizeof *b);
@@ -77,6 +85,7 @@ static int64_t check_int(lua_State *L, int idx, int64_t lo, int64_t hi, const ch
 
 /* --- hll -------------------------------------------------------------------- */
 static int l_hll_new(lua_State *L) {
+    charge(L, HLL_DENSE_BYTES);
     lsk *b = push_box(L, LSKETCH_EXT_HLL);
     b->p = hll_new();
     return 1;
@@ -122,6 +131,7 @@ static const luaL_Reg hll_methods[] = {
 /* --- quantiles ---------------------------------------------------------------- */
 static int l_q_new(lua_State *L) {
     int64_t k = lua_isnoneornil(L, 1) ? KLL_DEFAULT_K : check_int(L, 1, KLL_MIN_K, KLL_MAX_K, "k");
+    charge(L, (size_t)k * 3 * sizeof(double));
     lsk *b = push_box(L, LSKETCH_EXT_QUANTILES);
     b->p = kll_new((unsigned)k);
     return 1;
@@ -201,6 +211,7 @@ static int l_topk_new(lua_State *L) {
     int64_t dflt = k * 4 < 32 ? 32 : k * 4;
     if (dflt > TOPK_MAX_CAPACITY) dflt = TOPK_MAX_CAPACITY;
     int64_t cap = lua_isnoneornil(L, 2) ? dflt : check_int(L, 2, k, TOPK_MAX_CAPACITY, "capacity");
+    charge(L, (size_t)cap * 64);
     lsk *b = push_box(L, LSKETCH_EXT_TOPK);
     b->p = topk_new((unsigned)k, (unsigned)cap);
     return 1;
@@ -331,6 +342,7 @@ static int window_new_lua(lua_State *L, int kind) {
     c.max_open = (uint32_t)opt_field(L, 1, "max_open", WINDOW_DEFAULT_MAX_OPEN, 1, WINDOW_MAX_OPEN);
     tm_err e;
     err_clear(&e);
+    charge(L, 4096);
     lsk *b = push_box(L, LSKETCH_EXT_WINDOW);
     if (!(b->p = window_new(&c, &e))) return luaL_argerror(L, 1, e.msg);
     return 1;
@@ -504,6 +516,7 @@ int lsketch_serialize(lua_State *L, int idx, buf *out) {
 int lsketch_push_decoded(lua_State *L, int ext_type, const char *p, size_t n) {
     if (ext_type < 1 || ext_type > NKINDS) return -1;
     ensure_metatables(L);
+    charge(L, n);
     lsk *b = push_box(L, ext_type);
     tm_err e;
     switch (ext_type) {

@@ -150,6 +150,18 @@ static void test_window(void **st) {
         "local r = tm.window.tumbling{size = 10, retain = 2}\n"
         "for t = 0, 99, 5 do r:add(t) end\n"
         "assert(#r:windows() == 3 and #r:closed() == 9)\n");
+    run("local r = tm.rate{over = 10000}\n"            /* 1 s buckets, 10 s span */
+        "assert(r:rate() == 0)\n"
+        "for t = 0, 19999, 100 do r:add(t, 2) end\n"  /* 10 events/s, value 2 */
+        "local n, s = r:rate()\n"
+        "assert(n == 10 and s == 20, n)\n"
+        "assert(r:rate(2000) == 10)\n"
+        "for t = 20000, 20999, 10 do r:add(t) end\n"  /* a burst: 100 events in 1 s */
+        "assert(r:rate(1000) == 100)\n"
+        "assert(r:rate() == (9 * 10 + 100) / 10)\n"
+        "assert(#r:windows() == 11)\n");
+    run_err("tm.rate{over = 1500}", "multiple of 'bucket'");
+    run_err("tm.window.session{gap = 5}:rate()", "rate needs a tumbling window");
     run_err("tm.window.tumbling{}", "size");
     run_err("tm.window.tumbling{size = 10, lateness_ms = 5}", "unknown option 'lateness_ms'");
     run_err("tm.window.tumbling{size = 1.5}", "field 'size' must be an integer");

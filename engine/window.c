@@ -313,6 +313,12 @@ int window_watermark(const window *w, int64_t *wm) {
     return 1;
 }
 
+int window_max_time(const window *w, int64_t *t) {
+    if (!w->seen) return 0;
+    *t = w->max_t;
+    return 1;
+}
+
 void window_late(const window *w, uint64_t *count, double *sum) {
     *count = w->late_count;
     *sum = w->late_sum;

@@ -146,6 +146,37 @@ end
 
 local function event_list(list) return setmetatable(list, EV) end
 
+-- Scanned events (embedded) carry id and metadata lazily: the first access
+-- reads them back by position; category is derived from the stream.
+T.event_mt = {
+  __index = function(e, k)
+    if k == "category" then return (e.stream:match("^[^-]*")) end
+    if k == "id" or k == "metadata" then
+      local id, meta = T.extra(e.position)
+      rawset(e, "id", id)
+      rawset(e, "metadata", meta or {})
+      return rawget(e, k)
+    end
+    return nil
+  end,
+}
+
+-- The scan loop's Lua half: T.scan (C) fills a batch of event tables and
+-- calls this once per batch.  A handler returning STOP ends the scan.
+-- The Ctrl-C flag is read per event through the FFI (a volatile load that
+-- JIT-compiled code performs, unlike hooks).
+local STOP = setmetatable({}, { __tostring = function() return "stop" end })
+T.STOP = STOP
+local ffi = require("ffi")
+local intr = ffi.cast("volatile int *", T.intr_addr())
+function T.runner(batch, n, h)
+  for i = 1, n do
+    if intr[0] ~= 0 then error("interrupted", 0) end
+    if h(batch[i]) == STOP then return true end
+  end
+  return false
+end
+
 ------------------------------------------------------------------ printing
 
 local out = T.write
@@ -767,13 +798,12 @@ function Q:list(n)
   n = n or 20
   local where = where_all(self.wheres)
   local got = {}
-  local ok, err = pcall(scan, self, function(e)
+  scan(self, function(e)
     if where == nil or where(e) then
       got[#got + 1] = e
-      if #got >= n then error("__tm_enough__", 0) end
+      if #got >= n then return STOP end
     end
   end, "list")
-  if not ok and err ~= "__tm_enough__" and not tostring(err):find("__tm_enough__", 1, true) then error(err, 0) end
   return event_list(got)
 end
 Q.first = Q.list
@@ -793,7 +823,7 @@ function Q:map(fn, n)
     if where == nil or where(e) then
       local v = fn(e)
       if v ~= nil then rows[#rows + 1] = v end
-      if n and #rows >= n then return end
+      if n and #rows >= n then return STOP end
     end
   end, "map")
   for _, v in ipairs(rows) do

@@ -48,7 +48,8 @@ static const char prelude_src[] =
 
 /* ------------------------------------------------------------ interrupts */
 
-static volatile sig_atomic_t g_intr;     /* Ctrl-C pending */
+static volatile sig_atomic_t g_intr;     /* Ctrl-C pending (read as int by the prelude) */
+_Static_assert(sizeof(sig_atomic_t) == sizeof(int), "the prelude reads g_intr as an int");
 static volatile sig_atomic_t g_running;  /* Lua code is running */
 static volatile sig_atomic_t g_can_jump; /* g_jmp is armed */
 static lua_State *volatile g_L;
@@ -94,20 +95,23 @@ static void install_sigint(void) {
 
 /* --------------------------------------------------------- the allocator */
 
+/* LuaJIT's own allocator (much faster than malloc for the many small
+ * objects a scan makes), wrapped to count and cap. */
 typedef struct memcap {
     size_t used, limit;
+    lua_Alloc inner;
+    void *inner_ud;
 } memcap;
 
 static void *cap_alloc(void *ud, void *p, size_t osize, size_t nsize) {
     memcap *m = ud;
     if (nsize == 0) {
-        free(p);
-        m->used -= osize;
-        return NULL;
+        m->used -= p ? osize : 0;
+        return m->inner(m->inner_ud, p, osize, 0);
     }
-    if (nsize > osize && m->used - osize + nsize > m->limit) return NULL;
-    void *q = realloc(p, nsize);
-    if (q) m->used = m->used - osize + nsize;
+    if (nsize > osize && m->used - (p ? osize : 0) + nsize > m->limit) return NULL;
+    void *q = m->inner(m->inner_ud, p, osize, nsize);
+    if (q) m->used = m->used - (p ? osize : 0) + nsize;
     return q;
 }
 
@@ -197,8 +201,14 @@ static int sel_match(lua_State *L, const scan_sel *s, const tm_event *ev) {
 
 static int traceback(lua_State *L);
 
+#define SCAN_BATCH 256
+
 /* T.scan(sel, handler [, label]) -> events scanned.  Runs handler(e) for
- * every selected event, with a progress bar on stderr when interactive. */
+ * every selected event, with a progress bar on stderr when interactive.
+ * Events are decoded in batches of SCAN_BATCH and handed to the prelude's
+ * runner (a Lua loop, compiled by the JIT with the handler inlined), so
+ * C and Lua trade places once per batch.  A handler returning T.STOP ends
+ * the scan early. */
 static int t_scan(lua_State *L) {
     repl *r = session(L);
     scan_sel s;
@@ -216,28 +226,49 @@ static int t_scan(lua_State *L) {
     uint64_t start = s.sel.kind == REPLSRC_STREAM || s.sel.backward ? 0 : s.sel.from;
     uint64_t total = s.sel.kind == REPLSRC_STREAM || s.sel.backward || last < start ? 0 : last - start + 1;
     progress *pg = r->progress ? progress_new(stderr, label, total, "events", 0) : NULL;
+    /* embedded: id and metadata are fetched on first access (T.extra) */
+    int lazy = !replsrc_is_remote(r->src);
     uint64_t n = 0;
     tm_event ev;
-    int rc, failed = 0;
-    while ((rc = replsrc_next(it, &ev, &e)) == 1) {
-        if (g_intr) {
+    int rc, failed = 0, stopped = 0, inbatch = 0;
+    lua_createtable(L, SCAN_BATCH, 0);
+    int batch = lua_gettop(L);
+    lua_getfield(L, LUA_REGISTRYINDEX, "tm.runner");
+    int runner = lua_gettop(L);
+    for (;;) {
+        rc = replsrc_next(it, &ev, &e);
+        if (rc == 1 && g_intr) {
             failed = 2;
             break;
         }
-        if (pg && (n & 1023) == 0) progress_update(pg, total ? ev.position - start : 0, n);
-        if (!sel_match(L, &s, &ev)) continue;
-        n++;
-        lua_pushvalue(L, 2);
-        if (replmp_push_event(L, &ev) < 0) {
-            err_set(&e, TM_EIO, "malformed event at position %llu", (unsigned long long)ev.position);
-            rc = -1;
+        if (rc == 1) {
+            if (pg && (n & 1023) == 0) progress_update(pg, total ? ev.position - start : 0, n);
+            if (!sel_match(L, &s, &ev)) continue;
+            n++;
+            if (replmp_push_event(L, &ev, lazy) < 0) {
+                err_set(&e, TM_EIO, "malformed event at position %llu",
+                        (unsigned long long)ev.position);
+                rc = -1;
+                break;
+            }
+            lua_rawseti(L, batch, ++inbatch);
+            if (inbatch < SCAN_BATCH) continue;
+        }
+        if (inbatch) { /* run the batch: one call, a JIT-compiled loop in Lua */
+            lua_pushvalue(L, runner);
+            lua_pushvalue(L, batch);
+            lua_pushinteger(L, inbatch);
+            lua_pushvalue(L, 2);
+            if (lua_pcall(L, 3, 1, msgh)) {
+                failed = 1;
+                break;
+            }
+            stopped = lua_toboolean(L, -1);
             lua_pop(L, 1);
-            break;
+            inbatch = 0;
+            if (stopped) break;
         }
-        if (lua_pcall(L, 1, 0, msgh)) {
-            failed = 1;
-            break;
-        }
+        if (rc != 1) break;
     }
     progress_end(pg);
     replsrc_iter_free(it);
@@ -263,7 +294,7 @@ static int t_read(lua_State *L) {
     while ((rc = replsrc_next(it, &ev, &e)) == 1) {
         if (g_intr) break;
         if (!sel_match(L, &s, &ev)) continue;
-        if (replmp_push_event(L, &ev) < 0) {
+        if (replmp_push_event(L, &ev, 0) < 0) {
             err_set(&e, TM_EIO, "malformed event at position %llu", (unsigned long long)ev.position);
             rc = -1;
             break;
@@ -274,6 +305,36 @@ static int t_read(lua_State *L) {
     if (g_intr) return luaL_error(L, "interrupted");
     if (rc < 0) return raise_err(L, r, &e);
     return 1;
+}
+
+/* T.extra(position) -> id, metadata of the event at that position (the
+ * lazy fields of scanned events). */
+static int t_extra(lua_State *L) {
+    repl *r = session(L);
+    lua_Number pos = luaL_checknumber(L, 1);
+    replsrc_sel sel = {REPLSRC_ALL, NULL, 0, (uint64_t)pos, 0, 1};
+    tm_err e;
+    err_clear(&e);
+    replsrc_iter *it = replsrc_read(r->src, &sel, &e);
+    if (!it) return raise_err(L, r, &e);
+    tm_event ev;
+    int rc = replsrc_next(it, &ev, &e);
+    if (rc < 0) {
+        replsrc_iter_free(it);
+        return raise_err(L, r, &e);
+    }
+    if (rc == 0 || ev.position != (uint64_t)pos) {
+        replsrc_iter_free(it);
+        return 0;
+    }
+    char id[37];
+    event_id_format(ev.id, id);
+    lua_pushstring(L, id);
+    const char *p = ev.meta;
+    if (ev.meta_len == 0) lua_newtable(L);
+    else if (replmp_push(L, &p, ev.meta + ev.meta_len) < 0) lua_newtable(L);
+    replsrc_iter_free(it);
+    return 2;
 }
 
 static int t_last_position(lua_State *L) {
@@ -386,6 +447,14 @@ static int t_clock(lua_State *L) {
 
 static int t_interrupted(lua_State *L) {
     lua_pushboolean(L, g_intr != 0);
+    return 1;
+}
+
+/* T.intr_addr() -> lightuserdata: the address of the Ctrl-C flag, read by
+ * the prelude's scan loop through the FFI (a volatile load per event,
+ * which JIT-compiled code keeps doing, unlike hooks). */
+static int t_intr_addr(lua_State *L) {
+    lua_pushlightuserdata(L, (void *)&g_intr);
     return 1;
 }
 
@@ -559,6 +628,7 @@ static const luaL_Reg t_funcs[] = {
     {"scan", t_scan},
     {"read", t_read},
     {"last_position", t_last_position},
+    {"extra", t_extra},
     {"streams", t_streams},
     {"categories", t_categories},
     {"json", t_json},
@@ -567,6 +637,7 @@ static const luaL_Reg t_funcs[] = {
     {"flush", t_flush},
     {"clock", t_clock},
     {"interrupted", t_interrupted},
+    {"intr_addr", t_intr_addr},
     {"sleep", t_sleep},
     {"info", t_info},
     {"quit", t_quit},
@@ -700,20 +771,26 @@ static int open_state(lua_State *L) {
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.dot");
     lua_getfield(L, tidx, "complete");
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.complete");
+    lua_getfield(L, tidx, "event_mt");
+    lua_setfield(L, LUA_REGISTRYINDEX, "tm.event_mt");
+    lua_getfield(L, tidx, "runner");
+    lua_setfield(L, LUA_REGISTRYINDEX, "tm.runner");
     strip_sandbox(L);
     return 0;
 }
 
-static memcap g_mem;
-
 int repllua_open(repl *r) {
-    g_mem.used = 0;
-    g_mem.limit = REPL_MEM_LIMIT;
-    lua_State *L = lua_newstate(cap_alloc, &g_mem);
+    lua_State *L = luaL_newstate();
     if (!L) {
         fprintf(stderr, "tidemark repl: cannot create a Lua state\n");
         return -1;
     }
+    memcap *m = calloc(1, sizeof *m); /* lives as long as the state (never
+                                         freed after a hard abort) */
+    m->inner = lua_getallocf(L, &m->inner_ud);
+    m->limit = REPL_MEM_LIMIT;
+    m->used = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024;
+    lua_setallocf(L, cap_alloc, m);
     lua_pushcfunction(L, open_state);
     lua_pushlightuserdata(L, r);
     if (lua_pcall(L, 1, 0, 0)) {
@@ -727,7 +804,12 @@ int repllua_open(repl *r) {
 }
 
 void repllua_close(repl *r) {
-    if (r->L) lua_close(r->L);
+    if (r->L) {
+        void *m;
+        lua_getallocf(r->L, &m);
+        lua_close(r->L);
+        free(m);
+    }
     r->L = NULL;
 }
 

@@ -21,8 +21,10 @@
 /* Push the msgpack value at [p, end) and advance *p; -1 (nothing pushed)
  * on malformed bytes or nesting deeper than 64. */
 int replmp_push(lua_State *L, const char **p, const char *end);
-/* Push the event as a table (see above); -1 on malformed data. */
-int replmp_push_event(lua_State *L, const tm_event *ev);
+/* Push the event as a table (see above); -1 on malformed data.  lazy:
+ * leave out id and metadata and give the table the metatable stored in
+ * the registry under "tm.event_mt" (which fetches them on first use). */
+int replmp_push_event(lua_State *L, const tm_event *ev, int lazy);
 /* Append the value at idx as msgpack (tables with 1..n keys are arrays,
  * other tables maps; functions and userdata are errors).  0 / -1. */
 int replmp_from_lua(lua_State *L, int idx, buf *out);

@@ -15,6 +15,7 @@
 #include "buf.h"
 #include "cli.h"
 #include "repl.h"
+#include "replproj.h"
 
 static const char repl_help[] =
     "usage: tidemark repl [--data DIR | --url URL] [-e CHUNK | -f FILE.lua] [options]\n"
@@ -26,9 +27,9 @@ static const char repl_help[] =
     "  --data DIR        open a data directory in-process (embedded)\n"
     "  --url URL         talk to a running server (http://HOST:PORT)\n"
     "  -e CHUNK          run CHUNK, print its results, exit\n"
-    "  -f FILE.lua       run a script file, print its results, exit\n"
-    "                    (with neither, a script is read from stdin when it is\n"
-    "                    not a terminal)\n"
+    "  -f FILE.lua       run a script file (one chunk), print its results, exit\n"
+    "                    (with neither and stdin not a terminal, stdin is read\n"
+    "                    line by line like the prompt; the first error stops it)\n"
     "  --format FMT      table (default), json, csv or vertical\n"
     "  --no-progress     no progress bars on stderr\n"
     "\n"
@@ -109,7 +110,7 @@ int cli_repl(int argc, char **argv) {
         return cli_fail("repl", &e);
     }
     int batch = chunk || file || !isatty(0);
-    r.interactive = !batch && isatty(1);
+    r.interactive = !batch;
     r.progress = !no_progress && isatty(2);
     if (batch && !chunk && !file) r.progress = r.progress && isatty(1);
     if (repllua_open(&r) < 0) {
@@ -129,18 +130,12 @@ int cli_repl(int argc, char **argv) {
         char name[1024];
         snprintf(name, sizeof name, "@%s", file);
         status = run_chunk(&r, script.ptr ? script.ptr : "", script.len, name);
-    } else if (batch) {
-        if (read_all(stdin, &script) < 0) {
-            fprintf(stderr, "tidemark repl: cannot read stdin\n");
-            status = TM_EIO;
-        } else {
-            status = run_chunk(&r, script.ptr ? script.ptr : "", script.len, "=stdin");
-        }
     } else {
         status = replline_run(&r);
     }
     buf_free(&script);
     repllua_close(&r);
+    replproj_close();
     replsrc_close(r.src);
     return status;
 }

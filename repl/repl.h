@@ -52,7 +52,8 @@ void repllua_complete(repl *r, const char *line, const char *word,
 int repl_cancel_requested(void);
 void repl_cancel_clear(void);
 
-/* replline.c — interactive line editing. */
+/* replline.c — the prompt (line editing) when r->interactive, else lines
+ * from a pipe; returns the exit status. */
 int replline_run(repl *r);
 
 #endif

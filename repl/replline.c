@@ -9,6 +9,7 @@
  * prompt; Ctrl-D on an empty prompt quits.
  */
 #include <editline/readline.h>
+#include <sys/types.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,7 +78,45 @@ static int blank(const char *s) {
     return 1;
 }
 
+/* Piped input: the same line rules as the prompt (dot commands, chunks
+ * continued until complete), no prompt or history; stops at the first
+ * error and returns its exit status. */
+static int run_piped(repl *r) {
+    buf chunk = BUF_INIT;
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    int status = 0;
+    while ((n = getline(&line, &cap, stdin)) >= 0) {
+        while (n && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
+        if (chunk.len == 0 && blank(line)) continue;
+        repllua_result res;
+        if (chunk.len == 0 && is_dot(line)) {
+            res = repllua_dot(r, line);
+        } else {
+            if (chunk.len) buf_putc(&chunk, '\n');
+            buf_puts(&chunk, line);
+            res = repllua_eval(r, chunk.ptr, chunk.len, "=stdin", 1);
+            if (res == REPLLUA_INCOMPLETE) continue;
+            buf_reset(&chunk);
+        }
+        if (res == REPLLUA_ERROR) {
+            status = r->fail_code ? r->fail_code : 1;
+            break;
+        }
+        if (r->quit) break;
+    }
+    if (status == 0 && chunk.len) /* input ended inside a chunk: report it */
+        if (repllua_eval(r, chunk.ptr, chunk.len, "=stdin", 0) != REPLLUA_OK)
+            status = r->fail_code ? r->fail_code : 1;
+    free(line);
+    buf_free(&chunk);
+    fflush(stdout);
+    return status;
+}
+
 int replline_run(repl *r) {
+    if (!r->interactive) return run_piped(r);
     g_repl = r;
     buf hp = BUF_INIT;
     const char *hist = history_path(&hp);

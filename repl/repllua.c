@@ -36,6 +36,7 @@
 #include "repl.h"
 #include "replhttp.h"
 #include "replmp.h"
+#include "replproj.h"
 
 /* Weak: the REPL works (with exact fallbacks) without the sketch library. */
 extern int luaopen_tidemark_sketch(lua_State *L) __attribute__((weak));
@@ -731,8 +732,8 @@ static void strip_sandbox(lua_State *L) {
         lua_pushnil(L);
         lua_setglobal(L, gone[i]);
     }
-    lua_pushcfunction(L, load_text);
-    lua_setglobal(L, "load");
+    /* `load` is the REPL's load(file) of a projection (prelude);
+     * loadstring compiles text chunks (never bytecode) */
     lua_pushcfunction(L, load_text);
     lua_setglobal(L, "loadstring");
     lua_getglobal(L, "string");
@@ -762,6 +763,7 @@ static int open_state(lua_State *L) {
     lua_newtable(L); /* T */
     lua_pushlightuserdata(L, r);
     luaL_openlib(L, NULL, t_funcs, 1);
+    replproj_register(L, r);
     int tidx = lua_gettop(L);
     if (luaL_loadbuffer(L, prelude_src, sizeof prelude_src - 1, "=tidemark")) return lua_error(L);
     lua_pushvalue(L, tidx);

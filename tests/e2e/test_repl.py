@@ -9,7 +9,9 @@ import json
 import math
 import os
 import random
+import pathlib
 import subprocess
+import tempfile
 import time
 from collections import Counter, defaultdict
 
@@ -64,9 +66,21 @@ def rj(data, chunk):
     return json.loads(run("--format", "json", "-e", chunk, data=data, check=0).stdout)
 
 
+# Own temporary directories: pytest's shared basetemp rotation can remove
+# directories of a run while other test runs start on the same machine.
+@pytest.fixture
+def tmp_path():
+    with tempfile.TemporaryDirectory(prefix="tm-repl-") as d:
+        yield pathlib.Path(d)
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("repl") / "data")
+def data():
+    with tempfile.TemporaryDirectory(prefix="tm-repl-data-") as top:
+        yield _import(os.path.join(top, "data"))
+
+
+def _import(d):
     text = "".join(json.dumps(e) + "\n" for e in EVENTS)
     p = subprocess.run([BIN, "import", "--data", d, "-"], input=text, capture_output=True,
                        text=True, timeout=60)
@@ -267,6 +281,65 @@ def test_store_in_use_suggests_url(data):
     finally:
         child.sendeof()
         child.expect(pexpect.EOF)
+
+
+PROJ = """
+return {
+  from = { category = "order" },
+  partition = function(e) return e.data.customer end,
+  init = function() return { orders = 0, paid = 0 } end,
+  on = {
+    OrderPlaced = function(s, e) s.orders = s.orders + 1 end,
+    PaymentReceived = function(s, e) s.paid = s.paid + (e.data.amount or 0) end,
+  },
+}
+"""
+
+
+def proj_answer():
+    want = defaultdict(lambda: {"orders": 0, "paid": 0})
+    for e in EVENTS:
+        if category(e["stream"]) != "order":
+            continue
+        c = want[e["data"]["customer"]]
+        if e["type"] == "OrderPlaced":
+            c["orders"] += 1
+        elif e["type"] == "PaymentReceived":
+            c["paid"] += e["data"].get("amount", 0)
+    return {k: v for k, v in want.items()}
+
+
+def test_projections_embedded(data, tmp_path):
+    f = tmp_path / "bycustomer.lua"
+    f.write_text(PROJ)
+    want = proj_answer()
+    got = rj(data, 'load("%s") return state("bycustomer")' % f)
+    assert got == want
+    got = rj(data, 'load("%s") return state("bycustomer", "c07")' % f)
+    assert got == want["c07"]
+    assert rj(data, 'run("%s")' % f) == want
+    st = rj(data, 'load("%s") return status("bycustomer")' % f)
+    assert st["name"] == "bycustomer" and st["lag"] == 0 and st["partitions"] == len(want)
+    assert st["position"] == max(i + 1 for i, e in enumerate(EVENTS) if category(e["stream"]) == "order")
+    p = run(data=data, input='load("%s")\n.describe bycustomer\n.projections\n' % f, check=0)
+    assert "partitions" in p.stdout and "bycustomer" in p.stdout
+    p = run("-e", 'status("nope")', data=data)
+    assert p.returncode == 2 and "no projection" in p.stderr
+    bad = tmp_path / "bad.lua"
+    bad.write_text("return { from = {all = true}, on = { OrderPlaced = function(s, e) error('kaput') end } }")
+    p = run("-e", 'run("%s")' % bad, data=data)
+    assert p.returncode == 1 and "kaput" in p.stderr
+
+
+def test_piped_lines_and_dot_commands(data):
+    p = run(data=data, input=".format csv\nfrom{}:group_by('data.region'):count()\nfor i = 1, 2 do\n  print(i)\nend\n", check=0)
+    want = Counter(e["data"]["region"] for e in EVENTS)
+    lines = p.stdout.splitlines()
+    assert lines[0] == "data.region,count"
+    assert {l.split(",")[0]: int(l.split(",")[1]) for l in lines[1:4]} == dict(want)
+    assert lines[4:] == ["1", "2"]
+    p = run(data=data, input="1\nerror('stop here')\nprint('not reached')\n")
+    assert p.returncode == 1 and "not reached" not in p.stdout and "stop here" in p.stderr
 
 
 # ---------------------------------------------------------------- the prompt

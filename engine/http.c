@@ -189,9 +189,17 @@ static void job_run(workq_job *j) {
     }
 }
 
+/* libevent detaches a request the user has not finished from a failed
+ * connection (req->evcon = NULL) and leaves freeing it to the user; a
+ * request still attached is freed with its connection. */
+static void free_if_detached(struct evhttp_request *req) {
+    if (req && !evhttp_request_get_connection(req)) evhttp_request_free(req);
+}
+
 static void job_conn_closed(struct evhttp_connection *evcon, void *arg) {
     (void)evcon;
     http_job *jb = arg;
+    free_if_detached(jb->req);
     jb->req = NULL;
 }
 
@@ -323,6 +331,7 @@ static void sse_conn_closed(struct evhttp_connection *evcon, void *arg) {
     sse_conn *sc = arg;
     log_line("info", "msg=\"sse client disconnected\" peer=%s", sc->peer);
     if (sc->client) sse_client_gone(sc->client);
+    free_if_detached(sc->req);
     free(sc);
 }
 

@@ -306,44 +306,112 @@ static void append_ok(api_reply *rp, const tm_event *evs, size_t n) {
                (unsigned long long)evs[0].position, (unsigned long long)evs[n - 1].position);
 }
 
-void api_append(store *s, const api_request *rq, api_reply *rp) {
+struct api_append_op {
+    store_expect exp;
+    char *stream;        /* owned copy (exp.stream points here) */
+    char *body;          /* owned copy of the request body (msgpack bodies) */
+    size_t body_len;
+    buf mp;              /* JSON bodies transcoded to msgpack */
+    tm_event *evs;
+    size_t n;
+    int rc;              /* result of the append */
     tm_err err;
-    err_clear(&err);
+};
+
+void api_append_free(api_append_op *op) {
+    if (!op) return;
+    free(op->evs);
+    buf_free(&op->mp);
+    free(op->body);
+    free(op->stream);
+    free(op);
+}
+
+api_append_op *api_append_parse(const api_request *rq, api_reply *rp) {
+    api_append_op *op = calloc(1, sizeof *op);
+    if (!op) abort();
+    err_clear(&op->err);
     int64_t expv;
     if (parse_expected(rq->expected_version, &expv) != 0) {
         api_error(rp, 400, "Expected-Version must be any, no_stream, exists or a version number");
-        return;
+        goto fail;
     }
-    buf mp = BUF_INIT;
-    tm_event *evs = NULL;
-    size_t n = 0;
-    if (parse_events(rq, &mp, &evs, &n, &err) != 0) {
+    op->stream = malloc(rq->stream_len + 1);
+    if (!op->stream) abort();
+    memcpy(op->stream, rq->stream, rq->stream_len);
+    op->stream[rq->stream_len] = '\0';
+    op->exp = (store_expect){op->stream, rq->stream_len, expv};
+    api_request r = *rq;
+    r.stream = op->stream;
+    if (is_msgpack(rq->content_type)) {
+        /* Event views point into the body: keep a copy. */
+        op->body = malloc(rq->body_len + 1);
+        if (!op->body) abort();
+        memcpy(op->body, rq->body, rq->body_len);
+        op->body_len = rq->body_len;
+        r.body = op->body;
+    }
+    tm_err err;
+    err_clear(&err);
+    if (parse_events(&r, &op->mp, &op->evs, &op->n, &err) != 0) {
         error_body(rp, 400, err.msg);
-        goto out;
+        goto fail;
     }
-    store_expect exp = {rq->stream, rq->stream_len, expv};
-    if (store_append(s, evs, n, &exp, 1, &err) != 0) {
-        if (err.code == TM_ECONFLICT) {
+    op->body_len = rq->body_len;
+    return op;
+fail:
+    api_append_free(op);
+    return NULL;
+}
+
+int api_append_start(store *s, api_append_op *op, store_append_fn fn, void *ud, api_reply *rp) {
+    tm_err err;
+    err_clear(&err);
+    if (store_append_async(s, op->evs, op->n, &op->exp, 1, fn, ud, &err) != 0) {
+        op->rc = -1;
+        op->err = err;
+        api_append_finish(s, op, rp);
+        return -1;
+    }
+    return 0;
+}
+
+void api_append_result(api_append_op *op, int rc, const tm_err *err) {
+    op->rc = rc;
+    if (rc != 0 && err) op->err = *err;
+}
+
+void api_append_finish(store *s, api_append_op *op, api_reply *rp) {
+    if (op->rc != 0) {
+        if (op->err.code == TM_ECONFLICT) {
             int64_t cur = -1;
             tm_err e2;
-            if (store_stream_version(s, rq->stream, rq->stream_len, &cur, &e2) != 1) cur = -1;
+            if (store_stream_version(s, op->exp.stream, op->exp.stream_len, &cur, &e2) != 1)
+                cur = -1;
             metrics_add(METRICS_APPEND_CONFLICTS, 1);
-            error_body(rp, 409, err.msg);
-            /* Reopen the object to add the current version. */
-            rp->body.len--;
+            error_body(rp, 409, op->err.msg);
+            rp->body.len--;   /* reopen the object to add the current version */
             buf_printf(&rp->body, ",\"current_version\":%lld}", (long long)cur);
         } else {
-            reply_tm_err(rp, &err);
+            reply_tm_err(rp, &op->err);
         }
-        goto out;
+        return;
     }
-    metrics_add(METRICS_APPENDS, n);
+    metrics_add(METRICS_APPENDS, op->n);
     metrics_add(METRICS_APPEND_REQUESTS, 1);
-    metrics_add(METRICS_APPEND_BYTES, rq->body_len);
-    append_ok(rp, evs, n);
-out:
-    free(evs);
-    buf_free(&mp);
+    metrics_add(METRICS_APPEND_BYTES, op->body_len);
+    append_ok(rp, op->evs, op->n);
+}
+
+void api_append(store *s, const api_request *rq, api_reply *rp) {
+    api_append_op *op = api_append_parse(rq, rp);
+    if (!op) return;
+    tm_err err;
+    err_clear(&err);
+    op->rc = store_append(s, op->evs, op->n, &op->exp, 1, &err);
+    if (op->rc != 0) op->err = err;
+    api_append_finish(s, op, rp);
+    api_append_free(op);
 }
 
 /* ---- reads ---- */

@@ -47,8 +47,21 @@ int api_status_of(int tm_code);
 /* Reason phrase for a status ("Not Found"). */
 const char *api_reason(int status);
 
-/* ---- routes (worker threads) ---- */
-void api_append(store *s, const api_request *rq, api_reply *rp);      /* POST /streams/{s} */
+/* ---- append: POST /streams/{s} ----
+ * api_append does it all and blocks until durable.  The non-blocking form
+ * (for the event loop): api_append_parse (NULL: rp holds the 400), then
+ * api_append_start (-1: refused at once, rp filled), the store calls fn on
+ * its writer thread; hand op back to the loop, call api_append_result with
+ * fn's rc/err (or from fn itself), then api_append_finish fills rp. */
+typedef struct api_append_op api_append_op;
+void api_append(store *s, const api_request *rq, api_reply *rp);
+api_append_op *api_append_parse(const api_request *rq, api_reply *rp);
+int api_append_start(store *s, api_append_op *op, store_append_fn fn, void *ud, api_reply *rp);
+void api_append_result(api_append_op *op, int rc, const tm_err *err);
+void api_append_finish(store *s, api_append_op *op, api_reply *rp);
+void api_append_free(api_append_op *op);
+
+/* ---- other routes (worker threads) ---- */
 void api_read_stream(store *s, const api_request *rq, api_reply *rp); /* GET /streams/{s} */
 void api_read_all(store *s, const api_request *rq, api_reply *rp);    /* GET /all */
 void api_list_streams(store *s, const api_request *rq, api_reply *rp);/* GET /streams */

@@ -67,6 +67,10 @@ struct http_server {
     int port;
     workq *wq;
     struct event *wq_ev;       /* workers -> loop: finished jobs */
+    struct event *append_ev;   /* store writer -> loop: finished appends */
+    pthread_mutex_t append_mu;
+    struct append_ctx *append_done;
+    unsigned appends_inflight; /* loop thread only */
     struct event *commit_ev;   /* writer -> loop: new commits */
     _Atomic uint64_t committed;
     struct event *sse_run_ev;  /* continue SSE catch-ups */
@@ -159,7 +163,7 @@ static void send_error(struct evhttp_request *req, int status, const char *allow
 /* ---- jobs: handlers on worker threads ---- */
 
 typedef enum job_kind {
-    JOB_APPEND, JOB_READ_STREAM, JOB_READ_ALL, JOB_LIST_STREAMS, JOB_CATEGORIES, JOB_PROJ
+    JOB_READ_STREAM, JOB_READ_ALL, JOB_LIST_STREAMS, JOB_CATEGORIES, JOB_PROJ
 } job_kind;
 
 typedef struct http_job {
@@ -177,7 +181,6 @@ static void job_run(workq_job *j) {
     http_job *jb = (http_job *)j;
     http_server *h = jb->h;
     switch (jb->kind) {
-    case JOB_APPEND: api_append(h->st, &jb->rq, &jb->rp); break;
     case JOB_READ_STREAM: api_read_stream(h->st, &jb->rq, &jb->rp); break;
     case JOB_READ_ALL: api_read_all(h->st, &jb->rq, &jb->rp); break;
     case JOB_LIST_STREAMS: api_list_streams(h->st, &jb->rq, &jb->rp); break;
@@ -278,6 +281,108 @@ static void on_wq(evutil_socket_t fd, short what, void *arg) {
     (void)fd, (void)what;
     http_server *h = arg;
     workq_complete(h->wq);
+}
+
+/* ---- appends: parsed on the loop, committed by the store's writer ----
+ * No thread per request: the writer thread calls append_committed after
+ * the group commit; the loop replies.  Many appends share one fsync. */
+
+typedef struct append_ctx {
+    http_server *h;
+    struct evhttp_request *req;   /* NULL once the connection is gone */
+    api_append_op *op;
+    struct append_ctx *next;
+} append_ctx;
+
+static void append_conn_closed(struct evhttp_connection *evcon, void *arg) {
+    (void)evcon;
+    append_ctx *ac = arg;
+    free_if_detached(ac->req);
+    ac->req = NULL;
+}
+
+/* Writer thread. */
+static void append_committed(void *ud, int rc, const tm_err *err) {
+    append_ctx *ac = ud;
+    http_server *h = ac->h;
+    api_append_result(ac->op, rc, err);
+    pthread_mutex_lock(&h->append_mu);
+    ac->next = h->append_done;
+    h->append_done = ac;
+    pthread_mutex_unlock(&h->append_mu);
+    event_active(h->append_ev, 0, 0);
+}
+
+static void on_appends_done(evutil_socket_t fd, short what, void *arg) {
+    (void)fd, (void)what;
+    http_server *h = arg;
+    pthread_mutex_lock(&h->append_mu);
+    append_ctx *ac = h->append_done;
+    h->append_done = NULL;
+    pthread_mutex_unlock(&h->append_mu);
+    append_ctx *rev = NULL;   /* reply in commit order */
+    while (ac) {
+        append_ctx *n = ac->next;
+        ac->next = rev;
+        rev = ac;
+        ac = n;
+    }
+    while (rev) {
+        append_ctx *n = rev->next;
+        h->appends_inflight--;
+        if (rev->req) {
+            struct evhttp_connection *evcon = evhttp_request_get_connection(rev->req);
+            if (evcon) evhttp_connection_set_closecb(evcon, NULL, NULL);
+            api_reply rp;
+            api_reply_init(&rp);
+            api_append_finish(h->st, rev->op, &rp);
+            send_api_reply(rev->req, &rp, NULL);
+            api_reply_free(&rp);
+        }
+        api_append_free(rev->op);
+        free(rev);
+        rev = n;
+    }
+}
+
+static void start_append(http_server *h, struct evhttp_request *req, const char *path,
+                         const char *stream, size_t stream_len) {
+    struct evkeyvalq *ih = evhttp_request_get_input_headers(req);
+    struct evbuffer *in = evhttp_request_get_input_buffer(req);
+    size_t blen = evbuffer_get_length(in);
+    api_request rq;
+    memset(&rq, 0, sizeof rq);
+    rq.method = "POST";
+    rq.path = path;
+    rq.stream = stream;
+    rq.stream_len = stream_len;
+    rq.content_type = evhttp_find_header(ih, "Content-Type");
+    rq.expected_version = evhttp_find_header(ih, "Expected-Version");
+    rq.body = blen ? (const char *)evbuffer_pullup(in, -1) : "";
+    rq.body_len = blen;
+    api_reply rp;
+    api_reply_init(&rp);
+    api_append_op *op = api_append_parse(&rq, &rp);
+    if (!op) {
+        send_api_reply(req, &rp, NULL);
+        api_reply_free(&rp);
+        return;
+    }
+    append_ctx *ac = calloc(1, sizeof *ac);
+    if (!ac) abort();
+    ac->h = h;
+    ac->req = req;
+    ac->op = op;
+    if (api_append_start(h->st, op, append_committed, ac, &rp) != 0) {
+        send_api_reply(req, &rp, NULL);
+        api_reply_free(&rp);
+        api_append_free(op);
+        free(ac);
+        return;
+    }
+    api_reply_free(&rp);
+    h->appends_inflight++;
+    evhttp_connection_set_closecb(evhttp_request_get_connection(req), append_conn_closed, ac);
 }
 
 /* ---- SSE connections (the sse.h sink) ---- */
@@ -681,7 +786,7 @@ static void on_request(struct evhttp_request *req, void *arg) {
         if (nseg == 2) {
             if (cmd == EVHTTP_REQ_POST) {
                 if (!authorized(h, req)) send_error(req, 401, NULL, "a valid bearer token is required to write");
-                else submit_job(h, req, JOB_APPEND, path, query, name.ptr, name.len);
+                else start_append(h, req, path, name.ptr, name.len);
             } else if (is_get(cmd)) {
                 submit_job(h, req, JOB_READ_STREAM, path, query, name.ptr, name.len);
             } else {
@@ -752,7 +857,7 @@ static void on_stop_tick(evutil_socket_t fd, short what, void *arg) {
     (void)fd, (void)what;
     http_server *h = arg;
     if (h->stopping == 1) {
-        unsigned n = workq_inflight(h->wq);
+        unsigned n = workq_inflight(h->wq) + h->appends_inflight;
         if (n > 0 && since(&h->stop_t) < 30.0) return;
         if (n > 0) log_line("warn", "msg=\"shutdown: giving up waiting\" inflight=%u", n);
         sse_hub_close_all(h->hub, "server shutting down");
@@ -839,6 +944,7 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
     if (!h->o.workers) h->o.workers = 64;
     if (h->o.heartbeat_s <= 0) h->o.heartbeat_s = 15;
     pthread_mutex_init(&h->pub_mu, NULL);
+    pthread_mutex_init(&h->append_mu, NULL);
     atomic_store(&h->committed, store_last_position(st));
     metrics_set(METRICS_LAST_POSITION, store_last_position(st));
 
@@ -873,6 +979,7 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
     h->scratch = evbuffer_new();
     h->hub = sse_hub_new(st, &http_sink, h, h->o.sse_max_pending);
     h->wq_ev = event_new(h->base, -1, 0, on_wq, h);
+    h->append_ev = event_new(h->base, -1, 0, on_appends_done, h);
     h->commit_ev = event_new(h->base, -1, 0, on_commit, h);
     h->sse_run_ev = event_new(h->base, -1, 0, on_sse_run, h);
     h->pub_ev = event_new(h->base, -1, 0, on_publish, h);
@@ -908,11 +1015,13 @@ int http_run(http_server *h) {
 
 void http_free(http_server *h) {
     if (!h) return;
+    /* Appends the store still holds call back into this server: let them land. */
+    while (h->base && h->appends_inflight) event_base_loop(h->base, EVLOOP_ONCE);
     /* Workers first: their done() callbacks may still reply. */
     if (h->wq) workq_free(h->wq);
     if (h->hub) sse_hub_free(h->hub);
     if (h->http) evhttp_free(h->http);
-    struct event *evs[] = {h->wq_ev, h->commit_ev, h->sse_run_ev, h->pub_ev, h->hb_ev,
+    struct event *evs[] = {h->wq_ev, h->append_ev, h->commit_ev, h->sse_run_ev, h->pub_ev, h->hb_ev,
                            h->stop_ev, h->sig_ev[0], h->sig_ev[1], h->sig_ev[2]};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         if (evs[i]) event_free(evs[i]);
@@ -926,5 +1035,6 @@ void http_free(http_server *h) {
     if (h->base) event_base_free(h->base);
     for (int i = 0; i < h->ntokens; i++) free(h->tokens[i]);
     pthread_mutex_destroy(&h->pub_mu);
+    pthread_mutex_destroy(&h->append_mu);
     free(h);
 }

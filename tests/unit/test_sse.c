@@ -155,6 +155,7 @@ static void test_live_matching_and_bytes(void **state) {
     assert_memory_equal(m, "id: 3\ndata: {\"stream\":\"order-2\",\"type\":\"Paid\",\"data\":{\"k\":1}", 59);
     assert_non_null(strstr(m, "\"position\":3,\"version\":0}\n\n"));
     assert_int_equal(sse_hub_nclients(f->h), 4);
+    sse_hub_close_all(f->h, "test over");  /* before the conns leave scope */
     buf_free(&all.out); buf_free(&ord.out); buf_free(&typ.out); buf_free(&str.out);
 }
 
@@ -173,6 +174,7 @@ static void test_named_multiplex(void **state) {
     assert_string_equal(b, "1=stream:order-1,2=stream:order-1,2=type:Paid,3=type:Paid");
     assert_non_null(strstr(c.out.ptr, "event: projection:rev\ndata: {\"total\":5}\n\n"));
     assert_null(strstr(c.out.ptr, "projection:other"));
+    sse_hub_close_all(f->h, "test over");  /* before the conns leave scope */
     buf_free(&c.out);
 }
 
@@ -202,6 +204,7 @@ static void test_resume_no_gap_no_duplicate(void **state) {
     for (int p = 2; p <= 5000; p += 2) buf_printf(&expect, "%s%d", p > 2 ? "," : "", p);
     buf_puts(&expect, ",5011");
     assert_string_equal(b, expect.ptr);
+    sse_hub_close_all(f->h, "test over");  /* before the conns leave scope */
     free(b);
     buf_free(&expect);
     buf_free(&c.out);
@@ -234,6 +237,7 @@ static void test_catchup_pauses_and_resumes(void **state) {
     buf expect = BUF_INIT;
     for (int p = 1; p <= 8000; p++) buf_printf(&expect, "%s%d", p > 1 ? "," : "", p);
     assert_string_equal(b, expect.ptr);
+    sse_hub_close_all(f->h, "test over");  /* before the conns leave scope */
     free(b);
     buf_free(&expect);
     buf_free(&c.out);
@@ -254,6 +258,7 @@ static void test_slow_consumer_closed(void **state) {
     assert_int_equal(sse_hub_nclients(f->h), 1);
     append(f, "order-1", "After");
     commit(f);   /* the ended client is not touched again (f_write asserts) */
+    sse_hub_close_all(f->h, "test over");  /* before the conns leave scope */
     buf_free(&slow.out);
     buf_free(&ok.out);
 }

@@ -99,9 +99,41 @@ static void level_push(level *l, double x) {
     l->v[l->len++] = x;
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
+/* Sort doubles ascending (no NaN here; -0 never stored, so the sorted
+ * array is unique and any algorithm gives the same bytes).  Quicksort
+ * with inline compares: compaction sorting dominates kll_add. */
+static void sort_doubles(double *a, size_t n) {
+    while (n > 16) {
+        double x = a[0], y = a[n / 2], z = a[n - 1];
+        double pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        size_t i = 0, j = n - 1;
+        for (;;) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i >= j) break;
+            double t = a[i];
+            a[i++] = a[j];
+            a[j--] = t;
+        }
+        /* [0, j] <= pivot <= [j+1, n): recurse on the smaller side */
+        if (j + 1 < n - j - 1) {
+            sort_doubles(a, j + 1);
+            a += j + 1;
+            n -= j + 1;
+        } else {
+            sort_doubles(a + j + 1, n - j - 1);
+            n = j + 1;
+        }
+    }
+    for (size_t i = 1; i < n; i++) {
+        double v = a[i];
+        size_t k = i;
+        while (k > 0 && a[k - 1] > v) {
+            a[k] = a[k - 1];
+            k--;
+        }
+        a[k] = v;
+    }
 }
 
 static void invalidate(kll *s) {
@@ -163,7 +195,7 @@ static int compress(kll *s) {
             s->H++;
             recompute_max(s);
         }
-        qsort(l->v, l->len, sizeof(double), cmp_double);
+        sort_doubles(l->v, l->len);
         uint32_t odd = l->len & 1, off = odd + coin(s);
         for (uint32_t i = off; i < l->len; i += 2) level_push(&s->lv[h + 1], l->v[i]);
         s->size -= l->len - odd - (l->len - odd) / 2;

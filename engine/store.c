@@ -66,7 +66,7 @@
 #define K_PROJ 'p'
 #define K_JOURNAL 'g'
 
-#define FOLD_EVENTS 16384 /* fold the stream journal after this many events */
+#define FOLD_EVENTS 32768 /* fold the stream journal after this many events */
 #define FOLD_GROUPS 512   /* ... or after this many commits */
 
 #define STREAM_CACHE_MAX (1u << 20) /* cached stream heads before the cache is dropped */
@@ -374,6 +374,8 @@ struct store {
     int64_t gnow;
     node *tstreams, *tcats, *ttypes;
     idtab ids;
+    node **sv;                     /* per event of a request: its stream node */
+    size_t svcap;
     leveldb_iterator_t *git;       /* lazily created per group, for head lookups */
     leveldb_writebatch_t *wb;
     buf rec, key, val;
@@ -687,6 +689,7 @@ void store_close(store *s) {
     nmap_clear(&s->cats);
     nmap_clear(&s->types);
     free(s->ids.slot);
+    free(s->sv);
     buf_free(&s->rec);
     buf_free(&s->key);
     buf_free(&s->val);
@@ -978,22 +981,25 @@ static int group_add(store *s, req *r) {
     }
     /* Load every stream's head before assigning anything (a read error must
      * leave the group untouched). */
-    const char *pname = NULL;
-    size_t plen = 0;
+    if (r->n > s->svcap) {
+        free(s->sv);
+        s->svcap = r->n;
+        s->sv = malloc(r->n * sizeof *s->sv);
+        if (!s->sv) abort();
+    }
+    node *prev = NULL;
     for (size_t i = 0; i < r->n; i++) {
         tm_event *ev = &r->evs[i];
-        if (pname && plen == ev->stream_len && memcmp(pname, ev->stream, plen) == 0) continue;
-        if (!stream_node(s, ev->stream, ev->stream_len, err)) return -1;
-        pname = ev->stream;
-        plen = ev->stream_len;
+        if (!prev || prev->klen != ev->stream_len || memcmp(prev->key, ev->stream, prev->klen) != 0)
+            if (!(prev = stream_node(s, ev->stream, ev->stream_len, err))) return -1;
+        s->sv[i] = prev;
     }
     /* 3. assign positions and versions, encode into the batch */
     node *sn = NULL, *cn = NULL, *tn = NULL;
     for (size_t i = 0; i < r->n; i++) {
         tm_event *ev = &r->evs[i];
-        if (!sn || sn->klen != ev->stream_len || memcmp(sn->key, ev->stream, sn->klen) != 0) {
-            sn = nmap_find(&s->streams, ev->stream, ev->stream_len,
-                           hash_bytes(ev->stream, ev->stream_len));
+        if (sn != s->sv[i]) {
+            sn = s->sv[i];
             if (sn->gen != s->gen) {
                 sn->ghead = sn->head;
                 sn->gen = s->gen;

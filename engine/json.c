@@ -315,8 +315,8 @@ static void compact(buf *out, size_t from) {
             size_t rl = (size_t)(r - run);
             if (w != run) memmove(w, run, rl);
             w += rl;
-            uint32_t n = (uint32_t)((unsigned char)r[1] << 24 | (unsigned char)r[2] << 16 |
-                                    (unsigned char)r[3] << 8 | (unsigned char)r[4]);
+            const unsigned char *h = (const unsigned char *)r;
+            uint32_t n = (uint32_t)h[1] << 24 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 8 | h[4];
             int is_map = c == 0xdf;
             if (n < 16) {
                 *w++ = (char)((is_map ? 0x80 : 0x90) | n);

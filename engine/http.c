@@ -83,7 +83,8 @@ struct http_server {
     int stopping;              /* 0 running, 1 draining jobs, 2 flushing */
     struct timespec stop_t;
     sse_hub *hub;
-    struct evbuffer *scratch;
+    struct sse_conn *dirty;    /* SSE connections with staged bytes */
+    struct event *flush_ev;
     http_projections proj;
     char *tokens[MAX_TOKENS];
     int ntokens;
@@ -387,13 +388,55 @@ static void start_append(http_server *h, struct evhttp_request *req, const char 
 
 /* ---- SSE connections (the sse.h sink) ---- */
 
+/* Messages are staged per connection and sent as one chunk per loop
+ * callback (flush_ev): a commit of many events costs one chunk write per
+ * client, not one per event. */
 typedef struct sse_conn {
     http_server *h;
     struct evhttp_request *req;
     struct evhttp_connection *evcon;
     sse_client *client;
+    struct evbuffer *stage;       /* written by the hub, not yet handed to evhttp */
+    struct sse_conn *dirty_next;  /* on h->dirty while stage is non-empty */
+    int dirty;
     char peer[64];
 } sse_conn;
+
+static void sse_drained(struct evhttp_connection *evcon, void *arg);
+
+static void sse_flush_one(sse_conn *sc) {
+    if (evbuffer_get_length(sc->stage))
+        evhttp_send_reply_chunk_with_cb(sc->req, sc->stage, sse_drained, sc);
+}
+
+static void sse_undirty(sse_conn *sc) {
+    if (!sc->dirty) return;
+    for (sse_conn **pp = &sc->h->dirty; *pp; pp = &(*pp)->dirty_next)
+        if (*pp == sc) {
+            *pp = sc->dirty_next;
+            break;
+        }
+    sc->dirty = 0;
+}
+
+static void on_sse_flush(evutil_socket_t fd, short what, void *arg) {
+    (void)fd, (void)what;
+    http_server *h = arg;
+    sse_conn *sc = h->dirty;
+    h->dirty = NULL;
+    while (sc) {
+        sse_conn *n = sc->dirty_next;
+        sc->dirty = 0;
+        sse_flush_one(sc);
+        sc = n;
+    }
+}
+
+static void sse_conn_free(sse_conn *sc) {
+    sse_undirty(sc);
+    evbuffer_free(sc->stage);
+    free(sc);
+}
 
 static void sse_drained(struct evhttp_connection *evcon, void *arg) {
     (void)evcon;
@@ -403,25 +446,30 @@ static void sse_drained(struct evhttp_connection *evcon, void *arg) {
 
 static void sink_write(void *conn, const sse_piece *p, int n) {
     sse_conn *sc = conn;
-    struct evbuffer *b = sc->h->scratch;
     for (int i = 0; i < n; i++)
-        if (p[i].n) evbuffer_add(b, p[i].p, p[i].n);
-    evhttp_send_reply_chunk_with_cb(sc->req, b, sse_drained, sc);
-    evbuffer_drain(b, evbuffer_get_length(b));
+        if (p[i].n) evbuffer_add(sc->stage, p[i].p, p[i].n);
+    if (!sc->dirty) {
+        sc->dirty = 1;
+        sc->dirty_next = sc->h->dirty;
+        sc->h->dirty = sc;
+        event_active(sc->h->flush_ev, 0, 0);
+    }
 }
 
 static size_t sink_pending(void *conn) {
     sse_conn *sc = conn;
     struct bufferevent *bev = evhttp_connection_get_bufferevent(sc->evcon);
-    return bev ? evbuffer_get_length(bufferevent_get_output(bev)) : 0;
+    return evbuffer_get_length(sc->stage) +
+           (bev ? evbuffer_get_length(bufferevent_get_output(bev)) : 0);
 }
 
 static void sink_end(void *conn) {
     sse_conn *sc = conn;
     evhttp_connection_set_closecb(sc->evcon, NULL, NULL);
     log_line("info", "msg=\"sse client ended\" peer=%s", sc->peer);
+    sse_flush_one(sc);
     evhttp_send_reply_end(sc->req);
-    free(sc);
+    sse_conn_free(sc);
 }
 
 static void sink_schedule(void *ud) {
@@ -437,7 +485,7 @@ static void sse_conn_closed(struct evhttp_connection *evcon, void *arg) {
     log_line("info", "msg=\"sse client disconnected\" peer=%s", sc->peer);
     if (sc->client) sse_client_gone(sc->client);
     free_if_detached(sc->req);
-    free(sc);
+    sse_conn_free(sc);
 }
 
 static void on_sse_run(evutil_socket_t fd, short what, void *arg) {
@@ -537,6 +585,7 @@ static void start_sse(http_server *h, struct evhttp_request *req, const char *qu
 
     sse_conn *sc = calloc(1, sizeof *sc);
     if (!sc) abort();
+    sc->stage = evbuffer_new();
     sc->h = h;
     sc->req = req;
     sc->evcon = evhttp_request_get_connection(req);
@@ -550,7 +599,7 @@ static void start_sse(http_server *h, struct evhttp_request *req, const char *qu
     for (int i = 0; i < nspecs; i++) {
         if (sse_client_subscribe(c, specs[i], lens[i], type, tlen, &err) != 0) {
             sse_client_gone(c);
-            free(sc);
+            sse_conn_free(sc);
             send_error(req, 400, NULL, "%s", err.msg);
             return;
         }
@@ -976,12 +1025,12 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
         err_set(err, TM_EIO, "cannot start worker threads");
         goto fail;
     }
-    h->scratch = evbuffer_new();
     h->hub = sse_hub_new(st, &http_sink, h, h->o.sse_max_pending);
     h->wq_ev = event_new(h->base, -1, 0, on_wq, h);
     h->append_ev = event_new(h->base, -1, 0, on_appends_done, h);
     h->commit_ev = event_new(h->base, -1, 0, on_commit, h);
     h->sse_run_ev = event_new(h->base, -1, 0, on_sse_run, h);
+    h->flush_ev = event_new(h->base, -1, 0, on_sse_flush, h);
     h->pub_ev = event_new(h->base, -1, 0, on_publish, h);
     h->hb_ev = event_new(h->base, -1, EV_PERSIST, on_heartbeat, h);
     struct timeval hb = {h->o.heartbeat_s, 0};
@@ -1021,11 +1070,10 @@ void http_free(http_server *h) {
     if (h->wq) workq_free(h->wq);
     if (h->hub) sse_hub_free(h->hub);
     if (h->http) evhttp_free(h->http);
-    struct event *evs[] = {h->wq_ev, h->append_ev, h->commit_ev, h->sse_run_ev, h->pub_ev, h->hb_ev,
+    struct event *evs[] = {h->wq_ev, h->append_ev, h->flush_ev, h->commit_ev, h->sse_run_ev, h->pub_ev, h->hb_ev,
                            h->stop_ev, h->sig_ev[0], h->sig_ev[1], h->sig_ev[2]};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         if (evs[i]) event_free(evs[i]);
-    if (h->scratch) evbuffer_free(h->scratch);
     pub_msg *m = h->pub_head;
     while (m) {
         pub_msg *n = m->next;

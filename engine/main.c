@@ -23,6 +23,8 @@ static const command commands[] = {
     {"import", cli_import, "--data DIR FILE.jsonl", "import JSON lines (- for stdin)"},
     {"export", cli_export, "--data DIR [--from POS]", "export all events as JSON lines"},
     {"check", cli_check, "--data DIR", "verify the store's invariants"},
+    {"serve", cli_serve, "--data DIR [--port N] [--bind ADDR] [--projections DIR]",
+     "serve the HTTP API, live events (SSE) and the dashboard"},
     {"repl", cli_repl, "[--data DIR | --url URL] [-e CHUNK | -f FILE.lua]",
      "Lua prompt and ad-hoc queries over events"},
 };

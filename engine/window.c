@@ -376,7 +376,7 @@ static int get_agg(skio_rd *rd, const window_cfg *c, window_agg *a, int closed) 
     a->max = skio_f64(rd);
     a->closed = closed;
     if (rd->bad || a->start < -WINDOW_MAX_TIME || a->start > WINDOW_MAX_TIME ||
-        len > 3 * (uint64_t)WINDOW_MAX_TIME || a->count < 1 || isnan(a->sum) ||
+        len > 3 * (uint64_t)WINDOW_MAX_TIME || a->count < 1 ||
         !isfinite(a->min) || !isfinite(a->max) || a->min > a->max)
         return -1;
     a->end = a->start + (int64_t)len;
@@ -410,7 +410,9 @@ window *window_deserialize(const char *p, size_t n, tm_err *e) {
     w->late_count = skio_u64(&rd);
     w->late_sum = skio_f64(&rd);
     w->dropped = skio_u64(&rd);
-    if (rd.bad || isnan(w->late_sum) || (seen && (w->max_t < -WINDOW_MAX_TIME || w->max_t > WINDOW_MAX_TIME)))
+    /* sums may be +-inf (overflow) or even NaN (a session merging +inf and
+       -inf sums): reachable states, so accepted */
+    if (rd.bad || (seen && (w->max_t < -WINDOW_MAX_TIME || w->max_t > WINDOW_MAX_TIME)))
         goto bad;
     if (w->closed_hwm != INT64_MIN && (!seen || w->closed_hwm < -WINDOW_MAX_TIME ||
                                        w->closed_hwm > 3 * WINDOW_MAX_TIME))

@@ -897,41 +897,46 @@ function G.tail(spec, fn)
   fn = fn or function(e) out(event_line(e) .. "\n"); T.flush() end
   local info = T.info()
   T.write("(tailing; Ctrl-C to stop)\n", true)
-  if info.remote then
-    local path
-    if sel.kind == "stream" then path = "/streams/" .. T.escape(sel.name) .. "/live"
-    else path = "/all/live" end
-    local matches = function(e)
-      if sel.kind == "category" then return (e.stream:match("^[^-]*")) == sel.name end
-      if sel.kind == "type" then return e.type == sel.name end
-      if sel.streams and not sel.streams[e.stream] then return false end
-      if sel.types and not sel.types[e.type] then return false end
-      return true
-    end
-    local last = T.last_position()
-    T.sse(path .. "?from=" .. fmt("%d", last + 1), function(e) if type(e) == "table" and matches(e) then fn(e) end end)
-    return
-  end
-  local pos = T.last_position()
-  while not T.interrupted() do
-    local now = T.last_position()
-    if now > pos then
-      local s = {}
-      for k, v in pairs(sel) do s[k] = v end
-      s.from = (sel.kind == "stream") and nil or pos + 1
-      if sel.kind == "stream" then
-        -- stream reads go by version: scan the new positions of all and filter
-        s = { kind = "all", from = pos + 1, streams = { [sel.name] = true } }
+  local function follow()
+    if info.remote then
+      local path
+      if sel.kind == "stream" then path = "/streams/" .. T.escape(sel.name) .. "/live"
+      elseif sel.kind == "category" then path = "/all/live?category=" .. T.escape(sel.name)
+      elseif sel.kind == "type" then path = "/all/live?type=" .. T.escape(sel.name)
+      else path = "/all/live" end
+      local matches = function(e)
+        if sel.streams and not sel.streams[e.stream] then return false end
+        if sel.types and not sel.types[e.type] then return false end
+        return true
       end
-      local ok, err = pcall(T.scan, s, function(e) if e.position <= now then fn(e) end end, nil)
-      if not ok then
-        if tostring(err) == "interrupted" or T.interrupted() then return end
-        error(err, 0)
-      end
-      pos = now
+      T.sse(path, function(e) if type(e) == "table" and matches(e) then fn(e) end end)
+      return
     end
-    T.sleep(0.1)
+    -- embedded: poll the store's head (events appended by this process)
+    local pos = T.last_position()
+    while not T.interrupted() do
+      local now = T.last_position()
+      if now > pos then
+        local s = { kind = "all", from = pos + 1, streams = sel.streams, types = sel.types }
+        if sel.kind == "stream" then s.streams = { [sel.name] = true }
+        elseif sel.kind == "category" or sel.kind == "type" then s.kind, s.name = sel.kind, sel.name end
+        T.scan(s, function(e) if e.position <= now then fn(e) end end, nil)
+        pos = now
+      end
+      T.sleep(0.1)
+    end
   end
+  local ok, err = pcall(follow)
+  if not ok and tostring(err) ~= "interrupted" then error(err, 0) end
+  T.ack_interrupt()
+end
+
+-- append(stream, type, data [, metadata]) -> position (both modes).
+function G.append(stream, etype, data, meta)
+  if type(stream) ~= "string" or type(etype) ~= "string" then
+    error("append(stream, type, data [, metadata])", 2)
+  end
+  return T.append(stream, etype, data, meta)
 end
 
 function G.show(...) show(...) end

@@ -459,6 +459,14 @@ static int t_intr_addr(lua_State *L) {
     return 1;
 }
 
+/* T.ack_interrupt(): a Ctrl-C was the normal end of something (tail):
+ * clear the flag and the pending hook so the chunk goes on. */
+static int t_ack_interrupt(lua_State *L) {
+    lua_sethook(L, NULL, 0, 0);
+    g_intr = 0;
+    return 0;
+}
+
 static int t_sleep(lua_State *L) {
     double s = luaL_checknumber(L, 1);
     struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
@@ -623,7 +631,98 @@ static int t_read_file(lua_State *L) {
     return 1;
 }
 
+/* First element of the array under `key` in a msgpack map, as uint. */
+static int first_uint(const buf *b, const char *key, uint64_t *out) {
+    const char *v;
+    size_t vl;
+    mp_item it;
+    if (mp_map_find(b->ptr, b->len, key, strlen(key), &v, &vl) != 1) return -1;
+    const char *end = v + vl;
+    if (mp_next(&v, end, &it) < 0 || it.type != MP_ARRAY || it.v.n < 1) return -1;
+    if (mp_next(&v, end, &it) < 0 || it.type != MP_UINT) return -1;
+    *out = it.v.u;
+    return 0;
+}
+
+/* T.append(stream, type, data [, metadata]) -> position, version. */
+static int t_append(lua_State *L) {
+    repl *r = session(L);
+    size_t sl, tl;
+    const char *stream = luaL_checklstring(L, 1, &sl);
+    const char *type = luaL_checklstring(L, 2, &tl);
+    tm_err e;
+    err_clear(&e);
+    buf data = BUF_INIT, meta = BUF_INIT;
+    if (replmp_from_lua(L, 3, &data) < 0 ||
+        (!lua_isnoneornil(L, 4) && replmp_from_lua(L, 4, &meta) < 0)) {
+        buf_free(&data);
+        buf_free(&meta);
+        return luaL_error(L, "append: data and metadata must be plain values (tables, strings, numbers, booleans)");
+    }
+    uint64_t pos = 0, ver = 0;
+    int rc;
+    if (!replsrc_is_remote(r->src)) {
+        tm_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.stream = stream;
+        ev.stream_len = sl;
+        ev.type = type;
+        ev.type_len = tl;
+        ev.data = data.ptr;
+        ev.data_len = data.len;
+        ev.meta = meta.ptr;
+        ev.meta_len = meta.len;
+        rc = store_append(replsrc_store(r->src), &ev, 1, NULL, 0, &e);
+        pos = ev.position;
+        ver = ev.version;
+    } else {
+        buf body = BUF_INIT, reply = BUF_INIT, path = BUF_INIT, mp = BUF_INIT;
+        /* {"type":..,"data":..,"metadata":..} as msgpack */
+        buf_putc(&body, (char)(meta.len ? 0x83 : 0x82));
+        buf_putc(&body, (char)0xa4);
+        buf_puts(&body, "type");
+        if (tl < 32) buf_putc(&body, (char)(0xa0 | tl));
+        else {
+            buf_putc(&body, (char)0xd9);
+            buf_putc(&body, (char)tl);
+        }
+        buf_append(&body, type, tl);
+        buf_putc(&body, (char)0xa4);
+        buf_puts(&body, "data");
+        buf_append(&body, data.ptr, data.len);
+        if (meta.len) {
+            buf_putc(&body, (char)0xa8);
+            buf_puts(&body, "metadata");
+            buf_append(&body, meta.ptr, meta.len);
+        }
+        buf_puts(&path, "/streams/");
+        replhttp_escape(&path, stream, sl);
+        int status = 0;
+        rc = replhttp_request(replsrc_where(r->src), "POST", path.ptr, "application/msgpack",
+                              body.ptr, body.len, repl_cancel_requested, &status, &reply, &e);
+        if (rc == 0 && (status < 200 || status > 299)) {
+            rc = err_set(&e, status == 409 ? TM_ECONFLICT : status >= 500 ? TM_EIO : TM_EINVAL,
+                         "POST %s: HTTP %d: %.200s", path.ptr, status, reply.ptr ? reply.ptr : "");
+        } else if (rc == 0) {
+            if (json_to_mp(reply.ptr, reply.len, NULL, &mp, &e) < 0 ||
+                first_uint(&mp, "positions", &pos) < 0 || first_uint(&mp, "versions", &ver) < 0)
+                rc = err_set(&e, TM_EIO, "POST %s: unexpected reply", path.ptr);
+        }
+        buf_free(&body);
+        buf_free(&reply);
+        buf_free(&path);
+        buf_free(&mp);
+    }
+    buf_free(&data);
+    buf_free(&meta);
+    if (rc < 0) return raise_err(L, r, &e);
+    lua_pushnumber(L, (lua_Number)pos);
+    lua_pushnumber(L, (lua_Number)ver);
+    return 2;
+}
+
 static const luaL_Reg t_funcs[] = {
+    {"append", t_append},
     {"set_timing", t_set_timing},
     {"read_file", t_read_file},
     {"scan", t_scan},
@@ -639,6 +738,7 @@ static const luaL_Reg t_funcs[] = {
     {"clock", t_clock},
     {"interrupted", t_interrupted},
     {"intr_addr", t_intr_addr},
+    {"ack_interrupt", t_ack_interrupt},
     {"sleep", t_sleep},
     {"info", t_info},
     {"quit", t_quit},
@@ -840,7 +940,6 @@ static int protected_call(repl *r, int nargs, int nres) {
     int base = lua_gettop(L) - nargs;
     lua_pushcfunction(L, traceback);
     lua_insert(L, base);
-    g_intr = 0;
     g_L = L;
     if (sigsetjmp(g_jmp, 1)) {
         g_running = 0;
@@ -857,6 +956,8 @@ static int protected_call(repl *r, int nargs, int nres) {
     }
     g_can_jump = 1;
     g_running = 1;
+    if (g_intr) /* Ctrl-C arrived while compiling: honour it now */
+        lua_sethook(L, intr_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
     int st = lua_pcall(L, nargs, nres, base);
     g_running = 0;
     g_can_jump = 0;
@@ -917,6 +1018,7 @@ repllua_result repllua_eval(repl *r, const char *code, size_t len, const char *c
                             int allow_incomplete) {
     lua_State *L = r->L;
     lua_settop(L, 0);
+    g_intr = 0; /* a new command: forget older Ctrl-Cs */
     double t0 = mono();
     /* skip a #! line in scripts */
     if (len > 1 && code[0] == '#' && code[1] == '!') {
@@ -950,6 +1052,7 @@ repllua_result repllua_eval(repl *r, const char *code, size_t len, const char *c
 repllua_result repllua_dot(repl *r, const char *line) {
     lua_State *L = r->L;
     lua_settop(L, 0);
+    g_intr = 0;
     lua_getfield(L, LUA_REGISTRYINDEX, "tm.dot");
     lua_pushstring(L, line);
     int st = protected_call(r, 1, 0);

@@ -2,9 +2,9 @@
  * (see replsrc.h).
  *
  * Embedded reads are store iterators.  Remote reads page through the HTTP
- * API (docs/http-api.md): GET /streams/{s} for one stream, GET /all for
- * everything else, filtering categories and types on this side, so the
- * same selector always returns the same events in position order in both
+ * API (docs/http-api.md): GET /streams/{s} for one stream, GET /all (with
+ * ?category= / ?type= filters) for everything else, 1000 events a page,
+ * so the same selector returns the same events in the same order in both
  * modes.  A page's JSON body is transcoded to msgpack once (json_to_mp) and
  * the events are borrowed views into that buffer.
  */
@@ -167,7 +167,8 @@ static int fetch_page(replsrc_iter *it, tm_err *err) {
     buf path = BUF_INIT;
     const replsrc_sel *sel = &it->sel;
     uint64_t want = PAGE;
-    if (sel->limit && sel->kind == REPLSRC_STREAM && sel->limit - it->returned < want)
+    if (sel->limit && sel->limit - it->returned < want &&
+        (sel->kind == REPLSRC_STREAM || sel->kind == REPLSRC_ALL))
         want = sel->limit - it->returned;
     if (sel->kind == REPLSRC_STREAM) {
         buf_puts(&path, "/streams/");
@@ -177,11 +178,15 @@ static int fetch_page(replsrc_iter *it, tm_err *err) {
     }
     buf_printf(&path, "?limit=%llu", (unsigned long long)want);
     if (it->next_from != UINT64_MAX) buf_printf(&path, "&from=%llu", (unsigned long long)it->next_from);
-    if (sel->backward) buf_puts(&path, "&backward=true");
+    if (sel->backward) buf_puts(&path, "&direction=backward");
+    if (sel->kind == REPLSRC_CATEGORY || sel->kind == REPLSRC_TYPE) {
+        buf_puts(&path, sel->kind == REPLSRC_CATEGORY ? "&category=" : "&type=");
+        replhttp_escape(&path, it->name, sel->name_len);
+    }
     int r = get_json(it->src, path.ptr, &it->page, err);
     buf_free(&path);
     if (r < 0 || open_events(it, err) < 0) return -1;
-    if (it->left < want) it->last_page = 1;
+    if (it->left == 0) it->last_page = 1;
     return 0;
 }
 
@@ -228,15 +233,18 @@ int replsrc_last_position(replsrc *s, uint64_t *pos, tm_err *err) {
         return 0;
     }
     buf page = BUF_INIT;
-    int r = get_json(s, "/all?backward=true&limit=1", &page, err);
+    int r = get_json(s, "/health", &page, err);
     *pos = 0;
-    if (r == 0 && page.len) {
-        replsrc_iter it = {0};
-        it.page = page;
-        tm_event ev;
-        if (open_events(&it, err) < 0) r = -1;
-        else if (it.left && parse_event(&it.p, it.end, &ev, err) == 0) *pos = ev.position;
-        else if (it.left) r = -1;
+    if (r == 0) {
+        const char *v;
+        size_t vl;
+        mp_item it;
+        if (page.len && mp_map_find(page.ptr, page.len, "last_position", 13, &v, &vl) == 1 &&
+            mp_next(&v, v + vl, &it) == 0 && it.type == MP_UINT)
+            *pos = it.v.u;
+        else
+            r = err_set(err, TM_EIO, "%s does not look like a tidemark server (GET /health)",
+                        s->where);
     }
     buf_free(&page);
     return r;
@@ -291,48 +299,57 @@ void replsrc_iter_free(replsrc_iter *it) {
 
 /* ---- names ---- */
 
-/* Remote listing: GET /streams (an object whose "streams" array holds
- * {"stream":name,"version":N} objects or plain names). */
+/* Remote listing: GET /streams (pages of {"stream":name,"version":N},
+ * continued with ?after=NAME while "next" is not null) or GET /categories. */
 static int remote_names(replsrc *s, int categories, store_name_fn fn, void *ud, tm_err *err) {
-    buf page = BUF_INIT;
-    int r = get_json(s, categories ? "/categories" : "/streams", &page, err);
-    if (r < 0 || page.len == 0) return buf_free(&page), r;
-    const char *arr, *p, *end;
-    size_t alen;
+    buf page = BUF_INIT, path = BUF_INIT, after = BUF_INIT;
     const char *key = categories ? "categories" : "streams";
-    if (mp_map_find(page.ptr, page.len, key, strlen(key), &arr, &alen) != 1) {
-        buf_free(&page);
-        return err_set(err, TM_EIO, "bad reply from GET /%s", key);
-    }
-    p = arr;
-    end = arr + alen;
-    mp_item a, x;
-    mp_next(&p, end, &a);
-    for (uint32_t i = 0; a.type == MP_ARRAY && i < a.v.n; i++) {
-        const char *start = p;
-        if (mp_skip(&p, end) < 0) break;
-        const char *q = start;
-        mp_next(&q, p, &x);
-        int64_t version = -1;
-        if (x.type == MP_MAP) {
+    const char *field = categories ? "category" : "stream";
+    int r = 0, more = 1, stop = 0;
+    while (more && !stop) {
+        buf_reset(&path);
+        buf_printf(&path, "/%s?limit=1000", key);
+        if (after.len) {
+            buf_puts(&path, "&after=");
+            replhttp_escape(&path, after.ptr, after.len);
+        }
+        r = get_json(s, path.ptr, &page, err);
+        if (r < 0 || page.len == 0) break;
+        const char *arr, *nx;
+        size_t alen, nxl;
+        if (mp_map_find(page.ptr, page.len, key, strlen(key), &arr, &alen) != 1) {
+            r = err_set(err, TM_EIO, "bad reply from GET /%s", key);
+            break;
+        }
+        more = !categories && mp_map_find(page.ptr, page.len, "next", 4, &nx, &nxl) == 1 &&
+               (unsigned char)nx[0] != 0xc0;
+        const char *p = arr, *end = arr + alen;
+        mp_item a, x;
+        mp_next(&p, end, &a);
+        uint32_t n = a.type == MP_ARRAY ? a.v.n : 0;
+        if (n == 0) more = 0;
+        for (uint32_t i = 0; i < n && !stop; i++) {
+            const char *start = p;
+            if (mp_skip(&p, end) < 0) break;
             const char *nv, *vv;
             size_t nl, vl;
-            mp_item n, v;
-            if (mp_map_find(start, (size_t)(p - start), categories ? "category" : "stream",
-                            categories ? 8 : 6, &nv, &nl) != 1 &&
-                mp_map_find(start, (size_t)(p - start), "name", 4, &nv, &nl) != 1)
+            mp_item v;
+            int64_t version = -1;
+            if (mp_map_find(start, (size_t)(p - start), field, strlen(field), &nv, &nl) != 1 ||
+                mp_next(&nv, nv + nl, &x) < 0 || x.type != MP_STR)
                 continue;
-            if (mp_next(&nv, nv + nl, &n) < 0 || n.type != MP_STR) continue;
-            if (mp_map_find(start, (size_t)(p - start), "version", 7, &vv, &vl) == 1 &&
+            if (!categories && mp_map_find(start, (size_t)(p - start), "version", 7, &vv, &vl) == 1 &&
                 mp_next(&vv, vv + vl, &v) == 0 && v.type == MP_UINT)
                 version = (int64_t)v.v.u;
-            x = n;
+            buf_reset(&after);
+            buf_append(&after, x.v.s.ptr, x.v.s.len);
+            if (fn(ud, x.v.s.ptr, x.v.s.len, version)) stop = 1;
         }
-        if (x.type != MP_STR) continue;
-        if (fn(ud, x.v.s.ptr, x.v.s.len, version)) break;
     }
     buf_free(&page);
-    return 0;
+    buf_free(&path);
+    buf_free(&after);
+    return r;
 }
 
 int replsrc_list_streams(replsrc *s, store_name_fn fn, void *ud, tm_err *err) {

@@ -513,3 +513,71 @@ def test_ctrl_c_cancels_query_not_repl(data, tmp_path):
     c.expect(PROMPT)
     c.sendeof()
     c.expect(pexpect.EOF)
+
+
+# ---------------------------------------------------------------- remote mode
+
+@pytest.fixture(scope="module")
+def server():
+    with tempfile.TemporaryDirectory(prefix="tm-repl-srv-") as top:
+        d = _import(os.path.join(top, "data"))
+        proc = subprocess.Popen([BIN, "serve", "--data", d, "--port", "0", "--bind", "127.0.0.1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("ready port="), (line, proc.stderr.read() if proc.poll() is not None else "")
+            port = int(line.split("=")[1])
+            yield {"url": "http://127.0.0.1:%d" % port, "data": d}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def rjr(server, chunk):
+    p = subprocess.run([BIN, "repl", "--url", server["url"], "--format", "json", "-e", chunk],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    return json.loads(p.stdout)
+
+
+def test_remote_same_answers(server):
+    got = rjr(server, 'from{category="order"}:group_by("type"):count()')
+    want = Counter(e["type"] for e in EVENTS if category(e["stream"]) == "order")
+    assert {r["type"]: r["count"] for r in got} == dict(want)
+    assert rjr(server, 'from{type="OrderShipped"}:count()') == sum(1 for e in EVENTS if e["type"] == "OrderShipped")
+    got = rjr(server, 'from{}:top(3, "data.customer")')
+    counts = Counter(e["data"]["customer"] for e in EVENTS)
+    assert [(r["data.customer"], r["count"]) for r in got] == sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    got = rjr(server, 'read("order-2", {backward=true, limit=2})')
+    n = sum(1 for e in EVENTS if e["stream"] == "order-2")
+    assert [r["version"] for r in got] == [n - 1, n - 2]
+    assert {r["stream"] for r in rjr(server, "streams()")} == {e["stream"] for e in EVENTS}
+    assert [r["category"] for r in rjr(server, "categories()")] == ["customer", "order"]
+    # the embedded mode refuses the directory the server holds, pointing at --url
+    p = run("-e", "1", data=server["data"])
+    assert p.returncode == 4 and "--url" in p.stderr
+    p = subprocess.run([BIN, "repl", "--url", "http://127.0.0.1:1", "-e", "1"], capture_output=True, text=True)
+    assert p.returncode == 4 and "cannot connect" in p.stderr
+
+
+def test_remote_append_and_tail(server):
+    env = dict(os.environ, TIDEMARK_HISTORY="/dev/null", TERM="xterm")
+    c = pexpect.spawn(BIN, ["repl", "--url", server["url"]], encoding="utf-8", timeout=10, env=env,
+                      dimensions=(40, 200))
+    CHILDREN.append(c)
+    c.expect(PROMPT)
+    c.sendline('tail{category="audit"}')
+    c.expect("tailing")
+    time.sleep(0.3)
+    p = subprocess.run([BIN, "repl", "--url", server["url"], "-e",
+                        'append("audit-1", "Checked", {who="ann"})'], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    pos = int(p.stdout.split()[0])
+    c.expect(r"%d  \S+  audit-1@0  Checked  \{\"who\":\"ann\"\}" % pos)
+    c.sendintr()
+    c.expect(PROMPT)
+    c.sendline('from{category="audit"}:count()')
+    c.expect("\r\n1\r\n")
+    c.expect(PROMPT)
+    c.sendeof()
+    c.expect(pexpect.EOF)

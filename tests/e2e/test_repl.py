@@ -358,12 +358,20 @@ def _reap_children():
             c.terminate(force=True)
 
 
+def prompt(c):
+    """Wait for the prompt, then give libedit a moment to put the terminal
+    in raw mode: keys typed earlier (Tab, Ctrl-R) would meet the cooked
+    terminal, where Ctrl-R means 'reprint'."""
+    c.expect(PROMPT)
+    time.sleep(0.15)
+
+
 def spawn(data, hist):
     env = dict(os.environ, TIDEMARK_HISTORY=str(hist), TERM="xterm")
     c = pexpect.spawn(BIN, ["repl", "--data", data], encoding="utf-8", timeout=10, env=env,
                       dimensions=(40, 200))
     CHILDREN.append(c)
-    c.expect(PROMPT)
+    prompt(c)
     return c
 
 
@@ -423,28 +431,28 @@ def test_completion(data, tmp_path):
     c.expect("rmat")
     c.sendline("")
     c.expect("function: builtin")
-    c.expect(PROMPT)
+    prompt(c)
     c.send(".for\t")
     c.expect("mat")
     c.sendline(" csv")
-    c.expect(PROMPT)
+    prompt(c)
     c.send('from{category="cust\t')
     c.expect("omer")
     c.sendline('"}:count()')
     c.expect("\r\n%d\r\n" % sum(1 for e in EVENTS if category(e["stream"]) == "customer"))
-    c.expect(PROMPT)
+    prompt(c)
     c.send('from{type="PaymentR\t')
     c.expect("eceived")
     c.sendline('"}:count()')
     c.expect("\r\n%d\r\n" % sum(1 for e in EVENTS if e["type"] == "PaymentReceived"))
-    c.expect(PROMPT)
+    prompt(c)
     c.sendline("myvariable_xyz = 1")
-    c.expect(PROMPT)
+    prompt(c)
     c.send("myvar\t")
     c.expect("iable_xyz")
     c.sendline("")
     c.expect("\r\n1\r\n")
-    c.expect(PROMPT)
+    prompt(c)
     c.sendeof()
     c.expect(pexpect.EOF)
 
@@ -454,11 +462,11 @@ def test_history_across_sessions_and_reverse_search(data, tmp_path):
     c = spawn(data, hist)
     c.sendline("1000 + 337")
     c.expect("1337")
-    c.expect(PROMPT)
+    prompt(c)
     c.sendline("for i = 1, 2 do")
     c.expect(r"\.\.\.> ")
     c.sendline("end")
-    c.expect(PROMPT)
+    prompt(c)
     c.sendeof()
     c.expect(pexpect.EOF)
     assert hist.exists()
@@ -467,13 +475,13 @@ def test_history_across_sessions_and_reverse_search(data, tmp_path):
     c.send("\x1b[A")  # up again: 1000 + 337
     c.sendline("")
     c.expect("1337")
-    c.expect(PROMPT)
+    prompt(c)
     c.sendcontrol("r")
     c.send("1000 +")
     time.sleep(0.2)
     c.sendline("")
     c.expect("1337")
-    c.expect(PROMPT)
+    prompt(c)
     c.sendeof()
     c.expect(pexpect.EOF)
 

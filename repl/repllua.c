@@ -69,7 +69,8 @@ static double mono(void) {
 static void intr_hook(lua_State *L, lua_Debug *ar) {
     (void)ar;
     lua_sethook(L, NULL, 0, 0);
-    luaL_error(L, "interrupted");
+    lua_pushstring(L, "interrupted"); /* no position: the same text everywhere */
+    lua_error(L);
 }
 
 static void on_sigint(int sig) {
@@ -82,7 +83,7 @@ static void on_sigint(int sig) {
     g_intr = 1;
     g_first_intr = now;
     if (g_running && g_L)
-        lua_sethook(g_L, intr_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+        lua_sethook(g_L, intr_hook, LUA_MASKCOUNT, 1);
 }
 
 static void install_sigint(void) {
@@ -117,6 +118,12 @@ static void *cap_alloc(void *ud, void *p, size_t osize, size_t nsize) {
 }
 
 /* ------------------------------------------------------------ C builtins */
+
+/* The interrupt error: plain "interrupted", no position prefix. */
+static int raise_interrupted(lua_State *L) {
+    lua_pushstring(L, "interrupted");
+    return lua_error(L);
+}
 
 static repl *session(lua_State *L) {
     return (repl *)lua_touserdata(L, lua_upvalueindex(1));
@@ -274,7 +281,7 @@ static int t_scan(lua_State *L) {
     progress_end(pg);
     replsrc_iter_free(it);
     if (failed == 1) return lua_error(L);
-    if (failed == 2 || (rc < 0 && g_intr)) return luaL_error(L, "interrupted");
+    if (failed == 2 || (rc < 0 && g_intr)) return raise_interrupted(L);
     if (rc < 0) return raise_err(L, r, &e);
     lua_pushnumber(L, (lua_Number)n);
     return 1;
@@ -303,7 +310,7 @@ static int t_read(lua_State *L) {
         lua_rawseti(L, out, ++n);
     }
     replsrc_iter_free(it);
-    if (g_intr) return luaL_error(L, "interrupted");
+    if (g_intr) return raise_interrupted(L);
     if (rc < 0) return raise_err(L, r, &e);
     return 1;
 }
@@ -511,7 +518,7 @@ static int t_http(lua_State *L) {
     if (replhttp_request(replsrc_where(r->src), method, path, ct, body, bl, repl_cancel_requested,
                          &status, &out, &e) < 0) {
         buf_free(&out);
-        if (g_intr) return luaL_error(L, "interrupted");
+        if (g_intr) return raise_interrupted(L);
         return raise_err(L, r, &e);
     }
     lua_pushinteger(L, status);
@@ -754,6 +761,8 @@ static const luaL_Reg t_funcs[] = {
 /* Message handler: message + a short traceback (at most 8 frames), unless
  * the message already carries one (re-raised from a scan). */
 static int traceback(lua_State *L) {
+    lua_sethook(L, NULL, 0, 0); /* a pending Ctrl-C hook must not fire in here */
+    if (!lua_checkstack(L, 40)) return 1; /* stack overflow: the bare message */
     const char *msg = lua_tostring(L, 1);
     if (!msg) {
         if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
@@ -957,7 +966,7 @@ static int protected_call(repl *r, int nargs, int nres) {
     g_can_jump = 1;
     g_running = 1;
     if (g_intr) /* Ctrl-C arrived while compiling: honour it now */
-        lua_sethook(L, intr_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+        lua_sethook(L, intr_hook, LUA_MASKCOUNT, 1);
     int st = lua_pcall(L, nargs, nres, base);
     g_running = 0;
     g_can_jump = 0;

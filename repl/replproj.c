@@ -525,7 +525,8 @@ static int l_run(lua_State *L) {
     int rc = catch_up(r, &l, 1, &e, &faulted);
     if (rc == 1) {
         proj_free(p);
-        return luaL_error(L, "interrupted");
+        lua_pushstring(L, "interrupted");
+        return lua_error(L);
     }
     if (rc < 0) {
         buf t = BUF_INIT;

@@ -6,18 +6,31 @@
  * ---- Key layout (one LevelDB keyspace, first byte = namespace) ----
  *   'e' be64(pos)                  -> record (record.h: crc32c + msgpack array)
  *   'i' id(16)                     -> varint(pos)   only for client-supplied ids
+ *   'g' be64(p0)                   -> stream journal of the commit whose first
+ *                                     position is p0 (one key per commit)
  *   's' stream 0x00 be64(v0)       -> run: positions of versions v0, v0+1, ...
  *   'c' category 0x00 be64(p0)     -> run: positions p0 < p1 < ... in the category
  *   't' type 0x00 be64(p0)         -> run: positions p0 < p1 < ... of the type
  *   'm' "last"                     -> be64(last position)
+ *   'm' "folded"                   -> be64(fold mark)
  *   'm' "format"                   -> "1"
  *   'p' caller key                 -> caller value (projection namespace)
  * A run value is crc32c(payload) (4 bytes LE) then payload = varint(first)
- * varint(delta)...; each group commit writes ONE run per stream, category
- * and type it touched, so indexes cost one key per name per commit, not
- * one per event.  Names never contain NUL, so "name\0" orders a name's
- * runs together and before any longer name.  A stream's head version is
- * the end of its last run (found by Seek+Prev); there is no separate key.
+ * varint(delta)...  Each commit writes ONE 'c' run per category and ONE 't'
+ * run per type it touched.  Names never contain NUL, so "name\0" orders a
+ * name's runs together and before any longer name.
+ *
+ * Streams: a commit may touch hundreds of streams (a batch import), and a
+ * key per stream per commit would cost as much as the events themselves.
+ * So each commit writes one journal key 'g' listing, per stream it touched,
+ * (name, first version, positions).  Every FOLD_EVENTS events or
+ * FOLD_GROUPS commits, the committing batch also "folds": it writes one 's'
+ * run per stream holding all its versions since the previous fold and
+ * moves the fold mark to its last position.  A stream is therefore its 's'
+ * runs (versions 0..hf) followed by its entries in the journal keys above
+ * the fold mark (versions hf+1..head); readers take both from one
+ * snapshot.  Journal keys at or below the mark are history (never read).
+ * The writer keeps the journal's streams in memory (rebuilt on open).
  *
  * Ids: a client-supplied id (has_id=1) is stored under 'i'.  A generated
  * id is a UUIDv8 that carries its own position: bytes 0-5 = the position
@@ -30,9 +43,10 @@
  *   - positions 1..last are all present ('m' last = last); a commit writes
  *     the events, their index runs, their 'i' keys and 'm' last in one
  *     WriteBatch, so readers (snapshots) never see a partial append;
- *   - each stream's runs cover versions 0..head contiguously, each
- *     category/type's runs hold strictly increasing positions;
- *   - only the writer thread writes to 'e','i','s','c','t','m'; the head
+ *   - each stream's runs then journal entries cover versions 0..head
+ *     contiguously; each category/type's runs hold strictly increasing
+ *     positions;
+ *   - only the writer thread writes to 'e','i','g','s','c','t','m'; the head
  *     cache (streams map) is only touched by the writer thread and holds
  *     committed heads: a group's tentative heads live in node->ghead,
  *     valid only while node->gen == s->gen, and are promoted after the

@@ -29,7 +29,7 @@
  * moves the fold mark to its last position.  A stream is therefore its 's'
  * runs (versions 0..hf) followed by its entries in the journal keys above
  * the fold mark (versions hf+1..head); readers take both from one
- * snapshot.  Journal keys at or below the mark are history (never read).
+ * snapshot.  The fold deletes the journal keys it folded.
  * The writer keeps the journal's streams in memory (rebuilt on open).
  *
  * Ids: a client-supplied id (has_id=1) is stored under 'i'.  A generated
@@ -380,6 +380,7 @@ struct store {
     uint64_t folded;               /* fold mark: streams indexed in 's' up to here */
     uint64_t unf_groups;           /* journal keys above the fold mark */
     node *pending;                 /* stream nodes with journal positions */
+    u64vec jkeys;                  /* journal keys above the fold mark (their p0) */
 
     /* writer-thread state */
     nmap streams, cats, types;
@@ -552,6 +553,7 @@ static int load_journal(store *s, tm_err *err) {
             break;
         }
         s->unf_groups++;
+        u64vec_push(&s->jkeys, buf_get_be64(kk + 1));
     }
     if (rc == 0 && iter_status(it, err) < 0) rc = -1;
     leveldb_iter_destroy(it);
@@ -704,6 +706,7 @@ void store_close(store *s) {
     nmap_clear(&s->types);
     free(s->ids.slot);
     free(s->sv);
+    free(s->jkeys.v);
     buf_free(&s->rec);
     buf_free(&s->key);
     buf_free(&s->val);
@@ -1105,9 +1108,14 @@ static void put_fold(store *s) {
     }
     for (node *n = s->tstreams; n; n = n->tnext)
         if (n->pend.n == 0) put_run(s, K_STREAM, n, n->first, &n->run, NULL);
-    unsigned char v[8];
+    unsigned char v[8], k[9];
     put_be64(v, s->gpos);
     leveldb_writebatch_put(s->wb, "mfolded", 7, (const char *)v, 8);
+    k[0] = K_JOURNAL;
+    for (size_t i = 0; i < s->jkeys.n; i++) { /* the folded journal is no longer needed */
+        put_be64(k + 1, s->jkeys.v[i]);
+        leveldb_writebatch_delete(s->wb, (const char *)k, 9);
+    }
 }
 
 static void release_runs(node *list) {
@@ -1184,6 +1192,7 @@ static void group_commit(store *s, req *list) {
         s->pending = NULL;
         s->folded = s->gpos;
         s->unf_groups = 0;
+        s->jkeys.n = 0;
     } else {
         for (node *n = s->tstreams; n; n = n->tnext) {
             if (n->pend.n == 0) {
@@ -1194,6 +1203,7 @@ static void group_commit(store *s, req *list) {
             for (size_t i = 0; i < n->run.n; i++) u64vec_push(&n->pend, n->run.v[i]);
         }
         s->unf_groups++;
+        u64vec_push(&s->jkeys, s->last + 1);
     }
     __atomic_store_n(&s->last, s->gpos, __ATOMIC_RELEASE);
     struct {
@@ -2061,16 +2071,17 @@ static int check_index(check *c, char tag, nmap *counts, const char *what, uint6
 /* The stream journal above the fold mark continues the folded runs. */
 static int check_journal(check *c, nmap *counts, uint64_t folded, uint64_t *names) {
     leveldb_iterator_t *it = leveldb_create_iterator(c->s->db, c->ro);
-    unsigned char k0[9];
-    k0[0] = K_JOURNAL;
-    put_be64(k0 + 1, folded + 1);
     u64vec pos = {0};
-    for (leveldb_iter_seek(it, (const char *)k0, 9); leveldb_iter_valid(it);
-         leveldb_iter_next(it)) {
+    for (leveldb_iter_seek(it, "g", 1); leveldb_iter_valid(it); leveldb_iter_next(it)) {
         size_t kl, vl;
         const char *k = leveldb_iter_key(it, &kl);
         if (k[0] != K_JOURNAL) break;
         uint64_t at = kl == 9 ? buf_get_be64(k + 1) : 0;
+        if (at <= folded) {
+            problem(c, "stream journal key at position %llu is below the fold mark %llu",
+                    (unsigned long long)at, (unsigned long long)folded);
+            continue;
+        }
         const char *v = leveldb_iter_value(it, &vl), *p = v + 4, *end = v + vl;
         jent e;
         int r = crc_ok(v, vl) ? 1 : -1;

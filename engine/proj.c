@@ -400,7 +400,18 @@ proj *proj_new(const char *name, const char *src, size_t len, const char *filena
     lua_setfield(L, -2, "pack");
     lua_pushcfunction(L, c_ext);
     lua_setfield(L, -2, "ext");
-    if (lua_pcall(L, 5, 1, 0) != 0) {
+    /* table.new (LuaJIT extension, preloaded by the table library): lets
+     * the decoder size tables up front */
+    lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
+    lua_getfield(L, -1, "table.new");
+    lua_remove(L, -2);
+    if (lua_isfunction(L, -1)) {
+        lua_call(L, 0, 1);
+    } else {
+        lua_pop(L, 1);
+        lua_pushnil(L);
+    }
+    if (lua_pcall(L, 6, 1, 0) != 0) {
         err_set(err, TM_EIO, "runtime: %s", lua_tostring(L, -1));
         goto fail;
     }

@@ -10,10 +10,11 @@
 -- once per batch.  The loop below builds each event table, resolves the
 -- partition and the handler, and calls it — all inside one JIT-compiled
 -- Lua loop, so the C/Lua boundary is crossed once per batch, not per event.
--- Event fields type, stream, position, version, time and data are set
--- eagerly; id, metadata and category are computed on first access from a
--- GC-owned copy of the batch (kept alive by the event's metatable).
-local ffi, bit, def, seedtab, C = ...
+-- Event fields type, position, version, time and data are set eagerly;
+-- stream, id, metadata and category are computed on first access from a
+-- GC-owned copy of the batch (kept alive by the event's metatable): a new
+-- string per event is the single largest cost of a replay otherwise.
+local ffi, bit, def, seedtab, C, tnew = ...
 
 ffi.cdef [[
 typedef struct proj_slot {
@@ -43,7 +44,7 @@ local function be16(p, i) return p[i] * 256 + p[i + 1] end
 local function be32(p, i) return ((p[i] * 256 + p[i + 1]) * 256 + p[i + 2]) * 256 + p[i + 3] end
 
 local function dmap(p, i, n)
-  local t = {}
+  local t = tnew(0, n)
   for _ = 1, n do
     local k, v
     k, i = decode(p, i)
@@ -54,7 +55,7 @@ local function dmap(p, i, n)
 end
 
 local function darr(p, i, n)
-  local t = {}
+  local t = tnew(n, 0)
   for j = 1, n do
     local v
     v, i = decode(p, i)
@@ -175,14 +176,15 @@ local function batch_mt(ks, ka, n)
   local function lazy(t, k)
     local v
     if k == "category" then
-      local s = rawget(t, "stream")
+      local s = t.stream
       if type(s) ~= "string" then return nil end
       local d = sfind(s, "-", 1, true)
       v = d and ssub(s, 1, d - 1) or s
-    elseif k == "id" or k == "metadata" then
+    elseif k == "stream" or k == "id" or k == "metadata" then
       local x = find(rawget(t, "position"))
       if not x then return nil end
-      if k == "id" then v = fmt_id(ka, x.id_off)
+      if k == "stream" then v = fstr(ka + x.stream_off, x.stream_len)
+      elseif k == "id" then v = fmt_id(ka, x.id_off)
       elseif x.meta_len > 0 then v = (decode(ka, x.meta_off))
       else v = {} end
     else
@@ -193,7 +195,7 @@ local function batch_mt(ks, ka, n)
   end
   mt.__index = lazy
   mt.__tm_materialize = function(t)
-    lazy(t, "id"); lazy(t, "metadata"); lazy(t, "category")
+    lazy(t, "stream"); lazy(t, "id"); lazy(t, "metadata"); lazy(t, "category")
   end
   return mt
 end
@@ -243,8 +245,8 @@ function M.run(sp, ap, n, keep_bytes, curp)
       seedtab[1] = pos
       local data
       if x.data_len > 0 then data = decode(a, x.data_off) end
-      local e = setmetatable({ type = types[ti], stream = fstr(a + x.stream_off, x.stream_len),
-        position = pos, version = x.version, time = x.time, data = data }, mt)
+      local e = setmetatable({ type = types[ti], position = pos, version = x.version,
+        time = x.time, data = data }, mt)
       local key = ""
       if partitioned then
         key = part(e)

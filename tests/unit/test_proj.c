@@ -148,7 +148,7 @@ static void test_handlers_and_partitions(void **st) {
     msgpack_pack_map(&pk, 1);
     msgpack_pack_str(&pk, 3);
     msgpack_pack_str_body(&pk, "min", 3);
-    msgpack_pack_int(&pk, 10);
+    msgpack_pack_int(&pk, 1);
     assert_int_equal(proj_query(p, "big", args.ptr, args.len, &out, &err), 0);
     assert_true(out.len > 0 && ((unsigned char)out.ptr[0] & 0xf0) == 0x90);
     /* unknown query is an error */

@@ -99,9 +99,41 @@ static void level_push(level *l, double x) {
     l->v[l->len++] = x;
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
+/* Sort doubles ascending (no NaN here; -0 never stored, so the sorted
+ * array is unique and any algorithm gives the same bytes).  Quicksort
+ * with inline compares: compaction sorting dominates kll_add. */
+static void sort_doubles(double *a, size_t n) {
+    while (n > 16) {
+        double x = a[0], y = a[n / 2], z = a[n - 1];
+        double pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        size_t i = 0, j = n - 1;
+        for (;;) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i >= j) break;
+            double t = a[i];
+            a[i++] = a[j];
+            a[j--] = t;
+        }
+        /* [0, j] <= pivot <= [j+1, n): recurse on the smaller side */
+        if (j + 1 < n - j - 1) {
+            sort_doubles(a, j + 1);
+            a += j + 1;
+            n -= j + 1;
+        } else {
+            sort_doubles(a + j + 1, n - j - 1);
+            n = j + 1;
+        }
+    }
+    for (size_t i = 1; i < n; i++) {
+        double v = a[i];
+        size_t k = i;
+        while (k > 0 && a[k - 1] > v) {
+            a[k] = a[k - 1];
+            k--;
+        }
+        a[k] = v;
+    }
 }
 
 static void invalidate(kll *s) {
@@ -153,27 +185,29 @@ static unsigned coin(kll *s) {
 }
 
 /* Compact the lowest level at or over capacity (one exists when
- * size >= max_size, since then some len_h >= cap_h). */
-static void compress(kll *s) {
+ * size >= max_size, since then some len_h >= cap_h); 0 if none could be. */
+static int compress(kll *s) {
     for (unsigned h = 0; h < s->H; h++) {
         level *l = &s->lv[h];
         if (l->len < capacity(s, h)) continue;
         if (h + 1 == s->H) {
-            if (s->H == KLL_MAX_LEVELS) return; /* unreachable: count < 2^61 */
+            if (s->H == KLL_MAX_LEVELS) return 0; /* unreachable: count < 2^61 */
             s->H++;
             recompute_max(s);
         }
-        qsort(l->v, l->len, sizeof(double), cmp_double);
+        sort_doubles(l->v, l->len);
         uint32_t odd = l->len & 1, off = odd + coin(s);
         for (uint32_t i = off; i < l->len; i += 2) level_push(&s->lv[h + 1], l->v[i]);
         s->size -= l->len - odd - (l->len - odd) / 2;
         l->len = odd; /* the smallest item, if odd, stays */
-        return;
+        return 1;
     }
+    return 0;
 }
 
 int kll_add(kll *s, double x) {
     if (isnan(x)) return -1;
+    if (x == 0) x = 0.0; /* -0 sorts equal to 0 but has other bits: one form keeps sorts canonical */
     invalidate(s);
     if (s->n == 0 || x < s->min) s->min = x;
     if (s->n == 0 || x > s->max) s->max = x;
@@ -199,7 +233,8 @@ void kll_merge(kll *dst, const kll *src) {
         for (uint32_t i = 0; i < src->lv[h].len; i++) level_push(&dst->lv[h], src->lv[h].v[i]);
     dst->n += src->n;
     dst->size += src->size;
-    while (dst->size >= dst->max_size) compress(dst);
+    while (dst->size >= dst->max_size && compress(dst)) {
+    }
     kll_free(tmp);
 }
 
@@ -273,7 +308,11 @@ kll *kll_deserialize(const char *p, size_t n, tm_err *e) {
     if (skio_open(&rd, p, n, "TMKL", 1, e) < 0) return NULL;
     uint64_t k = skio_u64(&rd), cnt = skio_u64(&rd), rng = skio_u64(&rd), H = skio_u64(&rd);
     kll *s = NULL;
-    if (rd.bad || k < KLL_MIN_K || k > KLL_MAX_K || H < 1 || H > KLL_MAX_LEVELS) goto bad;
+    /* counts beyond 2^56 (unreachable: centuries of adds) are refused so
+       that merges of decoded sketches cannot overflow the weights */
+    if (rd.bad || k < KLL_MIN_K || k > KLL_MAX_K || H < 1 || H > KLL_MAX_LEVELS - 4 ||
+        cnt > (1ULL << 56))
+        goto bad;
     s = kll_new((unsigned)k);
     s->rng = rng;
     s->H = (unsigned)H;
@@ -281,7 +320,9 @@ kll *kll_deserialize(const char *p, size_t n, tm_err *e) {
     if (cnt) {
         s->min = skio_f64(&rd);
         s->max = skio_f64(&rd);
-        if (isnan(s->min) || isnan(s->max) || s->min > s->max) goto bad;
+        if (isnan(s->min) || isnan(s->max) || s->min > s->max ||
+            (s->min == 0 && signbit(s->min)) || (s->max == 0 && signbit(s->max)))
+            goto bad;
     }
     uint64_t weight = 0;
     for (unsigned h = 0; h < H && !rd.bad; h++) {
@@ -290,7 +331,7 @@ kll *kll_deserialize(const char *p, size_t n, tm_err *e) {
         if ((size_t)(rd.end - rd.p) < len * 8) goto bad;
         for (uint64_t i = 0; i < len; i++) {
             double x = skio_f64(&rd);
-            if (isnan(x) || x < s->min || x > s->max) goto bad;
+            if (isnan(x) || x < s->min || x > s->max || (x == 0 && signbit(x))) goto bad;
             level_push(&s->lv[h], x);
         }
         s->size += len;

@@ -47,6 +47,14 @@ static void kind_free(int kind, void *p) {
     }
 }
 
+/* Sketch memory is malloc'ed, invisible to the Lua GC.  Charging a
+ * sketch's nominal footprint as a GC step when it is created keeps
+ * garbage sketches (say, one made per event) collected in proportion to
+ * the C memory they hold. */
+static void charge(lua_State *L, size_t bytes) {
+    if (bytes >= 1024) lua_gc(L, LUA_GCSTEP, (int)(bytes >> 10));
+}
+
 /* Push a new empty box of the given kind (metatable set). */
 static lsk *push_box(lua_State *L, int kind) {
     lsk *b = lua_newuserdata(L, sizeof *b);
@@ -77,6 +85,7 @@ static int64_t check_int(lua_State *L, int idx, int64_t lo, int64_t hi, const ch
 
 /* --- hll -------------------------------------------------------------------- */
 static int l_hll_new(lua_State *L) {
+    charge(L, HLL_DENSE_BYTES);
     lsk *b = push_box(L, LSKETCH_EXT_HLL);
     b->p = hll_new();
     return 1;
@@ -122,6 +131,7 @@ static const luaL_Reg hll_methods[] = {
 /* --- quantiles ---------------------------------------------------------------- */
 static int l_q_new(lua_State *L) {
     int64_t k = lua_isnoneornil(L, 1) ? KLL_DEFAULT_K : check_int(L, 1, KLL_MIN_K, KLL_MAX_K, "k");
+    charge(L, (size_t)k * 3 * sizeof(double));
     lsk *b = push_box(L, LSKETCH_EXT_QUANTILES);
     b->p = kll_new((unsigned)k);
     return 1;
@@ -201,6 +211,7 @@ static int l_topk_new(lua_State *L) {
     int64_t dflt = k * 4 < 32 ? 32 : k * 4;
     if (dflt > TOPK_MAX_CAPACITY) dflt = TOPK_MAX_CAPACITY;
     int64_t cap = lua_isnoneornil(L, 2) ? dflt : check_int(L, 2, k, TOPK_MAX_CAPACITY, "capacity");
+    charge(L, (size_t)cap * 64);
     lsk *b = push_box(L, LSKETCH_EXT_TOPK);
     b->p = topk_new((unsigned)k, (unsigned)cap);
     return 1;
@@ -331,6 +342,7 @@ static int window_new_lua(lua_State *L, int kind) {
     c.max_open = (uint32_t)opt_field(L, 1, "max_open", WINDOW_DEFAULT_MAX_OPEN, 1, WINDOW_MAX_OPEN);
     tm_err e;
     err_clear(&e);
+    charge(L, 4096);
     lsk *b = push_box(L, LSKETCH_EXT_WINDOW);
     if (!(b->p = window_new(&c, &e))) return luaL_argerror(L, 1, e.msg);
     return 1;
@@ -411,6 +423,32 @@ static int l_win_watermark(lua_State *L) {
     return 1;
 }
 
+/* w:rate([span_ms]) -> events per second, value sum per second over the
+ * last span_ms of event time (tumbling only): the windows whose start is
+ * after max_time - span.  Resolution is one window (bucket).  span
+ * defaults to size * retain (what tm.rate{over=} configures). */
+static int l_win_rate(lua_State *L) {
+    window *w = check(L, 1, LSKETCH_EXT_WINDOW);
+    const window_cfg *c = window_config(w);
+    if (c->kind != WINDOW_TUMBLING) return luaL_argerror(L, 1, "rate needs a tumbling window");
+    int64_t dflt = c->size * (int64_t)(c->retain ? c->retain : 1);
+    int64_t span = lua_isnoneornil(L, 2) ? dflt : check_int(L, 2, 1, WINDOW_MAX_TIME, "span (ms)");
+    int64_t now;
+    double count = 0, sum = 0;
+    if (window_max_time(w, &now)) {
+        window_agg *a = lua_newuserdata(L, (window_count(w) + 1) * sizeof *a);
+        size_t n = window_list(w, a);
+        for (size_t i = 0; i < n; i++)
+            if (a[i].start > now - span && a[i].start <= now) {
+                count += (double)a[i].count;
+                sum += a[i].sum;
+            }
+    }
+    lua_pushnumber(L, count * 1000.0 / (double)span);
+    lua_pushnumber(L, sum * 1000.0 / (double)span);
+    return 2;
+}
+
 static int l_win_tostring(lua_State *L) {
     window *w = check(L, 1, LSKETCH_EXT_WINDOW);
     const window_cfg *c = window_config(w);
@@ -424,7 +462,31 @@ static int l_win_tostring(lua_State *L) {
 
 static const luaL_Reg win_methods[] = {{"add", l_win_add},         {"windows", l_win_windows},
                                        {"closed", l_win_closed},   {"late", l_win_late},
-                                       {"watermark", l_win_watermark}, {NULL, NULL}};
+                                       {"watermark", l_win_watermark}, {"rate", l_win_rate},
+                                       {NULL, NULL}};
+
+/* tm.rate{over = 60000, bucket = 1000, lateness = 0}: a tumbling window of
+ * bucket-sized windows retaining `over` worth of them; r:add(t[, v]) and
+ * r:rate() -> events/s, sum/s over the last `over` ms of event time. */
+static int l_rate_new(lua_State *L) {
+    static const char *const opts[] = {"over", "bucket", "lateness", NULL};
+    luaL_checktype(L, 1, LUA_TTABLE);
+    check_fields(L, 1, opts);
+    int64_t bucket = opt_field(L, 1, "bucket", 1000, 1, WINDOW_MAX_TIME);
+    int64_t over = opt_field(L, 1, "over", 60000, 1, WINDOW_MAX_TIME);
+    if (over % bucket || over / bucket > WINDOW_MAX_RETAIN)
+        return luaL_argerror(L, 1, "'over' must be a multiple of 'bucket', at most 100000 buckets");
+    window_cfg c;
+    window_cfg_init(&c, WINDOW_TUMBLING);
+    c.size = bucket;
+    c.retain = (uint32_t)(over / bucket);
+    c.lateness = opt_field(L, 1, "lateness", 0, 0, WINDOW_MAX_TIME);
+    charge(L, (size_t)c.retain * sizeof(window_agg));
+    lsk *b = push_box(L, LSKETCH_EXT_WINDOW);
+    tm_err e;
+    if (!(b->p = window_new(&c, &e))) return luaL_argerror(L, 1, e.msg);
+    return 1;
+}
 
 /* --- metatables, module ----------------------------------------------------------- */
 static int l_gc(lua_State *L) {
@@ -462,7 +524,8 @@ static void ensure_metatables(lua_State *L) {
 
 int luaopen_tidemark_sketch(lua_State *L) {
     static const luaL_Reg ctors[] = {
-        {"hll", l_hll_new}, {"quantiles", l_q_new}, {"topk", l_topk_new}, {NULL, NULL}};
+        {"hll", l_hll_new}, {"quantiles", l_q_new}, {"topk", l_topk_new}, {"rate", l_rate_new},
+        {NULL, NULL}};
     static const luaL_Reg windows[] = {
         {"tumbling", l_win_tumbling}, {"hopping", l_win_hopping}, {"session", l_win_session},
         {NULL, NULL}};
@@ -504,6 +567,7 @@ int lsketch_serialize(lua_State *L, int idx, buf *out) {
 int lsketch_push_decoded(lua_State *L, int ext_type, const char *p, size_t n) {
     if (ext_type < 1 || ext_type > NKINDS) return -1;
     ensure_metatables(L);
+    charge(L, n);
     lsk *b = push_box(L, ext_type);
     tm_err e;
     switch (ext_type) {

@@ -311,15 +311,14 @@ topk *topk_deserialize(const char *p, size_t n, tm_err *e) {
     topk *t = NULL;
     if (rd.bad || cap > TOPK_MAX_CAPACITY || k > cap || cnt > cap) goto bad;
     if (!(t = topk_new((unsigned)k, (unsigned)cap))) goto bad;
-    if (!isfinite(total) || total < 0) goto bad;
+    if (!(total >= 0)) goto bad; /* +inf is reachable by overflow; NaN is not */
     topk_item prev = {0};
     for (uint64_t i = 0; i < cnt; i++) {
         topk_item it;
         it.key = skio_bytes(&rd, &it.len, TOPK_MAX_KEY);
         it.count = skio_f64(&rd);
         it.error = skio_f64(&rd);
-        if (rd.bad || !isfinite(it.count) || !(it.count > 0) || !(it.error >= 0) ||
-            it.error > it.count)
+        if (rd.bad || !(it.count > 0) || !(it.error >= 0) || it.error > it.count)
             goto bad;
         if (i > 0 && rank_cmp(&prev, &it) >= 0) goto bad; /* rank order */
         int found;

@@ -313,6 +313,12 @@ int window_watermark(const window *w, int64_t *wm) {
     return 1;
 }
 
+int window_max_time(const window *w, int64_t *t) {
+    if (!w->seen) return 0;
+    *t = w->max_t;
+    return 1;
+}
+
 void window_late(const window *w, uint64_t *count, double *sum) {
     *count = w->late_count;
     *sum = w->late_sum;
@@ -370,7 +376,7 @@ static int get_agg(skio_rd *rd, const window_cfg *c, window_agg *a, int closed) 
     a->max = skio_f64(rd);
     a->closed = closed;
     if (rd->bad || a->start < -WINDOW_MAX_TIME || a->start > WINDOW_MAX_TIME ||
-        len > 3 * (uint64_t)WINDOW_MAX_TIME || a->count < 1 || isnan(a->sum) ||
+        len > 3 * (uint64_t)WINDOW_MAX_TIME || a->count < 1 ||
         !isfinite(a->min) || !isfinite(a->max) || a->min > a->max)
         return -1;
     a->end = a->start + (int64_t)len;
@@ -404,7 +410,9 @@ window *window_deserialize(const char *p, size_t n, tm_err *e) {
     w->late_count = skio_u64(&rd);
     w->late_sum = skio_f64(&rd);
     w->dropped = skio_u64(&rd);
-    if (rd.bad || isnan(w->late_sum) || (seen && (w->max_t < -WINDOW_MAX_TIME || w->max_t > WINDOW_MAX_TIME)))
+    /* sums may be +-inf (overflow) or even NaN (a session merging +inf and
+       -inf sums): reachable states, so accepted */
+    if (rd.bad || (seen && (w->max_t < -WINDOW_MAX_TIME || w->max_t > WINDOW_MAX_TIME)))
         goto bad;
     if (w->closed_hwm != INT64_MIN && (!seen || w->closed_hwm < -WINDOW_MAX_TIME ||
                                        w->closed_hwm > 3 * WINDOW_MAX_TIME))

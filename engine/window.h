@@ -71,6 +71,8 @@ size_t window_open_count(const window *w);
 
 /* 1 and *wm when at least one event was seen, else 0. */
 int window_watermark(const window *w, int64_t *wm);
+/* 1 and *t = the largest event time seen, else 0. */
+int window_max_time(const window *w, int64_t *t);
 void window_late(const window *w, uint64_t *count, double *sum);
 uint64_t window_dropped(const window *w); /* closed windows lost to the pending cap */
 

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "lsketch.h"
+#include "skio.h"
 
 static lua_State *L;
 
@@ -149,6 +150,18 @@ static void test_window(void **st) {
         "local r = tm.window.tumbling{size = 10, retain = 2}\n"
         "for t = 0, 99, 5 do r:add(t) end\n"
         "assert(#r:windows() == 3 and #r:closed() == 9)\n");
+    run("local r = tm.rate{over = 10000}\n"            /* 1 s buckets, 10 s span */
+        "assert(r:rate() == 0)\n"
+        "for t = 0, 19999, 100 do r:add(t, 2) end\n"  /* 10 events/s, value 2 */
+        "local n, s = r:rate()\n"
+        "assert(n == 10 and s == 20, n)\n"
+        "assert(r:rate(2000) == 10)\n"
+        "for t = 20000, 20999, 10 do r:add(t) end\n"  /* a burst: 100 events in 1 s */
+        "assert(r:rate(1000) == 100)\n"
+        "assert(r:rate() == (9 * 10 + 100) / 10)\n"
+        "assert(#r:windows() == 11)\n");
+    run_err("tm.rate{over = 1500}", "multiple of 'bucket'");
+    run_err("tm.window.session{gap = 5}:rate()", "rate needs a tumbling window");
     run_err("tm.window.tumbling{}", "size");
     run_err("tm.window.tumbling{size = 10, lateness_ms = 5}", "unknown option 'lateness_ms'");
     run_err("tm.window.tumbling{size = 1.5}", "field 'size' must be an integer");
@@ -239,6 +252,73 @@ static void test_decode_fresh_state(void **st) {
     lua_settop(L, 0);
 }
 
+/* Mutation fuzzing behind a valid frame: flip body bytes, fix the
+ * checksum, decode.  Whatever is accepted must re-serialise to the very
+ * same bytes (canonical form) and survive use. */
+static uint64_t fz = 1;
+static uint64_t fzrand(void) {
+    fz ^= fz << 13; fz ^= fz >> 7; fz ^= fz << 17;
+    return fz;
+}
+
+static void reframe(char *p, size_t n) {
+    uint32_t c = (uint32_t)skio_hash64(p, n - 4, SKIO_CHECK_SEED);
+    p[n - 4] = (char)(c >> 24); p[n - 3] = (char)(c >> 16);
+    p[n - 2] = (char)(c >> 8); p[n - 1] = (char)c;
+}
+
+static void fuzz_kind(const char *make, int type, const char *use, int rounds) {
+    char chunk[512];
+    snprintf(chunk, sizeof chunk, "return %s", make);
+    if (luaL_dostring(L, chunk)) fail_msg("lua: %s", lua_tostring(L, -1));
+    buf orig = BUF_INIT, m = BUF_INIT, again = BUF_INIT;
+    assert_int_equal(lsketch_serialize(L, -1, &orig), 0);
+    lua_settop(L, 0);
+    int accepted = 0;
+    for (int r = 0; r < rounds; r++) {
+        buf_reset(&m);
+        buf_append(&m, orig.ptr, orig.len);
+        int flips = 1 + (int)(fzrand() % 3);
+        for (int f = 0; f < flips; f++) {
+            size_t at = 5 + (size_t)(fzrand() % (m.len - 9));
+            m.ptr[at] = fzrand() % 2 ? (char)(fzrand() & 0xff) : (char)(m.ptr[at] ^ (1 << (fzrand() % 8)));
+        }
+        size_t n = m.len;
+        if (fzrand() % 8 == 0) n = 9 + (size_t)(fzrand() % (m.len - 8)); /* truncated body */
+        reframe(m.ptr, n);
+        if (lsketch_push_decoded(L, type, m.ptr, n) < 0) continue;
+        accepted++;
+        buf_reset(&again);
+        assert_int_equal(lsketch_serialize(L, -1, &again), 0);
+        if (again.len != n || memcmp(again.ptr, m.ptr, n) != 0)
+            fail_msg("type %d: accepted bytes re-serialise differently (round %d)", type, r);
+        lua_setglobal(L, "s");
+        run(use);
+    }
+    print_message("# type %d: %d of %d mutants accepted (all canonical)\n", type, accepted, rounds);
+    buf_free(&orig);
+    buf_free(&m);
+    buf_free(&again);
+}
+
+static void test_fuzz_decode(void **st) {
+    fuzz_kind("(function() local h = tm.hll() for i = 1, 300 do h:add(i) end return h end)()",
+              LSKETCH_EXT_HLL, "s:add('x') assert(s:count() >= 0)", 3000);
+    fuzz_kind("(function() local h = tm.hll() for i = 1, 3000 do h:add(i) end return h end)()",
+              LSKETCH_EXT_HLL, "s:add('x') assert(s:count() >= 0)", 300);
+    fuzz_kind("(function() local q = tm.quantiles(8) for i = 1, 200 do q:add(i % 13) end return q end)()",
+              LSKETCH_EXT_QUANTILES, "s:add(1) s:quantile(0.5) s:rank(3) s:merge(s) s:add(2)", 3000);
+    fuzz_kind("(function() local t = tm.topk(2, 4) for i = 1, 50 do t:add('k' .. i % 7) end return t end)()",
+              LSKETCH_EXT_TOPK, "s:add('k1') s:add('zz', 3) s:top(4) s:merge(s)", 3000);
+    fuzz_kind("(function() local w = tm.window.hopping{size = 20, hop = 5, lateness = 7, retain = 3}\n"
+              "for i = 1, 60 do w:add(i * 3 - (i % 4) * 5, i) end return w end)()",
+              LSKETCH_EXT_WINDOW, "s:add(170, 1) s:add(100, 2) s:windows() s:closed() s:late()", 3000);
+    fuzz_kind("(function() local w = tm.window.session{gap = 4, lateness = 9, retain = 2}\n"
+              "for i = 1, 40 do w:add(i * 3 - (i % 4) * 5, i) end return w end)()",
+              LSKETCH_EXT_WINDOW, "s:add(130, 1) s:add(100, 2) s:add(120) s:windows() s:closed()", 3000);
+    lua_settop(L, 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_hll),
@@ -247,6 +327,7 @@ int main(void) {
         cmocka_unit_test(test_window),
         cmocka_unit_test(test_state_encoding),
         cmocka_unit_test(test_decode_fresh_state),
+        cmocka_unit_test(test_fuzz_decode),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -105,7 +105,7 @@ static void expected_example(uint64_t n, buf *out) {
     msgpack_pack_map(&pk, (size_t)cnt);
     for (int c = 0; c < 3; c++) {
         if (!seen[c]) continue;
-        char k[4];
+        char k[16];
         snprintf(k, sizeof k, "c%d", c);
         msgpack_pack_str(&pk, 2);
         msgpack_pack_str_body(&pk, k, 2);

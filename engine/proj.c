@@ -189,6 +189,38 @@ static int c_pack(lua_State *L) {
     return 1;
 }
 
+/* C.fetch(position) -> stream, id, metadata of a stored event (for the
+ * lazy fields of an event read after its batch), or nothing. */
+static int c_fetch(lua_State *L) {
+    proj *p = lua_touserdata(L, lua_upvalueindex(1));
+    double pos = luaL_checknumber(L, 1);
+    if (!p->o.source || pos < 1) return 0;
+    tm_err err;
+    store_iter *it = store_read_all(p->o.source, (uint64_t)pos, 0, 1, &err);
+    if (!it) return luaL_error(L, "reading event %f: %s", pos, err.msg);
+    tm_event ev;
+    int r = store_iter_next(it, &ev, &err);
+    if (r <= 0 || ev.position != (uint64_t)pos) {
+        store_iter_free(it);
+        if (r < 0) return luaL_error(L, "reading event %f: %s", pos, err.msg);
+        return 0;
+    }
+    char id[37];
+    event_id_format(ev.id, id);
+    lua_pushlstring(L, ev.stream, ev.stream_len);
+    lua_pushlstring(L, id, 36);
+    if (ev.meta_len) {
+        if (luamp_push(L, ev.meta, ev.meta_len, &err) < 0) {
+            store_iter_free(it);
+            return luaL_error(L, "event %f metadata: %s", pos, err.msg);
+        }
+    } else {
+        lua_newtable(L);
+    }
+    store_iter_free(it);
+    return 3;
+}
+
 /* C.ext(type, bytes) -> sketch */
 static int c_ext(lua_State *L) {
     int t = (int)luaL_checkinteger(L, 1);
@@ -400,6 +432,9 @@ proj *proj_new(const char *name, const char *src, size_t len, const char *filena
     lua_setfield(L, -2, "pack");
     lua_pushcfunction(L, c_ext);
     lua_setfield(L, -2, "ext");
+    lua_pushlightuserdata(L, p);
+    lua_pushcclosure(L, c_fetch, 1);
+    lua_setfield(L, -2, "fetch");
     /* table.new (LuaJIT extension, preloaded by the table library): lets
      * the decoder size tables up front */
     lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
@@ -581,11 +616,10 @@ static int run_batch(proj *p, tm_err *err) {
     lua_pushlightuserdata(L, p->slots);
     lua_pushlightuserdata(L, p->arena.ptr ? p->arena.ptr : (char *)p->slots);
     lua_pushinteger(L, (lua_Integer)n);
-    lua_pushinteger(L, (lua_Integer)p->arena.len);
     lua_pushlightuserdata(L, (void *)&p->cur_index);
     buf trace = BUF_INIT;
     sandbox_enter(p->sb);
-    int rc = sandbox_pcall(p->sb, 5, 0, &trace, err);
+    int rc = sandbox_pcall(p->sb, 4, 0, &trace, err);
     sandbox_leave(p->sb);
     if (rc == 0) {
         p->cur_index = -1;

@@ -57,6 +57,10 @@ typedef struct proj_opts {
     void (*print)(void *ud, const char *line, size_t len); /* print(); NULL = stderr */
     void *ud;
     store *st;              /* borrowed; NULL = in-memory */
+    /* borrowed; where the lazy fields (stream, id, metadata, category) of
+     * an event kept beyond its batch are read back from; NULL = they read
+     * as nil after the batch */
+    store *source;
     unsigned batch;         /* events per Lua batch; 0 = 256 */
 } proj_opts;
 

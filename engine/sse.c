@@ -60,6 +60,7 @@ struct sse_hub {
     sse_client *catching, *live;
     unsigned nclients;
     unsigned nlive_events;   /* live clients with at least one log subscription */
+    uint64_t msgs;           /* messages written since the last metrics flush */
     buf json;                /* scratch: one event's JSON */
     buf msg;                 /* scratch: "id: N\ndata: ...\n\n" */
 };
@@ -124,6 +125,14 @@ static void client_close(sse_client *c, const char *reason) {
     client_unlink(c);
     h->sink->end(c->conn);
     client_free(c);
+}
+
+/* Messages are counted locally and added to the shared counter once per
+ * public call (an atomic add per message per client would cost more than
+ * the message). */
+static void flush_counts(sse_hub *h) {
+    if (h->msgs) metrics_add(METRICS_SSE_MESSAGES, h->msgs);
+    h->msgs = 0;
 }
 
 /* ---- hub ---- */
@@ -288,11 +297,11 @@ static int offer(sse_hub *h, sse_client *c, const tm_event *ev, int *formatted, 
             sse_piece p = {h->msg.ptr, h->msg.len};
             h->sink->write(c->conn, &p, 1);
             wrote = 1;
-            metrics_add(METRICS_SSE_MESSAGES, 1);
+            h->msgs++;
             break;   /* one message per event on an unnamed connection */
         }
         wrote = 1;
-        metrics_add(METRICS_SSE_MESSAGES, 1);
+        h->msgs++;
     }
     return wrote;
 }
@@ -398,6 +407,7 @@ void sse_client_start(sse_client *c) {
         return;
     }
     client_catchup(c);
+    flush_counts(h);
 }
 
 void sse_client_gone(sse_client *c) {
@@ -418,6 +428,7 @@ void sse_hub_run(sse_hub *h) {
         if (!c->paused) client_catchup(c);
         c = n;
     }
+    flush_counts(h);
 }
 
 /* ---- live ---- */
@@ -458,6 +469,7 @@ void sse_hub_commit(sse_hub *h, uint64_t last) {
     }
     if (rc < 0) fprintf(stderr, "level=error msg=\"sse: read failed\" error=\"%s\"\n", err.msg);
     store_iter_free(it);
+    flush_counts(h);
 }
 
 void sse_hub_publish(sse_hub *h, const char *channel, size_t clen, const char *json,
@@ -475,7 +487,7 @@ void sse_hub_publish(sse_hub *h, const char *channel, size_t clen, const char *j
                 sse_piece p[4] = {{s->evline, c->named ? s->evline_len : 0},
                                   {"data: ", 6}, {json, jlen}, {"\n\n", 2}};
                 h->sink->write(c->conn, p, 4);
-                metrics_add(METRICS_SSE_MESSAGES, 1);
+                h->msgs++;
                 if (h->sink->pending(c->conn) > h->max_pending) {
                     metrics_add(METRICS_SSE_SLOW_CLOSED, 1);
                     client_close(c, "slow consumer: too many unsent bytes");
@@ -485,6 +497,7 @@ void sse_hub_publish(sse_hub *h, const char *channel, size_t clen, const char *j
             c = n;
         }
     }
+    flush_counts(h);
 }
 
 void sse_hub_heartbeat(sse_hub *h) {

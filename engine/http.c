@@ -998,7 +998,13 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
     metrics_set(METRICS_LAST_POSITION, store_last_position(st));
 
     if (h->o.token_file && load_tokens(h, h->o.token_file, err) != 0) goto fail;
-    h->base = event_base_new();
+    /* The changelist folds the epoll_ctl calls of one loop iteration (evhttp
+     * toggles read/write interest several times per request). */
+    struct event_config *cfg = event_config_new();
+    if (cfg) event_config_set_flag(cfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    h->base = cfg ? event_base_new_with_config(cfg) : NULL;
+    if (cfg) event_config_free(cfg);
+    if (!h->base) h->base = event_base_new();
     h->http = h->base ? evhttp_new(h->base) : NULL;
     if (!h->http) {
         err_set(err, TM_EIO, "libevent: cannot create the HTTP server");

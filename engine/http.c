@@ -790,7 +790,7 @@ static void on_request(struct evhttp_request *req, void *arg) {
         return;
     }
     if (nseg == 1 && SEG(0, "live")) {
-        if (!is_get(cmd)) { send_error(req, 405, "GET", "method not allowed"); return; }
+        if (cmd != EVHTTP_REQ_GET) { send_error(req, 405, "GET", "method not allowed"); return; }
         route_live(h, req, query);
         return;
     }
@@ -801,7 +801,10 @@ static void on_request(struct evhttp_request *req, void *arg) {
     }
     if (SEG(0, "all") && nseg <= 2) {
         if (nseg == 2 && !SEG(1, "live")) { send_error(req, 404, NULL, "no such route"); return; }
-        if (!is_get(cmd)) { send_error(req, 405, "GET", "method not allowed"); return; }
+        if (nseg == 2 ? cmd != EVHTTP_REQ_GET : !is_get(cmd)) {
+            send_error(req, 405, "GET", "method not allowed");
+            return;
+        }
         if (nseg == 1) {
             submit_job(h, req, JOB_READ_ALL, path, query, NULL, 0);
             return;
@@ -844,7 +847,7 @@ static void on_request(struct evhttp_request *req, void *arg) {
             buf_free(&name);
             return;
         }
-        if (!is_get(cmd)) {
+        if (cmd != EVHTTP_REQ_GET) {
             buf_free(&name);
             send_error(req, 405, "GET", "method not allowed");
             return;
@@ -863,7 +866,7 @@ static void on_request(struct evhttp_request *req, void *arg) {
     }
     if (SEG(0, "projections")) {
         if (nseg == 3 && SEG(2, "live")) {
-            if (!is_get(cmd)) { send_error(req, 405, "GET", "method not allowed"); return; }
+            if (cmd != EVHTTP_REQ_GET) { send_error(req, 405, "GET", "method not allowed"); return; }
             buf name = BUF_INIT, spec = BUF_INIT;
             if (api_url_decode(&name, sp[1], sl[1], 0) != 0 || name.len == 0) {
                 buf_free(&name);

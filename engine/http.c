@@ -612,6 +612,15 @@ static void start_sse(http_server *h, struct evhttp_request *req, const char *qu
     evhttp_add_header(oh, "Connection", "close");
     metrics_http_response(200);
     evhttp_send_reply_start(req, 200, "OK");
+    /* A stream is idle on the read side by nature: no read timeout (evhttp
+     * keeps reading only to notice the close), bounded unread input, and
+     * the write timeout still drops clients that stop taking bytes. */
+    struct bufferevent *bev = evhttp_connection_get_bufferevent(sc->evcon);
+    if (bev) {
+        struct timeval wt = {h->o.timeout_s, 0};
+        bufferevent_set_timeouts(bev, NULL, &wt);
+        bufferevent_setwatermark(bev, EV_READ, 0, 64 * 1024);
+    }
     evhttp_connection_set_closecb(sc->evcon, sse_conn_closed, sc);
     log_line("info", "msg=\"sse client connected\" peer=%s uri=\"%.200s\" after=%llu", sc->peer,
              evhttp_request_get_uri(req), (unsigned long long)after);

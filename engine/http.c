@@ -503,7 +503,7 @@ static void on_heartbeat(evutil_socket_t fd, short what, void *arg) {
 static void on_commit(evutil_socket_t fd, short what, void *arg) {
     (void)fd, (void)what;
     http_server *h = arg;
-    sse_hub_commit(h->hub, atomic_load(&h->committed));
+    if (sse_hub_commit(h->hub, atomic_load(&h->committed))) event_active(h->commit_ev, 0, 0);
 }
 
 void http_notify_commit(http_server *h, uint64_t last) {

@@ -25,6 +25,7 @@
  * sse_hub_run scans at most CATCHUP_BUDGET events, shared by the clients
  * catching up (each gets one step of at least CATCHUP_MIN_STEP). */
 #define CATCHUP_BUDGET 2000
+#define SSE_COMMIT_SLICE 2048   /* events fanned out per sse_hub_commit call */
 #define CATCHUP_MIN_STEP 100
 
 typedef enum sub_kind { SUB_ALL, SUB_STREAM, SUB_CATEGORY, SUB_TYPE, SUB_PROJECTION } sub_kind;
@@ -449,19 +450,20 @@ void sse_hub_run(sse_hub *h) {
 
 /* ---- live ---- */
 
-void sse_hub_commit(sse_hub *h, uint64_t last) {
-    if (last <= h->pos) return;
+int sse_hub_commit(sse_hub *h, uint64_t last) {
+    if (last <= h->pos) return 0;
     metrics_set(METRICS_LAST_POSITION, last);
     if (h->nlive_events == 0) {
         h->pos = last;
-        return;
+        return 0;
     }
+    uint64_t upto = last - h->pos > SSE_COMMIT_SLICE ? h->pos + SSE_COMMIT_SLICE : last;
     tm_err err;
     err_clear(&err);
-    store_iter *it = store_read_all(h->st, h->pos + 1, 0, last - h->pos, &err);
+    store_iter *it = store_read_all(h->st, h->pos + 1, 0, upto - h->pos, &err);
     if (!it) {
         fprintf(stderr, "level=error msg=\"sse: read failed\" error=\"%s\"\n", err.msg);
-        return;
+        return 0;
     }
     tm_event ev;
     int rc;
@@ -486,6 +488,7 @@ void sse_hub_commit(sse_hub *h, uint64_t last) {
     if (rc < 0) fprintf(stderr, "level=error msg=\"sse: read failed\" error=\"%s\"\n", err.msg);
     store_iter_free(it);
     flush_counts(h);
+    return rc >= 0 && h->pos < last;
 }
 
 void sse_hub_publish(sse_hub *h, const char *channel, size_t clen, const char *json,

@@ -93,7 +93,10 @@ static void append(fx *f, const char *stream, const char *type) {
     assert_int_equal(store_append(f->s, &ev, 1, NULL, 0, &err), 0);
 }
 
-static void commit(fx *f) { sse_hub_commit(f->h, store_last_position(f->s)); }
+static void commit(fx *f) {
+    while (sse_hub_commit(f->h, store_last_position(f->s))) {
+    }
+}
 
 /* The ids of the data messages in c->out, as "1,2,3"; event names too when named. */
 static void ids(conn *c, char *out, size_t cap) {

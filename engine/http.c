@@ -503,7 +503,7 @@ static void on_heartbeat(evutil_socket_t fd, short what, void *arg) {
 static void on_commit(evutil_socket_t fd, short what, void *arg) {
     (void)fd, (void)what;
     http_server *h = arg;
-    sse_hub_commit(h->hub, atomic_load(&h->committed));
+    if (sse_hub_commit(h->hub, atomic_load(&h->committed))) event_active(h->commit_ev, 0, 0);
 }
 
 void http_notify_commit(http_server *h, uint64_t last) {
@@ -612,6 +612,15 @@ static void start_sse(http_server *h, struct evhttp_request *req, const char *qu
     evhttp_add_header(oh, "Connection", "close");
     metrics_http_response(200);
     evhttp_send_reply_start(req, 200, "OK");
+    /* A stream is idle on the read side by nature: no read timeout (evhttp
+     * keeps reading only to notice the close), bounded unread input, and
+     * the write timeout still drops clients that stop taking bytes. */
+    struct bufferevent *bev = evhttp_connection_get_bufferevent(sc->evcon);
+    if (bev) {
+        struct timeval wt = {h->o.timeout_s, 0};
+        bufferevent_set_timeouts(bev, NULL, &wt);
+        bufferevent_setwatermark(bev, EV_READ, 0, 64 * 1024);
+    }
     evhttp_connection_set_closecb(sc->evcon, sse_conn_closed, sc);
     log_line("info", "msg=\"sse client connected\" peer=%s uri=\"%.200s\" after=%llu", sc->peer,
              evhttp_request_get_uri(req), (unsigned long long)after);
@@ -790,7 +799,7 @@ static void on_request(struct evhttp_request *req, void *arg) {
         return;
     }
     if (nseg == 1 && SEG(0, "live")) {
-        if (!is_get(cmd)) { send_error(req, 405, "GET", "method not allowed"); return; }
+        if (cmd != EVHTTP_REQ_GET) { send_error(req, 405, "GET", "method not allowed"); return; }
         route_live(h, req, query);
         return;
     }
@@ -801,7 +810,10 @@ static void on_request(struct evhttp_request *req, void *arg) {
     }
     if (SEG(0, "all") && nseg <= 2) {
         if (nseg == 2 && !SEG(1, "live")) { send_error(req, 404, NULL, "no such route"); return; }
-        if (!is_get(cmd)) { send_error(req, 405, "GET", "method not allowed"); return; }
+        if (nseg == 2 ? cmd != EVHTTP_REQ_GET : !is_get(cmd)) {
+            send_error(req, 405, "GET", "method not allowed");
+            return;
+        }
         if (nseg == 1) {
             submit_job(h, req, JOB_READ_ALL, path, query, NULL, 0);
             return;
@@ -844,7 +856,7 @@ static void on_request(struct evhttp_request *req, void *arg) {
             buf_free(&name);
             return;
         }
-        if (!is_get(cmd)) {
+        if (cmd != EVHTTP_REQ_GET) {
             buf_free(&name);
             send_error(req, 405, "GET", "method not allowed");
             return;
@@ -863,7 +875,7 @@ static void on_request(struct evhttp_request *req, void *arg) {
     }
     if (SEG(0, "projections")) {
         if (nseg == 3 && SEG(2, "live")) {
-            if (!is_get(cmd)) { send_error(req, 405, "GET", "method not allowed"); return; }
+            if (cmd != EVHTTP_REQ_GET) { send_error(req, 405, "GET", "method not allowed"); return; }
             buf name = BUF_INIT, spec = BUF_INIT;
             if (api_url_decode(&name, sp[1], sl[1], 0) != 0 || name.len == 0) {
                 buf_free(&name);
@@ -998,7 +1010,13 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
     metrics_set(METRICS_LAST_POSITION, store_last_position(st));
 
     if (h->o.token_file && load_tokens(h, h->o.token_file, err) != 0) goto fail;
-    h->base = event_base_new();
+    /* The changelist folds the epoll_ctl calls of one loop iteration (evhttp
+     * toggles read/write interest several times per request). */
+    struct event_config *cfg = event_config_new();
+    if (cfg) event_config_set_flag(cfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    h->base = cfg ? event_base_new_with_config(cfg) : NULL;
+    if (cfg) event_config_free(cfg);
+    if (!h->base) h->base = event_base_new();
     h->http = h->base ? evhttp_new(h->base) : NULL;
     if (!h->http) {
         err_set(err, TM_EIO, "libevent: cannot create the HTTP server");

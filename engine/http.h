@@ -44,7 +44,11 @@ void http_opts_default(http_opts *o);
  *            thread, may block; rq->path starts with "/projections".
  *   metrics: append Prometheus lines (lag, rates) to out; loop thread, quick.
  *   reload:  SIGHUP; loop thread.
- * Any member may be NULL. */
+ * Any member may be NULL.
+ * What the dashboard reads (keep these shapes): GET /projections answers
+ * {"projections":[{"name":..,"status":"running"|"faulted"|..,"position":N},..]},
+ * and updates published on "projection:NAME" are JSON objects that may
+ * carry "status" and "position" (plus anything else, e.g. the state). */
 typedef struct http_projections {
     void (*handle)(void *ud, const api_request *rq, api_reply *rp);
     void (*metrics)(void *ud, buf *out);

@@ -21,8 +21,12 @@
 #include "json.h"
 #include "metrics.h"
 
-#define CATCHUP_SCAN 2000  /* events scanned per catch-up step and client */
-#define CATCHUP_STEPS 8    /* steps per sse_hub_run call and client */
+/* Catch-up is paced so the loop stays responsive for live delivery: one
+ * sse_hub_run scans at most CATCHUP_BUDGET events, shared by the clients
+ * catching up (each gets one step of at least CATCHUP_MIN_STEP). */
+#define CATCHUP_BUDGET 2000
+#define SSE_COMMIT_SLICE 2048   /* events fanned out per sse_hub_commit call */
+#define CATCHUP_MIN_STEP 100
 
 typedef enum sub_kind { SUB_ALL, SUB_STREAM, SUB_CATEGORY, SUB_TYPE, SUB_PROJECTION } sub_kind;
 
@@ -60,6 +64,7 @@ struct sse_hub {
     sse_client *catching, *live;
     unsigned nclients;
     unsigned nlive_events;   /* live clients with at least one log subscription */
+    uint64_t msgs;           /* messages written since the last metrics flush */
     buf json;                /* scratch: one event's JSON */
     buf msg;                 /* scratch: "id: N\ndata: ...\n\n" */
 };
@@ -124,6 +129,14 @@ static void client_close(sse_client *c, const char *reason) {
     client_unlink(c);
     h->sink->end(c->conn);
     client_free(c);
+}
+
+/* Messages are counted locally and added to the shared counter once per
+ * public call (an atomic add per message per client would cost more than
+ * the message). */
+static void flush_counts(sse_hub *h) {
+    if (h->msgs) metrics_add(METRICS_SSE_MESSAGES, h->msgs);
+    h->msgs = 0;
 }
 
 /* ---- hub ---- */
@@ -288,11 +301,11 @@ static int offer(sse_hub *h, sse_client *c, const tm_event *ev, int *formatted, 
             sse_piece p = {h->msg.ptr, h->msg.len};
             h->sink->write(c->conn, &p, 1);
             wrote = 1;
-            metrics_add(METRICS_SSE_MESSAGES, 1);
+            h->msgs++;
             break;   /* one message per event on an unnamed connection */
         }
         wrote = 1;
-        metrics_add(METRICS_SSE_MESSAGES, 1);
+        h->msgs++;
     }
     return wrote;
 }
@@ -307,7 +320,7 @@ static void go_live(sse_client *c) {
 
 /* The iterator a catch-up step reads: an index when one subscription
  * allows it, else the whole log. */
-static store_iter *catchup_iter(sse_client *c, tm_err *err) {
+static store_iter *catchup_iter(sse_client *c, uint64_t step, tm_err *err) {
     sse_hub *h = c->hub;
     uint64_t from = c->cursor + 1;
     int nlog = 0;
@@ -319,22 +332,22 @@ static store_iter *catchup_iter(sse_client *c, tm_err *err) {
         }
     if (nlog == 1) {
         if (only->kind == SUB_CATEGORY)
-            return store_read_category(h->st, only->name, only->name_len, from, CATCHUP_SCAN, err);
+            return store_read_category(h->st, only->name, only->name_len, from, step, err);
         if (only->kind == SUB_STREAM)
             return store_read_category(h->st, only->name,
                                        event_category_len(only->name, only->name_len), from,
-                                       CATCHUP_SCAN, err);
+                                       step, err);
         if (only->kind == SUB_TYPE)
-            return store_read_type(h->st, only->name, only->name_len, from, CATCHUP_SCAN, err);
+            return store_read_type(h->st, only->name, only->name_len, from, step, err);
         if (only->kind == SUB_ALL && only->type)
-            return store_read_type(h->st, only->type, only->type_len, from, CATCHUP_SCAN, err);
+            return store_read_type(h->st, only->type, only->type_len, from, step, err);
     }
-    return store_read_all(h->st, from, 0, CATCHUP_SCAN, err);
+    return store_read_all(h->st, from, 0, step, err);
 }
 
 /* One bounded catch-up step.  Returns 1 if more remains and the client
  * was not paused or closed, 0 otherwise (live, paused, or closed). */
-static int catchup_step(sse_client *c) {
+static int catchup_step(sse_client *c, uint64_t step) {
     sse_hub *h = c->hub;
     if (!has_log_subs(c)) {
         go_live(c);
@@ -342,7 +355,7 @@ static int catchup_step(sse_client *c) {
     }
     tm_err err;
     err_clear(&err);
-    store_iter *it = catchup_iter(c, &err);
+    store_iter *it = catchup_iter(c, step, &err);
     if (!it) {
         client_close(c, err.msg[0] ? err.msg : "store read failed");
         return 0;
@@ -368,7 +381,7 @@ static int catchup_step(sse_client *c) {
         return 0;
     }
     if (c->paused) return 0;
-    if (scanned < CATCHUP_SCAN) {
+    if (scanned < step) {
         /* Reached the end of the snapshot, which holds every event up to
          * hub->pos (the hub read them): nothing matching <= hub->pos is
          * missing, and the live fan-out delivers what is above the cursor. */
@@ -379,10 +392,22 @@ static int catchup_step(sse_client *c) {
     return 1;
 }
 
-static void client_catchup(sse_client *c) {
-    for (int i = 0; i < CATCHUP_STEPS; i++)
-        if (!catchup_step(c)) return;
-    c->hub->sink->schedule(c->hub->sink_ud);   /* yield to the loop, continue soon */
+static unsigned count_catching(const sse_hub *h) {
+    unsigned n = 0;
+    for (const sse_client *c = h->catching; c; c = c->next)
+        if (!c->paused) n++;
+    return n;
+}
+
+static uint64_t step_size(const sse_hub *h) {
+    unsigned n = count_catching(h);
+    uint64_t step = n ? CATCHUP_BUDGET / n : CATCHUP_BUDGET;
+    return step < CATCHUP_MIN_STEP ? CATCHUP_MIN_STEP : step;
+}
+
+/* One step; if more remains, yield to the loop and continue soon. */
+static void client_catchup(sse_client *c, uint64_t step) {
+    if (catchup_step(c, step)) c->hub->sink->schedule(c->hub->sink_ud);
 }
 
 void sse_client_start(sse_client *c) {
@@ -397,7 +422,8 @@ void sse_client_start(sse_client *c) {
         go_live(c);
         return;
     }
-    client_catchup(c);
+    client_catchup(c, step_size(h));
+    flush_counts(h);
 }
 
 void sse_client_gone(sse_client *c) {
@@ -412,29 +438,32 @@ void sse_client_drained(sse_client *c) {
 }
 
 void sse_hub_run(sse_hub *h) {
+    uint64_t step = step_size(h);
     sse_client *c = h->catching;
     while (c) {
         sse_client *n = c->next;   /* c may go live or be closed */
-        if (!c->paused) client_catchup(c);
+        if (!c->paused) client_catchup(c, step);
         c = n;
     }
+    flush_counts(h);
 }
 
 /* ---- live ---- */
 
-void sse_hub_commit(sse_hub *h, uint64_t last) {
-    if (last <= h->pos) return;
+int sse_hub_commit(sse_hub *h, uint64_t last) {
+    if (last <= h->pos) return 0;
     metrics_set(METRICS_LAST_POSITION, last);
     if (h->nlive_events == 0) {
         h->pos = last;
-        return;
+        return 0;
     }
+    uint64_t upto = last - h->pos > SSE_COMMIT_SLICE ? h->pos + SSE_COMMIT_SLICE : last;
     tm_err err;
     err_clear(&err);
-    store_iter *it = store_read_all(h->st, h->pos + 1, 0, last - h->pos, &err);
+    store_iter *it = store_read_all(h->st, h->pos + 1, 0, upto - h->pos, &err);
     if (!it) {
         fprintf(stderr, "level=error msg=\"sse: read failed\" error=\"%s\"\n", err.msg);
-        return;
+        return 0;
     }
     tm_event ev;
     int rc;
@@ -458,6 +487,8 @@ void sse_hub_commit(sse_hub *h, uint64_t last) {
     }
     if (rc < 0) fprintf(stderr, "level=error msg=\"sse: read failed\" error=\"%s\"\n", err.msg);
     store_iter_free(it);
+    flush_counts(h);
+    return rc >= 0 && h->pos < last;
 }
 
 void sse_hub_publish(sse_hub *h, const char *channel, size_t clen, const char *json,
@@ -475,7 +506,7 @@ void sse_hub_publish(sse_hub *h, const char *channel, size_t clen, const char *j
                 sse_piece p[4] = {{s->evline, c->named ? s->evline_len : 0},
                                   {"data: ", 6}, {json, jlen}, {"\n\n", 2}};
                 h->sink->write(c->conn, p, 4);
-                metrics_add(METRICS_SSE_MESSAGES, 1);
+                h->msgs++;
                 if (h->sink->pending(c->conn) > h->max_pending) {
                     metrics_add(METRICS_SSE_SLOW_CLOSED, 1);
                     client_close(c, "slow consumer: too many unsent bytes");
@@ -485,6 +516,7 @@ void sse_hub_publish(sse_hub *h, const char *channel, size_t clen, const char *j
             c = n;
         }
     }
+    flush_counts(h);
 }
 
 void sse_hub_heartbeat(sse_hub *h) {

@@ -69,8 +69,10 @@ void sse_client_gone(sse_client *c);
 /* conn's output has drained: a paused catch-up may continue. */
 void sse_client_drained(sse_client *c);
 
-/* Events up to `last` are committed and readable: deliver them. */
-void sse_hub_commit(sse_hub *h, uint64_t last);
+/* Events up to `last` are committed and readable: deliver them, at most a
+ * slice per call (the loop stays responsive).  Returns 1 when more remain
+ * (call again soon with the same or a later `last`), 0 when done. */
+int sse_hub_commit(sse_hub *h, uint64_t last);
 /* Deliver one JSON document to subscribers of `channel` ("projection:NAME"). */
 void sse_hub_publish(sse_hub *h, const char *channel, size_t clen, const char *json,
                      size_t jlen);

@@ -261,6 +261,11 @@ def test_unknown_route_and_wrong_method(server):
     assert_error(r, 405)
     assert r.header("Allow") == "GET"
     assert_error(h.request("PUT", "/all", "{}"), 405)
+    for live in ("/all/live", "/live?sub=all", "/streams/a-1/live", "/projections/p/live"):
+        r = h.request("HEAD", live)
+        assert r.status == 405 and r.header("Allow") == "GET", (live, r)
+        assert_error(h.post(live, "{}"), 405)
+    assert h.request("HEAD", "/health").status == 200
 
 
 def test_projection_routes_not_implemented_yet(server):

@@ -229,3 +229,23 @@ def test_fanout_to_many_clients(server):
     finally:
         for c in clients:
             c.close()
+
+
+def test_idle_stream_outlives_timeout_and_close_is_noticed(tmp_path):
+    s = start_server(str(tmp_path / "d"), "--timeout", "1", log_dir=str(tmp_path))
+    c = SseClient(s.port, "/all/live")
+    try:
+        time.sleep(2.5)   # idle for longer than the connection timeout
+        h = s.http()
+        h.append("idle-1", ev("Late"))
+        assert c.events(1)[0]["json"]["type"] == "Late"
+        assert "tidemark_sse_clients 1" in h.get("/metrics").body.decode()
+        c.close()
+        deadline = time.monotonic() + 5
+        while "tidemark_sse_clients 0" not in h.get("/metrics").body.decode():
+            assert time.monotonic() < deadline, "closed client still counted"
+            time.sleep(0.1)
+    finally:
+        c.close()
+        s.stop()
+        s.close()

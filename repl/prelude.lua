@@ -146,9 +146,121 @@ end
 
 local function event_list(list) return setmetatable(list, EV) end
 
--- Scanned events (embedded) carry id and metadata lazily: the first access
--- reads them back by position; category is derived from the stream.
-T.event_mt = {
+-- The scan loop's Lua half.  T.scan (C) fills a batch of slots (struct
+-- below, same layout as repllua.c) and an arena holding each event's
+-- stream and data bytes, then calls T.runner once per batch.  The runner
+-- decodes data (msgpack, validated by the store) with the FFI and calls
+-- the query's handler; LuaJIT compiles the loop with the decoder and the
+-- handler inlined.  Type names are interned by C into T.types.
+-- The Ctrl-C flag is read per event through the FFI (a volatile load that
+-- JIT-compiled code performs, unlike hooks).  A handler returning STOP
+-- ends the scan.
+local STOP = setmetatable({}, { __tostring = function() return "stop" end })
+T.STOP = STOP
+local ffi = require("ffi")
+local bit = require("bit")
+ffi.cdef [[
+typedef struct replscan_slot {
+    double position, version, time;
+    uint32_t stream_off, stream_len, data_off, data_len, type_idx, pad;
+} replscan_slot;
+]]
+local intr = ffi.cast("volatile int *", T.intr_addr())
+local slotp = ffi.typeof("const replscan_slot *")
+local u8p = ffi.typeof("const uint8_t *")
+local fstr, fcast = ffi.string, ffi.cast
+local conv = ffi.new("union { double d; float f; uint32_t w[2]; }")
+local ok_tnew, tnew = pcall(require, "table.new")
+if not ok_tnew then tnew = function() return {} end end
+local types = {}
+T.types = types
+
+local decode
+local function be16(p, i) return p[i] * 256 + p[i + 1] end
+local function be32(p, i) return ((p[i] * 256 + p[i + 1]) * 256 + p[i + 2]) * 256 + p[i + 3] end
+
+local function pair(p, i, t)
+  local k, v
+  k, i = decode(p, i)
+  v, i = decode(p, i)
+  if k ~= nil and v ~= nil and k == k then t[k] = v end
+  return i
+end
+
+-- Small maps (the usual payload) without an inner loop, so the JIT keeps
+-- them in the runner's trace.
+local function dmap(p, i, n)
+  local t = tnew(0, n)
+  if n <= 8 then
+    if n > 0 then i = pair(p, i, t)
+    if n > 1 then i = pair(p, i, t)
+    if n > 2 then i = pair(p, i, t)
+    if n > 3 then i = pair(p, i, t)
+    if n > 4 then i = pair(p, i, t)
+    if n > 5 then i = pair(p, i, t)
+    if n > 6 then i = pair(p, i, t)
+    if n > 7 then i = pair(p, i, t)
+    end end end end end end end end
+    return t, i
+  end
+  for _ = 1, n do i = pair(p, i, t) end
+  return t, i
+end
+
+local function darr(p, i, n)
+  local t = tnew(n, 0)
+  for j = 1, n do
+    local v
+    v, i = decode(p, i)
+    t[j] = v
+  end
+  return t, i
+end
+
+decode = function(p, i)
+  local b = p[i]
+  if b < 0x80 then return b, i + 1 end
+  if b >= 0xa0 and b < 0xc0 then local n = b - 0xa0; return fstr(p + i + 1, n), i + 1 + n end
+  if b < 0x90 then return dmap(p, i + 1, b - 0x80) end
+  if b < 0xa0 then return darr(p, i + 1, b - 0x90) end
+  if b >= 0xe0 then return b - 256, i + 1 end
+  if b == 0xcb then
+    conv.w[1] = be32(p, i + 1); conv.w[0] = be32(p, i + 5)
+    return conv.d, i + 9
+  end
+  if b == 0xc0 then return nil, i + 1 end
+  if b == 0xc2 then return false, i + 1 end
+  if b == 0xc3 then return true, i + 1 end
+  if b == 0xcc then return p[i + 1], i + 2 end
+  if b == 0xcd then return be16(p, i + 1), i + 3 end
+  if b == 0xce then return be32(p, i + 1), i + 5 end
+  if b == 0xcf then return be32(p, i + 1) * 4294967296 + be32(p, i + 5), i + 9 end
+  if b == 0xd0 then local v = p[i + 1]; if v >= 128 then v = v - 256 end; return v, i + 2 end
+  if b == 0xd1 then local v = be16(p, i + 1); if v >= 32768 then v = v - 65536 end; return v, i + 3 end
+  if b == 0xd2 then local v = be32(p, i + 1); if v >= 2147483648 then v = v - 4294967296 end; return v, i + 5 end
+  if b == 0xd3 then
+    local hi = be32(p, i + 1); if hi >= 2147483648 then hi = hi - 4294967296 end
+    return hi * 4294967296 + be32(p, i + 5), i + 9
+  end
+  if b == 0xca then conv.w[0] = be32(p, i + 1); return conv.f, i + 5 end
+  if b == 0xd9 or b == 0xc4 then local n = p[i + 1]; return fstr(p + i + 2, n), i + 2 + n end
+  if b == 0xda or b == 0xc5 then local n = be16(p, i + 1); return fstr(p + i + 3, n), i + 3 + n end
+  if b == 0xdb or b == 0xc6 then local n = be32(p, i + 1); return fstr(p + i + 5, n), i + 5 + n end
+  if b == 0xdc then return darr(p, i + 3, be16(p, i + 1)) end
+  if b == 0xdd then return darr(p, i + 5, be32(p, i + 1)) end
+  if b == 0xde then return dmap(p, i + 3, be16(p, i + 1)) end
+  if b == 0xdf then return dmap(p, i + 5, be32(p, i + 1)) end
+  -- ext: its payload as a string
+  if b >= 0xd4 and b <= 0xd8 then local n = bit.lshift(1, b - 0xd4); return fstr(p + i + 2, n), i + 2 + n end
+  if b == 0xc7 then local n = p[i + 1]; return fstr(p + i + 3, n), i + 3 + n end
+  if b == 0xc8 then local n = be16(p, i + 1); return fstr(p + i + 4, n), i + 4 + n end
+  if b == 0xc9 then local n = be32(p, i + 1); return fstr(p + i + 6, n), i + 6 + n end
+  error("malformed msgpack in event data")
+end
+
+-- Events carry id and metadata lazily: the first access reads them back
+-- by position; category is derived from the stream.
+local EV_MT = {
   __index = function(e, k)
     if k == "category" then return (e.stream:match("^[^-]*")) end
     if k == "id" or k == "metadata" then
@@ -160,19 +272,18 @@ T.event_mt = {
     return nil
   end,
 }
+T.event_mt = EV_MT
 
--- The scan loop's Lua half: T.scan (C) fills a batch of event tables and
--- calls this once per batch.  A handler returning STOP ends the scan.
--- The Ctrl-C flag is read per event through the FFI (a volatile load that
--- JIT-compiled code performs, unlike hooks).
-local STOP = setmetatable({}, { __tostring = function() return "stop" end })
-T.STOP = STOP
-local ffi = require("ffi")
-local intr = ffi.cast("volatile int *", T.intr_addr())
-function T.runner(batch, n, h)
-  for i = 1, n do
+function T.runner(sp, ap, n, h)
+  local s, a = fcast(slotp, sp), fcast(u8p, ap)
+  for j = 0, n - 1 do
     if intr[0] ~= 0 then error("interrupted", 0) end
-    if h(batch[i]) == STOP then return true end
+    local x = s[j]
+    local data
+    if x.data_len > 0 then data = decode(a, x.data_off) end
+    local e = setmetatable({ type = types[x.type_idx], stream = fstr(a + x.stream_off, x.stream_len),
+      position = x.position, version = x.version, time = x.time, data = data }, EV_MT)
+    if h(e) == STOP then return true end
   end
   return false
 end

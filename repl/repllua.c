@@ -211,12 +211,82 @@ static int traceback(lua_State *L);
 
 #define SCAN_BATCH 256
 
+/* One event of a scan batch, read by the prelude through the FFI (the same
+ * declaration is in prelude.lua).  Offsets are into the batch's arena. */
+typedef struct replscan_slot {
+    double position, version, time;
+    uint32_t stream_off, stream_len, data_off, data_len, type_idx, pad;
+} replscan_slot;
+
+/* Event type names interned for the session: the prelude keeps the
+ * strings in T.types[idx], so a scan never builds a type string per event.
+ * Open addressing on FNV-1a; the table only grows (types are few). */
+typedef struct intern {
+    char **names;
+    uint32_t *lens, *slots; /* slots: idx + 1, 0 = empty */
+    uint32_t n, cap;
+} intern;
+
+static intern g_types;
+
+static uint32_t fnv(const char *p, size_t n) {
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)p[i]) * 16777619u;
+    return h;
+}
+
+static void intern_grow(intern *t) {
+    uint32_t cap = t->cap ? t->cap * 2 : 256;
+    uint32_t *slots = calloc(cap, sizeof *slots);
+    for (uint32_t i = 0; i < t->n; i++) {
+        uint32_t h = fnv(t->names[i], t->lens[i]) & (cap - 1);
+        while (slots[h]) h = (h + 1) & (cap - 1);
+        slots[h] = i + 1;
+    }
+    free(t->slots);
+    t->slots = slots;
+    t->cap = cap;
+    t->names = realloc(t->names, cap * sizeof *t->names);
+    t->lens = realloc(t->lens, cap * sizeof *t->lens);
+}
+
+/* Index (1-based) of the type; a new one is also stored in the Lua table
+ * at types_idx. */
+static uint32_t intern_type(lua_State *L, int types_idx, const char *p, size_t n) {
+    intern *t = &g_types;
+    if ((t->n + 1) * 2 > t->cap) intern_grow(t);
+    uint32_t h = fnv(p, n) & (t->cap - 1);
+    for (;;) {
+        uint32_t s = t->slots[h];
+        if (!s) break;
+        if (t->lens[s - 1] == n && !memcmp(t->names[s - 1], p, n)) return s;
+        h = (h + 1) & (t->cap - 1);
+    }
+    t->names[t->n] = malloc(n ? n : 1);
+    memcpy(t->names[t->n], p, n);
+    t->lens[t->n] = (uint32_t)n;
+    t->slots[h] = ++t->n;
+    lua_pushlstring(L, p, n);
+    lua_rawseti(L, types_idx, (int)t->n);
+    return t->n;
+}
+
+/* (Re)fill T.types from the intern table (a fresh Lua state). */
+static void intern_publish(lua_State *L, int types_idx) {
+    for (uint32_t i = 0; i < g_types.n; i++) {
+        lua_pushlstring(L, g_types.names[i], g_types.lens[i]);
+        lua_rawseti(L, types_idx, (int)i + 1);
+    }
+}
+
 /* T.scan(sel, handler [, label]) -> events scanned.  Runs handler(e) for
  * every selected event, with a progress bar on stderr when interactive.
- * Events are decoded in batches of SCAN_BATCH and handed to the prelude's
- * runner (a Lua loop, compiled by the JIT with the handler inlined), so
- * C and Lua trade places once per batch.  A handler returning T.STOP ends
- * the scan early. */
+ * Events go in batches of SCAN_BATCH: this loop copies each event's
+ * stream and data bytes into an arena and fills a slot; the prelude's
+ * runner (a Lua loop the JIT compiles, with the msgpack decoder and the
+ * handler inlined) builds the event tables and calls the handler, so C
+ * and Lua trade places once per batch.  id and metadata are lazy (T.extra).
+ * A handler returning T.STOP ends the scan early. */
 static int t_scan(lua_State *L) {
     repl *r = session(L);
     scan_sel s;
@@ -225,6 +295,10 @@ static int t_scan(lua_State *L) {
     const char *label = luaL_optstring(L, 3, "query");
     lua_pushcfunction(L, traceback);
     int msgh = lua_gettop(L);
+    lua_getfield(L, LUA_REGISTRYINDEX, "tm.types");
+    int types = lua_gettop(L);
+    lua_getfield(L, LUA_REGISTRYINDEX, "tm.runner");
+    int runner = lua_gettop(L);
     tm_err e;
     err_clear(&e);
     uint64_t last = 0;
@@ -234,15 +308,11 @@ static int t_scan(lua_State *L) {
     uint64_t start = s.sel.kind == REPLSRC_STREAM || s.sel.backward ? 0 : s.sel.from;
     uint64_t total = s.sel.kind == REPLSRC_STREAM || s.sel.backward || last < start ? 0 : last - start + 1;
     progress *pg = r->progress ? progress_new(stderr, label, total, "events", 0) : NULL;
-    /* embedded: id and metadata are fetched on first access (T.extra) */
-    int lazy = !replsrc_is_remote(r->src);
+    replscan_slot *slots = malloc(SCAN_BATCH * sizeof *slots);
+    buf arena = BUF_INIT;
     uint64_t n = 0;
     tm_event ev;
     int rc, failed = 0, stopped = 0, inbatch = 0;
-    lua_createtable(L, SCAN_BATCH, 0);
-    int batch = lua_gettop(L);
-    lua_getfield(L, LUA_REGISTRYINDEX, "tm.runner");
-    int runner = lua_gettop(L);
     for (;;) {
         rc = replsrc_next(it, &ev, &e);
         if (rc == 1 && g_intr) {
@@ -253,33 +323,41 @@ static int t_scan(lua_State *L) {
             if (pg && (n & 1023) == 0) progress_update(pg, total ? ev.position - start : 0, n);
             if (!sel_match(L, &s, &ev)) continue;
             n++;
-            if (replmp_push_event(L, &ev, lazy) < 0) {
-                err_set(&e, TM_EIO, "malformed event at position %llu",
-                        (unsigned long long)ev.position);
-                rc = -1;
-                break;
-            }
-            lua_rawseti(L, batch, ++inbatch);
+            replscan_slot *x = &slots[inbatch++];
+            x->position = (double)ev.position;
+            x->version = (double)ev.version;
+            x->time = (double)ev.time_ms;
+            x->type_idx = intern_type(L, types, ev.type, ev.type_len);
+            x->stream_off = (uint32_t)arena.len;
+            x->stream_len = (uint32_t)ev.stream_len;
+            buf_append(&arena, ev.stream, ev.stream_len);
+            x->data_off = (uint32_t)arena.len;
+            x->data_len = (uint32_t)ev.data_len;
+            buf_append(&arena, ev.data, ev.data_len);
             if (inbatch < SCAN_BATCH) continue;
         }
-        if (inbatch) { /* run the batch: one call, a JIT-compiled loop in Lua */
+        if (inbatch) { /* run the batch */
             lua_pushvalue(L, runner);
-            lua_pushvalue(L, batch);
+            lua_pushlightuserdata(L, slots);
+            lua_pushlightuserdata(L, arena.ptr);
             lua_pushinteger(L, inbatch);
             lua_pushvalue(L, 2);
-            if (lua_pcall(L, 3, 1, msgh)) {
+            if (lua_pcall(L, 4, 1, msgh)) {
                 failed = 1;
                 break;
             }
             stopped = lua_toboolean(L, -1);
             lua_pop(L, 1);
             inbatch = 0;
+            buf_reset(&arena);
             if (stopped) break;
         }
         if (rc != 1) break;
     }
     progress_end(pg);
     replsrc_iter_free(it);
+    free(slots);
+    buf_free(&arena);
     if (failed == 1) return lua_error(L);
     if (failed == 2 || (rc < 0 && g_intr)) return raise_interrupted(L);
     if (rc < 0) return raise_err(L, r, &e);
@@ -886,6 +964,9 @@ static int open_state(lua_State *L) {
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.event_mt");
     lua_getfield(L, tidx, "runner");
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.runner");
+    lua_getfield(L, tidx, "types");
+    intern_publish(L, lua_gettop(L));
+    lua_setfield(L, LUA_REGISTRYINDEX, "tm.types");
     strip_sandbox(L);
     return 0;
 }

@@ -1017,7 +1017,9 @@ static int incomplete(lua_State *L) {
 
 static void print_error(repl *r, const char *msg) {
     fflush(stdout);
-    fprintf(stderr, "error: %s\n", msg ? msg : "(no message)");
+    fprintf(stderr, "error: %s%s\n", msg ? msg : "(no message)",
+            /* LuaJIT's answer when a stack overflow leaves no room for the handler */
+            msg && !strcmp(msg, "error in error handling") ? " (stack overflow?)" : "");
     fflush(stderr);
     (void)r;
 }

@@ -125,7 +125,7 @@ def test_errors_exit_status(data, tmp_path):
     assert run("-e", "os.time() > 0", data=data, check=0).stdout == "true\n"
     # nothing typed can crash it: stack overflow, memory cap, bytecode
     p = run("-e", "function f() return 1 + f() end f()", data=data)
-    assert p.returncode == 1 and "stack overflow" in p.stderr
+    assert p.returncode == 1 and "stack overflow" in p.stderr  # or "(stack overflow?)"
     p = run("-e", "string.rep('x', 2^31 - 1)", data=data)
     assert p.returncode == 1 and "not enough memory" in p.stderr
     p = run("-e", "loadstring('\\27LJ')", data=data, check=0)

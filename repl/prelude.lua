@@ -258,13 +258,42 @@ decode = function(p, i)
   error("malformed msgpack in event data")
 end
 
--- Events carry id and metadata lazily: the first access reads them back
--- by position; category is derived from the stream.
+-- Events carry stream, id and metadata lazily.  While its batch is being
+-- run, an event's stream is read from the batch (a binary search on
+-- position among the batch's slots: positions are ordered in a scan);
+-- afterwards, and for id and metadata, the event is read back by position
+-- (T.extra).  category is derived from the stream.
+local cur_s, cur_a, cur_n = nil, nil, 0
+
+local function batch_stream(pos)
+  if cur_n == 0 then return nil end
+  local s = cur_s
+  local lo, hi = 0, cur_n - 1
+  local asc = s[0].position <= s[hi].position
+  while lo <= hi do
+    local mid = floor((lo + hi) / 2)
+    local p = s[mid].position
+    if p == pos then return fstr(cur_a + s[mid].stream_off, s[mid].stream_len) end
+    if (p < pos) == asc then lo = mid + 1 else hi = mid - 1 end
+  end
+  return nil
+end
+
 local EV_MT = {
   __index = function(e, k)
+    if k == "stream" then
+      local pos = rawget(e, "position")
+      local v = batch_stream(pos)
+      if v == nil then
+        local _, _, st = T.extra(pos)
+        v = st
+      end
+      rawset(e, "stream", v)
+      return v
+    end
     if k == "category" then return (e.stream:match("^[^-]*")) end
     if k == "id" or k == "metadata" then
-      local id, meta = T.extra(e.position)
+      local id, meta = T.extra(rawget(e, "position"))
       rawset(e, "id", id)
       rawset(e, "metadata", meta or {})
       return rawget(e, k)
@@ -276,17 +305,23 @@ T.event_mt = EV_MT
 
 function T.runner(sp, ap, n, h)
   local s, a = fcast(slotp, sp), fcast(u8p, ap)
+  cur_s, cur_a, cur_n = s, a, n
   for j = 0, n - 1 do
     if intr[0] ~= 0 then error("interrupted", 0) end
     local x = s[j]
     local data
     if x.data_len > 0 then data = decode(a, x.data_off) end
-    local e = setmetatable({ type = types[x.type_idx], stream = fstr(a + x.stream_off, x.stream_len),
-      position = x.position, version = x.version, time = x.time, data = data }, EV_MT)
-    if h(e) == STOP then return true end
+    local e = setmetatable({ type = types[x.type_idx], position = x.position,
+      version = x.version, time = x.time, data = data }, EV_MT)
+    if h(e) == STOP then cur_n = 0; return true end
   end
+  cur_n = 0
   return false
 end
+
+-- Called by C after every batch, also when it ended in an error: the
+-- batch's memory is reused, so no event may read from it any more.
+function T.batch_done() cur_s, cur_a, cur_n = nil, nil, 0 end
 
 ------------------------------------------------------------------ printing
 

@@ -342,7 +342,10 @@ static int t_scan(lua_State *L) {
             lua_pushlightuserdata(L, arena.ptr);
             lua_pushinteger(L, inbatch);
             lua_pushvalue(L, 2);
-            if (lua_pcall(L, 4, 1, msgh)) {
+            int st = lua_pcall(L, 4, 1, msgh);
+            lua_getfield(L, LUA_REGISTRYINDEX, "tm.batch_done");
+            lua_call(L, 0, 0);
+            if (st) {
                 failed = 1;
                 break;
             }
@@ -393,8 +396,8 @@ static int t_read(lua_State *L) {
     return 1;
 }
 
-/* T.extra(position) -> id, metadata of the event at that position (the
- * lazy fields of scanned events). */
+/* T.extra(position) -> id, metadata, stream of the event at that position
+ * (the lazy fields of scanned events). */
 static int t_extra(lua_State *L) {
     repl *r = session(L);
     lua_Number pos = luaL_checknumber(L, 1);
@@ -419,8 +422,9 @@ static int t_extra(lua_State *L) {
     const char *p = ev.meta;
     if (ev.meta_len == 0) lua_newtable(L);
     else if (replmp_push(L, &p, ev.meta + ev.meta_len) < 0) lua_newtable(L);
+    lua_pushlstring(L, ev.stream, ev.stream_len);
     replsrc_iter_free(it);
-    return 2;
+    return 3;
 }
 
 static int t_last_position(lua_State *L) {
@@ -964,6 +968,8 @@ static int open_state(lua_State *L) {
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.event_mt");
     lua_getfield(L, tidx, "runner");
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.runner");
+    lua_getfield(L, tidx, "batch_done");
+    lua_setfield(L, LUA_REGISTRYINDEX, "tm.batch_done");
     lua_getfield(L, tidx, "types");
     intern_publish(L, lua_gettop(L));
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.types");

@@ -42,6 +42,8 @@ def gen_events(n, seed=7):
         }
         if rnd.random() < 0.05:
             del ev["data"]["amount"]
+        if i % 7 == 0:
+            ev["metadata"] = {"correlation_id": "k%d" % i}
         evs.append(ev)
     return evs
 
@@ -176,6 +178,23 @@ def test_where_sum_avg_min_max(data):
     assert rj(data, 'from{}:avg("data.amount")') == pytest.approx(
         sum(e["data"]["amount"] for e in EVENTS if "amount" in e["data"]) /
         sum(1 for e in EVENTS if "amount" in e["data"]))
+
+
+def test_lazy_event_fields(data):
+    # stream, id, metadata, category: inside the scan and on events kept
+    # after their batch (read back by position)
+    got = rj(data, 'local keep = {} from{}:each(function(e) keep[#keep + 1] = e end) '
+                   'local out = {} for _, i in ipairs({1, 300, 2999}) do local e = keep[i] '
+                   'out[#out + 1] = {e.position, e.stream, e.category, e.metadata.correlation_id or false, #e.id} end '
+                   'return out')
+    for row, i in zip(got, (1, 300, 2999)):
+        e = EVENTS[i - 1]
+        assert row == [i, e["stream"], category(e["stream"]), e.get("metadata", {}).get("correlation_id", False), 36]
+    got = rj(data, 'from{}:where(function(e) return e.metadata.correlation_id ~= nil end):group_by("category"):count()')
+    want = Counter(category(e["stream"]) for e in EVENTS if "metadata" in e)
+    assert {r["category"]: r["count"] for r in got} == dict(want)
+    got = rj(data, 'from{}:where(function(e) return e.stream == "order-7" end):count()')
+    assert got == sum(1 for e in EVENTS if e["stream"] == "order-7")
 
 
 def test_selectors(data):
@@ -498,8 +517,9 @@ def test_ctrl_c_cancels_query_not_repl(data, tmp_path):
     c.sendline("x = 7")
     c.expect(PROMPT)
     # a slow query: each event takes a while in Lua; Ctrl-C stops the scan
-    c.sendline("from{}:where(function(e) local s = 0 for i = 1, 2e7 do s = s + i end return true end):count()")
-    time.sleep(0.8)
+    c.sendline("print('querying') return from{}:where(function(e) local s = 0 for i = 1, 2e7 do s = s + i end return true end):count()")
+    c.expect("\r\nquerying")
+    time.sleep(0.5)
     t0 = time.time()
     c.sendintr()
     c.expect("interrupted")
@@ -516,7 +536,8 @@ def test_ctrl_c_cancels_query_not_repl(data, tmp_path):
     c.expect("\r\n2\r\n")
     c.expect(PROMPT)
     # a JIT-compiled loop ignores hooks: a second Ctrl-C resets the state
-    c.sendline("while true do end")
+    c.sendline("print('spinning') while true do end")
+    c.expect("\r\nspinning")
     time.sleep(0.5)
     c.sendintr()
     time.sleep(0.3)

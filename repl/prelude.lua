@@ -301,7 +301,6 @@ local EV_MT = {
     return nil
   end,
 }
-T.event_mt = EV_MT
 
 function T.runner(sp, ap, n, h)
   local s, a = fcast(slotp, sp), fcast(u8p, ap)

@@ -6,8 +6,9 @@
  *     jit, string.dump, dofile/loadfile, and load/loadstring of text only;
  *     memory is capped by the allocator (REPL_MEM_LIMIT);
  *   - the built-in C functions the prelude (prelude.lua, compiled in) uses:
- *     scans over the event source feeding a Lua handler, reads, listing,
- *     tail, JSON encoding, output;
+ *     scans over the event source (batches of slots + an arena that the
+ *     prelude decodes through the FFI, which only the prelude can reach),
+ *     reads, listing, append, tail, JSON encoding, output;
  *   - evaluation with the lua.c rules (expression first, "<eof>" means
  *     incomplete), tracebacks, and Ctrl-C.
  *
@@ -285,7 +286,7 @@ static void intern_publish(lua_State *L, int types_idx) {
  * stream and data bytes into an arena and fills a slot; the prelude's
  * runner (a Lua loop the JIT compiles, with the msgpack decoder and the
  * handler inlined) builds the event tables and calls the handler, so C
- * and Lua trade places once per batch.  id and metadata are lazy (T.extra).
+ * and Lua trade places once per batch.  stream, id and metadata are lazy.
  * A handler returning T.STOP ends the scan early. */
 static int t_scan(lua_State *L) {
     repl *r = session(L);
@@ -383,7 +384,7 @@ static int t_read(lua_State *L) {
     while ((rc = replsrc_next(it, &ev, &e)) == 1) {
         if (g_intr) break;
         if (!sel_match(L, &s, &ev)) continue;
-        if (replmp_push_event(L, &ev, 0) < 0) {
+        if (replmp_push_event(L, &ev) < 0) {
             err_set(&e, TM_EIO, "malformed event at position %llu", (unsigned long long)ev.position);
             rc = -1;
             break;
@@ -964,8 +965,6 @@ static int open_state(lua_State *L) {
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.dot");
     lua_getfield(L, tidx, "complete");
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.complete");
-    lua_getfield(L, tidx, "event_mt");
-    lua_setfield(L, LUA_REGISTRYINDEX, "tm.event_mt");
     lua_getfield(L, tidx, "runner");
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.runner");
     lua_getfield(L, tidx, "batch_done");

@@ -1,7 +1,8 @@
 /* replmp.c — msgpack <-> Lua for the REPL (see replmp.h).
  *
- * Owns the hot decode of the query loop: one pass over validated bytes
- * with mp_next, building tables with their sizes preallocated.  Recursion
+ * Owns decoding for read(), tail, JSON replies and projection values: one
+ * pass over validated bytes with mp_next, tables preallocated; and the
+ * encoding of Lua values for append() and JSON output.  Recursion
  * depth is bounded (64, the store's own limit) so hostile nesting cannot
  * exhaust the C stack.
  */
@@ -59,14 +60,12 @@ int replmp_push(lua_State *L, const char **p, const char *end) {
 #define SETS(k, s, n) (lua_pushlstring(L, (s), (n)), lua_setfield(L, -2, k))
 #define SETN(k, v) (lua_pushnumber(L, (lua_Number)(v)), lua_setfield(L, -2, k))
 
-int replmp_push_event(lua_State *L, const tm_event *ev, int lazy) {
+int replmp_push_event(lua_State *L, const tm_event *ev) {
     char id[37];
     luaL_checkstack(L, MAXDEPTH * 2 + 8, "msgpack value too deep");
-    lua_createtable(L, 0, lazy ? 6 : 8);
-    if (!lazy) {
-        event_id_format(ev->id, id);
-        SETS("id", id, 36);
-    }
+    lua_createtable(L, 0, 8);
+    event_id_format(ev->id, id);
+    SETS("id", id, 36);
     SETS("stream", ev->stream, ev->stream_len);
     SETS("type", ev->type, ev->type_len);
     SETN("time", ev->time_ms);
@@ -79,11 +78,6 @@ int replmp_push_event(lua_State *L, const tm_event *ev, int lazy) {
         lua_pushnil(L);
     }
     lua_setfield(L, -2, "data");
-    if (lazy) {
-        lua_getfield(L, LUA_REGISTRYINDEX, "tm.event_mt");
-        lua_setmetatable(L, -2);
-        return 0;
-    }
     p = ev->meta;
     if (ev->meta_len) {
         if (push_value(L, &p, ev->meta + ev->meta_len, 0) < 0) return lua_pop(L, 1), -1;

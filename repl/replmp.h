@@ -1,7 +1,6 @@
 /* replmp.h — msgpack values and events as Lua values, for the REPL.
  *
- * The REPL's query loop decodes every event it scans into a fresh Lua
- * table (the same shape projections see):
+ * read() returns events as Lua tables of the shape projections see:
  *   { id = "uuid", stream = "...", type = "...", data = <value>,
  *     metadata = <table>, time = ms, position = N, version = N }
  * Maps become tables (string or number keys; nil values are dropped),
@@ -21,10 +20,9 @@
 /* Push the msgpack value at [p, end) and advance *p; -1 (nothing pushed)
  * on malformed bytes or nesting deeper than 64. */
 int replmp_push(lua_State *L, const char **p, const char *end);
-/* Push the event as a table (see above); -1 on malformed data.  lazy:
- * leave out id and metadata and give the table the metatable stored in
- * the registry under "tm.event_mt" (which fetches them on first use). */
-int replmp_push_event(lua_State *L, const tm_event *ev, int lazy);
+/* Push the event as a table (see above), every field set; -1 on
+ * malformed data.  (Scans build their lazier tables in the prelude.) */
+int replmp_push_event(lua_State *L, const tm_event *ev);
 /* Append the value at idx as msgpack (tables with 1..n keys are arrays,
  * other tables maps; functions and userdata are errors).  0 / -1. */
 int replmp_from_lua(lua_State *L, int idx, buf *out);

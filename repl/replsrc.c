@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "json.h"
+#include "repl.h"
 #include "replhttp.h"
 
 #define PAGE 1000
@@ -38,7 +39,6 @@ struct replsrc_iter {
     int last_page;
 };
 
-extern int repl_cancel_requested(void);
 
 replsrc *replsrc_open_local(const char *dir, tm_err *err) {
     store_opts o;

@@ -2,9 +2,9 @@
 -- event reads, projections, dot commands and completion.
 --
 -- Compiled into the binary (Makefile: build/gen/repl_prelude.h) and run
--- once per Lua state with T, the table of C built-ins (repllua.c), before
--- the sandbox strips io/os/package/debug/ffi: anything this file needs
--- from those is captured in locals here.  Returns show(...), the printer
+-- once per Lua state (the sandbox of sandbox.h) with T, the table of C
+-- built-ins (repllua.c), the ffi module and table.new; none of the three is
+-- reachable from user code (they live in this chunk's locals).  Returns show(...), the printer
 -- of evaluation results; T.dot and T.complete are set for the C side.
 --
 -- Queries run as transient projections over history: one scan (T.scan, C)
@@ -13,7 +13,7 @@
 -- Per-group state lives in a flat table keyed by the group key (or a
 -- composite string key for several keys); nothing per event is kept.
 
-local T = ...
+local T, ffi, tnew = ...
 local type, pairs, ipairs, tostring, tonumber, select = type, pairs, ipairs, tostring, tonumber, select
 local setmetatable, getmetatable, rawget, error, pcall = setmetatable, getmetatable, rawget, error, pcall
 local fmt, concat, sort, insert, floor, huge = string.format, table.concat, table.sort, table.insert, math.floor, math.huge
@@ -157,8 +157,7 @@ local function event_list(list) return setmetatable(list, EV) end
 -- ends the scan.
 local STOP = setmetatable({}, { __tostring = function() return "stop" end })
 T.STOP = STOP
-local ffi = require("ffi")
-local bit = require("bit")
+local bit = bit
 ffi.cdef [[
 typedef struct replscan_slot {
     double position, version, time;
@@ -170,8 +169,7 @@ local slotp = ffi.typeof("const replscan_slot *")
 local u8p = ffi.typeof("const uint8_t *")
 local fstr, fcast = ffi.string, ffi.cast
 local conv = ffi.new("union { double d; float f; uint32_t w[2]; }")
-local ok_tnew, tnew = pcall(require, "table.new")
-if not ok_tnew then tnew = function() return {} end end
+tnew = tnew or function() return {} end
 local types = {}
 T.types = types
 

@@ -16,10 +16,13 @@
 #include <lua.h>
 
 #include "replsrc.h"
+#include "sandbox.h"
 
 typedef struct repl {
     replsrc *src;       /* where events come from (never NULL while running) */
     lua_State *L;       /* the session's Lua state (replaced after a hard abort) */
+    sandbox *sb;        /* owns L */
+    double cpu_limit;   /* CPU seconds per command, 0 = none */
     int interactive;    /* reading lines from a terminal with a prompt */
     int progress;       /* draw progress bars on stderr (stderr is a terminal) */
     int fail_code;      /* exit status of the last failure (1 = Lua error) */

@@ -1,10 +1,11 @@
 /* repllua.c — the REPL's Lua state (see repl.h).
  *
  * Owns:
- *   - the sandbox: LuaJIT with base, string, table, math, bit and a
- *     read-only os subset (time, clock, date); no io, package, debug, ffi,
- *     jit, string.dump, dofile/loadfile, and load/loadstring of text only;
- *     memory is capped by the allocator (REPL_MEM_LIMIT);
+ *   - the session's sandbox (sandbox.h, the projections' sandbox: no io,
+ *     package, debug, ffi, jit, string.dump, text-only loadstring, capped
+ *     memory, a CPU watchdog) plus a read-only os subset (time, clock,
+ *     date) and tm (sketches); memory cap REPL_MEM_LIMIT, CPU limit per
+ *     command from --cpu-limit;
  *   - the built-in C functions the prelude (prelude.lua, compiled in) uses:
  *     scans over the event source (batches of slots + an arena that the
  *     prelude decodes through the FFI, which only the prelude can reach),
@@ -24,6 +25,7 @@
 #include <lauxlib.h>
 #include <lualib.h>
 #include <errno.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdio.h>
@@ -33,20 +35,18 @@
 #include <unistd.h>
 
 #include "json.h"
+#include "lsketch.h"
 #include "progress.h"
 #include "repl.h"
 #include "replhttp.h"
 #include "replmp.h"
 #include "replproj.h"
 
-/* Weak: the REPL works (with exact fallbacks) without the sketch library. */
-extern int luaopen_tidemark_sketch(lua_State *L) __attribute__((weak));
-
 static const char prelude_src[] =
 #include "repl_prelude.h"
     ;
 
-#define REPL_MEM_LIMIT ((size_t)2 << 30)
+#define REPL_MEM_LIMIT ((size_t)2 << 30) /* generous: the user owns the data */
 
 /* ------------------------------------------------------------ interrupts */
 
@@ -74,8 +74,15 @@ static void intr_hook(lua_State *L, lua_Debug *ar) {
     lua_error(L);
 }
 
+static pthread_t g_main_thread;
+
 static void on_sigint(int sig) {
     (void)sig;
+    if (!pthread_equal(pthread_self(), g_main_thread)) {
+        /* a helper thread (LevelDB's, started later) took it: pass it on */
+        pthread_kill(g_main_thread, SIGINT);
+        return;
+    }
     double now = mono();
     if (g_running && g_intr && g_can_jump && now - g_first_intr < 2.0) {
         g_can_jump = 0;
@@ -97,26 +104,6 @@ static void install_sigint(void) {
 }
 
 /* --------------------------------------------------------- the allocator */
-
-/* LuaJIT's own allocator (much faster than malloc for the many small
- * objects a scan makes), wrapped to count and cap. */
-typedef struct memcap {
-    size_t used, limit;
-    lua_Alloc inner;
-    void *inner_ud;
-} memcap;
-
-static void *cap_alloc(void *ud, void *p, size_t osize, size_t nsize) {
-    memcap *m = ud;
-    if (nsize == 0) {
-        m->used -= p ? osize : 0;
-        return m->inner(m->inner_ud, p, osize, 0);
-    }
-    if (nsize > osize && m->used - (p ? osize : 0) + nsize > m->limit) return NULL;
-    void *q = m->inner(m->inner_ud, p, osize, nsize);
-    if (q) m->used = m->used - (p ? osize : 0) + nsize;
-    return q;
-}
 
 /* ------------------------------------------------------------ C builtins */
 
@@ -880,60 +867,11 @@ static int traceback(lua_State *L) {
     return 1;
 }
 
-static int load_text(lua_State *L) {
-    /* load(text_or_function [, name]) — text chunks only (no bytecode). */
-    size_t n;
-    const char *name = luaL_optstring(L, 2, "=(load)");
-    const char *s;
-    if (lua_isfunction(L, 1)) {
-        buf acc = BUF_INIT;
-        for (;;) {
-            lua_pushvalue(L, 1);
-            lua_call(L, 0, 1);
-            if (lua_isnil(L, -1)) break;
-            s = luaL_checklstring(L, -1, &n);
-            if (n == 0) break;
-            buf_append(&acc, s, n);
-            lua_pop(L, 1);
-        }
-        lua_pushlstring(L, acc.ptr ? acc.ptr : "", acc.len);
-        buf_free(&acc);
-        lua_replace(L, 1);
-    }
-    s = luaL_checklstring(L, 1, &n);
-    if (n && s[0] == '\033') {
-        lua_pushnil(L);
-        lua_pushstring(L, "loading bytecode is not allowed");
-        return 2;
-    }
-    if (luaL_loadbuffer(L, s, n, name)) {
-        lua_pushnil(L);
-        lua_insert(L, -2);
-        return 2;
-    }
-    /* the chunk shares the caller's globals */
-    lua_pushvalue(L, LUA_GLOBALSINDEX);
-    lua_setfenv(L, -2);
-    return 1;
-}
-
-static void strip_sandbox(lua_State *L) {
-    static const char *const gone[] = {"io", "package", "debug", "ffi", "jit", "require",
-                                       "module", "dofile", "loadfile", "newproxy", NULL};
-    for (int i = 0; gone[i]; i++) {
-        lua_pushnil(L);
-        lua_setglobal(L, gone[i]);
-    }
-    /* `load` is the REPL's load(file) of a projection (prelude);
-     * loadstring compiles text chunks (never bytecode) */
-    lua_pushcfunction(L, load_text);
-    lua_setglobal(L, "loadstring");
-    lua_getglobal(L, "string");
-    lua_pushnil(L);
-    lua_setfield(L, -2, "dump");
-    lua_pop(L, 1);
-    /* os: only what cannot touch the system */
-    lua_getglobal(L, "os");
+/* The sandbox (sandbox.h) has no os; the REPL adds the parts that cannot
+ * touch the system: time, clock, date, difftime. */
+static void add_os_subset(lua_State *L) {
+    lua_pushcfunction(L, luaopen_os);
+    lua_call(L, 0, 1);
     lua_createtable(L, 0, 4);
     static const char *const keep[] = {"time", "clock", "date", "difftime", NULL};
     for (int i = 0; keep[i]; i++) {
@@ -946,12 +884,10 @@ static void strip_sandbox(lua_State *L) {
 
 static int open_state(lua_State *L) {
     repl *r = lua_touserdata(L, 1);
-    luaL_openlibs(L);
-    if (luaopen_tidemark_sketch) { /* the sketch library, when linked in */
-        lua_pushcfunction(L, luaopen_tidemark_sketch);
-        lua_call(L, 0, 1);
-        lua_setglobal(L, "tm");
-    }
+    add_os_subset(L);
+    lua_pushcfunction(L, luaopen_tidemark_sketch);
+    lua_call(L, 0, 1);
+    lua_setglobal(L, "tm");
     lua_newtable(L); /* T */
     lua_pushlightuserdata(L, r);
     luaL_openlib(L, NULL, t_funcs, 1);
@@ -959,7 +895,14 @@ static int open_state(lua_State *L) {
     int tidx = lua_gettop(L);
     if (luaL_loadbuffer(L, prelude_src, sizeof prelude_src - 1, "=tidemark")) return lua_error(L);
     lua_pushvalue(L, tidx);
-    lua_call(L, 1, 1); /* the prelude returns its show(...) function */
+    sandbox_push_ffi(r->sb); /* for the prelude only; never a global */
+    /* table.new (preloaded by LuaJIT's table library): sized tables */
+    lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
+    lua_getfield(L, -1, "table.new");
+    lua_remove(L, -2);
+    if (lua_isfunction(L, -1)) lua_call(L, 0, 1);
+    else lua_pop(L, 1), lua_pushnil(L);
+    lua_call(L, 3, 1); /* the prelude returns its show(...) function */
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.show");
     lua_getfield(L, tidx, "dot");
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.dot");
@@ -972,27 +915,62 @@ static int open_state(lua_State *L) {
     lua_getfield(L, tidx, "types");
     intern_publish(L, lua_gettop(L));
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.types");
-    strip_sandbox(L);
     return 0;
 }
 
+static void print_line(void *ud, const char *line, size_t len) {
+    (void)ud;
+    fwrite(line, 1, len, stdout);
+    fputc('\n', stdout);
+}
+
+/* The CPU limit's hard stage (a JIT-compiled loop ran past the limit and
+ * the grace period), on the watchdog thread: it may not touch the Lua
+ * state, so it does what a user would: Ctrl-C twice, which makes the main
+ * thread abandon the state (see on_sigint). */
+static volatile sig_atomic_t g_cpu_abort;
+
+static void on_hard_limit(void *ud, double limit) {
+    (void)ud;
+    (void)limit;
+    g_cpu_abort = 1;
+    pthread_kill(g_main_thread, SIGINT);
+    struct timespec ts = {0, 100 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    pthread_kill(g_main_thread, SIGINT);
+}
+
 int repllua_open(repl *r) {
-    lua_State *L = luaL_newstate();
-    if (!L) {
-        fprintf(stderr, "tidemark repl: cannot create a Lua state\n");
+    sandbox_opts o;
+    memset(&o, 0, sizeof o);
+    o.memory_limit = REPL_MEM_LIMIT;
+    o.cpu_limit = r->cpu_limit;
+    o.on_hard_limit = on_hard_limit;
+    o.ud = r;
+    o.print = print_line;
+    tm_err e;
+    err_clear(&e);
+    g_main_thread = pthread_self();
+    /* SIGINT must reach this thread only: the sandbox's watchdog thread
+     * inherits the mask it is created with */
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &block, &old);
+    sandbox *sb = sandbox_new(&o, &e);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!sb) {
+        fprintf(stderr, "tidemark repl: cannot create a Lua state: %s\n", e.msg);
         return -1;
     }
-    memcap *m = calloc(1, sizeof *m); /* lives as long as the state (never
-                                         freed after a hard abort) */
-    m->inner = lua_getallocf(L, &m->inner_ud);
-    m->limit = REPL_MEM_LIMIT;
-    m->used = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024;
-    lua_setallocf(L, cap_alloc, m);
+    r->sb = sb;
+    lua_State *L = sandbox_lua(sb);
     lua_pushcfunction(L, open_state);
     lua_pushlightuserdata(L, r);
     if (lua_pcall(L, 1, 0, 0)) {
         fprintf(stderr, "tidemark repl: prelude: %s\n", lua_tostring(L, -1));
-        lua_close(L);
+        sandbox_free(sb);
+        r->sb = NULL;
         return -1;
     }
     r->L = L;
@@ -1001,12 +979,8 @@ int repllua_open(repl *r) {
 }
 
 void repllua_close(repl *r) {
-    if (r->L) {
-        void *m;
-        lua_getallocf(r->L, &m);
-        lua_close(r->L);
-        free(m);
-    }
+    if (r->sb) sandbox_free(r->sb);
+    r->sb = NULL;
     r->L = NULL;
 }
 
@@ -1043,10 +1017,18 @@ static int protected_call(repl *r, int nargs, int nres) {
         g_can_jump = 0;
         g_intr = 0;
         fflush(stdout);
-        fprintf(stderr,
-                "\naborted: the code did not respond to Ctrl-C (a JIT-compiled loop?); "
-                "the Lua state was reset, globals are lost\n");
-        r->L = NULL; /* abandoned, not closed: it may be inconsistent */
+        if (g_cpu_abort)
+            fprintf(stderr, "\naborted: CPU limit exceeded (%gs) in a JIT-compiled loop; "
+                            "the Lua state was reset, globals are lost\n", r->cpu_limit);
+        else
+            fprintf(stderr,
+                    "\naborted: the code did not respond to Ctrl-C (a JIT-compiled loop?); "
+                    "the Lua state was reset, globals are lost\n");
+        g_cpu_abort = 0;
+        /* abandoned, not closed: it may be inconsistent (its watchdog
+         * thread stays idle) */
+        r->L = NULL;
+        r->sb = NULL;
         if (repllua_open(r) < 0) exit(4);
         r->fail_code = 1;
         return -2;
@@ -1055,7 +1037,9 @@ static int protected_call(repl *r, int nargs, int nres) {
     g_running = 1;
     if (g_intr) /* Ctrl-C arrived while compiling: honour it now */
         lua_sethook(L, intr_hook, LUA_MASKCOUNT, 1);
+    sandbox_enter(r->sb);
     int st = lua_pcall(L, nargs, nres, base);
+    sandbox_leave(r->sb);
     g_running = 0;
     g_can_jump = 0;
     lua_sethook(L, NULL, 0, 0);

@@ -131,7 +131,10 @@ def test_errors_exit_status(data, tmp_path):
     p = run("-e", "string.rep('x', 2^31 - 1)", data=data)
     assert p.returncode == 1 and "not enough memory" in p.stderr
     p = run("-e", "loadstring('\\27LJ')", data=data, check=0)
-    assert "bytecode" in p.stdout
+    assert "binary chunk" in p.stdout
+    # the CPU limit: a JIT-compiled loop is abandoned with its Lua state
+    p = run("--cpu-limit", "0.5", "-e", "local x = 0 while true do x = x + 1 end", data=data)
+    assert p.returncode == 1 and "CPU limit exceeded" in p.stderr
 
 
 def test_f_file_and_stdin(data, tmp_path):

@@ -9,6 +9,10 @@
  * prompt; Ctrl-D on an empty prompt quits.
  */
 #include <editline/readline.h>
+#include <errno.h>
+#include <locale.h>
+#include <poll.h>
+#include <unistd.h>
 #include <sys/types.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,6 +69,40 @@ static const char *history_path(buf *b) {
     if (!home || !*home) return NULL;
     buf_printf(b, "%s/.tidemark_history", home);
     return b->ptr;
+}
+
+/* One byte of stdin, waiting in poll() so that a Ctrl-C (the SIGINT
+ * handler's flag) ends the wait even when the signal did not interrupt
+ * read() (it may arrive just before libedit starts reading). */
+static int read_byte(int fd) {
+    for (;;) {
+        if (repl_cancel_requested()) return -1;
+        struct pollfd p = {fd, POLLIN, 0};
+        int r = poll(&p, 1, 100);
+        if (r < 0 && errno != EINTR) return -1;
+        if (r <= 0) continue;
+        unsigned char c;
+        ssize_t n = read(fd, &c, 1);
+        if (n == 1) return c;
+        if (n == 0 || errno != EINTR) return -1;
+    }
+}
+
+/* libedit's character source (rl_getc_function): a whole UTF-8 character
+ * as a code point (libedit takes the int as a wchar_t); -1 = EOF, also on
+ * Ctrl-C, after which readline() returns and the flag is checked. */
+static int getc_utf8(FILE *f) {
+    int fd = fileno(f);
+    int c = read_byte(fd);
+    if (c < 0x80 || MB_CUR_MAX == 1) return c; /* ASCII, -1, or a byte locale */
+    int more = c >= 0xf0 ? 3 : c >= 0xe0 ? 2 : c >= 0xc0 ? 1 : 0;
+    int cp = c & (0x3f >> more);
+    for (int i = 0; i < more; i++) {
+        int d = read_byte(fd);
+        if (d < 0) return -1;
+        cp = (cp << 6) | (d & 0x3f);
+    }
+    return cp;
 }
 
 static int is_dot(const char *line) {
@@ -124,6 +162,8 @@ int replline_run(repl *r) {
     rl_attempted_completion_function = complete;
     rl_completion_append_character = 0;
     rl_basic_word_break_characters = " \t\n()[]{},;=+-*/<>~^%#&|";
+    setlocale(LC_CTYPE, ""); /* libedit edits UTF-8 in a UTF-8 locale */
+    rl_getc_function = getc_utf8;
     rl_initialize();
     /* libedit's readline emulation leaves ^R unbound: bind incremental
      * reverse search (like GNU readline) */
@@ -136,6 +176,10 @@ int replline_run(repl *r) {
     buf chunk = BUF_INIT;
     for (;;) {
         char *line = readline(chunk.len ? CONT : PROMPT);
+        if (line && repl_cancel_requested()) { /* Ctrl-C ended a partial line */
+            free(line);
+            line = NULL;
+        }
         if (!line) {
             if (repl_cancel_requested()) { /* Ctrl-C at the prompt */
                 repl_cancel_clear();

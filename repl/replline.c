@@ -6,10 +6,12 @@
  *
  * Invariants: a chunk spanning several lines is one history entry; a
  * Ctrl-C at the prompt discards the pending input and shows a fresh
- * prompt; Ctrl-D on an empty prompt quits.
+ * prompt (libedit reads through getc_utf8, which polls the Ctrl-C flag;
+ * libedit's own signal handling is off); Ctrl-D on an empty prompt quits.
  */
 #include <editline/readline.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <locale.h>
 #include <poll.h>
 #include <unistd.h>
@@ -71,20 +73,27 @@ static const char *history_path(buf *b) {
     return b->ptr;
 }
 
+/* A second, non-blocking open file description of the terminal (so the
+ * shell's stays as it was): a read after poll() must not block, and it
+ * would when a Ctrl-C flushes the terminal's input between the two. */
+static int g_nbfd = -1;
+
 /* One byte of stdin, waiting in poll() so that a Ctrl-C (the SIGINT
  * handler's flag) ends the wait even when the signal did not interrupt
- * read() (it may arrive just before libedit starts reading). */
+ * a system call (it may arrive between two). */
 static int read_byte(int fd) {
+    int rfd = g_nbfd >= 0 ? g_nbfd : fd;
     for (;;) {
         if (repl_cancel_requested()) return -1;
-        struct pollfd p = {fd, POLLIN, 0};
+        struct pollfd p = {rfd, POLLIN, 0};
         int r = poll(&p, 1, 100);
         if (r < 0 && errno != EINTR) return -1;
         if (r <= 0) continue;
         unsigned char c;
-        ssize_t n = read(fd, &c, 1);
+        ssize_t n = read(rfd, &c, 1);
         if (n == 1) return c;
-        if (n == 0 || errno != EINTR) return -1;
+        if (n == 0) return -1;
+        if (errno != EINTR && errno != EAGAIN) return -1;
     }
 }
 
@@ -164,6 +173,12 @@ int replline_run(repl *r) {
     rl_basic_word_break_characters = " \t\n()[]{},;=+-*/<>~^%#&|";
     setlocale(LC_CTYPE, ""); /* libedit edits UTF-8 in a UTF-8 locale */
     rl_getc_function = getc_utf8;
+    /* libedit's own SIGINT handler would put the terminal back in cooked
+     * mode under a pending read (which then blocks for a whole line); the
+     * REPL's handler only sets a flag that getc_utf8 polls. */
+    rl_catch_signals = 0;
+    const char *tty = ttyname(0);
+    if (tty) g_nbfd = open(tty, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
     rl_initialize();
     /* libedit's readline emulation leaves ^R unbound: bind incremental
      * reverse search (like GNU readline) */
@@ -216,5 +231,7 @@ int replline_run(repl *r) {
     buf_free(&chunk);
     buf_free(&hp);
     free_cands();
+    if (g_nbfd >= 0) close(g_nbfd);
+    g_nbfd = -1;
     return 0;
 }

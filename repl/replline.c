@@ -6,8 +6,8 @@
  *
  * Invariants: a chunk spanning several lines is one history entry; a
  * Ctrl-C at the prompt discards the pending input and shows a fresh
- * prompt (libedit reads through getc_utf8, which polls the Ctrl-C flag;
- * libedit's own signal handling is off); Ctrl-D on an empty prompt quits.
+ * prompt (libedit reads through getc_utf8, which polls the Ctrl-C flag
+ * and never blocks in read); Ctrl-D on an empty prompt quits.
  */
 #include <editline/readline.h>
 #include <errno.h>
@@ -173,10 +173,10 @@ int replline_run(repl *r) {
     rl_basic_word_break_characters = " \t\n()[]{},;=+-*/<>~^%#&|";
     setlocale(LC_CTYPE, ""); /* libedit edits UTF-8 in a UTF-8 locale */
     rl_getc_function = getc_utf8;
-    /* libedit's own SIGINT handler would put the terminal back in cooked
-     * mode under a pending read (which then blocks for a whole line); the
-     * REPL's handler only sets a flag that getc_utf8 polls. */
-    rl_catch_signals = 0;
+    /* libedit's signal handling stays on (terminal modes around Ctrl-Z,
+     * window size); its SIGINT handler restores cooked mode and re-raises
+     * to the REPL's, which sets the flag getc_utf8 polls: reads never block
+     * (g_nbfd), so the mode change cannot hold them. */
     const char *tty = ttyname(0);
     if (tty) g_nbfd = open(tty, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
     rl_initialize();

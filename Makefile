@@ -151,7 +151,7 @@ build/faults/failio.so: tests/faults/failio.c
 faults: build/faults/failio.so
 
 # e2e tests that use the shim find it next to the binary's build dir.
-test e2e: build/faults/failio.so
+test unit e2e: build/faults/failio.so
 
 corrupt-long: $(BIN)
 	TIDEMARK_BIN=$(abspath $(BIN)) TIDEMARK_CORRUPT_SEEDS=$${TIDEMARK_CORRUPT_SEEDS:-2000} \

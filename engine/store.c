@@ -479,7 +479,9 @@ store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
     char *lerr = NULL;
     s->db = leveldb_open(s->opts, dir, &lerr);
     if (lerr) {
-        if (strstr(lerr, "/LOCK") || strstr(lerr, "lock "))
+        /* LevelDB says "lock <path>: ..." when the lock is held; an I/O
+         * error opening the LOCK file is just "<path>/LOCK: ..." */
+        if (strstr(lerr, "lock "))
             err_set(err, TM_EIO, "data directory %s is in use by another process (a running server?)",
                     dir);
         else if (strstr(lerr, "does not exist"))

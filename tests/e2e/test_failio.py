@@ -79,6 +79,8 @@ def test_import_under_failed_io(tmp_path, kind, mode, err):
         copy_store(template, d)
         p = tm(*[a.replace("@DATA@", d) for a in args], env=shim_env(d, kind, n, mode, err))
         no_crash(p)
+        # nothing else holds the directory: an I/O error must not be blamed on a lock
+        assert "in use by another process" not in p.stderr, p.stderr
         acked = import_acked(p, evs)
         failures += p.returncode != 0
         ctx = "%s #%d (%s, %s): %s" % (kind, n, mode, err, p.stderr.strip()[-300:])

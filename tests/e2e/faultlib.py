@@ -23,7 +23,7 @@ def tm(*args, input=None, env=None, timeout=60):
     e = dict(BASE_ENV)
     if env:
         e.update(env)
-    return subprocess.run([BIN, *map(str, args)], input=input, capture_output=True, text=True,
+    return subprocess.run([BIN, *map(str, args)], input=input, capture_output=True, text=True, errors="backslashreplace",
                           timeout=timeout, env=e)
 
 

@@ -80,6 +80,9 @@ static void test_roundtrip_scalars(void **st) {
         assert_int_equal(json_to_mp("{\"\\udfff\":1}", 12, NULL, &mp, &e), -1);
         assert_int_equal(mp.len, 0);
         check_rt("\"\\ud83d\\ude00\"", "\"\xf0\x9f\x98\x80\""); /* a pair is fine */
+        /* raw invalid UTF-8 that yajl lets through: an overlong form */
+        assert_int_equal(json_to_mp("\"a\xc0\xa3\"", 5, NULL, &mp, &e), -1);
+        assert_non_null(strstr(e.msg, "UTF-8"));
         buf_free(&mp);
     }
     check_rt("127", "127");

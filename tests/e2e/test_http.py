@@ -409,3 +409,36 @@ def test_sigterm_with_appends_in_flight(tmp_path):
     finally:
         s2.stop()
         s2.close()
+
+
+def test_store_refusing_writes_is_503(tmp_path):
+    """A failed write (file size limit -> EFBIG) puts the store into its
+    refusing state: appends answer 503 from then on, reads keep working."""
+    import resource
+    from conftest import Server
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+
+    s = Server(str(tmp_path / "d"), log_dir=str(tmp_path), preexec_fn=limit).start()
+    try:
+        h = s.http()
+        blob = "x" * 4000
+        statuses = []
+        for i in range(200):
+            r = h.append("big-1", ev("Big", {"i": i, "blob": blob}))
+            statuses.append(r.status)
+            if r.status != 201:
+                break
+        assert statuses[0] == 201 and statuses[-1] == 503, statuses
+        assert_error(r, 503)
+        j = assert_error(h.append("big-1", ev("After")), 503)
+        assert "reopen" in j["error"] or "refus" in j["error"]
+        acked = statuses.count(201)
+        assert len(h.get("/streams/big-1?limit=1000").json()["events"]) == acked
+        assert h.get("/health").status == 200
+        assert "tidemark_store_errors_total 0" not in h.get("/metrics").body.decode()
+    finally:
+        s.stop()
+        s.close()

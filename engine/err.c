@@ -24,13 +24,15 @@ int err_set(tm_err *e, int code, const char *fmt, ...) {
 
 int err_prefix(tm_err *e, const char *fmt, ...) {
     if (!e) return -1;
-    char pre[256], old[sizeof e->msg];
+    char old[sizeof e->msg];
+    memcpy(old, e->msg, sizeof old);
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(pre, sizeof pre, fmt, ap);
+    int n = vsnprintf(e->msg, sizeof e->msg, fmt, ap);
     va_end(ap);
-    memcpy(old, e->msg, sizeof old);
-    snprintf(e->msg, sizeof e->msg, "%s: %s", pre, old);
+    if (n < 0) n = 0;
+    size_t used = (size_t)n < sizeof e->msg ? (size_t)n : sizeof e->msg - 1;
+    snprintf(e->msg + used, sizeof e->msg - used, ": %s", old);
     return -1;
 }
 

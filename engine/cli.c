@@ -1,0 +1,64 @@
+/* cli.c — helpers shared by the command-line commands (see cli.h). */
+#include "cli.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int cli_fail(const char *cmd, const tm_err *e) {
+    fprintf(stderr, "tidemark %s: %s\n", cmd, e->msg[0] ? e->msg : err_code_name(e->code));
+    return e->code ? e->code : 1;
+}
+
+int cli_usage_error(const char *cmd, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "tidemark %s: ", cmd);
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "; see 'tidemark %s --help'\n", cmd);
+    va_end(ap);
+    return TM_EINVAL;
+}
+
+int cli_parse_u64(const char *cmd, const char *opt, const char *s, uint64_t *out) {
+    char *end;
+    errno = 0;
+    if (!s || !*s || *s == '-') goto bad;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *end) goto bad;
+    *out = v;
+    return 0;
+bad:
+    cli_usage_error(cmd, "%s wants a non-negative integer, got '%s'", opt, s ? s : "");
+    return -1;
+}
+
+int cli_parse_durability(const char *cmd, const char *s, store_durability *out) {
+    if (!strcmp(s, "durable")) *out = STORE_DURABLE;
+    else if (!strcmp(s, "lose-on-os-crash")) *out = STORE_LOSE_ON_OS_CRASH;
+    else {
+        cli_usage_error(cmd, "--durability is 'durable' (default) or 'lose-on-os-crash', not '%s'",
+                        s);
+        return -1;
+    }
+    return 0;
+}
+
+store *cli_open_store(const char *cmd, const char *dir, int create, const store_opts *opts,
+                      int *status) {
+    if (!dir) {
+        *status = cli_usage_error(cmd, "--data DIR is required");
+        return NULL;
+    }
+    store_opts o;
+    if (opts) o = *opts;
+    else store_opts_default(&o);
+    o.create_if_missing = create;
+    tm_err e;
+    err_clear(&e);
+    store *s = store_open(dir, &o, &e);
+    if (!s) *status = cli_fail(cmd, &e);
+    return s;
+}

@@ -1,0 +1,43 @@
+/* cli.h — the command-line front end: one entry point per command and the
+ * helpers every command shares.
+ *
+ * Each cli_<cmd>(argc, argv) gets argv[0] = the command name, parses its
+ * own options (getopt_long; options may follow positional arguments),
+ * answers --help, and returns the process exit status of DESIGN.md:
+ * 0 success, 1 usage or bad input, 2 not found, 3 version conflict,
+ * 4 I/O or corruption.  Errors are printed once, here at the edge, as one
+ * line on stderr: "tidemark CMD: message".
+ */
+#ifndef TM_CLI_H
+#define TM_CLI_H
+
+#include <stdint.h>
+
+#include "err.h"
+#include "store.h"
+
+/* Commands (cli_store.c unless noted). */
+int cli_append(int argc, char **argv);
+int cli_read(int argc, char **argv);
+int cli_import(int argc, char **argv);
+int cli_export(int argc, char **argv);
+int cli_check(int argc, char **argv);
+int cli_project(int argc, char **argv);   /* cli_project.c */
+int cli_serve(int argc, char **argv);     /* cli_serve.c */
+int cli_repl(int argc, char **argv);      /* repl/ */
+
+/* Shared helpers (cli.c). */
+/* Print "tidemark CMD: message" for e and return its exit status. */
+int cli_fail(const char *cmd, const tm_err *e);
+/* Print a usage error ("tidemark CMD: msg; see 'tidemark CMD --help'"), return 1. */
+int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Parse a non-negative integer option; -1 with a message on bad input. */
+int cli_parse_u64(const char *cmd, const char *opt, const char *s, uint64_t *out);
+/* Parse --durability: "durable" or "lose-on-os-crash". */
+int cli_parse_durability(const char *cmd, const char *s, store_durability *out);
+/* Open a data directory for the command; create = create if missing.
+ * NULL after printing the error; *status gets the exit status. */
+store *cli_open_store(const char *cmd, const char *dir, int create, const store_opts *opts,
+                      int *status);
+
+#endif

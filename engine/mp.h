@@ -59,7 +59,7 @@ int mp_validate_prefix(const char *buf, size_t len, const mp_limits *lim,
 int mp_next(const char **p, const char *end, mp_item *out);
 /* Skip one whole value (with its children).  -1 on truncation. */
 int mp_skip(const char **p, const char *end);
-/* In a map at *p (header not yet read), find key `key`; on success (*val, *vlen)
+/* In the map at `map` (header not yet read), find string key `key`; on success *val, *vlen
  * is the value's bytes.  Returns 1 found, 0 not found, -1 malformed. */
 int mp_map_find(const char *map, size_t len, const char *key, size_t klen,
                 const char **val, size_t *vlen);

@@ -1,0 +1,351 @@
+/* mp.c — msgpack cursor reader and validator (see mp.h).
+ *
+ * Owns: decoding one msgpack item header (mp_next), skipping whole values
+ * (mp_skip), finding a string key in a map (mp_map_find), and validating
+ * untrusted bytes against mp_limits (mp_validate, mp_validate_prefix).
+ *
+ * Invariants:
+ *   - No function here reads a byte at or past `end`: every length taken
+ *     from a header is compared with the bytes that remain before use, in
+ *     a way that cannot overflow (remaining >= len, never p + len <= end).
+ *   - Nothing recurses: mp_skip counts pending values; mp_validate keeps an
+ *     explicit stack of remaining child counts bounded by max_depth, so a
+ *     hostile document of nested arrays costs memory proportional to the
+ *     limit, not to the input.
+ *   - 0xc1 (never used by the format) is a bad byte everywhere.
+ */
+#include "mp.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+const mp_limits mp_default_limits = {
+    .max_depth = 64,
+    .max_items = 1u << 20,
+    .max_size = 1u << 20,
+};
+
+static inline uint16_t rd16(const unsigned char *p) {
+    return (uint16_t)((uint16_t)p[0] << 8 | p[1]);
+}
+
+static inline uint32_t rd32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static inline uint64_t rd64(const unsigned char *p) {
+    return (uint64_t)rd32(p) << 32 | rd32(p + 4);
+}
+
+/* Signed encodings holding a non-negative value are reported as MP_UINT:
+ * the type says the sign, not the wire width. */
+static inline long sint(mp_item *out, int64_t v, long n) {
+    if (v < 0) {
+        out->type = MP_INT;
+        out->v.i = v;
+    } else {
+        out->type = MP_UINT;
+        out->v.u = (uint64_t)v;
+    }
+    return n;
+}
+
+/* Outcome of decoding one header, so the validator can say why. */
+enum { RD_OK = 0, RD_TRUNC = -1, RD_BAD = -2 };
+
+/* Decode the item at q (q < end).  On success sets *out and returns the
+ * number of bytes consumed (header plus str/bin/ext payload). */
+static inline long rd_item(const unsigned char *q, const unsigned char *end, mp_item *out) {
+    size_t avail = (size_t)(end - q);
+    unsigned c = q[0];
+    size_t hl;      /* header length */
+    uint32_t n;     /* payload length or child count */
+
+    if (c <= 0x7f) {
+        out->type = MP_UINT;
+        out->v.u = c;
+        return 1;
+    }
+    if (c >= 0xe0) {
+        out->type = MP_INT;
+        out->v.i = (int8_t)c;
+        return 1;
+    }
+    if (c <= 0x8f) {
+        out->type = MP_MAP;
+        out->v.n = c & 0x0f;
+        return 1;
+    }
+    if (c <= 0x9f) {
+        out->type = MP_ARRAY;
+        out->v.n = c & 0x0f;
+        return 1;
+    }
+    if (c <= 0xbf) {
+        n = c & 0x1f;
+        if (avail - 1 < n) return RD_TRUNC;
+        out->type = MP_STR;
+        out->v.s.ptr = (const char *)q + 1;
+        out->v.s.len = n;
+        out->v.s.ext = 0;
+        return 1 + (long)n;
+    }
+    /* 0xc0 .. 0xdf */
+    static const unsigned char hdr[32] = {
+        /* c0 nil */ 1, /* c1 */ 0, /* c2 c3 */ 1, 1,
+        /* c4 c5 c6 bin */ 2, 3, 5,
+        /* c7 c8 c9 ext */ 3, 4, 6,
+        /* ca cb float */ 5, 9,
+        /* cc cd ce cf uint */ 2, 3, 5, 9,
+        /* d0 d1 d2 d3 int */ 2, 3, 5, 9,
+        /* d4..d8 fixext */ 2, 2, 2, 2, 2,
+        /* d9 da db str */ 2, 3, 5,
+        /* dc dd array */ 3, 5,
+        /* de df map */ 3, 5,
+    };
+    hl = hdr[c - 0xc0];
+    if (!hl) return RD_BAD;
+    if (avail < hl) return RD_TRUNC;
+    switch (c) {
+    case 0xc0: out->type = MP_NIL; return 1;
+    case 0xc2: out->type = MP_BOOL; out->v.b = 0; return 1;
+    case 0xc3: out->type = MP_BOOL; out->v.b = 1; return 1;
+    case 0xc4: n = q[1]; goto bin;
+    case 0xc5: n = rd16(q + 1); goto bin;
+    case 0xc6: n = rd32(q + 1);
+    bin:
+        if (avail - hl < n) return RD_TRUNC;
+        out->type = MP_BIN;
+        out->v.s.ptr = (const char *)q + hl;
+        out->v.s.len = n;
+        out->v.s.ext = 0;
+        return (long)(hl + n);
+    case 0xc7: n = q[1]; goto ext;
+    case 0xc8: n = rd16(q + 1); goto ext;
+    case 0xc9: n = rd32(q + 1);
+    ext:
+        if (avail - hl < n) return RD_TRUNC;
+        out->type = MP_EXT;
+        out->v.s.ext = (int8_t)q[hl - 1];
+        out->v.s.ptr = (const char *)q + hl;
+        out->v.s.len = n;
+        return (long)(hl + n);
+    case 0xca: {
+        uint32_t u = rd32(q + 1);
+        float f;
+        memcpy(&f, &u, 4);
+        out->type = MP_FLOAT;
+        out->v.d = f;
+        return 5;
+    }
+    case 0xcb: {
+        uint64_t u = rd64(q + 1);
+        memcpy(&out->v.d, &u, 8);
+        out->type = MP_DOUBLE;
+        return 9;
+    }
+    case 0xcc: out->type = MP_UINT; out->v.u = q[1]; return 2;
+    case 0xcd: out->type = MP_UINT; out->v.u = rd16(q + 1); return 3;
+    case 0xce: out->type = MP_UINT; out->v.u = rd32(q + 1); return 5;
+    case 0xcf: out->type = MP_UINT; out->v.u = rd64(q + 1); return 9;
+    case 0xd0: return sint(out, (int8_t)q[1], 2);
+    case 0xd1: return sint(out, (int16_t)rd16(q + 1), 3);
+    case 0xd2: return sint(out, (int32_t)rd32(q + 1), 5);
+    case 0xd3: return sint(out, (int64_t)rd64(q + 1), 9);
+    case 0xd4: n = 1; goto fixext;
+    case 0xd5: n = 2; goto fixext;
+    case 0xd6: n = 4; goto fixext;
+    case 0xd7: n = 8; goto fixext;
+    case 0xd8: n = 16;
+    fixext:
+        if (avail - hl < n) return RD_TRUNC;
+        out->type = MP_EXT;
+        out->v.s.ext = (int8_t)q[1];
+        out->v.s.ptr = (const char *)q + 2;
+        out->v.s.len = n;
+        return (long)(2 + n);
+    case 0xd9: n = q[1]; goto str;
+    case 0xda: n = rd16(q + 1); goto str;
+    case 0xdb: n = rd32(q + 1);
+    str:
+        if (avail - hl < n) return RD_TRUNC;
+        out->type = MP_STR;
+        out->v.s.ptr = (const char *)q + hl;
+        out->v.s.len = n;
+        out->v.s.ext = 0;
+        return (long)(hl + n);
+    case 0xdc: out->type = MP_ARRAY; out->v.n = rd16(q + 1); return 3;
+    case 0xdd: out->type = MP_ARRAY; out->v.n = rd32(q + 1); return 5;
+    case 0xde: out->type = MP_MAP; out->v.n = rd16(q + 1); return 3;
+    default:   out->type = MP_MAP; out->v.n = rd32(q + 1); return 5; /* 0xdf */
+    }
+}
+
+int mp_next(const char **p, const char *end, mp_item *out) {
+    const unsigned char *q = (const unsigned char *)*p;
+    if (q >= (const unsigned char *)end) return -1;
+    long n = rd_item(q, (const unsigned char *)end, out);
+    if (n < 0) return -1;
+    *p += n;
+    return 0;
+}
+
+/* Skip without recursion: `pending` counts values still to be consumed
+ * (a map of n pairs adds 2n).  64 bits cannot overflow: each value read
+ * adds at most 2 * (2^32 - 1). */
+int mp_skip(const char **p, const char *end) {
+    const unsigned char *q = (const unsigned char *)*p;
+    const unsigned char *e = (const unsigned char *)end;
+    uint64_t pending = 1;
+    mp_item it;
+    while (pending) {
+        if (q >= e) return -1;
+        unsigned c = *q;
+        /* fast paths for the commonest one-byte items */
+        if (c <= 0x7f || c >= 0xe0 || c == 0xc0 || c == 0xc2 || c == 0xc3) {
+            q++;
+            pending--;
+            continue;
+        }
+        long n = rd_item(q, e, &it);
+        if (n < 0) return -1;
+        q += n;
+        pending--;
+        if (it.type == MP_ARRAY) pending += it.v.n;
+        else if (it.type == MP_MAP) pending += 2 * (uint64_t)it.v.n;
+        /* every pending value needs at least one byte */
+        if (pending > (uint64_t)(e - q)) return -1;
+    }
+    *p = (const char *)q;
+    return 0;
+}
+
+int mp_map_find(const char *map, size_t len, const char *key, size_t klen,
+                const char **val, size_t *vlen) {
+    const char *p = map, *end = map + len;
+    mp_item it;
+    if (mp_next(&p, end, &it) < 0 || it.type != MP_MAP) return -1;
+    for (uint32_t i = 0; i < it.v.n; i++) {
+        const char *k = p;
+        mp_item ki;
+        if (mp_next(&p, end, &ki) < 0) return -1;
+        if (ki.type == MP_ARRAY || ki.type == MP_MAP) {
+            p = k;
+            if (mp_skip(&p, end) < 0) return -1;
+        }
+        const char *v = p;
+        if (mp_skip(&p, end) < 0) return -1;
+        if (ki.type == MP_STR && ki.v.s.len == klen && memcmp(ki.v.s.ptr, key, klen) == 0) {
+            *val = v;
+            *vlen = (size_t)(p - v);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* ---- validation ---- */
+
+#define STACK_INLINE 64
+
+static const char *type_name(mp_type t) {
+    return t == MP_MAP ? "map" : "array";
+}
+
+static int validate(const char *buf, size_t len, const mp_limits *lim, size_t *used,
+                    int whole, tm_err *err) {
+    if (!lim) lim = &mp_default_limits;
+    const unsigned char *base = (const unsigned char *)buf;
+    /* Never look beyond max_size: a value that needs more is too big. */
+    size_t span = len < lim->max_size ? len : lim->max_size;
+    const unsigned char *q = base, *end = base + span;
+    /* stack[d] = values still expected in the container at depth d+1 */
+    uint64_t inline_stack[STACK_INLINE];
+    uint64_t *stack = inline_stack;
+    unsigned depth = 0;
+    int rc = -1;
+    mp_item it;
+
+    if (lim->max_depth > STACK_INLINE) {
+        stack = malloc(sizeof *stack * lim->max_depth);
+        if (!stack) return err_set(err, TM_EIO, "msgpack: out of memory for depth stack");
+    }
+    for (;;) {
+        size_t off = (size_t)(q - base);
+        if (q >= end) {
+            if (len > span)
+                err_set(err, TM_EINVAL, "msgpack: value exceeds size limit of %zu bytes",
+                        lim->max_size);
+            else
+                err_set(err, TM_EINVAL, "msgpack: truncated at byte %zu", off);
+            goto out;
+        }
+        long n = rd_item(q, end, &it);
+        if (n < 0) {
+            if (n == RD_BAD)
+                err_set(err, TM_EINVAL, "msgpack: invalid byte 0x%02x at byte %zu", *q, off);
+            else if (len > span)
+                err_set(err, TM_EINVAL, "msgpack: value exceeds size limit of %zu bytes",
+                        lim->max_size);
+            else
+                err_set(err, TM_EINVAL, "msgpack: truncated at byte %zu", off);
+            goto out;
+        }
+        q += n;
+        if (depth) stack[depth - 1]--;
+        if ((it.type == MP_ARRAY || it.type == MP_MAP)) {
+            if (it.v.n > lim->max_items) {
+                err_set(err, TM_EINVAL, "msgpack: %s of %u items exceeds limit of %u at byte %zu",
+                        type_name(it.type), it.v.n, lim->max_items, off);
+                goto out;
+            }
+            if (it.v.n) {
+                uint64_t kids = it.type == MP_MAP ? 2 * (uint64_t)it.v.n : it.v.n;
+                if (depth >= lim->max_depth) {
+                    err_set(err, TM_EINVAL, "msgpack: nesting deeper than %u at byte %zu",
+                            lim->max_depth, off);
+                    goto out;
+                }
+                if (kids > (uint64_t)(end - q)) {
+                    /* each child needs at least one byte */
+                    if (len > span)
+                        err_set(err, TM_EINVAL, "msgpack: value exceeds size limit of %zu bytes",
+                                lim->max_size);
+                    else
+                        err_set(err, TM_EINVAL,
+                                "msgpack: truncated: %s at byte %zu claims %u items, %zu bytes left",
+                                type_name(it.type), off, it.v.n, (size_t)(end - q));
+                    goto out;
+                }
+                stack[depth++] = kids;
+                continue;
+            } else if (depth >= lim->max_depth) {
+                /* an empty container still nests one level */
+                err_set(err, TM_EINVAL, "msgpack: nesting deeper than %u at byte %zu",
+                        lim->max_depth, off);
+                goto out;
+            }
+        }
+        while (depth && stack[depth - 1] == 0) depth--;
+        if (!depth) break;
+    }
+    if (whole && (size_t)(q - base) != len) {
+        err_set(err, TM_EINVAL, "msgpack: %zu trailing bytes at byte %zu",
+                len - (size_t)(q - base), (size_t)(q - base));
+        goto out;
+    }
+    if (used) *used = (size_t)(q - base);
+    rc = 0;
+out:
+    if (stack != inline_stack) free(stack);
+    return rc;
+}
+
+int mp_validate(const char *buf, size_t len, const mp_limits *lim, tm_err *err) {
+    return validate(buf, len, lim, NULL, 1, err);
+}
+
+int mp_validate_prefix(const char *buf, size_t len, const mp_limits *lim, size_t *used,
+                       tm_err *err) {
+    return validate(buf, len, lim, used, 0, err);
+}

@@ -1,0 +1,1907 @@
+/* store.c — the event log on LevelDB: appends (group commit), indexes,
+ * reads, verification, and the projections' key-value namespace.
+ *
+ * The only file that includes leveldb/c.h.
+ *
+ * ---- Key layout (one LevelDB keyspace, first byte = namespace) ----
+ *   'e' be64(pos)                  -> record (record.h: crc32c + msgpack array)
+ *   'i' id(16)                     -> varint(pos)   only for client-supplied ids
+ *   's' stream 0x00 be64(v0)       -> run: positions of versions v0, v0+1, ...
+ *   'c' category 0x00 be64(p0)     -> run: positions p0 < p1 < ... in the category
+ *   't' type 0x00 be64(p0)         -> run: positions p0 < p1 < ... of the type
+ *   'm' "last"                     -> be64(last position)
+ *   'm' "format"                   -> "1"
+ *   'p' caller key                 -> caller value (projection namespace)
+ * A run value is crc32c(payload) (4 bytes LE) then payload = varint(first)
+ * varint(delta)...; each group commit writes ONE run per stream, category
+ * and type it touched, so indexes cost one key per name per commit, not
+ * one per event.  Names never contain NUL, so "name\0" orders a name's
+ * runs together and before any longer name.  A stream's head version is
+ * the end of its last run (found by Seek+Prev); there is no separate key.
+ *
+ * Ids: a client-supplied id (has_id=1) is stored under 'i'.  A generated
+ * id is a UUIDv8 that carries its own position: bytes 0-5 = the position
+ * (48 bits), version nibble 8, variant 10, the other 74 bits random.  Such
+ * an id is found by reading the record at that position and comparing ids,
+ * so generated ids cost no key.  (Positions >= 2^48 fall back to a random
+ * id under 'i'.)  Both kinds are permanent.
+ *
+ * ---- Invariants ----
+ *   - positions 1..last are all present ('m' last = last); a commit writes
+ *     the events, their index runs, their 'i' keys and 'm' last in one
+ *     WriteBatch, so readers (snapshots) never see a partial append;
+ *   - each stream's runs cover versions 0..head contiguously, each
+ *     category/type's runs hold strictly increasing positions;
+ *   - only the writer thread writes to 'e','i','s','c','t','m'; the head
+ *     cache (streams map) is only touched by the writer thread and holds
+ *     committed heads: a group's tentative heads live in node->ghead,
+ *     valid only while node->gen == s->gen, and are promoted after the
+ *     write succeeds;
+ *   - after a failed write the store refuses every write (s->failed)
+ *     until it is closed and reopened.
+ */
+#include "store.h"
+
+#include <errno.h>
+#include <leveldb/c.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "buf.h"
+#include "mp.h"
+#include "record.h"
+
+#define K_EVENT 'e'
+#define K_ID 'i'
+#define K_STREAM 's'
+#define K_CAT 'c'
+#define K_TYPE 't'
+#define K_META 'm'
+#define K_PROJ 'p'
+
+#define STREAM_CACHE_MAX (1u << 20) /* cached stream heads before the cache is dropped */
+#define MAX_COMMIT_FNS 16
+#define GEN_ID_MAX_POS ((uint64_t)1 << 48)
+
+/* ------------------------------------------------------------------ */
+/* small helpers                                                       */
+
+static void put_be64(unsigned char *p, uint64_t v) {
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (unsigned char)v;
+        v >>= 8;
+    }
+}
+
+static uint64_t hash_bytes(const char *p, size_t n) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)p[i]) * 1099511628211ull;
+    return h ^ (h >> 29);
+}
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Event key 'e'+be64(pos) into k[9]. */
+static void event_key(unsigned char k[9], uint64_t pos) {
+    k[0] = K_EVENT;
+    put_be64(k + 1, pos);
+}
+
+/* An index run value: crc32c(payload) LE + varint(p0) varint(p1-p0) ... */
+static void run_encode(buf *out, const uint64_t *pos, size_t n) {
+    size_t start = out->len;
+    buf_append(out, "\0\0\0\0", 4);
+    uint64_t prev = 0;
+    for (size_t i = 0; i < n; i++) {
+        buf_put_varint(out, pos[i] - prev);
+        prev = pos[i];
+    }
+    uint32_t c = crc32c(0, out->ptr + start + 4, out->len - start - 4);
+    unsigned char *h = (unsigned char *)out->ptr + start;
+    h[0] = (unsigned char)c;
+    h[1] = (unsigned char)(c >> 8);
+    h[2] = (unsigned char)(c >> 16);
+    h[3] = (unsigned char)(c >> 24);
+}
+
+typedef struct u64vec {
+    uint64_t *v;
+    size_t n, cap;
+} u64vec;
+
+static void u64vec_push(u64vec *a, uint64_t x) {
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? a->cap * 2 : 8;
+        uint64_t *v = realloc(a->v, cap * sizeof *v);
+        if (!v) abort();
+        a->v = v;
+        a->cap = cap;
+    }
+    a->v[a->n++] = x;
+}
+
+/* Decode a run value into out (replacing its contents).  Positions must be
+ * strictly increasing and non-zero.  0 / -1 (corrupt). */
+static int run_decode(const char *val, size_t len, u64vec *out) {
+    out->n = 0;
+    if (len < 5) return -1;
+    const unsigned char *h = (const unsigned char *)val;
+    uint32_t want = (uint32_t)h[0] | (uint32_t)h[1] << 8 | (uint32_t)h[2] << 16 |
+                    (uint32_t)h[3] << 24;
+    if (crc32c(0, val + 4, len - 4) != want) return -1;
+    const char *p = val + 4, *end = val + len;
+    uint64_t prev = 0;
+    while (p < end) {
+        uint64_t d;
+        if (buf_get_varint(&p, end, &d) < 0 || d == 0 || prev + d < prev) return -1;
+        prev += d;
+        u64vec_push(out, prev);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* name map: stream / category / type -> node (stable pointers)        */
+
+typedef struct node {
+    struct node *next;   /* hash chain */
+    struct node *tnext;  /* list of nodes touched by the current group */
+    uint64_t hash;
+    int64_t head;        /* streams: committed head version, -1 = none */
+    int64_t ghead;       /* streams: head within group `gen` */
+    uint64_t gen;        /* group whose ghead / run are valid */
+    uint64_t first;      /* streams: first version appended in the group */
+    u64vec run;          /* positions appended in the group */
+    size_t klen;
+    char key[];
+} node;
+
+typedef struct nmap {
+    node **tab;
+    size_t cap, count;
+} nmap;
+
+static node *nmap_find(nmap *m, const char *k, size_t kl, uint64_t h) {
+    if (!m->cap) return NULL;
+    for (node *n = m->tab[h & (m->cap - 1)]; n; n = n->next)
+        if (n->hash == h && n->klen == kl && memcmp(n->key, k, kl) == 0) return n;
+    return NULL;
+}
+
+static node *nmap_add(nmap *m, const char *k, size_t kl, uint64_t h) {
+    if (m->count + 1 > m->cap) {
+        size_t cap = m->cap ? m->cap * 2 : 64;
+        node **tab = calloc(cap, sizeof *tab);
+        if (!tab) abort();
+        for (size_t i = 0; i < m->cap; i++) {
+            node *n = m->tab[i];
+            while (n) {
+                node *nx = n->next;
+                n->next = tab[n->hash & (cap - 1)];
+                tab[n->hash & (cap - 1)] = n;
+                n = nx;
+            }
+        }
+        free(m->tab);
+        m->tab = tab;
+        m->cap = cap;
+    }
+    node *n = calloc(1, sizeof *n + kl + 1);
+    if (!n) abort();
+    n->hash = h;
+    n->klen = kl;
+    memcpy(n->key, k, kl);
+    n->head = n->ghead = -1;
+    n->next = m->tab[h & (m->cap - 1)];
+    m->tab[h & (m->cap - 1)] = n;
+    m->count++;
+    return n;
+}
+
+static void nmap_clear(nmap *m) {
+    for (size_t i = 0; i < m->cap; i++) {
+        node *n = m->tab[i];
+        while (n) {
+            node *nx = n->next;
+            free(n->run.v);
+            free(n);
+            n = nx;
+        }
+    }
+    free(m->tab);
+    m->tab = NULL;
+    m->cap = m->count = 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* the store                                                           */
+
+typedef struct req {
+    tm_event *evs;
+    size_t n;
+    const store_expect *exp;
+    size_t nexp;
+    size_t nid;          /* events with has_id */
+    int done, rc;
+    tm_err err;
+    pthread_cond_t cv;
+    struct req *next;
+} req;
+
+/* The group's id table: client ids appended by earlier requests of the
+ * group (open addressing over tm_event pointers; reset per group). */
+typedef struct idtab {
+    tm_event **slot;
+    size_t cap, count;
+} idtab;
+
+struct store {
+    leveldb_t *db;
+    leveldb_options_t *opts;
+    leveldb_filterpolicy_t *bloom;
+    leveldb_cache_t *cache;
+    leveldb_readoptions_t *ro;     /* verify checksums */
+    leveldb_writeoptions_t *wo;    /* sync per durability */
+    store_opts o;
+    char *dir;
+
+    pthread_mutex_t mu;
+    pthread_cond_t work;
+    req *qhead, *qtail;
+    int stopping;
+    int failed;
+    char failmsg[256];
+    pthread_t writer;
+    struct {
+        store_commit_fn fn;
+        void *ud;
+    } fns[MAX_COMMIT_FNS];
+    int nfns;
+
+    uint64_t last;                 /* committed last position (atomic) */
+
+    /* writer-thread state */
+    nmap streams, cats, types;
+    uint64_t gen;
+    uint64_t gpos;                 /* last position assigned in the group */
+    int64_t gnow;
+    node *tstreams, *tcats, *ttypes;
+    idtab ids;
+    leveldb_iterator_t *git;       /* lazily created per group, for head lookups */
+    leveldb_writebatch_t *wb;
+    buf rec, key, val;
+    uint64_t rng[2];
+};
+
+static uint64_t load_last(store *s) { return __atomic_load_n(&s->last, __ATOMIC_ACQUIRE); }
+
+uint64_t store_last_position(store *s) { return load_last(s); }
+
+void store_opts_default(store_opts *o) {
+    o->durability = STORE_DURABLE;
+    o->max_event_size = 1u << 20;
+    o->create_if_missing = 1;
+    o->cache_bytes = 64u << 20;
+}
+
+static int db_err(tm_err *err, char *lerr, const char *what) {
+    err_set(err, TM_EIO, "%s: %s", what, lerr ? lerr : "unknown LevelDB error");
+    leveldb_free(lerr);
+    return -1;
+}
+
+/* Get a key (malloc'd value, free with leveldb_free).  1 found, 0 not, -1 error. */
+static int db_get(store *s, const leveldb_readoptions_t *ro, const char *k, size_t kl, char **v,
+                  size_t *vl, tm_err *err) {
+    char *lerr = NULL;
+    *v = leveldb_get(s->db, ro ? ro : s->ro, k, kl, vl, &lerr);
+    if (lerr) return db_err(err, lerr, "read");
+    return *v != NULL;
+}
+
+/* Is the iterator on exactly key k? */
+static int iter_at(leveldb_iterator_t *it, const unsigned char *k, size_t n) {
+    if (!leveldb_iter_valid(it)) return 0;
+    size_t kl;
+    const char *cur = leveldb_iter_key(it, &kl);
+    return kl == n && memcmp(cur, k, n) == 0;
+}
+
+/* Iterator-level error check: 0 ok, -1 (err set). */
+static int iter_status(leveldb_iterator_t *it, tm_err *err) {
+    char *lerr = NULL;
+    leveldb_iter_get_error(it, &lerr);
+    if (lerr) return db_err(err, lerr, "read");
+    return 0;
+}
+
+/* Position the iterator on the last run of `prefix` (name + NUL) with first
+ * key <= target.  Returns 1 (positioned, *first set), 0 (none), -1 error. */
+static int run_seek_le(leveldb_iterator_t *it, buf *kb, const char *prefix, size_t pl,
+                       uint64_t target, uint64_t *first, tm_err *err) {
+    buf_reset(kb);
+    buf_append(kb, prefix, pl);
+    buf_put_be64(kb, target);
+    leveldb_iter_seek(it, kb->ptr, kb->len);
+    size_t kl;
+    const char *k;
+    if (leveldb_iter_valid(it)) {
+        k = leveldb_iter_key(it, &kl);
+        if (kl == kb->len && memcmp(k, kb->ptr, kl) == 0) {
+            *first = target;
+            return 1;
+        }
+        leveldb_iter_prev(it);
+    } else {
+        if (iter_status(it, err) < 0) return -1;
+        leveldb_iter_seek_to_last(it);
+    }
+    if (!leveldb_iter_valid(it)) return iter_status(it, err) < 0 ? -1 : 0;
+    k = leveldb_iter_key(it, &kl);
+    if (kl != pl + 8 || memcmp(k, prefix, pl) != 0) return 0;
+    *first = buf_get_be64(k + pl);
+    return 1;
+}
+
+/* Current head of a stream from the DB via `it`: 1 found, 0 none, -1 error. */
+static int db_stream_head(leveldb_iterator_t *it, buf *kb, buf *pb, const char *name, size_t nl,
+                          u64vec *tmp, int64_t *head, tm_err *err) {
+    buf_reset(pb);
+    buf_putc(pb, K_STREAM);
+    buf_append(pb, name, nl);
+    buf_putc(pb, '\0');
+    uint64_t first;
+    int r = run_seek_le(it, kb, pb->ptr, pb->len, UINT64_MAX, &first, err);
+    if (r <= 0) return r;
+    size_t vl;
+    const char *v = leveldb_iter_value(it, &vl);
+    if (run_decode(v, vl, tmp) < 0 || tmp->n == 0)
+        return err_set(err, TM_EIO, "corrupt stream index for '%.*s' at version %llu", (int)nl,
+                       name, (unsigned long long)first);
+    *head = (int64_t)(first + tmp->n - 1);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* open / close                                                        */
+
+static void *writer_main(void *arg);
+
+static int dir_exists(const char *dir) {
+    struct stat st;
+    return stat(dir, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static int has_current(const char *dir) {
+    buf p = BUF_INIT;
+    buf_printf(&p, "%s/CURRENT", dir);
+    struct stat st;
+    int ok = stat(p.ptr, &st) == 0;
+    buf_free(&p);
+    return ok;
+}
+
+static int load_meta(store *s, tm_err *err) {
+    char *v;
+    size_t vl;
+    int r = db_get(s, NULL, "mformat", 7, &v, &vl, err);
+    if (r < 0) return -1;
+    if (r == 1) {
+        int ok = vl == 1 && v[0] == '1';
+        leveldb_free(v);
+        if (!ok) return err_set(err, TM_EIO, "data directory %s: unsupported store format", s->dir);
+    } else {
+        char *lerr = NULL;
+        leveldb_put(s->db, s->wo, "mformat", 7, "1", 1, &lerr);
+        if (lerr) return db_err(err, lerr, "write");
+    }
+    uint64_t last = 0;
+    r = db_get(s, NULL, "mlast", 5, &v, &vl, err);
+    if (r < 0) return -1;
+    if (r == 1) {
+        if (vl != 8) {
+            leveldb_free(v);
+            return err_set(err, TM_EIO, "data directory %s: corrupt last position", s->dir);
+        }
+        last = buf_get_be64(v);
+        leveldb_free(v);
+    }
+    /* Never reuse a position: take the larger of 'm' last and the last 'e' key
+     * (store_check reports any mismatch). */
+    leveldb_iterator_t *it = leveldb_create_iterator(s->db, s->ro);
+    unsigned char k[9];
+    event_key(k, UINT64_MAX);
+    leveldb_iter_seek(it, (const char *)k, 9);
+    if (leveldb_iter_valid(it)) leveldb_iter_prev(it);
+    else leveldb_iter_seek_to_last(it);
+    while (leveldb_iter_valid(it)) {
+        size_t kl;
+        const char *kk = leveldb_iter_key(it, &kl);
+        if (kl == 9 && kk[0] == K_EVENT) {
+            uint64_t p = buf_get_be64(kk + 1);
+            if (p > last) last = p;
+            break;
+        }
+        if ((unsigned char)kk[0] < K_EVENT) break;
+        leveldb_iter_prev(it);
+    }
+    r = iter_status(it, err);
+    leveldb_iter_destroy(it);
+    if (r < 0) return -1;
+    s->last = last;
+    return 0;
+}
+
+store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
+    store_opts o;
+    if (opts) o = *opts;
+    else store_opts_default(&o);
+    if (!o.max_event_size) o.max_event_size = 1u << 20;
+    if (!o.cache_bytes) o.cache_bytes = 64u << 20;
+    if (!o.create_if_missing && (!dir_exists(dir) || !has_current(dir))) {
+        err_set(err, TM_ENOTFOUND, "data directory %s does not exist or holds no store", dir);
+        return NULL;
+    }
+    store *s = calloc(1, sizeof *s);
+    if (!s) abort();
+    s->o = o;
+    s->dir = strdup(dir);
+    s->opts = leveldb_options_create();
+    s->bloom = leveldb_filterpolicy_create_bloom(10);
+    s->cache = leveldb_cache_create_lru(o.cache_bytes);
+    leveldb_options_set_create_if_missing(s->opts, o.create_if_missing);
+    leveldb_options_set_paranoid_checks(s->opts, 1);
+    leveldb_options_set_filter_policy(s->opts, s->bloom);
+    leveldb_options_set_cache(s->opts, s->cache);
+    leveldb_options_set_write_buffer_size(s->opts, 64u << 20);
+    leveldb_options_set_max_file_size(s->opts, 8u << 20);
+    leveldb_options_set_compression(s->opts, leveldb_snappy_compression);
+    s->ro = leveldb_readoptions_create();
+    leveldb_readoptions_set_verify_checksums(s->ro, 1);
+    s->wo = leveldb_writeoptions_create();
+    leveldb_writeoptions_set_sync(s->wo, o.durability == STORE_DURABLE);
+    s->wb = leveldb_writebatch_create();
+
+    if (o.create_if_missing && !dir_exists(dir) && mkdir(dir, 0755) < 0 && errno != EEXIST) {
+        err_set(err, TM_EIO, "cannot create data directory %s: %s", dir, strerror(errno));
+        goto fail;
+    }
+    char *lerr = NULL;
+    s->db = leveldb_open(s->opts, dir, &lerr);
+    if (lerr) {
+        if (strstr(lerr, "/LOCK") || strstr(lerr, "lock "))
+            err_set(err, TM_EIO, "data directory %s is in use by another process (a running server?)",
+                    dir);
+        else if (strstr(lerr, "does not exist"))
+            err_set(err, TM_ENOTFOUND, "data directory %s holds no store", dir);
+        else err_set(err, TM_EIO, "cannot open data directory %s: %s", dir, lerr);
+        leveldb_free(lerr);
+        goto fail;
+    }
+    if (load_meta(s, err) < 0) goto fail;
+    if (getrandom(s->rng, sizeof s->rng, 0) != sizeof s->rng) {
+        s->rng[0] = (uint64_t)now_ms() ^ (uint64_t)getpid() << 32;
+        s->rng[1] = (uint64_t)(uintptr_t)s ^ 0x9e3779b97f4a7c15ull;
+    }
+    if (!s->rng[0] && !s->rng[1]) s->rng[0] = 1;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->work, NULL);
+    if (pthread_create(&s->writer, NULL, writer_main, s) != 0) {
+        err_set(err, TM_EIO, "cannot start the writer thread");
+        pthread_mutex_destroy(&s->mu);
+        pthread_cond_destroy(&s->work);
+        goto fail;
+    }
+    return s;
+fail:
+    if (s->db) leveldb_close(s->db);
+    leveldb_writebatch_destroy(s->wb);
+    leveldb_writeoptions_destroy(s->wo);
+    leveldb_readoptions_destroy(s->ro);
+    leveldb_options_destroy(s->opts);
+    leveldb_cache_destroy(s->cache);
+    leveldb_filterpolicy_destroy(s->bloom);
+    free(s->dir);
+    free(s);
+    return NULL;
+}
+
+void store_close(store *s) {
+    if (!s) return;
+    pthread_mutex_lock(&s->mu);
+    s->stopping = 1;
+    pthread_cond_signal(&s->work);
+    pthread_mutex_unlock(&s->mu);
+    pthread_join(s->writer, NULL);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->work);
+    leveldb_close(s->db);
+    leveldb_writebatch_destroy(s->wb);
+    leveldb_writeoptions_destroy(s->wo);
+    leveldb_readoptions_destroy(s->ro);
+    leveldb_options_destroy(s->opts);
+    leveldb_cache_destroy(s->cache);
+    leveldb_filterpolicy_destroy(s->bloom);
+    nmap_clear(&s->streams);
+    nmap_clear(&s->cats);
+    nmap_clear(&s->types);
+    free(s->ids.slot);
+    buf_free(&s->rec);
+    buf_free(&s->key);
+    buf_free(&s->val);
+    free(s->dir);
+    free(s);
+}
+
+void store_on_commit(store *s, store_commit_fn fn, void *ud) {
+    pthread_mutex_lock(&s->mu);
+    if (s->nfns < MAX_COMMIT_FNS) {
+        s->fns[s->nfns].fn = fn;
+        s->fns[s->nfns].ud = ud;
+        s->nfns++;
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Enter the refusing state (caller holds no lock). */
+static void set_failed(store *s, const char *why) {
+    pthread_mutex_lock(&s->mu);
+    if (!s->failed) {
+        s->failed = 1;
+        snprintf(s->failmsg, sizeof s->failmsg, "%s", why);
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+static int refusing(tm_err *err) {
+    return err_set(err, TM_EIO, "store is refusing writes after a failed sync; reopen it");
+}
+
+/* ------------------------------------------------------------------ */
+/* the writer: group commit                                            */
+
+static uint64_t rng_next(store *s) {
+    uint64_t s1 = s->rng[0];
+    const uint64_t s0 = s->rng[1];
+    s->rng[0] = s0;
+    s1 ^= s1 << 23;
+    s->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
+    return s->rng[1] + s0;
+}
+
+/* A generated id carrying its position (see the top of this file). */
+static void gen_id(store *s, uint64_t pos, uint8_t id[16]) {
+    uint64_t a = rng_next(s), b = rng_next(s);
+    for (int i = 0; i < 6; i++) id[i] = (uint8_t)(pos >> (40 - 8 * i));
+    id[6] = (uint8_t)(0x80 | (a & 0x0f));
+    id[7] = (uint8_t)(a >> 8);
+    id[8] = (uint8_t)(0x80 | ((a >> 16) & 0x3f));
+    for (int i = 9; i < 16; i++) id[i] = (uint8_t)(b >> (8 * (i - 9)));
+}
+
+/* The position a generated id claims, or 0 when it is not of that form. */
+static uint64_t gen_id_pos(const uint8_t id[16]) {
+    if ((id[6] & 0xf0) != 0x80 || (id[8] & 0xc0) != 0x80) return 0;
+    uint64_t p = 0;
+    for (int i = 0; i < 6; i++) p = (p << 8) | id[i];
+    return p;
+}
+
+static int same_content(const tm_event *a, const tm_event *b) {
+    const char *am = a->meta_len ? a->meta : "\x80", *bm = b->meta_len ? b->meta : "\x80";
+    size_t aml = a->meta_len ? a->meta_len : 1, bml = b->meta_len ? b->meta_len : 1;
+    const char *ad = a->data_len ? a->data : "\xc0", *bd = b->data_len ? b->data : "\xc0";
+    size_t adl = a->data_len ? a->data_len : 1, bdl = b->data_len ? b->data_len : 1;
+    return a->stream_len == b->stream_len && memcmp(a->stream, b->stream, a->stream_len) == 0 &&
+           a->type_len == b->type_len && memcmp(a->type, b->type, a->type_len) == 0 &&
+           aml == bml && memcmp(am, bm, aml) == 0 && adl == bdl && memcmp(ad, bd, adl) == 0;
+}
+
+static uint64_t id_hash(const uint8_t id[16]) {
+    uint64_t a, b;
+    memcpy(&a, id, 8);
+    memcpy(&b, id + 8, 8);
+    return (a ^ (b * 0x9e3779b97f4a7c15ull)) * 0xff51afd7ed558ccdull;
+}
+
+static tm_event *idtab_find(idtab *t, const uint8_t id[16]) {
+    if (!t->count) return NULL;
+    for (size_t i = id_hash(id) & (t->cap - 1);; i = (i + 1) & (t->cap - 1)) {
+        tm_event *e = t->slot[i];
+        if (!e) return NULL;
+        if (memcmp(e->id, id, 16) == 0) return e;
+    }
+}
+
+static void idtab_add(idtab *t, tm_event *ev) {
+    if ((t->count + 1) * 2 > t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 64;
+        tm_event **slot = calloc(cap, sizeof *slot);
+        if (!slot) abort();
+        for (size_t i = 0; i < t->cap; i++) {
+            tm_event *e = t->slot[i];
+            if (!e) continue;
+            size_t j = id_hash(e->id) & (cap - 1);
+            while (slot[j]) j = (j + 1) & (cap - 1);
+            slot[j] = e;
+        }
+        free(t->slot);
+        t->slot = slot;
+        t->cap = cap;
+    }
+    size_t j = id_hash(ev->id) & (t->cap - 1);
+    while (t->slot[j]) j = (j + 1) & (t->cap - 1);
+    t->slot[j] = ev;
+    t->count++;
+}
+
+static void idtab_reset(idtab *t) {
+    if (t->count) memset(t->slot, 0, t->cap * sizeof *t->slot);
+    t->count = 0;
+}
+
+static leveldb_iterator_t *group_iter(store *s) {
+    if (!s->git) s->git = leveldb_create_iterator(s->db, s->ro);
+    return s->git;
+}
+
+/* The stream's node with its committed head loaded (writer thread). */
+static node *stream_node(store *s, const char *name, size_t nl, tm_err *err) {
+    uint64_t h = hash_bytes(name, nl);
+    node *n = nmap_find(&s->streams, name, nl, h);
+    if (n) return n;
+    int64_t head = -1;
+    u64vec tmp = {0};
+    int r = db_stream_head(group_iter(s), &s->key, &s->val, name, nl, &tmp, &head, err);
+    free(tmp.v);
+    if (r < 0) return NULL;
+    n = nmap_add(&s->streams, name, nl, h);
+    n->head = n->ghead = head;
+    n->gen = 0;
+    return n;
+}
+
+static int64_t group_head(store *s, node *n) { return n->gen == s->gen ? n->ghead : n->head; }
+
+static node *touch(store *s, nmap *m, node **list, const char *name, size_t nl) {
+    uint64_t h = hash_bytes(name, nl);
+    node *n = nmap_find(m, name, nl, h);
+    if (!n) n = nmap_add(m, name, nl, h);
+    if (n->gen != s->gen) {
+        n->gen = s->gen;
+        n->run.n = 0;
+        n->tnext = *list;
+        *list = n;
+    }
+    return n;
+}
+
+/* Does the record at pos carry ev's id?  1 yes (*orig, *same filled), 0 no
+ * (or no such position), -1 error. */
+static int id_at(store *s, uint64_t pos, const tm_event *ev, tm_event *orig, int *same,
+                 tm_err *err) {
+    unsigned char k[9];
+    char *v;
+    size_t vl;
+    event_key(k, pos);
+    int r = db_get(s, NULL, (const char *)k, 9, &v, &vl, err);
+    if (r <= 0) return r;
+    tm_event st;
+    if (record_decode(v, vl, &st, err) < 0) {
+        leveldb_free(v);
+        return err_prefix(err, "position %llu", (unsigned long long)pos);
+    }
+    r = memcmp(st.id, ev->id, 16) == 0;
+    if (r) {
+        *same = same_content(ev, &st);
+        orig->position = pos;
+        orig->version = st.version;
+        orig->time_ms = st.time_ms;
+    }
+    leveldb_free(v);
+    return r;
+}
+
+/* Look an id up among stored events and earlier requests of this group.
+ * 1 found (*orig has the stored position/version/time, *same = same
+ * content), 0 not found, -1 error. */
+static int lookup_id(store *s, const tm_event *ev, tm_event *orig, int *same, tm_err *err) {
+    tm_event *g = idtab_find(&s->ids, ev->id);
+    if (g) {
+        *orig = *g;
+        *same = same_content(ev, g);
+        return 1;
+    }
+    uint64_t pos = gen_id_pos(ev->id);
+    if (pos && pos <= s->last) {
+        int r = id_at(s, pos, ev, orig, same, err);
+        if (r != 0) return r;
+    }
+    char ik[17], *v;
+    size_t vl;
+    ik[0] = K_ID;
+    memcpy(ik + 1, ev->id, 16);
+    int r = db_get(s, NULL, ik, 17, &v, &vl, err);
+    if (r <= 0) return r;
+    const char *p = v;
+    int bad = buf_get_varint(&p, v + vl, &pos) < 0 || p != v + vl || !pos || pos > s->last;
+    leveldb_free(v);
+    if (!bad && (r = id_at(s, pos, ev, orig, same, err)) != 0) return r;
+    char ids[37];
+    event_id_format(ev->id, ids);
+    return err_set(err, TM_EIO, "corrupt store: the id index entry for %s is wrong; run check", ids);
+}
+
+static void fmt_expect(char *out, size_t n, int64_t v) {
+    if (v == STORE_ANY) snprintf(out, n, "any");
+    else if (v == STORE_NO_STREAM) snprintf(out, n, "no_stream");
+    else if (v == STORE_EXISTS) snprintf(out, n, "exists");
+    else snprintf(out, n, "%lld", (long long)v);
+}
+
+/* Check a request against stored ids and current heads; on success append
+ * it to the group.  0 ok, -1 rejected (r->err filled, group unaffected). */
+static int group_add(store *s, req *r) {
+    tm_err *err = &r->err;
+    /* 1. idempotent retries */
+    if (r->nid) {
+        size_t found = 0;
+        const tm_event *first_new = NULL;
+        tm_event *orig = r->nid == r->n ? calloc(r->n, sizeof *orig) : NULL;
+        for (size_t i = 0; i < r->n; i++) {
+            tm_event *ev = &r->evs[i];
+            if (!ev->has_id) {
+                first_new = first_new ? first_new : ev;
+                continue;
+            }
+            tm_event o;
+            int same = 0;
+            int rc = lookup_id(s, ev, &o, &same, err);
+            if (rc < 0) {
+                free(orig);
+                return -1;
+            }
+            if (rc == 0) {
+                first_new = first_new ? first_new : ev;
+                continue;
+            }
+            if (!same) {
+                char ids[37];
+                event_id_format(ev->id, ids);
+                free(orig);
+                err->current_version = -1;
+                return err_set(err, TM_ECONFLICT,
+                               "event %zu: id %s is already stored at position %llu with other content",
+                               i, ids, (unsigned long long)o.position);
+            }
+            if (orig) orig[i] = o;
+            found++;
+        }
+        if (found && first_new) {
+            free(orig);
+            err->current_version = -1;
+            return err_set(err, TM_ECONFLICT,
+                           "request mixes %zu already stored event ids with new events", found);
+        }
+        if (found == r->n) {
+            for (size_t i = 0; i < r->n; i++) {
+                r->evs[i].position = orig[i].position;
+                r->evs[i].version = orig[i].version;
+                r->evs[i].time_ms = orig[i].time_ms;
+            }
+            free(orig);
+            return 0;
+        }
+        free(orig);
+    }
+    /* 2. expected versions */
+    for (size_t i = 0; i < r->nexp; i++) {
+        const store_expect *x = &r->exp[i];
+        node *n = stream_node(s, x->stream, x->stream_len, err);
+        if (!n) return -1;
+        int64_t cur = group_head(s, n);
+        int ok = x->version == STORE_ANY || (x->version == STORE_NO_STREAM && cur < 0) ||
+                 (x->version == STORE_EXISTS && cur >= 0) || (x->version >= 0 && cur == x->version);
+        if (!ok) {
+            char want[32];
+            fmt_expect(want, sizeof want, x->version);
+            err->current_version = cur;
+            if (cur < 0)
+                return err_set(err, TM_ECONFLICT,
+                               "stream '%.*s': expected version %s but the stream does not exist",
+                               (int)x->stream_len, x->stream, want);
+            return err_set(err, TM_ECONFLICT,
+                           "stream '%.*s': expected version %s but the stream is at version %lld",
+                           (int)x->stream_len, x->stream, want, (long long)cur);
+        }
+    }
+    /* Load every stream's head before assigning anything (a read error must
+     * leave the group untouched). */
+    const char *pname = NULL;
+    size_t plen = 0;
+    for (size_t i = 0; i < r->n; i++) {
+        tm_event *ev = &r->evs[i];
+        if (pname && plen == ev->stream_len && memcmp(pname, ev->stream, plen) == 0) continue;
+        if (!stream_node(s, ev->stream, ev->stream_len, err)) return -1;
+        pname = ev->stream;
+        plen = ev->stream_len;
+    }
+    /* 3. assign positions and versions, encode into the batch */
+    node *sn = NULL, *cn = NULL, *tn = NULL;
+    for (size_t i = 0; i < r->n; i++) {
+        tm_event *ev = &r->evs[i];
+        if (!sn || sn->klen != ev->stream_len || memcmp(sn->key, ev->stream, sn->klen) != 0) {
+            sn = nmap_find(&s->streams, ev->stream, ev->stream_len,
+                           hash_bytes(ev->stream, ev->stream_len));
+            if (sn->gen != s->gen) {
+                sn->ghead = sn->head;
+                sn->gen = s->gen;
+                sn->run.n = 0;
+            }
+            if (sn->run.n == 0) {
+                sn->first = (uint64_t)(sn->ghead + 1);
+                sn->tnext = s->tstreams;
+                s->tstreams = sn;
+            }
+        }
+        size_t cl = event_category_len(ev->stream, ev->stream_len);
+        if (!cn || cn->klen != cl || memcmp(cn->key, ev->stream, cl) != 0)
+            cn = touch(s, &s->cats, &s->tcats, ev->stream, cl);
+        if (!tn || tn->klen != ev->type_len || memcmp(tn->key, ev->type, tn->klen) != 0)
+            tn = touch(s, &s->types, &s->ttypes, ev->type, ev->type_len);
+        uint64_t pos = ++s->gpos;
+        ev->version = (uint64_t)(++sn->ghead);
+        ev->position = pos;
+        if (!ev->time_ms) ev->time_ms = s->gnow;
+        u64vec_push(&sn->run, pos);
+        u64vec_push(&cn->run, pos);
+        u64vec_push(&tn->run, pos);
+        unsigned char k[17];
+        if (ev->has_id || pos >= GEN_ID_MAX_POS) {
+            if (!ev->has_id) {
+                gen_id(s, 0, ev->id); /* random; marks as not positional below */
+                ev->id[6] = (uint8_t)(0x40 | (ev->id[6] & 0x0f)); /* UUIDv4 */
+            }
+            k[0] = K_ID;
+            memcpy(k + 1, ev->id, 16);
+            buf_reset(&s->val);
+            buf_put_varint(&s->val, pos);
+            leveldb_writebatch_put(s->wb, (const char *)k, 17, s->val.ptr, s->val.len);
+            idtab_add(&s->ids, ev);
+        } else {
+            gen_id(s, pos, ev->id);
+        }
+        buf_reset(&s->rec);
+        record_encode(ev, &s->rec);
+        event_key(k, pos);
+        leveldb_writebatch_put(s->wb, (const char *)k, 9, s->rec.ptr, s->rec.len);
+    }
+    return 0;
+}
+
+static void put_runs(store *s, char tag, node *list, int by_version) {
+    for (node *n = list; n; n = n->tnext) {
+        buf_reset(&s->key);
+        buf_putc(&s->key, tag);
+        buf_append(&s->key, n->key, n->klen);
+        buf_putc(&s->key, '\0');
+        buf_put_be64(&s->key, by_version ? n->first : n->run.v[0]);
+        buf_reset(&s->val);
+        run_encode(&s->val, n->run.v, n->run.n);
+        leveldb_writebatch_put(s->wb, s->key.ptr, s->key.len, s->val.ptr, s->val.len);
+    }
+}
+
+static void release_runs(node *list) {
+    for (node *n = list; n; n = n->tnext) {
+        if (n->run.cap > 4096) {
+            free(n->run.v);
+            n->run.v = NULL;
+            n->run.cap = 0;
+        }
+        n->run.n = 0;
+    }
+}
+
+/* Process one group (the requests in list, in arrival order). */
+static void group_commit(store *s, req *list) {
+    if (s->streams.count > STREAM_CACHE_MAX) nmap_clear(&s->streams);
+    if (s->cats.count > STREAM_CACHE_MAX) nmap_clear(&s->cats);
+    if (s->types.count > STREAM_CACHE_MAX) nmap_clear(&s->types);
+    s->gen++;
+    s->gpos = s->last;
+    s->gnow = now_ms();
+    s->tstreams = s->tcats = s->ttypes = NULL;
+    idtab_reset(&s->ids);
+    leveldb_writebatch_clear(s->wb);
+
+    int failed;
+    pthread_mutex_lock(&s->mu);
+    failed = s->failed;
+    pthread_mutex_unlock(&s->mu);
+    for (req *r = list; r; r = r->next) {
+        if (failed) r->rc = refusing(&r->err);
+        else r->rc = group_add(s, r);
+    }
+    if (s->git) {
+        leveldb_iter_destroy(s->git);
+        s->git = NULL;
+    }
+    if (s->gpos == s->last) goto out; /* nothing new (rejections, retries) */
+
+    put_runs(s, K_STREAM, s->tstreams, 1);
+    put_runs(s, K_CAT, s->tcats, 0);
+    put_runs(s, K_TYPE, s->ttypes, 0);
+    unsigned char lastv[8];
+    put_be64(lastv, s->gpos);
+    leveldb_writebatch_put(s->wb, "mlast", 5, (const char *)lastv, 8);
+    char *lerr = NULL;
+    leveldb_write(s->db, s->wo, s->wb, &lerr);
+    if (lerr) {
+        char why[256];
+        snprintf(why, sizeof why, "%s", lerr);
+        leveldb_free(lerr);
+        set_failed(s, why);
+        for (req *r = list; r; r = r->next) {
+            if (r->rc == 0) {
+                r->rc = err_set(&r->err, TM_EIO, "append failed, nothing acknowledged: %s; "
+                                "store is refusing writes after a failed sync; reopen it", why);
+            }
+        }
+        s->gen++; /* discard tentative heads */
+        goto out;
+    }
+    for (node *n = s->tstreams; n; n = n->tnext) n->head = n->ghead;
+    __atomic_store_n(&s->last, s->gpos, __ATOMIC_RELEASE);
+    struct {
+        store_commit_fn fn;
+        void *ud;
+    } fns[MAX_COMMIT_FNS];
+    pthread_mutex_lock(&s->mu);
+    int nf = s->nfns;
+    memcpy(fns, s->fns, sizeof fns);
+    pthread_mutex_unlock(&s->mu);
+    for (int i = 0; i < nf; i++) fns[i].fn(fns[i].ud, s->gpos);
+out:
+    release_runs(s->tstreams);
+    release_runs(s->tcats);
+    release_runs(s->ttypes);
+    s->gpos = s->last;
+}
+
+static void *writer_main(void *arg) {
+    store *s = arg;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while (!s->qhead && !s->stopping) pthread_cond_wait(&s->work, &s->mu);
+        if (!s->qhead) break;
+        req *list = s->qhead;
+        s->qhead = s->qtail = NULL;
+        pthread_mutex_unlock(&s->mu);
+        group_commit(s, list);
+        pthread_mutex_lock(&s->mu);
+        for (req *r = list, *nx; r; r = nx) {
+            nx = r->next;
+            r->done = 1;
+            pthread_cond_signal(&r->cv);
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ */
+/* append: validation on the caller's thread, then enqueue and wait    */
+
+static int cmp_id(const void *a, const void *b) { return memcmp(a, b, 16); }
+
+static int validate(store *s, tm_event *evs, size_t n, const store_expect *exp, size_t nexp,
+                    size_t *nid, tm_err *err) {
+    if (n == 0) return err_set(err, TM_EINVAL, "no events to append");
+    mp_limits lim = mp_default_limits;
+    lim.max_size = s->o.max_event_size;
+    *nid = 0;
+    for (size_t i = 0; i < n; i++) {
+        tm_event *ev = &evs[i];
+        if (event_check_names(ev, err) < 0) return err_prefix(err, "event %zu", i);
+        if (ev->data_len + ev->meta_len > s->o.max_event_size)
+            return err_set(err, TM_EINVAL,
+                           "event %zu: data and metadata are %zu bytes, more than the limit of %zu",
+                           i, ev->data_len + ev->meta_len, s->o.max_event_size);
+        if (ev->data_len && mp_validate(ev->data, ev->data_len, &lim, err) < 0)
+            return err_prefix(err, "event %zu: data", i);
+        if (ev->meta_len) {
+            if (mp_validate(ev->meta, ev->meta_len, &lim, err) < 0)
+                return err_prefix(err, "event %zu: metadata", i);
+            unsigned char c = (unsigned char)ev->meta[0];
+            if (!((c & 0xf0) == 0x80 || c == 0xde || c == 0xdf))
+                return err_set(err, TM_EINVAL, "event %zu: metadata must be a map", i);
+        }
+        if (ev->has_id) (*nid)++;
+    }
+    for (size_t i = 0; i < nexp; i++) {
+        tm_event t = {0};
+        t.stream = exp[i].stream;
+        t.stream_len = exp[i].stream_len;
+        t.type = "x";
+        t.type_len = 1;
+        if (event_check_names(&t, err) < 0) return err_prefix(err, "expected version %zu", i);
+        if (exp[i].version < STORE_EXISTS)
+            return err_set(err, TM_EINVAL, "expected version %lld for stream '%.*s' is invalid",
+                           (long long)exp[i].version, (int)exp[i].stream_len, exp[i].stream);
+    }
+    if (*nid > 1) {
+        uint8_t(*ids)[16] = malloc(*nid * 16), (*p)[16] = NULL;
+        if (!ids) abort();
+        p = ids;
+        for (size_t i = 0; i < n; i++)
+            if (evs[i].has_id) memcpy(*p++, evs[i].id, 16);
+        qsort(ids, *nid, 16, cmp_id);
+        for (size_t i = 1; i < *nid; i++)
+            if (memcmp(ids[i - 1], ids[i], 16) == 0) {
+                char idt[37];
+                event_id_format(ids[i], idt);
+                free(ids);
+                return err_set(err, TM_EINVAL, "event id %s appears twice in one request", idt);
+            }
+        free(ids);
+    }
+    return 0;
+}
+
+int store_append(store *s, tm_event *evs, size_t n, const store_expect *exp, size_t nexp,
+                 tm_err *err) {
+    req r;
+    memset(&r, 0, sizeof r);
+    if (validate(s, evs, n, exp, nexp, &r.nid, err) < 0) return -1;
+    r.evs = evs;
+    r.n = n;
+    r.exp = exp;
+    r.nexp = nexp;
+    err_clear(&r.err);
+    pthread_cond_init(&r.cv, NULL);
+    pthread_mutex_lock(&s->mu);
+    if (s->failed || s->stopping) {
+        pthread_mutex_unlock(&s->mu);
+        pthread_cond_destroy(&r.cv);
+        if (s->stopping) return err_set(err, TM_EIO, "store is closing");
+        return refusing(err);
+    }
+    if (s->qtail) s->qtail->next = &r;
+    else s->qhead = &r;
+    s->qtail = &r;
+    pthread_cond_signal(&s->work);
+    while (!r.done) pthread_cond_wait(&r.cv, &s->mu);
+    pthread_mutex_unlock(&s->mu);
+    pthread_cond_destroy(&r.cv);
+    if (r.rc < 0 && err) *err = r.err;
+    return r.rc;
+}
+
+/* ------------------------------------------------------------------ */
+/* reads                                                               */
+
+int store_stream_version(store *s, const char *stream, size_t len, int64_t *version, tm_err *err) {
+    leveldb_iterator_t *it = leveldb_create_iterator(s->db, s->ro);
+    buf kb = BUF_INIT, pb = BUF_INIT;
+    u64vec tmp = {0};
+    int64_t head = -1;
+    int r = db_stream_head(it, &kb, &pb, stream, len, &tmp, &head, err);
+    leveldb_iter_destroy(it);
+    buf_free(&kb);
+    buf_free(&pb);
+    free(tmp.v);
+    if (r == 1) *version = head;
+    return r;
+}
+
+enum { IT_ALL, IT_STREAM, IT_CAT, IT_TYPE };
+
+struct store_iter {
+    store *s;
+    const leveldb_snapshot_t *snap;
+    leveldb_readoptions_t *ro;
+    leveldb_iterator_t *it;   /* 'e' keys */
+    leveldb_iterator_t *ix;   /* index runs */
+    int kind, backward, started, done;
+    uint64_t limit, count;
+    uint64_t hi;              /* last position in the snapshot */
+    uint64_t next;            /* IT_ALL: next position; IT_STREAM: next version */
+    uint64_t from;
+    buf prefix;               /* index key prefix: tag + name + NUL */
+    buf kb;
+    u64vec run;               /* current run */
+    uint64_t run_first;       /* key of the current run */
+    size_t ri;                /* next index into run (forward) / count left (backward) */
+    uint64_t lastpos;         /* cat/type: last position returned */
+    const char *rec;
+    size_t reclen;
+};
+
+static store_iter *iter_new(store *s, int kind, uint64_t from, int backward, uint64_t limit) {
+    store_iter *it = calloc(1, sizeof *it);
+    if (!it) abort();
+    it->s = s;
+    it->kind = kind;
+    it->from = from;
+    it->backward = backward;
+    it->limit = limit;
+    it->hi = load_last(s); /* read before the snapshot: the snapshot holds all of it */
+    it->snap = leveldb_create_snapshot(s->db);
+    it->ro = leveldb_readoptions_create();
+    leveldb_readoptions_set_verify_checksums(it->ro, 1);
+    leveldb_readoptions_set_snapshot(it->ro, it->snap);
+    it->it = leveldb_create_iterator(s->db, it->ro);
+    if (kind != IT_ALL) it->ix = leveldb_create_iterator(s->db, it->ro);
+    return it;
+}
+
+void store_iter_free(store_iter *it) {
+    if (!it) return;
+    leveldb_iter_destroy(it->it);
+    if (it->ix) leveldb_iter_destroy(it->ix);
+    leveldb_readoptions_destroy(it->ro);
+    leveldb_release_snapshot(it->s->db, it->snap);
+    buf_free(&it->prefix);
+    buf_free(&it->kb);
+    free(it->run.v);
+    free(it);
+}
+
+store_iter *store_read_all(store *s, uint64_t from, int backward, uint64_t limit, tm_err *err) {
+    store_iter *it = iter_new(s, IT_ALL, from, backward, limit);
+    if (!backward) it->next = from ? from : 1;
+    else it->next = from < it->hi ? from : it->hi;
+    return it;
+}
+
+static store_iter *index_iter(store *s, int kind, char tag, const char *name, size_t len,
+                              uint64_t from, int backward, uint64_t limit, tm_err *err) {
+    if (len == 0 || memchr(name, '\0', len)) {
+        err_set(err, TM_EINVAL, "invalid name");
+        return NULL;
+    }
+    store_iter *it = iter_new(s, kind, from, backward, limit);
+    buf_putc(&it->prefix, tag);
+    buf_append(&it->prefix, name, len);
+    buf_putc(&it->prefix, '\0');
+    return it;
+}
+
+store_iter *store_read_stream(store *s, const char *stream, size_t len, uint64_t from,
+                              int backward, uint64_t limit, tm_err *err) {
+    return index_iter(s, IT_STREAM, K_STREAM, stream, len, from, backward, limit, err);
+}
+
+store_iter *store_read_category(store *s, const char *cat, size_t len, uint64_t from,
+                                uint64_t limit, tm_err *err) {
+    return index_iter(s, IT_CAT, K_CAT, cat, len, from, 0, limit, err);
+}
+
+store_iter *store_read_type(store *s, const char *type, size_t len, uint64_t from,
+                            uint64_t limit, tm_err *err) {
+    return index_iter(s, IT_TYPE, K_TYPE, type, len, from, 0, limit, err);
+}
+
+static const char *iter_name(store_iter *it, size_t *len) {
+    *len = it->prefix.len - 2;
+    return it->prefix.ptr + 1;
+}
+
+/* Move the 'e' iterator onto pos and decode the record.  0 / -1. */
+static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
+    unsigned char k[9];
+    event_key(k, pos);
+    int ok = 0;
+    if (leveldb_iter_valid(it->it)) {
+        /* sequential reads: step instead of seeking */
+        size_t kl;
+        const char *cur = leveldb_iter_key(it->it, &kl);
+        if (kl == 9 && cur[0] == K_EVENT) {
+            uint64_t c = buf_get_be64(cur + 1);
+            if (c < pos && pos - c <= 4) {
+                while (c < pos && leveldb_iter_valid(it->it)) {
+                    leveldb_iter_next(it->it);
+                    if (!leveldb_iter_valid(it->it)) break;
+                    cur = leveldb_iter_key(it->it, &kl);
+                    if (kl != 9 || cur[0] != K_EVENT) break;
+                    c = buf_get_be64(cur + 1);
+                }
+                ok = 1;
+            } else if (c > pos && c - pos <= 4) {
+                while (c > pos && leveldb_iter_valid(it->it)) {
+                    leveldb_iter_prev(it->it);
+                    if (!leveldb_iter_valid(it->it)) break;
+                    cur = leveldb_iter_key(it->it, &kl);
+                    if (kl != 9 || cur[0] != K_EVENT) break;
+                    c = buf_get_be64(cur + 1);
+                }
+                ok = 1;
+            } else if (c == pos) ok = 1;
+        }
+    }
+    if (!ok) leveldb_iter_seek(it->it, (const char *)k, 9);
+    if (!iter_at(it->it, k, 9)) {
+        if (iter_status(it->it, err) < 0) return -1;
+        return err_set(err, TM_EIO, "corrupt store: position %llu is missing from the log",
+                       (unsigned long long)pos);
+    }
+    it->rec = leveldb_iter_value(it->it, &it->reclen);
+    if (record_decode(it->rec, it->reclen, ev, err) < 0)
+        return err_prefix(err, "position %llu", (unsigned long long)pos);
+    ev->position = pos;
+    return 0;
+}
+
+static int next_all(store_iter *it, tm_event *ev, tm_err *err) {
+    if (it->backward ? it->next == 0 : it->next > it->hi) return 0;
+    if (fetch(it, it->next, ev, err) < 0) return -1;
+    if (it->backward) it->next--;
+    else it->next++;
+    return 1;
+}
+
+static int bad_run(store_iter *it, tm_err *err) {
+    size_t nl;
+    const char *name = iter_name(it, &nl);
+    const char *what = it->kind == IT_STREAM ? "stream" : it->kind == IT_CAT ? "category" : "type";
+    return err_set(err, TM_EIO, "corrupt store: %s index for '%.*s' is broken at %s %llu", what,
+                   (int)nl, name, it->kind == IT_STREAM ? "version" : "position",
+                   (unsigned long long)it->run_first);
+}
+
+/* Load the run under it->ix (must match the prefix): 1 loaded, 0 not ours, -1. */
+static int load_run(store_iter *it, tm_err *err) {
+    if (!leveldb_iter_valid(it->ix)) return iter_status(it->ix, err) < 0 ? -1 : 0;
+    size_t kl, vl;
+    const char *k = leveldb_iter_key(it->ix, &kl);
+    if (kl != it->prefix.len + 8 || memcmp(k, it->prefix.ptr, it->prefix.len) != 0) return 0;
+    it->run_first = buf_get_be64(k + it->prefix.len);
+    const char *v = leveldb_iter_value(it->ix, &vl);
+    if (run_decode(v, vl, &it->run) < 0 || it->run.n == 0) return bad_run(it, err);
+    if (it->kind != IT_STREAM && it->run.v[0] != it->run_first) return bad_run(it, err);
+    return 1;
+}
+
+/* Position on the first run to read.  1 / 0 (nothing) / -1. */
+static int index_start(store_iter *it, tm_err *err) {
+    uint64_t target = it->from, first;
+    int r = run_seek_le(it->ix, &it->kb, it->prefix.ptr, it->prefix.len, target, &first, err);
+    if (r < 0) return -1;
+    if (r == 0) {
+        if (it->backward) return 0;
+        /* nothing at or below `from`: the first run after it, if ours */
+        buf_reset(&it->kb);
+        buf_append(&it->kb, it->prefix.ptr, it->prefix.len);
+        buf_put_be64(&it->kb, target);
+        leveldb_iter_seek(it->ix, it->kb.ptr, it->kb.len);
+        r = load_run(it, err);
+        if (r <= 0) return r;
+        if (it->kind == IT_STREAM && it->run_first != 0) return bad_run(it, err);
+        it->ri = 0;
+        it->next = it->run_first;
+        return 1;
+    }
+    if ((r = load_run(it, err)) <= 0) return r;
+    if (it->kind == IT_STREAM) {
+        uint64_t end = it->run_first + it->run.n; /* one past the run's last version */
+        if (it->backward) {
+            uint64_t v = target < end ? target : end - 1;
+            it->ri = (size_t)(v - it->run_first) + 1; /* entries left, counting down */
+            it->next = v;
+            return 1;
+        }
+        if (target >= end) {
+            /* from is past this run: the next run must start exactly at end */
+            leveldb_iter_next(it->ix);
+            r = load_run(it, err);
+            if (r <= 0) return r;
+            if (it->run_first != end) return bad_run(it, err);
+            it->ri = 0;
+            it->next = end;
+            return 1;
+        }
+        it->ri = (size_t)(target - it->run_first);
+        it->next = target;
+        return 1;
+    }
+    /* category / type, forward: skip entries below from */
+    size_t i = 0;
+    while (i < it->run.n && it->run.v[i] < target) i++;
+    it->ri = i;
+    it->lastpos = 0;
+    return 1;
+}
+
+static int check_match(store_iter *it, tm_event *ev, uint64_t pos, tm_err *err) {
+    size_t nl;
+    const char *name = iter_name(it, &nl);
+    int ok;
+    if (it->kind == IT_STREAM)
+        ok = ev->stream_len == nl && memcmp(ev->stream, name, nl) == 0 && ev->version == it->next;
+    else if (it->kind == IT_CAT)
+        ok = event_category_len(ev->stream, ev->stream_len) == nl &&
+             memcmp(ev->stream, name, nl) == 0;
+    else ok = ev->type_len == nl && memcmp(ev->type, name, nl) == 0;
+    if (ok) return 0;
+    return err_set(err, TM_EIO, "corrupt store: the %s index for '%.*s' points at position %llu, "
+                   "which holds another event", it->kind == IT_STREAM ? "stream"
+                   : it->kind == IT_CAT ? "category" : "type", (int)nl, name,
+                   (unsigned long long)pos);
+}
+
+static int next_index(store_iter *it, tm_event *ev, tm_err *err) {
+    if (!it->started) {
+        it->started = 1;
+        int r = index_start(it, err);
+        if (r <= 0) {
+            it->done = 1;
+            return r;
+        }
+    }
+    uint64_t pos;
+    if (it->kind == IT_STREAM && it->backward) {
+        if (it->ri == 0) {
+            uint64_t first = it->run_first;
+            if (first == 0) return 0;
+            leveldb_iter_prev(it->ix);
+            int r = load_run(it, err);
+            if (r < 0) return -1;
+            if (r == 0 || it->run_first + it->run.n != first) {
+                it->run_first = first;
+                return bad_run(it, err);
+            }
+            it->ri = it->run.n;
+        }
+        pos = it->run.v[--it->ri];
+    } else {
+        while (it->ri >= it->run.n) {
+            uint64_t expect = it->run_first + it->run.n;
+            leveldb_iter_next(it->ix);
+            int r = load_run(it, err);
+            if (r <= 0) return r;
+            if (it->kind == IT_STREAM && it->run_first != expect) return bad_run(it, err);
+            it->ri = 0;
+        }
+        pos = it->run.v[it->ri++];
+        if (it->kind != IT_STREAM) {
+            if (pos <= it->lastpos) return bad_run(it, err);
+            it->lastpos = pos;
+        }
+    }
+    if (pos > it->hi) return 0; /* cannot happen with a consistent snapshot */
+    if (fetch(it, pos, ev, err) < 0) return -1;
+    if (check_match(it, ev, pos, err) < 0) return -1;
+    if (it->kind == IT_STREAM) {
+        if (it->backward) it->next--;
+        else it->next++;
+    }
+    return 1;
+}
+
+int store_iter_next(store_iter *it, tm_event *ev, tm_err *err) {
+    if (it->done) return 0;
+    if (it->limit && it->count >= it->limit) return 0;
+    int r = it->kind == IT_ALL ? next_all(it, ev, err) : next_index(it, ev, err);
+    if (r == 1) it->count++;
+    else if (r == 0) it->done = 1;
+    return r;
+}
+
+void store_iter_record(store_iter *it, const char **rec, size_t *len) {
+    *rec = it->rec;
+    *len = it->reclen;
+}
+
+/* ---- names ---- */
+
+int store_list_streams(store *s, const char *after, size_t alen, uint64_t limit,
+                       store_name_fn fn, void *ud, tm_err *err) {
+    leveldb_iterator_t *it = leveldb_create_iterator(s->db, s->ro);
+    buf kb = BUF_INIT, name = BUF_INIT, pb = BUF_INIT;
+    u64vec tmp = {0};
+    int rc = 0;
+    uint64_t n = 0;
+    buf_putc(&kb, K_STREAM);
+    if (after) {
+        buf_append(&kb, after, alen);
+        buf_putc(&kb, '\x01');
+    }
+    leveldb_iter_seek(it, kb.ptr, kb.len);
+    while (leveldb_iter_valid(it)) {
+        size_t kl;
+        const char *k = leveldb_iter_key(it, &kl);
+        if (kl < 10 || k[0] != K_STREAM) break;
+        buf_reset(&name);
+        buf_append(&name, k + 1, kl - 10);
+        int64_t head = -1;
+        if (db_stream_head(it, &kb, &pb, name.ptr, name.len, &tmp, &head, err) < 0) {
+            rc = -1;
+            break;
+        }
+        if (fn(ud, name.ptr, name.len, head)) break;
+        if (limit && ++n >= limit) break;
+        buf_reset(&kb);
+        buf_putc(&kb, K_STREAM);
+        buf_append(&kb, name.ptr, name.len);
+        buf_putc(&kb, '\x01');
+        leveldb_iter_seek(it, kb.ptr, kb.len);
+    }
+    if (rc == 0 && iter_status(it, err) < 0) rc = -1;
+    leveldb_iter_destroy(it);
+    buf_free(&kb);
+    buf_free(&name);
+    buf_free(&pb);
+    free(tmp.v);
+    return rc;
+}
+
+/* The version passed for a category is -1 (categories have no version). */
+int store_list_categories(store *s, store_name_fn fn, void *ud, tm_err *err) {
+    leveldb_iterator_t *it = leveldb_create_iterator(s->db, s->ro);
+    buf kb = BUF_INIT;
+    int rc = 0;
+    leveldb_iter_seek(it, "c", 1);
+    while (leveldb_iter_valid(it)) {
+        size_t kl;
+        const char *k = leveldb_iter_key(it, &kl);
+        if (kl < 10 || k[0] != K_CAT) break;
+        buf_reset(&kb);
+        buf_append(&kb, k, kl - 9);
+        if (fn(ud, kb.ptr + 1, kb.len - 1, -1)) break;
+        buf_putc(&kb, '\x01');
+        leveldb_iter_seek(it, kb.ptr, kb.len);
+    }
+    if (iter_status(it, err) < 0) rc = -1;
+    leveldb_iter_destroy(it);
+    buf_free(&kb);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ */
+/* check                                                               */
+
+typedef struct check {
+    store *s;
+    FILE *out;
+    store_check_report *rep;
+    leveldb_readoptions_t *ro;
+    leveldb_iterator_t *ev;  /* random access to records */
+    nmap streams, cats, types; /* name -> count of events in the log (in node->head) */
+} check;
+
+static void problem(check *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void problem(check *c, const char *fmt, ...) {
+    c->rep->problems++;
+    if (!c->out) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(c->out, fmt, ap);
+    va_end(ap);
+    fputc('\n', c->out);
+}
+
+static void count_name(nmap *m, const char *k, size_t kl) {
+    uint64_t h = hash_bytes(k, kl);
+    node *n = nmap_find(m, k, kl, h);
+    if (!n) {
+        n = nmap_add(m, k, kl, h);
+        n->head = 0;
+    }
+    n->head++;
+}
+
+/* Read the record at pos via c->ev: 1 decoded, 0 missing/corrupt (reported), -1 error. */
+static int check_fetch(check *c, uint64_t pos, tm_event *ev) {
+    unsigned char k[9];
+    event_key(k, pos);
+    leveldb_iter_seek(c->ev, (const char *)k, 9);
+    if (!iter_at(c->ev, k, 9)) return 0;
+    size_t vl;
+    const char *v = leveldb_iter_value(c->ev, &vl);
+    tm_err e;
+    if (record_decode(v, vl, ev, &e) < 0) return 0;
+    return 1;
+}
+
+/* Verify every run of one index tag.  by_version: stream runs. */
+static int check_index(check *c, char tag, nmap *counts, const char *what, uint64_t *names) {
+    leveldb_iterator_t *it = leveldb_create_iterator(c->s->db, c->ro);
+    buf cur = BUF_INIT;
+    int have = 0;
+    uint64_t expect = 0, lastpos = 0, entries = 0;
+    u64vec run = {0};
+    char t[2] = {tag, 0};
+    leveldb_iter_seek(it, t, 1);
+    for (;; leveldb_iter_next(it)) {
+        int valid = leveldb_iter_valid(it);
+        size_t kl = 0, vl;
+        const char *k = valid ? leveldb_iter_key(it, &kl) : NULL;
+        if (valid && k[0] != tag) valid = 0;
+        if (valid && (kl < 10 || k[kl - 9] != '\0')) {
+            problem(c, "%s index: malformed key", what);
+            continue;
+        }
+        size_t nl = valid ? kl - 10 : 0;
+        if (have && (!valid || nl != cur.len || memcmp(k + 1, cur.ptr, nl) != 0)) {
+            /* end of a name: compare counts */
+            node *n = nmap_find(counts, cur.ptr, cur.len, hash_bytes(cur.ptr, cur.len));
+            uint64_t inlog = n ? (uint64_t)n->head : 0;
+            if (inlog != entries)
+                problem(c, "%s '%s': index has %llu entries, the log has %llu events", what,
+                        cur.ptr, (unsigned long long)entries, (unsigned long long)inlog);
+            if (n) n->ghead = 1; /* seen in the index */
+            have = 0;
+        }
+        if (!valid) break;
+        if (!have) {
+            buf_reset(&cur);
+            buf_append(&cur, k + 1, nl);
+            have = 1;
+            expect = 0;
+            lastpos = 0;
+            entries = 0;
+            (*names)++;
+        }
+        uint64_t first = buf_get_be64(k + kl - 8);
+        const char *v = leveldb_iter_value(it, &vl);
+        if (run_decode(v, vl, &run) < 0 || run.n == 0) {
+            problem(c, "%s '%s': corrupt index entry at %llu", what, cur.ptr,
+                    (unsigned long long)first);
+            continue;
+        }
+        if (tag == K_STREAM) {
+            if (first != expect)
+                problem(c, "stream '%s': versions jump from %llu to %llu", cur.ptr,
+                        (unsigned long long)expect, (unsigned long long)first);
+            expect = first + run.n;
+        } else if (run.v[0] != first) {
+            problem(c, "%s '%s': index key %llu does not match its first position %llu", what,
+                    cur.ptr, (unsigned long long)first, (unsigned long long)run.v[0]);
+        }
+        for (size_t i = 0; i < run.n; i++) {
+            uint64_t pos = run.v[i];
+            entries++;
+            if (pos <= lastpos)
+                problem(c, "%s '%s': positions not increasing (%llu after %llu)", what, cur.ptr,
+                        (unsigned long long)pos, (unsigned long long)lastpos);
+            lastpos = pos;
+            tm_event ev;
+            if (!check_fetch(c, pos, &ev)) {
+                problem(c, "%s '%s': entry points at position %llu, which is missing or corrupt",
+                        what, cur.ptr, (unsigned long long)pos);
+                continue;
+            }
+            int ok;
+            if (tag == K_STREAM)
+                ok = ev.stream_len == cur.len && memcmp(ev.stream, cur.ptr, cur.len) == 0 &&
+                     ev.version == first + i;
+            else if (tag == K_CAT)
+                ok = event_category_len(ev.stream, ev.stream_len) == cur.len &&
+                     memcmp(ev.stream, cur.ptr, cur.len) == 0;
+            else ok = ev.type_len == cur.len && memcmp(ev.type, cur.ptr, cur.len) == 0;
+            if (!ok) {
+                if (tag == K_STREAM)
+                    problem(c, "stream '%s': version %llu points at position %llu, which holds "
+                            "'%.*s' version %llu", cur.ptr, (unsigned long long)(first + i),
+                            (unsigned long long)pos, (int)ev.stream_len, ev.stream,
+                            (unsigned long long)ev.version);
+                else
+                    problem(c, "%s '%s': entry points at position %llu, which is not in it", what,
+                            cur.ptr, (unsigned long long)pos);
+            }
+        }
+    }
+    /* names in the log that have no index at all */
+    for (size_t b = 0; b < counts->cap; b++)
+        for (node *n = counts->tab[b]; n; n = n->next)
+            if (n->ghead != 1)
+                problem(c, "%s '%.*s': %lld events in the log but no index", what, (int)n->klen,
+                        n->key, (long long)n->head);
+    int rc = iter_status(it, NULL) < 0 ? -1 : 0;
+    leveldb_iter_destroy(it);
+    buf_free(&cur);
+    free(run.v);
+    return rc;
+}
+
+static int check_ids(check *c) {
+    leveldb_iterator_t *it = leveldb_create_iterator(c->s->db, c->ro);
+    leveldb_iter_seek(it, "i", 1);
+    for (; leveldb_iter_valid(it); leveldb_iter_next(it)) {
+        size_t kl, vl;
+        const char *k = leveldb_iter_key(it, &kl);
+        if (k[0] != K_ID) break;
+        const char *v = leveldb_iter_value(it, &vl), *p = v;
+        uint64_t pos;
+        char ids[37] = "?";
+        if (kl == 17) event_id_format((const uint8_t *)k + 1, ids);
+        if (kl != 17 || buf_get_varint(&p, v + vl, &pos) < 0 || p != v + vl) {
+            problem(c, "id index: malformed entry for %s", ids);
+            continue;
+        }
+        tm_event ev;
+        if (!check_fetch(c, pos, &ev)) {
+            problem(c, "id %s: points at position %llu, which is missing or corrupt", ids,
+                    (unsigned long long)pos);
+            continue;
+        }
+        if (memcmp(ev.id, k + 1, 16) != 0)
+            problem(c, "id %s: points at position %llu, which holds another id", ids,
+                    (unsigned long long)pos);
+    }
+    int rc = iter_status(it, NULL) < 0 ? -1 : 0;
+    leveldb_iter_destroy(it);
+    return rc;
+}
+
+/* One event's id: generated ids must name their own position, others need
+ * an 'i' entry pointing here. */
+static void check_event_id(check *c, const tm_event *ev, uint64_t pos) {
+    if (gen_id_pos(ev->id) == pos) {
+        c->rep->ids++;
+        return;
+    }
+    char ik[17], *v;
+    size_t vl;
+    ik[0] = K_ID;
+    memcpy(ik + 1, ev->id, 16);
+    char ids[37];
+    event_id_format(ev->id, ids);
+    tm_err e;
+    int r = db_get(c->s, c->ro, ik, 17, &v, &vl, &e);
+    if (r <= 0) {
+        problem(c, "position %llu: id %s is not in the id index", (unsigned long long)pos, ids);
+        return;
+    }
+    const char *p = v;
+    uint64_t at = 0;
+    buf_get_varint(&p, v + vl, &at);
+    leveldb_free(v);
+    if (at != pos)
+        problem(c, "position %llu: id %s is indexed at position %llu", (unsigned long long)pos,
+                ids, (unsigned long long)at);
+    else c->rep->ids++;
+}
+
+int store_check(store *s, FILE *out, store_check_report *report, tm_err *err) {
+    store_check_report dummy;
+    if (!report) report = &dummy;
+    memset(report, 0, sizeof *report);
+    check c = {.s = s, .out = out, .rep = report};
+    uint64_t last = load_last(s);
+    const leveldb_snapshot_t *snap = leveldb_create_snapshot(s->db);
+    c.ro = leveldb_readoptions_create();
+    leveldb_readoptions_set_verify_checksums(c.ro, 1);
+    leveldb_readoptions_set_snapshot(c.ro, snap);
+    c.ev = leveldb_create_iterator(s->db, c.ro);
+    int rc = 0;
+
+    /* the log */
+    leveldb_iterator_t *it = leveldb_create_iterator(s->db, c.ro);
+    unsigned char k0[9];
+    event_key(k0, 0);
+    leveldb_iter_seek(it, (const char *)k0, 9);
+    uint64_t expect = 1;
+    for (; leveldb_iter_valid(it); leveldb_iter_next(it)) {
+        size_t kl, vl;
+        const char *k = leveldb_iter_key(it, &kl);
+        if (k[0] != K_EVENT) break;
+        if (kl != 9) {
+            problem(&c, "log: malformed key");
+            continue;
+        }
+        uint64_t pos = buf_get_be64(k + 1);
+        if (pos != expect) {
+            if (pos > expect)
+                problem(&c, "log: positions %llu..%llu are missing", (unsigned long long)expect,
+                        (unsigned long long)(pos - 1));
+            else problem(&c, "log: position %llu out of order", (unsigned long long)pos);
+        }
+        expect = pos + 1;
+        const char *v = leveldb_iter_value(it, &vl);
+        tm_event ev;
+        tm_err e;
+        if (record_decode(v, vl, &ev, &e) < 0) {
+            problem(&c, "position %llu: %s", (unsigned long long)pos, e.msg);
+            continue;
+        }
+        report->events++;
+        count_name(&c.streams, ev.stream, ev.stream_len);
+        count_name(&c.cats, ev.stream, event_category_len(ev.stream, ev.stream_len));
+        count_name(&c.types, ev.type, ev.type_len);
+        check_event_id(&c, &ev, pos);
+    }
+    if (iter_status(it, err) < 0) rc = -1;
+    leveldb_iter_destroy(it);
+    if (expect - 1 != last)
+        problem(&c, "log: the last position is %llu but the store records %llu",
+                (unsigned long long)(expect - 1), (unsigned long long)last);
+
+    if (rc == 0 && (check_index(&c, K_STREAM, &c.streams, "stream", &report->streams) < 0 ||
+                    check_index(&c, K_CAT, &c.cats, "category", &report->categories) < 0 ||
+                    check_index(&c, K_TYPE, &c.types, "type", &report->types) < 0 ||
+                    check_ids(&c) < 0))
+        rc = err_set(err, TM_EIO, "check: read error");
+
+    /* unknown namespaces: visit the first key of each first byte */
+    if (rc == 0) {
+        it = leveldb_create_iterator(s->db, c.ro);
+        leveldb_iter_seek_to_first(it);
+        while (leveldb_iter_valid(it)) {
+            size_t kl;
+            const char *k = leveldb_iter_key(it, &kl);
+            unsigned char tag = (unsigned char)k[0];
+            if (!tag || !strchr("eisctmp", tag))
+                problem(&c, "unknown key namespace 0x%02x", tag);
+            if (tag == 0xff) break;
+            unsigned char nx = (unsigned char)(tag + 1);
+            leveldb_iter_seek(it, (const char *)&nx, 1);
+        }
+        leveldb_iter_destroy(it);
+    }
+
+    leveldb_iter_destroy(c.ev);
+    leveldb_readoptions_destroy(c.ro);
+    leveldb_release_snapshot(s->db, snap);
+    nmap_clear(&c.streams);
+    nmap_clear(&c.cats);
+    nmap_clear(&c.types);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ */
+/* projection key-value namespace                                      */
+
+struct store_batch {
+    leveldb_writebatch_t *wb;
+    buf key;
+};
+
+struct store_kv_iter {
+    store *s;
+    leveldb_iterator_t *it;
+    const leveldb_snapshot_t *snap;
+    leveldb_readoptions_t *ro;
+    buf prefix;
+    int started;
+};
+
+static const char *pkey(buf *b, const char *k, size_t kl) {
+    buf_reset(b);
+    buf_putc(b, K_PROJ);
+    buf_append(b, k, kl);
+    return b->ptr;
+}
+
+store_batch *store_batch_new(void) {
+    store_batch *b = calloc(1, sizeof *b);
+    if (!b) abort();
+    b->wb = leveldb_writebatch_create();
+    return b;
+}
+
+void store_batch_put(store_batch *b, const char *k, size_t kl, const char *v, size_t vl) {
+    pkey(&b->key, k, kl);
+    leveldb_writebatch_put(b->wb, b->key.ptr, b->key.len, v, vl);
+}
+
+void store_batch_del(store_batch *b, const char *k, size_t kl) {
+    pkey(&b->key, k, kl);
+    leveldb_writebatch_delete(b->wb, b->key.ptr, b->key.len);
+}
+
+void store_batch_clear(store_batch *b) { leveldb_writebatch_clear(b->wb); }
+
+int store_batch_commit(store *s, store_batch *b, tm_err *err) {
+    pthread_mutex_lock(&s->mu);
+    int failed = s->failed;
+    pthread_mutex_unlock(&s->mu);
+    if (failed) return refusing(err);
+    char *lerr = NULL;
+    leveldb_write(s->db, s->wo, b->wb, &lerr);
+    if (lerr) {
+        char why[256];
+        snprintf(why, sizeof why, "%s", lerr);
+        leveldb_free(lerr);
+        set_failed(s, why);
+        return err_set(err, TM_EIO, "write failed: %s; "
+                       "store is refusing writes after a failed sync; reopen it", why);
+    }
+    return 0;
+}
+
+void store_batch_free(store_batch *b) {
+    if (!b) return;
+    leveldb_writebatch_destroy(b->wb);
+    buf_free(&b->key);
+    free(b);
+}
+
+int store_kv_get(store *s, const char *k, size_t kl, char **val, size_t *vl, tm_err *err) {
+    buf kb = BUF_INIT;
+    pkey(&kb, k, kl);
+    char *v;
+    int r = db_get(s, NULL, kb.ptr, kb.len, &v, vl, err);
+    buf_free(&kb);
+    if (r <= 0) return r;
+    /* hand over a malloc'd copy (LevelDB's buffer is freed with leveldb_free) */
+    *val = malloc(*vl ? *vl : 1);
+    if (!*val) abort();
+    memcpy(*val, v, *vl);
+    leveldb_free(v);
+    return 1;
+}
+
+store_kv_iter *store_kv_scan(store *s, const char *prefix, size_t pl, const char *start,
+                             size_t sl, tm_err *err) {
+    store_kv_iter *it = calloc(1, sizeof *it);
+    if (!it) abort();
+    it->s = s;
+    it->snap = leveldb_create_snapshot(s->db);
+    it->ro = leveldb_readoptions_create();
+    leveldb_readoptions_set_verify_checksums(it->ro, 1);
+    leveldb_readoptions_set_snapshot(it->ro, it->snap);
+    it->it = leveldb_create_iterator(s->db, it->ro);
+    buf_putc(&it->prefix, K_PROJ);
+    buf_append(&it->prefix, prefix, pl);
+    buf kb = BUF_INIT;
+    if (start && (sl < pl || memcmp(start, prefix, pl) < 0)) start = NULL;
+    if (start) pkey(&kb, start, sl);
+    else buf_append(&kb, it->prefix.ptr, it->prefix.len);
+    leveldb_iter_seek(it->it, kb.ptr, kb.len);
+    buf_free(&kb);
+    return it;
+}
+
+int store_kv_next(store_kv_iter *it, const char **k, size_t *kl, const char **v, size_t *vl,
+                  tm_err *err) {
+    if (it->started) leveldb_iter_next(it->it);
+    it->started = 1;
+    if (!leveldb_iter_valid(it->it)) return iter_status(it->it, err) < 0 ? -1 : 0;
+    size_t n;
+    const char *key = leveldb_iter_key(it->it, &n);
+    if (n < it->prefix.len || memcmp(key, it->prefix.ptr, it->prefix.len) != 0) return 0;
+    *k = key + 1;
+    *kl = n - 1;
+    *v = leveldb_iter_value(it->it, vl);
+    return 1;
+}
+
+void store_kv_iter_free(store_kv_iter *it) {
+    if (!it) return;
+    leveldb_iter_destroy(it->it);
+    leveldb_readoptions_destroy(it->ro);
+    leveldb_release_snapshot(it->s->db, it->snap);
+    buf_free(&it->prefix);
+    free(it);
+}
+
+int store_kv_delete_prefix(store *s, const char *prefix, size_t pl, tm_err *err) {
+    for (;;) {
+        store_kv_iter *it = store_kv_scan(s, prefix, pl, NULL, 0, err);
+        store_batch *b = store_batch_new();
+        const char *k, *v;
+        size_t kl, vl;
+        int r, n = 0;
+        while (n < 10000 && (r = store_kv_next(it, &k, &kl, &v, &vl, err)) == 1) {
+            store_batch_del(b, k, kl);
+            n++;
+        }
+        store_kv_iter_free(it);
+        if (n > 0 && store_batch_commit(s, b, err) < 0) r = -1;
+        store_batch_free(b);
+        if (r < 0) return -1;
+        if (n < 10000) return 0;
+    }
+}

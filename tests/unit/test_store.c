@@ -1,0 +1,949 @@
+/* test_store.c — the event log: appends, expected versions, idempotency,
+ * reads in every direction, reopen, concurrency, corruption detection,
+ * store_check, the projection key-value namespace, refusing after a failed
+ * write.  Each test gets a fresh temporary data directory.  Corruption is
+ * injected by opening the LevelDB directory directly (the store closed). */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <ftw.h>
+#include <leveldb/c.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "record.h"
+#include "store.h"
+
+typedef struct fx {
+    char dir[64];
+    store *s;
+} fx;
+
+static int rm_one(const char *p, const struct stat *st, int flag, struct FTW *f) {
+    (void)st, (void)flag, (void)f;
+    return remove(p);
+}
+
+static int setup(void **state) {
+    fx *f = calloc(1, sizeof *f);
+    strcpy(f->dir, "/tmp/tm_store_XXXXXX");
+    if (!mkdtemp(f->dir)) return -1;
+    tm_err err;
+    f->s = store_open(f->dir, NULL, &err);
+    if (!f->s) {
+        fprintf(stderr, "open: %s\n", err.msg);
+        return -1;
+    }
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state) {
+    fx *f = *state;
+    store_close(f->s);
+    nftw(f->dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    free(f);
+    return 0;
+}
+
+static void reopen(fx *f) {
+    store_close(f->s);
+    tm_err err;
+    f->s = store_open(f->dir, NULL, &err);
+    assert_non_null(f->s);
+}
+
+static tm_event mkev(const char *stream, const char *type, const char *data) {
+    tm_event e;
+    memset(&e, 0, sizeof e);
+    e.stream = stream;
+    e.stream_len = strlen(stream);
+    e.type = type;
+    e.type_len = strlen(type);
+    e.data = data;
+    e.data_len = strlen(data);
+    return e;
+}
+
+/* msgpack {"n": <fixint>} */
+static const char *num(int n) {
+    static char b[64][4];
+    static int k;
+    char *p = b[k++ % 64];
+    p[0] = (char)0x81;
+    p[1] = (char)0xa1;
+    p[2] = 'n';
+    p[3] = (char)(n & 0x7f);
+    return p;
+}
+static tm_event mkevn(const char *stream, const char *type, int n) {
+    tm_event e = mkev(stream, type, "");
+    e.data = num(n);
+    e.data_len = 4;
+    return e;
+}
+
+static void append1(store *s, const char *stream, const char *type, int n) {
+    tm_event e = mkevn(stream, type, n);
+    tm_err err;
+    int rc = store_append(s, &e, 1, NULL, 0, &err);
+    if (rc) fprintf(stderr, "append: %s\n", err.msg);
+    assert_int_equal(rc, 0);
+}
+
+/* Collect an iterator: positions into pos[], returns count, asserts no error. */
+static size_t collect(store_iter *it, uint64_t *pos, uint64_t *ver, size_t max) {
+    assert_non_null(it);
+    tm_event ev;
+    tm_err err;
+    size_t n = 0;
+    int r;
+    while ((r = store_iter_next(it, &ev, &err)) == 1) {
+        assert_true(n < max);
+        pos[n] = ev.position;
+        if (ver) ver[n] = ev.version;
+        n++;
+    }
+    if (r < 0) fprintf(stderr, "iter: %s\n", err.msg);
+    assert_int_equal(r, 0);
+    store_iter_free(it);
+    return n;
+}
+
+static void assert_clean(store *s) {
+    store_check_report rep;
+    tm_err err;
+    assert_int_equal(store_check(s, stderr, &rep, &err), 0);
+    assert_int_equal(rep.problems, 0);
+}
+
+/* ---- record ---- */
+
+static void test_crc32c_and_record(void **state) {
+    (void)state;
+    assert_int_equal(crc32c(0, "123456789", 9), 0xE3069283u);
+    /* chaining equals one pass */
+    assert_int_equal(crc32c(crc32c(0, "1234", 4), "56789", 5), 0xE3069283u);
+    char big[1000];
+    for (int i = 0; i < 1000; i++) big[i] = (char)(i * 7);
+    assert_int_equal(crc32c(crc32c(0, big, 333), big + 333, 667), crc32c(0, big, 1000));
+
+    tm_event e = mkev("order-1", "Placed", "\x81\xa1x\x05");
+    memset(e.id, 0xab, 16);
+    e.version = 7;
+    e.time_ms = 1700000000123;
+    buf b = BUF_INIT;
+    record_encode(&e, &b);
+    tm_event d;
+    tm_err err;
+    assert_int_equal(record_decode(b.ptr, b.len, &d, &err), 0);
+    assert_int_equal(d.version, 7);
+    assert_int_equal(d.time_ms, 1700000000123);
+    assert_memory_equal(d.id, e.id, 16);
+    assert_int_equal(d.stream_len, 7);
+    assert_memory_equal(d.stream, "order-1", 7);
+    assert_int_equal(d.data_len, 4);
+    assert_memory_equal(d.data, "\x81\xa1x\x05", 4);
+    assert_int_equal(d.meta_len, 1); /* empty map */
+    for (size_t i = 0; i < b.len; i++) { /* every single-byte flip is caught */
+        b.ptr[i] ^= 0x20;
+        assert_int_equal(record_decode(b.ptr, b.len, &d, &err), -1);
+        assert_int_equal(err.code, TM_EIO);
+        b.ptr[i] ^= 0x20;
+    }
+    assert_int_equal(record_decode(b.ptr, b.len - 1, &d, &err), -1);
+    buf_free(&b);
+}
+
+/* ---- append ---- */
+
+static void test_append_single(void **state) {
+    fx *f = *state;
+    tm_event e = mkev("order-1", "Placed", "\x81\xa1x\x05");
+    tm_err err;
+    assert_int_equal(store_last_position(f->s), 0);
+    assert_int_equal(store_append(f->s, &e, 1, NULL, 0, &err), 0);
+    assert_int_equal(e.position, 1);
+    assert_int_equal(e.version, 0);
+    assert_true(e.time_ms > 1600000000000);
+    static const uint8_t zero[16];
+    assert_memory_not_equal(e.id, zero, 16);
+    assert_int_equal(store_last_position(f->s), 1);
+    int64_t v;
+    assert_int_equal(store_stream_version(f->s, "order-1", 7, &v, &err), 1);
+    assert_int_equal(v, 0);
+    assert_int_equal(store_stream_version(f->s, "order-2", 7, &v, &err), 0);
+
+    store_iter *it = store_read_all(f->s, 0, 0, 0, &err);
+    tm_event r;
+    assert_int_equal(store_iter_next(it, &r, &err), 1);
+    assert_int_equal(r.position, 1);
+    assert_memory_equal(r.id, e.id, 16);
+    assert_int_equal(r.time_ms, e.time_ms);
+    assert_int_equal(r.data_len, 4);
+    assert_memory_equal(r.data, "\x81\xa1x\x05", 4);
+    const char *rec;
+    size_t rl;
+    store_iter_record(it, &rec, &rl);
+    tm_event r2;
+    assert_int_equal(record_decode(rec, rl, &r2, &err), 0);
+    assert_int_equal(r2.version, 0);
+    assert_int_equal(store_iter_next(it, &r, &err), 0);
+    store_iter_free(it);
+
+    /* explicit time and metadata are kept */
+    tm_event e2 = mkev("order-1", "Paid", "\xc0");
+    e2.time_ms = 42;
+    e2.meta = "\x81\xa1k\xa1v";
+    e2.meta_len = 5;
+    assert_int_equal(store_append(f->s, &e2, 1, NULL, 0, &err), 0);
+    it = store_read_stream(f->s, "order-1", 7, 1, 0, 0, &err);
+    assert_int_equal(store_iter_next(it, &r, &err), 1);
+    assert_int_equal(r.time_ms, 42);
+    assert_int_equal(r.meta_len, 5);
+    assert_memory_equal(r.meta, "\x81\xa1k\xa1v", 5);
+    assert_int_equal(r.version, 1);
+    assert_int_equal(r.position, 2);
+    store_iter_free(it);
+    assert_clean(f->s);
+}
+
+static void test_append_multi(void **state) {
+    fx *f = *state;
+    tm_err err;
+    tm_event a[3] = {mkevn("a-1", "T", 1), mkevn("a-1", "T", 2), mkevn("a-1", "U", 3)};
+    assert_int_equal(store_append(f->s, a, 3, NULL, 0, &err), 0);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(a[i].position, i + 1);
+        assert_int_equal(a[i].version, i);
+    }
+    /* several streams, interleaved */
+    tm_event b[4] = {mkevn("b-1", "T", 1), mkevn("a-1", "T", 2), mkevn("b-1", "T", 3),
+                     mkevn("c", "T", 4)};
+    store_expect x[2] = {{"a-1", 3, 2}, {"b-1", 3, STORE_NO_STREAM}};
+    assert_int_equal(store_append(f->s, b, 4, x, 2, &err), 0);
+    assert_int_equal(b[0].position, 4);
+    assert_int_equal(b[0].version, 0);
+    assert_int_equal(b[1].version, 3);
+    assert_int_equal(b[2].version, 1);
+    assert_int_equal(b[3].version, 0);
+    assert_int_equal(b[3].position, 7);
+    int64_t v;
+    assert_int_equal(store_stream_version(f->s, "b-1", 3, &v, &err), 1);
+    assert_int_equal(v, 1);
+    assert_clean(f->s);
+}
+
+static void expect_conflict(store *s, const char *stream, int64_t version, int64_t current) {
+    tm_event e = mkevn(stream, "T", 9);
+    store_expect x = {stream, strlen(stream), version};
+    tm_err err;
+    uint64_t last = store_last_position(s);
+    assert_int_equal(store_append(s, &e, 1, &x, 1, &err), -1);
+    assert_int_equal(err.code, TM_ECONFLICT);
+    assert_int_equal(err.current_version, current);
+    assert_non_null(strstr(err.msg, stream));
+    assert_int_equal(store_last_position(s), last);
+}
+
+static void expect_ok(store *s, const char *stream, int64_t version) {
+    tm_event e = mkevn(stream, "T", 9);
+    store_expect x = {stream, strlen(stream), version};
+    tm_err err;
+    assert_int_equal(store_append(s, &e, 1, &x, 1, &err), 0);
+}
+
+static void test_expected_versions(void **state) {
+    fx *f = *state;
+    expect_conflict(f->s, "s-1", STORE_EXISTS, -1);
+    expect_conflict(f->s, "s-1", 0, -1);
+    expect_ok(f->s, "s-1", STORE_NO_STREAM);           /* v0 */
+    expect_conflict(f->s, "s-1", STORE_NO_STREAM, 0);
+    expect_ok(f->s, "s-1", STORE_EXISTS);              /* v1 */
+    expect_ok(f->s, "s-1", 1);                         /* v2 */
+    expect_conflict(f->s, "s-1", 1, 2);
+    expect_conflict(f->s, "s-1", 3, 2);
+    expect_ok(f->s, "s-1", STORE_ANY);                 /* v3 */
+    expect_ok(f->s, "s-2", STORE_ANY);
+    /* an expectation on a stream the request does not write */
+    tm_event e = mkevn("s-3", "T", 1);
+    store_expect x = {"s-1", 3, 2};
+    tm_err err;
+    assert_int_equal(store_append(f->s, &e, 1, &x, 1, &err), -1);
+    assert_int_equal(err.code, TM_ECONFLICT);
+    assert_int_equal(err.current_version, 3);
+    x.version = 3;
+    assert_int_equal(store_append(f->s, &e, 1, &x, 1, &err), 0);
+    /* invalid expectation value */
+    x.version = -7;
+    assert_int_equal(store_append(f->s, &e, 1, &x, 1, &err), -1);
+    assert_int_equal(err.code, TM_EINVAL);
+    /* the cache is right after reopen too */
+    reopen(f);
+    expect_conflict(f->s, "s-1", 2, 3);
+    expect_ok(f->s, "s-1", 3);
+    expect_conflict(f->s, "s-9", STORE_EXISTS, -1);
+    assert_clean(f->s);
+}
+
+static void test_idempotent(void **state) {
+    fx *f = *state;
+    tm_err err;
+    tm_event a[2] = {mkevn("o-1", "T", 1), mkevn("o-2", "T", 2)};
+    memset(a[0].id, 0x11, 16);
+    memset(a[1].id, 0x22, 16);
+    a[0].has_id = a[1].has_id = 1;
+    append1(f->s, "x-1", "T", 0); /* position 1 */
+    assert_int_equal(store_append(f->s, a, 2, NULL, 0, &err), 0);
+    assert_int_equal(a[0].position, 2);
+    assert_int_equal(a[1].position, 3);
+    int64_t t0 = a[0].time_ms;
+
+    /* the same request again: original positions, nothing written */
+    tm_event b[2] = {mkevn("o-1", "T", 1), mkevn("o-2", "T", 2)};
+    memcpy(b[0].id, a[0].id, 16);
+    memcpy(b[1].id, a[1].id, 16);
+    b[0].has_id = b[1].has_id = 1;
+    store_expect x = {"o-1", 3, STORE_NO_STREAM}; /* retries ignore expectations */
+    assert_int_equal(store_append(f->s, b, 2, &x, 1, &err), 0);
+    assert_int_equal(b[0].position, 2);
+    assert_int_equal(b[1].position, 3);
+    assert_int_equal(b[0].version, 0);
+    assert_int_equal(b[0].time_ms, t0);
+    assert_int_equal(store_last_position(f->s), 3);
+
+    /* same id, other content */
+    tm_event c = mkevn("o-1", "T", 5);
+    memcpy(c.id, a[0].id, 16);
+    c.has_id = 1;
+    assert_int_equal(store_append(f->s, &c, 1, NULL, 0, &err), -1);
+    assert_int_equal(err.code, TM_ECONFLICT);
+    c = mkevn("o-9", "T", 1); /* other stream */
+    memcpy(c.id, a[0].id, 16);
+    c.has_id = 1;
+    assert_int_equal(store_append(f->s, &c, 1, NULL, 0, &err), -1);
+    assert_int_equal(err.code, TM_ECONFLICT);
+
+    /* mixed: one stored id and one new */
+    tm_event m[2] = {mkevn("o-1", "T", 1), mkevn("o-3", "T", 3)};
+    memcpy(m[0].id, a[0].id, 16);
+    memset(m[1].id, 0x33, 16);
+    m[0].has_id = m[1].has_id = 1;
+    assert_int_equal(store_append(f->s, m, 2, NULL, 0, &err), -1);
+    assert_int_equal(err.code, TM_ECONFLICT);
+    m[1].has_id = 0; /* mixed with a generated id */
+    assert_int_equal(store_append(f->s, m, 2, NULL, 0, &err), -1);
+    assert_int_equal(err.code, TM_ECONFLICT);
+    assert_int_equal(store_last_position(f->s), 3);
+
+    /* a generated id can be retried too */
+    tm_event g = mkevn("g-1", "T", 7);
+    assert_int_equal(store_append(f->s, &g, 1, NULL, 0, &err), 0);
+    assert_int_equal(g.position, 4);
+    tm_event g2 = mkevn("g-1", "T", 7);
+    memcpy(g2.id, g.id, 16);
+    g2.has_id = 1;
+    assert_int_equal(store_append(f->s, &g2, 1, NULL, 0, &err), 0);
+    assert_int_equal(g2.position, 4);
+    g2.data = num(8);
+    assert_int_equal(store_append(f->s, &g2, 1, NULL, 0, &err), -1);
+    assert_int_equal(err.code, TM_ECONFLICT);
+
+    /* duplicate ids inside one request */
+    tm_event d[2] = {mkevn("d-1", "T", 1), mkevn("d-1", "T", 2)};
+    memset(d[0].id, 0x44, 16);
+    memset(d[1].id, 0x44, 16);
+    d[0].has_id = d[1].has_id = 1;
+    assert_int_equal(store_append(f->s, d, 2, NULL, 0, &err), -1);
+    assert_int_equal(err.code, TM_EINVAL);
+
+    /* the id index survives reopening */
+    reopen(f);
+    tm_event b2[2] = {mkevn("o-1", "T", 1), mkevn("o-2", "T", 2)};
+    memcpy(b2[0].id, a[0].id, 16);
+    memcpy(b2[1].id, a[1].id, 16);
+    b2[0].has_id = b2[1].has_id = 1;
+    assert_int_equal(store_append(f->s, b2, 2, NULL, 0, &err), 0);
+    assert_int_equal(b2[1].position, 3);
+    assert_int_equal(store_append(f->s, &g2, 1, NULL, 0, &err), -1);
+    g2.data = num(7);
+    assert_int_equal(store_append(f->s, &g2, 1, NULL, 0, &err), 0);
+    assert_int_equal(g2.position, 4);
+    assert_int_equal(store_last_position(f->s), 4);
+    assert_clean(f->s);
+}
+
+static void test_invalid_input(void **state) {
+    fx *f = *state;
+    tm_err err;
+    tm_event e[2] = {mkevn("ok-1", "T", 1), mkev("", "T", "\xc0")};
+    assert_int_equal(store_append(f->s, e, 2, NULL, 0, &err), -1);
+    assert_int_equal(err.code, TM_EINVAL);
+    assert_non_null(strstr(err.msg, "event 1"));
+    e[1] = mkev("ok-2", "", "\xc0");
+    assert_int_equal(store_append(f->s, e, 2, NULL, 0, &err), -1);
+    assert_int_equal(err.code, TM_EINVAL);
+    e[1] = mkev("ok-2", "T", "\x82\xa1"); /* truncated msgpack */
+    assert_int_equal(store_append(f->s, e, 2, NULL, 0, &err), -1);
+    assert_int_equal(err.code, TM_EINVAL);
+    assert_non_null(strstr(err.msg, "event 1"));
+    e[1] = mkev("ok-2", "T", "\xc0\xc0"); /* two values */
+    assert_int_equal(store_append(f->s, e, 2, NULL, 0, &err), -1);
+    e[1] = mkev("ok-2", "T", "\xc0");
+    e[1].meta = "\x91\x01"; /* an array, not a map */
+    e[1].meta_len = 2;
+    assert_int_equal(store_append(f->s, e, 2, NULL, 0, &err), -1);
+    assert_int_equal(err.code, TM_EINVAL);
+    assert_non_null(strstr(err.msg, "map"));
+    char *big = malloc((1 << 20) + 10);
+    big[0] = (char)0xc6; /* bin32 of 1 MiB + 5 */
+    uint32_t n = (1 << 20) + 5;
+    big[1] = (char)(n >> 24), big[2] = (char)(n >> 16), big[3] = (char)(n >> 8), big[4] = (char)n;
+    memset(big + 5, 'x', n);
+    e[1] = mkev("ok-2", "T", "");
+    e[1].data = big;
+    e[1].data_len = n + 5;
+    assert_int_equal(store_append(f->s, e, 2, NULL, 0, &err), -1);
+    assert_int_equal(err.code, TM_EINVAL);
+    assert_non_null(strstr(err.msg, "limit"));
+    free(big);
+    char longname[300];
+    memset(longname, 'a', 299);
+    longname[299] = 0;
+    e[1] = mkev(longname, "T", "\xc0");
+    assert_int_equal(store_append(f->s, e, 2, NULL, 0, &err), -1);
+    assert_int_equal(store_append(f->s, e, 0, NULL, 0, &err), -1);
+    assert_int_equal(store_last_position(f->s), 0);
+    store_iter *it = store_read_all(f->s, 0, 0, 0, &err);
+    uint64_t pos[4];
+    assert_int_equal(collect(it, pos, NULL, 4), 0);
+    assert_clean(f->s);
+}
+
+/* ---- reads ---- */
+
+/* 12 events over several commits:
+ *  pos: 1 order-1 Placed   2 order-2 Placed  3 user-1 Joined  4 order-1 Paid
+ *       5 order-1 Shipped  6 order-2 Paid    7..10 order-1 Note (one request)
+ *       11 user-1 Left     12 order-2 Note */
+static void fill(store *s) {
+    append1(s, "order-1", "Placed", 1);
+    append1(s, "order-2", "Placed", 2);
+    append1(s, "user-1", "Joined", 3);
+    tm_event b[3] = {mkevn("order-1", "Paid", 4), mkevn("order-1", "Shipped", 5),
+                     mkevn("order-2", "Paid", 6)};
+    tm_err err;
+    assert_int_equal(store_append(s, b, 3, NULL, 0, &err), 0);
+    tm_event c[4] = {mkevn("order-1", "Note", 7), mkevn("order-1", "Note", 8),
+                     mkevn("order-1", "Note", 9), mkevn("order-1", "Note", 10)};
+    assert_int_equal(store_append(s, c, 4, NULL, 0, &err), 0);
+    append1(s, "user-1", "Left", 11);
+    append1(s, "order-2", "Note", 12);
+}
+
+#define CHECK_SEQ(it, ...)                                                              \
+    do {                                                                                \
+        uint64_t want_[] = {__VA_ARGS__}, got_[64];                                     \
+        size_t n_ = collect((it), got_, NULL, 64);                                      \
+        assert_int_equal(n_, sizeof want_ / sizeof want_[0]);                           \
+        for (size_t i_ = 0; i_ < n_; i_++) assert_int_equal(got_[i_], want_[i_]);       \
+    } while (0)
+
+static void test_reads(void **state) {
+    fx *f = *state;
+    tm_err err;
+    store *s = f->s;
+    fill(s);
+    assert_int_equal(store_last_position(s), 12);
+    CHECK_SEQ(store_read_all(s, 0, 0, 0, &err), 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12);
+    CHECK_SEQ(store_read_all(s, 5, 0, 3, &err), 5, 6, 7);
+    CHECK_SEQ(store_read_all(s, 11, 0, 0, &err), 11, 12);
+    CHECK_SEQ(store_read_all(s, UINT64_MAX, 1, 3, &err), 12, 11, 10);
+    CHECK_SEQ(store_read_all(s, 3, 1, 0, &err), 3, 2, 1);
+    uint64_t none[1];
+    assert_int_equal(collect(store_read_all(s, 13, 0, 0, &err), none, NULL, 1), 0);
+
+    /* stream: order-1 versions 0..6 at positions 1,4,5,7,8,9,10 */
+    CHECK_SEQ(store_read_stream(s, "order-1", 7, 0, 0, 0, &err), 1, 4, 5, 7, 8, 9, 10);
+    CHECK_SEQ(store_read_stream(s, "order-1", 7, 2, 0, 3, &err), 5, 7, 8);
+    CHECK_SEQ(store_read_stream(s, "order-1", 7, 4, 0, 0, &err), 8, 9, 10);
+    CHECK_SEQ(store_read_stream(s, "order-1", 7, 3, 0, 0, &err), 7, 8, 9, 10);
+    CHECK_SEQ(store_read_stream(s, "order-1", 7, UINT64_MAX, 1, 0, &err), 10, 9, 8, 7, 5, 4, 1);
+    CHECK_SEQ(store_read_stream(s, "order-1", 7, 3, 1, 0, &err), 7, 5, 4, 1);
+    CHECK_SEQ(store_read_stream(s, "order-1", 7, 4, 1, 2, &err), 8, 7);
+    CHECK_SEQ(store_read_stream(s, "order-1", 7, 100, 1, 1, &err), 10);
+    assert_int_equal(collect(store_read_stream(s, "order-1", 7, 7, 0, 0, &err), none, NULL, 1), 0);
+    assert_int_equal(collect(store_read_stream(s, "order", 5, 0, 0, 0, &err), none, NULL, 1), 0);
+    assert_int_equal(collect(store_read_stream(s, "order-", 6, 0, 1, 0, &err), none, NULL, 1), 0);
+    uint64_t pos[8], ver[8];
+    size_t n = collect(store_read_stream(s, "order-2", 7, 0, 0, 0, &err), pos, ver, 8);
+    assert_int_equal(n, 3);
+    for (size_t i = 0; i < n; i++) assert_int_equal(ver[i], i);
+
+    /* category and type */
+    CHECK_SEQ(store_read_category(s, "order", 5, 0, 0, &err), 1, 2, 4, 5, 6, 7, 8, 9, 10, 12);
+    CHECK_SEQ(store_read_category(s, "order", 5, 6, 0, &err), 6, 7, 8, 9, 10, 12);
+    CHECK_SEQ(store_read_category(s, "order", 5, 8, 2, &err), 8, 9);
+    CHECK_SEQ(store_read_category(s, "order", 5, 11, 0, &err), 12);
+    CHECK_SEQ(store_read_category(s, "user", 4, 0, 0, &err), 3, 11);
+    assert_int_equal(collect(store_read_category(s, "orde", 4, 0, 0, &err), none, NULL, 1), 0);
+    assert_int_equal(collect(store_read_category(s, "order", 5, 13, 0, &err), none, NULL, 1), 0);
+    CHECK_SEQ(store_read_type(s, "Note", 4, 0, 0, &err), 7, 8, 9, 10, 12);
+    CHECK_SEQ(store_read_type(s, "Note", 4, 9, 0, &err), 9, 10, 12);
+    CHECK_SEQ(store_read_type(s, "Paid", 4, 0, 1, &err), 4);
+    CHECK_SEQ(store_read_type(s, "Placed", 6, 2, 0, &err), 2);
+
+    /* a snapshot: events appended after the iterator starts are not seen */
+    store_iter *it = store_read_all(s, 0, 0, 0, &err);
+    append1(s, "late-1", "T", 1);
+    uint64_t all[16];
+    assert_int_equal(collect(it, all, NULL, 16), 12);
+    assert_clean(s);
+}
+
+typedef struct names {
+    char got[16][64];
+    int64_t ver[16];
+    int n;
+} names;
+
+static int name_cb(void *ud, const char *name, size_t len, int64_t version) {
+    names *nm = ud;
+    snprintf(nm->got[nm->n], 64, "%.*s", (int)len, name);
+    nm->ver[nm->n++] = version;
+    return 0;
+}
+
+static void test_list_names(void **state) {
+    fx *f = *state;
+    tm_err err;
+    fill(f->s);
+    append1(f->s, "order", "T", 1);
+    append1(f->s, "order-1x", "T", 1);
+    names nm = {0};
+    assert_int_equal(store_list_streams(f->s, NULL, 0, 0, name_cb, &nm, &err), 0);
+    assert_int_equal(nm.n, 5);
+    assert_string_equal(nm.got[0], "order");
+    assert_string_equal(nm.got[1], "order-1");
+    assert_int_equal(nm.ver[1], 6);
+    assert_string_equal(nm.got[2], "order-1x");
+    assert_string_equal(nm.got[3], "order-2");
+    assert_int_equal(nm.ver[3], 2);
+    assert_string_equal(nm.got[4], "user-1");
+    memset(&nm, 0, sizeof nm);
+    assert_int_equal(store_list_streams(f->s, "order-1", 7, 2, name_cb, &nm, &err), 0);
+    assert_int_equal(nm.n, 2);
+    assert_string_equal(nm.got[0], "order-1x");
+    assert_string_equal(nm.got[1], "order-2");
+    memset(&nm, 0, sizeof nm);
+    assert_int_equal(store_list_categories(f->s, name_cb, &nm, &err), 0);
+    assert_int_equal(nm.n, 2);
+    assert_string_equal(nm.got[0], "order");
+    assert_string_equal(nm.got[1], "user");
+}
+
+static void test_reopen(void **state) {
+    fx *f = *state;
+    tm_err err;
+    fill(f->s);
+    reopen(f);
+    assert_int_equal(store_last_position(f->s), 12);
+    tm_event e = mkevn("order-1", "More", 1);
+    store_expect x = {"order-1", 7, 6};
+    assert_int_equal(store_append(f->s, &e, 1, &x, 1, &err), 0);
+    assert_int_equal(e.position, 13);
+    assert_int_equal(e.version, 7);
+    CHECK_SEQ(store_read_stream(f->s, "order-1", 7, 5, 0, 0, &err), 9, 10, 13);
+    CHECK_SEQ(store_read_category(f->s, "order", 5, 10, 0, &err), 10, 12, 13);
+    assert_clean(f->s);
+    /* a missing directory without create_if_missing */
+    store_opts o;
+    store_opts_default(&o);
+    o.create_if_missing = 0;
+    char missing[128];
+    snprintf(missing, sizeof missing, "%s/nope", f->dir);
+    assert_null(store_open(missing, &o, &err));
+    assert_int_equal(err.code, TM_ENOTFOUND);
+    /* the directory is locked while open */
+    assert_null(store_open(f->dir, NULL, &err));
+    assert_int_equal(err.code, TM_EIO);
+    assert_non_null(strstr(err.msg, "in use"));
+}
+
+/* ---- concurrency ---- */
+
+#define NTHREADS 16
+#define PER_THREAD 40
+
+typedef struct worker {
+    store *s;
+    int id;
+    int ok;
+} worker;
+
+static void *work(void *arg) {
+    worker *w = arg;
+    char stream[32];
+    snprintf(stream, sizeof stream, "c-%d", w->id % 4);
+    for (int i = 0; i < PER_THREAD; i++) {
+        tm_event e[2] = {mkevn(stream, "A", i), mkevn("shared", "B", i)};
+        tm_err err;
+        if (store_append(w->s, e, (i % 3) ? 1 : 2, NULL, 0, &err) == 0) w->ok++;
+    }
+    return NULL;
+}
+
+/* Optimistic writers on one stream: each reads the head and appends with it
+ * as the expected version; exactly the winners are stored. */
+static void *work_exact(void *arg) {
+    worker *w = arg;
+    for (int i = 0; i < PER_THREAD; i++) {
+        int64_t v = -1;
+        tm_err err;
+        if (store_stream_version(w->s, "race", 4, &v, &err) == 0) v = STORE_NO_STREAM;
+        tm_event e = mkevn("race", "R", w->id);
+        store_expect x = {"race", 4, v};
+        if (store_append(w->s, &e, 1, &x, 1, &err) == 0) w->ok++;
+        else assert_int_equal(err.code, TM_ECONFLICT);
+    }
+    return NULL;
+}
+
+static void test_concurrent(void **state) {
+    fx *f = *state;
+    pthread_t th[NTHREADS];
+    worker w[NTHREADS];
+    uint64_t expected = 0;
+    for (int i = 0; i < NTHREADS; i++) {
+        w[i] = (worker){f->s, i, 0};
+        pthread_create(&th[i], NULL, work, &w[i]);
+    }
+    for (int i = 0; i < NTHREADS; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < NTHREADS; i++) {
+        assert_int_equal(w[i].ok, PER_THREAD);
+        for (int k = 0; k < PER_THREAD; k++) expected += (k % 3) ? 1 : 2;
+    }
+    assert_int_equal(store_last_position(f->s), expected);
+    tm_err err;
+    uint64_t *pos = malloc(sizeof(uint64_t) * 4096), *ver = malloc(sizeof(uint64_t) * 4096);
+    assert_int_equal(collect(store_read_all(f->s, 0, 0, 0, &err), pos, NULL, 4096), expected);
+    for (uint64_t i = 0; i < expected; i++) assert_int_equal(pos[i], i + 1);
+    size_t total = 0;
+    const char *streams[] = {"c-0", "c-1", "c-2", "c-3", "shared"};
+    for (int s = 0; s < 5; s++) {
+        size_t n = collect(store_read_stream(f->s, streams[s], strlen(streams[s]), 0, 0, 0, &err),
+                           pos, ver, 4096);
+        for (size_t i = 0; i < n; i++) {
+            assert_int_equal(ver[i], i);
+            if (i) assert_true(pos[i] > pos[i - 1]);
+        }
+        total += n;
+    }
+    assert_int_equal(total, expected);
+
+    for (int i = 0; i < NTHREADS; i++) {
+        w[i] = (worker){f->s, i, 0};
+        pthread_create(&th[i], NULL, work_exact, &w[i]);
+    }
+    int wins = 0;
+    for (int i = 0; i < NTHREADS; i++) {
+        pthread_join(th[i], NULL);
+        wins += w[i].ok;
+    }
+    assert_true(wins >= PER_THREAD);
+    int64_t head;
+    assert_int_equal(store_stream_version(f->s, "race", 4, &head, &err), 1);
+    assert_int_equal(head + 1, wins);
+    assert_int_equal(collect(store_read_stream(f->s, "race", 4, 0, 0, 0, &err), pos, ver, 4096),
+                     (size_t)wins);
+    free(pos);
+    free(ver);
+    assert_clean(f->s);
+}
+
+typedef struct commits {
+    int calls;
+    uint64_t last;
+} commits;
+
+static void on_commit(void *ud, uint64_t last) {
+    commits *c = ud;
+    c->calls++;
+    c->last = last;
+}
+
+static void test_on_commit(void **state) {
+    fx *f = *state;
+    commits c = {0};
+    store_on_commit(f->s, on_commit, &c);
+    append1(f->s, "a", "T", 1);
+    append1(f->s, "a", "T", 2);
+    assert_int_equal(c.calls, 2);
+    assert_int_equal(c.last, 2);
+    expect_conflict(f->s, "a", STORE_NO_STREAM, 1); /* nothing written, no callback */
+    assert_int_equal(c.calls, 2);
+}
+
+/* ---- corruption and check ---- */
+
+static leveldb_t *raw_open(const char *dir) {
+    leveldb_options_t *o = leveldb_options_create();
+    char *e = NULL;
+    leveldb_t *db = leveldb_open(o, dir, &e);
+    leveldb_options_destroy(o);
+    assert_null(e);
+    return db;
+}
+
+static void raw_put(const char *dir, const char *k, size_t kl, const char *v, size_t vl, int del) {
+    leveldb_t *db = raw_open(dir);
+    leveldb_writeoptions_t *wo = leveldb_writeoptions_create();
+    char *e = NULL;
+    if (del) leveldb_delete(db, wo, k, kl, &e);
+    else leveldb_put(db, wo, k, kl, v, vl, &e);
+    assert_null(e);
+    leveldb_writeoptions_destroy(wo);
+    leveldb_close(db);
+}
+
+/* Open a memstream for store_check's report. */
+static int check_text(store *s, char **text, store_check_report *rep) {
+    size_t len;
+    FILE *m = open_memstream(text, &len);
+    tm_err err;
+    assert_int_equal(store_check(s, m, rep, &err), 0);
+    fclose(m);
+    return (int)rep->problems;
+}
+
+static void test_check_clean(void **state) {
+    fx *f = *state;
+    fill(f->s);
+    store_check_report rep;
+    char *text;
+    assert_int_equal(check_text(f->s, &text, &rep), 0);
+    assert_string_equal(text, "");
+    free(text);
+    assert_int_equal(rep.events, 12);
+    assert_int_equal(rep.streams, 3);
+    assert_int_equal(rep.categories, 2);
+    assert_int_equal(rep.types, 6);
+    assert_int_equal(rep.ids, 12);
+}
+
+static void test_corrupt_record(void **state) {
+    fx *f = *state;
+    tm_err err;
+    fill(f->s);
+    store_close(f->s);
+    f->s = NULL;
+    /* rewrite position 5 with a record whose checksum is wrong */
+    tm_event e = mkevn("order-1", "Shipped", 5);
+    e.version = 2;
+    buf b = BUF_INIT;
+    record_encode(&e, &b);
+    b.ptr[b.len - 1] ^= 1;
+    char k[9] = {'e', 0, 0, 0, 0, 0, 0, 0, 5};
+    raw_put(f->dir, k, 9, b.ptr, b.len, 0);
+    buf_free(&b);
+    reopen(f);
+
+    store_iter *it = store_read_all(f->s, 0, 0, 0, &err);
+    tm_event ev;
+    int r, n = 0;
+    while ((r = store_iter_next(it, &ev, &err)) == 1) n++;
+    store_iter_free(it);
+    assert_int_equal(r, -1);
+    assert_int_equal(n, 4);
+    assert_int_equal(err.code, TM_EIO);
+    assert_non_null(strstr(err.msg, "position 5"));
+    it = store_read_stream(f->s, "order-1", 7, 0, 0, 0, &err);
+    assert_int_equal(store_iter_next(it, &ev, &err), 1);
+    assert_int_equal(store_iter_next(it, &ev, &err), 1);
+    assert_int_equal(store_iter_next(it, &ev, &err), -1);
+    assert_non_null(strstr(err.msg, "position 5"));
+    store_iter_free(it);
+    it = store_read_type(f->s, "Shipped", 7, 0, 0, &err);
+    assert_int_equal(store_iter_next(it, &ev, &err), -1);
+    store_iter_free(it);
+
+    store_check_report rep;
+    char *text;
+    assert_true(check_text(f->s, &text, &rep) > 0);
+    assert_non_null(strstr(text, "position 5"));
+    free(text);
+}
+
+static void test_check_broken_indexes(void **state) {
+    fx *f = *state;
+    fill(f->s);
+    store_close(f->s);
+    f->s = NULL;
+    /* delete the type run holding position 3 ("Joined") */
+    char k[32] = "tJoined";
+    memset(k + 7, 0, 9);
+    k[15] = 3;
+    raw_put(f->dir, k, 16, NULL, 0, 1);
+    reopen(f);
+    store_check_report rep;
+    char *text;
+    assert_true(check_text(f->s, &text, &rep) > 0);
+    assert_non_null(strstr(text, "Joined"));
+    free(text);
+
+    /* a stream run that points at the wrong event, and a missing position */
+    store_close(f->s);
+    f->s = NULL;
+    char sk[32] = "suser-1";
+    memset(sk + 7, 0, 9);
+    leveldb_t *db = raw_open(f->dir);
+    leveldb_readoptions_t *ro = leveldb_readoptions_create();
+    leveldb_writeoptions_t *wo = leveldb_writeoptions_create();
+    char *e = NULL;
+    size_t vl;
+    char *v = leveldb_get(db, ro, sk, 16, &vl, &e);
+    assert_non_null(v);
+    /* rewrite run [3] as [2] with a valid checksum */
+    char nv[5] = {0, 0, 0, 0, 2};
+    uint32_t c = crc32c(0, nv + 4, 1);
+    memcpy(nv, &c, 4); /* little-endian machine */
+    leveldb_put(db, wo, sk, 16, nv, 5, &e);
+    leveldb_free(v);
+    char ek[9] = {'e', 0, 0, 0, 0, 0, 0, 0, 11};
+    leveldb_delete(db, wo, ek, 9, &e);
+    assert_null(e);
+    leveldb_readoptions_destroy(ro);
+    leveldb_writeoptions_destroy(wo);
+    leveldb_close(db);
+    reopen(f);
+    assert_true(check_text(f->s, &text, &rep) >= 3);
+    assert_non_null(strstr(text, "user-1"));
+    assert_non_null(strstr(text, "11"));
+    free(text);
+    /* reads report the broken index rather than a wrong event */
+    tm_err err;
+    tm_event ev;
+    store_iter *it = store_read_stream(f->s, "user-1", 6, 0, 0, 0, &err);
+    assert_int_equal(store_iter_next(it, &ev, &err), -1);
+    assert_int_equal(err.code, TM_EIO);
+    store_iter_free(it);
+    it = store_read_all(f->s, 10, 0, 0, &err);
+    assert_int_equal(store_iter_next(it, &ev, &err), 1);
+    assert_int_equal(store_iter_next(it, &ev, &err), -1);
+    assert_non_null(strstr(err.msg, "position 11"));
+    store_iter_free(it);
+}
+
+/* ---- key-value namespace ---- */
+
+static void test_kv(void **state) {
+    fx *f = *state;
+    tm_err err;
+    fill(f->s);
+    store_batch *b = store_batch_new();
+    store_batch_put(b, "p1/a", 4, "1", 1);
+    store_batch_put(b, "p1/b", 4, "2", 1);
+    store_batch_put(b, "p1/c", 4, "3", 1);
+    store_batch_put(b, "p2/a", 4, "x", 1);
+    store_batch_put(b, "e", 1, "not an event", 12);
+    assert_int_equal(store_batch_commit(f->s, b, &err), 0);
+    store_batch_clear(b);
+    store_batch_del(b, "p1/b", 4);
+    store_batch_put(b, "p1/a", 4, "one", 3);
+    assert_int_equal(store_batch_commit(f->s, b, &err), 0);
+    store_batch_free(b);
+    char *v;
+    size_t vl;
+    assert_int_equal(store_kv_get(f->s, "p1/a", 4, &v, &vl, &err), 1);
+    assert_int_equal(vl, 3);
+    assert_memory_equal(v, "one", 3);
+    free(v);
+    assert_int_equal(store_kv_get(f->s, "p1/b", 4, &v, &vl, &err), 0);
+    store_kv_iter *it = store_kv_scan(f->s, "p1/", 3, NULL, 0, &err);
+    const char *k, *val;
+    size_t kl;
+    assert_int_equal(store_kv_next(it, &k, &kl, &val, &vl, &err), 1);
+    assert_int_equal(kl, 4);
+    assert_memory_equal(k, "p1/a", 4);
+    assert_int_equal(store_kv_next(it, &k, &kl, &val, &vl, &err), 1);
+    assert_memory_equal(k, "p1/c", 4);
+    assert_memory_equal(val, "3", 1);
+    assert_int_equal(store_kv_next(it, &k, &kl, &val, &vl, &err), 0);
+    store_kv_iter_free(it);
+    it = store_kv_scan(f->s, "p1/", 3, "p1/b", 4, &err);
+    assert_int_equal(store_kv_next(it, &k, &kl, &val, &vl, &err), 1);
+    assert_memory_equal(k, "p1/c", 4);
+    store_kv_iter_free(it);
+    assert_int_equal(store_kv_delete_prefix(f->s, "p1/", 3, &err), 0);
+    assert_int_equal(store_kv_get(f->s, "p1/a", 4, &v, &vl, &err), 0);
+    assert_int_equal(store_kv_get(f->s, "p2/a", 4, &v, &vl, &err), 1);
+    free(v);
+    /* the log is untouched by the namespace */
+    assert_int_equal(store_last_position(f->s), 12);
+    assert_clean(f->s);
+}
+
+/* ---- a failed write ---- */
+
+static void test_failed_write(void **state) {
+    fx *f = *state;
+    tm_err err;
+    append1(f->s, "a", "T", 1);
+    /* Make every further file write fail (EFBIG) */
+    struct rlimit old, lim;
+    getrlimit(RLIMIT_FSIZE, &old);
+    signal(SIGXFSZ, SIG_IGN);
+    lim = old;
+    lim.rlim_cur = 1;
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    tm_event e = mkevn("a", "T", 2);
+    int rc = store_append(f->s, &e, 1, NULL, 0, &err);
+    setrlimit(RLIMIT_FSIZE, &old);
+    assert_int_equal(rc, -1);
+    assert_int_equal(err.code, TM_EIO);
+    /* refusing from now on, even though writes would work again */
+    e = mkevn("a", "T", 3);
+    assert_int_equal(store_append(f->s, &e, 1, NULL, 0, &err), -1);
+    assert_int_equal(err.code, TM_EIO);
+    assert_non_null(strstr(err.msg, "reopen"));
+    store_batch *b = store_batch_new();
+    store_batch_put(b, "k", 1, "v", 1);
+    assert_int_equal(store_batch_commit(f->s, b, &err), -1);
+    store_batch_free(b);
+    assert_int_equal(store_last_position(f->s), 1);
+    reopen(f);
+    assert_int_equal(store_last_position(f->s), 1);
+    append1(f->s, "a", "T", 4);
+    assert_int_equal(store_last_position(f->s), 2);
+    assert_clean(f->s);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_crc32c_and_record),
+        cmocka_unit_test_setup_teardown(test_append_single, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_append_multi, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_expected_versions, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_idempotent, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_invalid_input, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reads, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_list_names, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_concurrent, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_on_commit, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_check_clean, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_corrupt_record, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_check_broken_indexes, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_kv, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_failed_write, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

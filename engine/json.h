@@ -32,4 +32,8 @@ int json_from_mp(const char *mp, size_t len, buf *out, tm_err *err);
  * replaced by U+FFFD). */
 void json_put_string(buf *out, const char *s, size_t len);
 
+/* 1 if [s, s+len) is well-formed UTF-8 (no overlongs, no surrogates,
+ * nothing above U+10FFFF), else 0. */
+int json_utf8_valid(const char *s, size_t len);
+
 #endif

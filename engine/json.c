@@ -1,0 +1,591 @@
+/* json.c — JSON <-> msgpack transcoding (see json.h).
+ *
+ * Owns: the yajl parse callbacks that write msgpack through msgpack-c's
+ * packer, the canonical compaction of that output, the hand-written
+ * msgpack -> JSON printer, and JSON string escaping / UTF-8 checking.
+ *
+ * JSON -> msgpack.  yajl reports a container's end, never its count in
+ * advance, so every array/map is first written with a 5-byte header
+ * (array32/map32) whose count is patched when it closes; a stack holds the
+ * header offsets.  When the whole value is parsed, one forward pass
+ * rewrites each such header in its smallest form (fixarray/fixmap, 16 or
+ * 32 bits) and slides the rest down (the write cursor never passes the
+ * read cursor, so this is done in place).  Scalars come from the packer,
+ * which already picks the smallest encoding; floats are always float64.
+ * So the same JSON always yields the same bytes.
+ *   Limits: depth and per-container counts are checked as containers
+ * open and grow; size is checked against a lower bound of the final size
+ * while parsing (bytes written, less what closed containers will save,
+ * less 4 per open container) and exactly at the end.
+ *   Numbers arrive as text (yajl_number): an integer literal becomes int64
+ * or, if positive and too big for int64, uint64; anything else (fraction,
+ * exponent, or an integer beyond 64 bits) becomes float64.  "-0" is the
+ * integer 0; "-0.0" is the float -0.0.  Text <-> double conversions use
+ * the C locale whatever the process locale is.
+ *
+ * msgpack -> JSON is printed by hand (recursive, bounded by JSON_MAX_DEPTH;
+ * input must already be validated, but reads stay inside [mp, mp+len)).
+ * Doubles print with the fewest digits (15..17) that read back exactly and
+ * always look like floats ("1.0", "1e+300"); float32 with 6..9 digits;
+ * NaN and infinities print as null.
+ */
+#define _GNU_SOURCE
+#include "json.h"
+
+#include <locale.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <msgpack/pack.h>
+#include <yajl/yajl_parse.h>
+
+#define JSON_MAX_DEPTH 10000 /* printer recursion guard for validated input */
+
+/* ---- C locale for number text ---- */
+
+static locale_t c_locale;
+static pthread_once_t c_locale_once = PTHREAD_ONCE_INIT;
+
+static void c_locale_init(void) { c_locale = newlocale(LC_ALL_MASK, "C", (locale_t)0); }
+
+static double strtod_c(const char *s, char **end) {
+    pthread_once(&c_locale_once, c_locale_init);
+    if (c_locale) return strtod_l(s, end, c_locale);
+    return strtod(s, end);
+}
+
+static float strtof_c(const char *s, char **end) {
+    pthread_once(&c_locale_once, c_locale_init);
+    if (c_locale) return strtof_l(s, end, c_locale);
+    return strtof(s, end);
+}
+
+/* ---- JSON -> msgpack ---- */
+
+typedef struct frame {
+    size_t hdr;      /* offset in out of the 5-byte header */
+    uint32_t count;  /* elements (array) or pairs (map) so far */
+    int is_map;
+} frame;
+
+typedef struct jctx {
+    buf *out;
+    size_t start;           /* out->len when we began */
+    const mp_limits *lim;
+    frame *stack;
+    unsigned depth, cap;
+    size_t saved;           /* bytes compaction will remove from closed containers */
+    msgpack_packer pk;
+    int failed;             /* a callback set err */
+    tm_err *err;
+} jctx;
+
+static int pk_write(void *data, const char *p, size_t n) {
+    buf_append(data, p, n);
+    return 0;
+}
+
+static size_t hdr_size(uint32_t n) { return n < 16 ? 1 : n < 65536 ? 3 : 5; }
+
+/* Record a callback's error; returns 0 so yajl stops. */
+static int fail(jctx *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int fail(jctx *c, const char *fmt, ...) {
+    char m[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(m, sizeof m, fmt, ap);
+    va_end(ap);
+    c->failed = 1;
+    err_set(c->err, TM_EINVAL, "%s", m);
+    return 0;
+}
+
+/* Lower bound of the final size must stay within the limit. */
+static int check_size(jctx *c) {
+    size_t raw = c->out->len - c->start;
+    size_t open = 4 * (size_t)c->depth;
+    size_t lower = raw - c->saved;
+    lower = lower > open ? lower - open : 0;
+    if (lower > c->lim->max_size)
+        return fail(c, "value exceeds size limit of %zu bytes", c->lim->max_size);
+    return 1;
+}
+
+/* Count one more element in the enclosing array (map pairs are counted by
+ * their key). */
+static int add_elem(jctx *c) {
+    if (!c->depth) return 1;
+    frame *f = &c->stack[c->depth - 1];
+    if (f->is_map) return 1;
+    if (++f->count > c->lim->max_items)
+        return fail(c, "array of more than %u items", c->lim->max_items);
+    return 1;
+}
+
+static int cb_null(void *ctx) {
+    jctx *c = ctx;
+    if (!add_elem(c)) return 0;
+    msgpack_pack_nil(&c->pk);
+    return check_size(c);
+}
+
+static int cb_bool(void *ctx, int v) {
+    jctx *c = ctx;
+    if (!add_elem(c)) return 0;
+    if (v) msgpack_pack_true(&c->pk);
+    else msgpack_pack_false(&c->pk);
+    return check_size(c);
+}
+
+/* Pack a JSON number given as text (already checked by yajl's lexer). */
+static void pack_number(jctx *c, const char *s, size_t n) {
+    int is_int = 1;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] == '.' || s[i] == 'e' || s[i] == 'E') {
+            is_int = 0;
+            break;
+        }
+    if (is_int) {
+        size_t i = 0;
+        int neg = s[0] == '-';
+        if (neg) i++;
+        uint64_t v = 0;
+        int over = 0;
+        for (; i < n; i++) {
+            unsigned d = (unsigned)(s[i] - '0');
+            if (v > (UINT64_MAX - d) / 10) {
+                over = 1;
+                break;
+            }
+            v = v * 10 + d;
+        }
+        if (!over && !neg) {
+            msgpack_pack_uint64(&c->pk, v);
+            return;
+        }
+        if (!over && v <= (uint64_t)INT64_MAX + 1) {
+            msgpack_pack_int64(&c->pk, v == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)v);
+            return;
+        }
+    }
+    char small[64];
+    char *t = n < sizeof small ? small : malloc(n + 1);
+    if (!t) abort();
+    memcpy(t, s, n);
+    t[n] = '\0';
+    double d = strtod_c(t, NULL);
+    if (t != small) free(t);
+    msgpack_pack_double(&c->pk, d);
+}
+
+static int cb_number(void *ctx, const char *s, size_t n) {
+    jctx *c = ctx;
+    if (!add_elem(c)) return 0;
+    pack_number(c, s, n);
+    return check_size(c);
+}
+
+static int cb_string(void *ctx, const unsigned char *s, size_t n) {
+    jctx *c = ctx;
+    if (!add_elem(c)) return 0;
+    if (n > UINT32_MAX) return fail(c, "string longer than %u bytes", UINT32_MAX);
+    msgpack_pack_str_with_body(&c->pk, s, n);
+    return check_size(c);
+}
+
+static int open_container(jctx *c, int is_map) {
+    if (!add_elem(c)) return 0;
+    if (c->depth >= c->lim->max_depth)
+        return fail(c, "nesting deeper than %u", c->lim->max_depth);
+    if (c->depth == c->cap) {
+        unsigned cap = c->cap ? c->cap * 2 : 16;
+        frame *s = realloc(c->stack, sizeof *s * cap);
+        if (!s) abort();
+        c->stack = s;
+        c->cap = cap;
+    }
+    frame *f = &c->stack[c->depth++];
+    f->hdr = c->out->len;
+    f->count = 0;
+    f->is_map = is_map;
+    static const char hdr[2][5] = {{(char)0xdd, 0, 0, 0, 0}, {(char)0xdf, 0, 0, 0, 0}};
+    buf_append(c->out, hdr[is_map], 5);
+    return check_size(c);
+}
+
+static int close_container(jctx *c) {
+    frame *f = &c->stack[--c->depth];
+    unsigned char *h = (unsigned char *)c->out->ptr + f->hdr;
+    h[1] = (unsigned char)(f->count >> 24);
+    h[2] = (unsigned char)(f->count >> 16);
+    h[3] = (unsigned char)(f->count >> 8);
+    h[4] = (unsigned char)f->count;
+    c->saved += 5 - hdr_size(f->count);
+    return 1;
+}
+
+static int cb_start_map(void *ctx) { return open_container(ctx, 1); }
+static int cb_start_array(void *ctx) { return open_container(ctx, 0); }
+static int cb_end(void *ctx) { return close_container(ctx); }
+
+static int cb_map_key(void *ctx, const unsigned char *s, size_t n) {
+    jctx *c = ctx;
+    frame *f = &c->stack[c->depth - 1];
+    if (++f->count > c->lim->max_items)
+        return fail(c, "object of more than %u items", c->lim->max_items);
+    if (n > UINT32_MAX) return fail(c, "key longer than %u bytes", UINT32_MAX);
+    msgpack_pack_str_with_body(&c->pk, s, n);
+    return check_size(c);
+}
+
+static const yajl_callbacks json_callbacks = {
+    .yajl_null = cb_null,
+    .yajl_boolean = cb_bool,
+    .yajl_number = cb_number,
+    .yajl_string = cb_string,
+    .yajl_start_map = cb_start_map,
+    .yajl_map_key = cb_map_key,
+    .yajl_end_map = cb_end,
+    .yajl_start_array = cb_start_array,
+    .yajl_end_array = cb_end,
+};
+
+/* Rewrite every 5-byte container header at [from, out->len) in its
+ * smallest form, sliding the bytes between headers down. */
+static void compact(buf *out, size_t from) {
+    char *b = out->ptr;
+    const char *r = b + from, *end = b + out->len;
+    char *w = b + from;
+    const char *run = r; /* start of bytes not yet copied */
+    while (r < end) {
+        unsigned char c = (unsigned char)*r;
+        if (c == 0xdd || c == 0xdf) {
+            size_t rl = (size_t)(r - run);
+            if (w != run) memmove(w, run, rl);
+            w += rl;
+            uint32_t n = (uint32_t)((unsigned char)r[1] << 24 | (unsigned char)r[2] << 16 |
+                                    (unsigned char)r[3] << 8 | (unsigned char)r[4]);
+            int is_map = c == 0xdf;
+            if (n < 16) {
+                *w++ = (char)((is_map ? 0x80 : 0x90) | n);
+            } else if (n < 65536) {
+                *w++ = (char)(is_map ? 0xde : 0xdc);
+                *w++ = (char)(n >> 8);
+                *w++ = (char)n;
+            } else {
+                memmove(w, r, 5);
+                w += 5;
+            }
+            r += 5;
+            run = r;
+            continue;
+        }
+        mp_item it;
+        if (mp_next(&r, end, &it) < 0) abort(); /* we wrote these bytes */
+    }
+    size_t rl = (size_t)(r - run);
+    if (w != run) memmove(w, run, rl);
+    w += rl;
+    out->len = (size_t)(w - b);
+    out->ptr[out->len] = '\0';
+}
+
+/* yajl's message, made one line. */
+static void set_yajl_error(tm_err *err, yajl_handle h, const char *text, size_t len, size_t off) {
+    unsigned char *m = yajl_get_error(h, 0, (const unsigned char *)text, len);
+    char *s = (char *)m;
+    size_t n = s ? strlen(s) : 0;
+    while (n && (s[n - 1] == '\n' || s[n - 1] == ' ' || s[n - 1] == '.')) s[--n] = '\0';
+    for (size_t i = 0; i < n; i++)
+        if (s[i] == '\n' || s[i] == '\r') s[i] = ' ';
+    err_set(err, TM_EINVAL, "invalid JSON at byte %zu: %s", off, s ? s : "parse error");
+    if (m) yajl_free_error(h, m);
+}
+
+int json_to_mp(const char *text, size_t len, const mp_limits *lim, buf *out, tm_err *err) {
+    jctx c = {0};
+    c.out = out;
+    c.start = out->len;
+    c.lim = lim ? lim : &mp_default_limits;
+    c.err = err;
+    msgpack_packer_init(&c.pk, out, pk_write);
+    yajl_handle h = yajl_alloc(&json_callbacks, NULL, &c);
+    if (!h) abort();
+    int rc = -1;
+    yajl_status st = yajl_parse(h, (const unsigned char *)text, len);
+    size_t off = yajl_get_bytes_consumed(h);
+    if (st == yajl_status_ok) {
+        st = yajl_complete_parse(h);
+        off = len;
+    }
+    if (st == yajl_status_client_canceled && c.failed) {
+        err_prefix(err, "invalid JSON at byte %zu", off);
+        goto out;
+    }
+    if (st != yajl_status_ok) {
+        set_yajl_error(err, h, text, len, off);
+        goto out;
+    }
+    if (out->len - c.start - c.saved > c.lim->max_size) {
+        err_set(err, TM_EINVAL, "invalid JSON: value exceeds size limit of %zu bytes",
+                c.lim->max_size);
+        goto out;
+    }
+    if (c.saved) compact(out, c.start);
+    rc = 0;
+out:
+    yajl_free(h);
+    free(c.stack);
+    if (rc) {
+        out->len = c.start;
+        if (out->ptr) out->ptr[out->len] = '\0';
+    }
+    return rc;
+}
+
+/* ---- strings ---- */
+
+/* Length of the valid UTF-8 sequence at s (n > 0 bytes available), or the
+ * negated length of the maximal invalid subpart (at least 1) to replace. */
+static long utf8_seq(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    size_t need;
+    unsigned lo = 0x80, hi = 0xbf;
+    if (c < 0x80) return 1;
+    if (c >= 0xc2 && c <= 0xdf) need = 1;
+    else if (c == 0xe0) need = 2, lo = 0xa0;
+    else if (c >= 0xe1 && c <= 0xef) need = 2, hi = c == 0xed ? 0x9f : 0xbf;
+    else if (c == 0xf0) need = 3, lo = 0x90;
+    else if (c >= 0xf1 && c <= 0xf3) need = 3;
+    else if (c == 0xf4) need = 3, hi = 0x8f;
+    else return -1;
+    for (size_t i = 1; i <= need; i++) {
+        if (i >= n || s[i] < lo || s[i] > hi) return -(long)i;
+        lo = 0x80, hi = 0xbf;
+    }
+    return (long)need + 1;
+}
+
+int json_utf8_valid(const char *s, size_t len) {
+    const unsigned char *p = (const unsigned char *)s, *e = p + len;
+    while (p < e) {
+        if (*p < 0x80) {
+            p++;
+            continue;
+        }
+        long k = utf8_seq(p, (size_t)(e - p));
+        if (k < 0) return 0;
+        p += k;
+    }
+    return 1;
+}
+
+/* 0 = copy as is; 'u' = \u00XX; other = \<that char> */
+static const char esc[256] = {
+    ['\b'] = 'b', ['\f'] = 'f', ['\n'] = 'n', ['\r'] = 'r', ['\t'] = 't',
+    [0x00] = 'u', [0x01] = 'u', [0x02] = 'u', [0x03] = 'u', [0x04] = 'u', [0x05] = 'u',
+    [0x06] = 'u', [0x07] = 'u', [0x0b] = 'u', [0x0e] = 'u', [0x0f] = 'u', [0x10] = 'u',
+    [0x11] = 'u', [0x12] = 'u', [0x13] = 'u', [0x14] = 'u', [0x15] = 'u', [0x16] = 'u',
+    [0x17] = 'u', [0x18] = 'u', [0x19] = 'u', [0x1a] = 'u', [0x1b] = 'u', [0x1c] = 'u',
+    [0x1d] = 'u', [0x1e] = 'u', [0x1f] = 'u', ['"'] = '"', ['\\'] = '\\',
+};
+
+void json_put_string(buf *out, const char *str, size_t len) {
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *s = (const unsigned char *)str, *e = s + len;
+    buf_reserve(out, len + 2);
+    buf_putc(out, '"');
+    while (s < e) {
+        const unsigned char *run = s;
+        while (s < e && *s < 0x80 && !esc[*s]) s++;
+        if (s > run) buf_append(out, run, (size_t)(s - run));
+        if (s >= e) break;
+        unsigned c = *s;
+        if (c < 0x80) {
+            char x = esc[c];
+            if (x == 'u') {
+                char u[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
+                buf_append(out, u, 6);
+            } else {
+                char u[2] = {'\\', x};
+                buf_append(out, u, 2);
+            }
+            s++;
+            continue;
+        }
+        long k = utf8_seq(s, (size_t)(e - s));
+        if (k > 0) {
+            buf_append(out, s, (size_t)k);
+            s += k;
+        } else {
+            buf_append(out, "\xef\xbf\xbd", 3);
+            s += -k;
+        }
+    }
+    buf_putc(out, '"');
+}
+
+/* ---- msgpack -> JSON ---- */
+
+static void put_u64(buf *out, uint64_t v, int neg) {
+    char t[24];
+    char *p = t + sizeof t;
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    if (neg) *--p = '-';
+    buf_append(out, p, (size_t)(t + sizeof t - p));
+}
+
+static void put_i64(buf *out, int64_t v) {
+    if (v < 0) put_u64(out, (uint64_t)0 - (uint64_t)v, 1);
+    else put_u64(out, (uint64_t)v, 0);
+}
+
+/* Make snprintf's %g output locale-proof: keep digits, sign, exponent;
+ * whatever else is the decimal point (possibly multibyte) becomes '.'. */
+static int c_number(char *s, int n) {
+    int w = 0, dot = 0;
+    for (int i = 0; i < n; i++) {
+        char ch = s[i];
+        if ((ch >= '0' && ch <= '9') || ch == '-' || ch == '+' || ch == 'e' || ch == 'E') {
+            s[w++] = ch;
+        } else if (!dot) {
+            s[w++] = '.';
+            dot = 1;
+        }
+    }
+    s[w] = '\0';
+    return w;
+}
+
+static void put_real(buf *out, double d, int single) {
+    if (!isfinite(d)) {
+        buf_append(out, "null", 4);
+        return;
+    }
+    /* integral values: fast and exact */
+    if (d == trunc(d) && fabs(d) < 1e15) {
+        if (d == 0 && signbit(d)) buf_append(out, "-0.0", 4);
+        else {
+            put_i64(out, (int64_t)d);
+            buf_append(out, ".0", 2);
+        }
+        return;
+    }
+    char s[40];
+    int n = 0;
+    int lo = single ? 6 : 15, hi = single ? 9 : 17;
+    for (int prec = lo; prec <= hi; prec++) {
+        n = c_number(s, snprintf(s, sizeof s, "%.*g", prec, d));
+        if (single ? strtof_c(s, NULL) == (float)d : strtod_c(s, NULL) == d) break;
+    }
+    if (!memchr(s, '.', (size_t)n) && !memchr(s, 'e', (size_t)n)) {
+        s[n++] = '.';
+        s[n++] = '0';
+    }
+    buf_append(out, s, (size_t)n);
+}
+
+static void put_base64(buf *out, const unsigned char *s, size_t n) {
+    static const char tb[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    buf_reserve(out, (n + 2) / 3 * 4 + 2);
+    buf_putc(out, '"');
+    size_t i = 0;
+    for (; i + 3 <= n; i += 3) {
+        uint32_t v = (uint32_t)s[i] << 16 | (uint32_t)s[i + 1] << 8 | s[i + 2];
+        char q[4] = {tb[v >> 18], tb[(v >> 12) & 63], tb[(v >> 6) & 63], tb[v & 63]};
+        buf_append(out, q, 4);
+    }
+    if (n - i == 1) {
+        uint32_t v = (uint32_t)s[i] << 16;
+        char q[4] = {tb[v >> 18], tb[(v >> 12) & 63], '=', '='};
+        buf_append(out, q, 4);
+    } else if (n - i == 2) {
+        uint32_t v = (uint32_t)s[i] << 16 | (uint32_t)s[i + 1] << 8;
+        char q[4] = {tb[v >> 18], tb[(v >> 12) & 63], tb[(v >> 6) & 63], '='};
+        buf_append(out, q, 4);
+    }
+    buf_putc(out, '"');
+}
+
+static int put_value(const char **p, const char *end, buf *out, int depth, tm_err *err);
+
+static int put_key(const char **p, const char *end, buf *out, int depth, tm_err *err) {
+    const char *q = *p;
+    mp_item it;
+    if (mp_next(&q, end, &it) < 0)
+        return err_set(err, TM_EINVAL, "msgpack: truncated or invalid map key");
+    if (it.type == MP_STR) {
+        json_put_string(out, it.v.s.ptr, it.v.s.len);
+        *p = q;
+        return 0;
+    }
+    buf tmp = BUF_INIT;
+    int rc = put_value(p, end, &tmp, depth, err);
+    if (rc == 0) json_put_string(out, tmp.ptr, tmp.len);
+    buf_free(&tmp);
+    return rc;
+}
+
+static int put_value(const char **p, const char *end, buf *out, int depth, tm_err *err) {
+    mp_item it;
+    if (mp_next(p, end, &it) < 0) return err_set(err, TM_EINVAL, "msgpack: truncated or invalid");
+    switch (it.type) {
+    case MP_NIL: buf_append(out, "null", 4); return 0;
+    case MP_BOOL:
+        if (it.v.b) buf_append(out, "true", 4);
+        else buf_append(out, "false", 5);
+        return 0;
+    case MP_UINT: put_u64(out, it.v.u, 0); return 0;
+    case MP_INT: put_i64(out, it.v.i); return 0;
+    case MP_FLOAT: put_real(out, it.v.d, 1); return 0;
+    case MP_DOUBLE: put_real(out, it.v.d, 0); return 0;
+    case MP_STR: json_put_string(out, it.v.s.ptr, it.v.s.len); return 0;
+    case MP_BIN:
+        buf_append(out, "{\"$bin\":", 8);
+        put_base64(out, (const unsigned char *)it.v.s.ptr, it.v.s.len);
+        buf_putc(out, '}');
+        return 0;
+    case MP_EXT:
+        buf_append(out, "{\"$ext\":", 8);
+        put_i64(out, it.v.s.ext);
+        buf_append(out, ",\"data\":", 8);
+        put_base64(out, (const unsigned char *)it.v.s.ptr, it.v.s.len);
+        buf_putc(out, '}');
+        return 0;
+    case MP_ARRAY:
+    case MP_MAP:
+        break;
+    }
+    if (depth >= JSON_MAX_DEPTH) return err_set(err, TM_EINVAL, "msgpack: nesting too deep");
+    int is_map = it.type == MP_MAP;
+    buf_putc(out, is_map ? '{' : '[');
+    for (uint32_t i = 0; i < it.v.n; i++) {
+        if (i) buf_putc(out, ',');
+        if (is_map) {
+            if (put_key(p, end, out, depth + 1, err) < 0) return -1;
+            buf_putc(out, ':');
+        }
+        if (put_value(p, end, out, depth + 1, err) < 0) return -1;
+    }
+    buf_putc(out, is_map ? '}' : ']');
+    return 0;
+}
+
+int json_from_mp(const char *mp, size_t len, buf *out, tm_err *err) {
+    size_t start = out->len;
+    const char *p = mp, *end = mp + len;
+    int rc = put_value(&p, end, out, 0, err);
+    if (rc == 0 && p != end) rc = err_set(err, TM_EINVAL, "msgpack: trailing bytes after value");
+    if (rc < 0) {
+        out->len = start;
+        if (out->ptr) out->ptr[start] = '\0';
+    }
+    return rc;
+}

@@ -16,7 +16,7 @@
  * built before the clock starts (it is the caller's input, just as the
  * probe's records are built before its clock starts); opening and closing
  * the store are not timed.  After the clock stops (untimed) the program
- * checks that the store's last position is EVENTS and measures the stored
+ * checks that the store's last position is EVENTS and samples the stored
  * record size, so the result line can show that both sides wrote records
  * of the same size.
  *
@@ -56,27 +56,30 @@ static void *appender_thread(void *arg)
     return NULL;
 }
 
-/* Average stored record size over the first (up to) 10000 events. */
-static double record_bytes(store *s)
+/* Average stored record size, sampled as 10 runs of up to 1000 events
+ * spread over the whole log (versions, hence sizes, grow along it). */
+static double record_bytes(store *s, uint64_t events)
 {
-    tm_err err;
-    err_clear(&err);
-    store_iter *it = store_read_all(s, 1, 0, 10000, &err);
-    if (!it)
-        bench_die("store_read_all: %s", err.msg);
-    tm_event ev;
     uint64_t n = 0, bytes = 0;
-    int rc;
-    while ((rc = store_iter_next(it, &ev, &err)) == 1) {
-        const char *rec;
-        size_t len;
-        store_iter_record(it, &rec, &len);
-        bytes += len;
-        n++;
+    for (uint64_t k = 0; k < 10; k++) {
+        tm_err err;
+        err_clear(&err);
+        store_iter *it = store_read_all(s, 1 + k * (events / 10), 0, 1000, &err);
+        if (!it)
+            bench_die("store_read_all: %s", err.msg);
+        tm_event ev;
+        int rc;
+        while ((rc = store_iter_next(it, &ev, &err)) == 1) {
+            const char *rec;
+            size_t len;
+            store_iter_record(it, &rec, &len);
+            bytes += len;
+            n++;
+        }
+        if (rc < 0)
+            bench_die("store_iter_next: %s", err.msg);
+        store_iter_free(it);
     }
-    if (rc < 0)
-        bench_die("store_iter_next: %s", err.msg);
-    store_iter_free(it);
     return n ? (double)bytes / (double)n : 0.0;
 }
 
@@ -148,7 +151,7 @@ int main(int argc, char **argv)
     if (store_last_position(s) != r.events)
         bench_die("store holds %" PRIu64 " events after appending %" PRIu64,
                   store_last_position(s), r.events);
-    double rb = record_bytes(s);
+    double rb = record_bytes(s, r.events);
     store_close(s);
 
     char extra[128];

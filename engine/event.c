@@ -1,0 +1,378 @@
+/* event.c — event ids, names, and the JSON-lines / msgpack-map forms of an
+ * event (see event.h).
+ *
+ * Ids: UUIDv4 from a per-thread xoshiro256** generator seeded from
+ * getrandom() (256 bits), so generating an id makes no system call and
+ * takes no lock.  A fork handler bumps a generation number so that a child
+ * process reseeds instead of repeating its parent's ids.  The generator is
+ * not cryptographic: ids are unique, not secret.
+ *
+ * Parsing: event_from_json transcodes the whole object once (json_to_mp,
+ * appended to the caller's scratch buffer) and then walks that map exactly
+ * as event_from_mp walks a msgpack body, so both forms accept the same
+ * keys with the same rules.  Nothing is appended to scratch after the
+ * transcode, so pointers into it stay valid until the caller appends.
+ * The walk uses only mp_next/mp_skip, which never read past the end, so an
+ * unvalidated msgpack body cannot make it read out of bounds; depth and
+ * size limits on a msgpack body are the caller's (mp_validate at the edge).
+ *
+ * Rules: keys stream, type, data, metadata, id, time (position and version
+ * are accepted and ignored; anything else, or a key given twice, is an
+ * error).  data is any value (nil when absent); metadata a map (null =
+ * absent); id a canonical UUID string (or a 16-byte bin in msgpack; null =
+ * absent); time a non-negative integer in ms (null = absent).
+ */
+#define _GNU_SOURCE
+#include "event.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "json.h"
+
+/* ---- ids ---- */
+
+static atomic_uint fork_generation;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void on_fork_child(void) { atomic_fetch_add(&fork_generation, 1); }
+static void fork_init(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+
+static _Thread_local struct {
+    uint64_t s[4];
+    unsigned generation;
+    int seeded;
+} rng;
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static void rng_seed(void) {
+    uint64_t seed[4] = {0};
+    size_t got = 0;
+    while (got < sizeof seed) {
+        ssize_t n = getrandom((char *)seed + got, sizeof seed - got, 0);
+        if (n <= 0) break;
+        got += (size_t)n;
+    }
+    if (got < sizeof seed) { /* no entropy source: fall back to what differs */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t x = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+        x ^= (uint64_t)getpid() << 32 ^ (uint64_t)(uintptr_t)&rng;
+        for (int i = 0; i < 4; i++) seed[i] ^= splitmix64(&x);
+    }
+    /* spread the seed through splitmix so the state is never all zero */
+    uint64_t x = seed[0] ^ seed[1] ^ seed[2] ^ seed[3];
+    for (int i = 0; i < 4; i++) rng.s[i] = seed[i] ^ splitmix64(&x);
+    if (!(rng.s[0] | rng.s[1] | rng.s[2] | rng.s[3])) rng.s[0] = 1;
+    rng.seeded = 1;
+}
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t rng_next(void) {
+    uint64_t *s = rng.s;
+    uint64_t r = rotl(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return r;
+}
+
+void event_id_generate(uint8_t id[16]) {
+    unsigned gen = atomic_load_explicit(&fork_generation, memory_order_relaxed);
+    if (!rng.seeded || rng.generation != gen) {
+        pthread_once(&fork_once, fork_init);
+        rng_seed();
+        rng.generation = atomic_load(&fork_generation);
+    }
+    uint64_t a = rng_next(), b = rng_next();
+    for (int i = 0; i < 8; i++) {
+        id[i] = (uint8_t)(a >> (56 - 8 * i));
+        id[8 + i] = (uint8_t)(b >> (56 - 8 * i));
+    }
+    id[6] = (uint8_t)((id[6] & 0x0f) | 0x40); /* version 4 */
+    id[8] = (uint8_t)((id[8] & 0x3f) | 0x80); /* RFC 4122 variant */
+}
+
+static int hexval(unsigned char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    c |= 0x20;
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+}
+
+int event_id_parse(const char *s, size_t len, uint8_t id[16]) {
+    if (len != 36) return -1;
+    if (s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-') return -1;
+    uint8_t out[16];
+    int k = 0;
+    for (size_t i = 0; i < 36;) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            i++;
+            continue;
+        }
+        int hi = hexval((unsigned char)s[i]), lo = hexval((unsigned char)s[i + 1]);
+        if (hi < 0 || lo < 0) return -1;
+        out[k++] = (uint8_t)(hi << 4 | lo);
+        i += 2;
+    }
+    memcpy(id, out, 16);
+    return 0;
+}
+
+void event_id_format(const uint8_t id[16], char out[37]) {
+    static const char hex[] = "0123456789abcdef";
+    char *o = out;
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10) *o++ = '-';
+        *o++ = hex[id[i] >> 4];
+        *o++ = hex[id[i] & 15];
+    }
+    *o = '\0';
+}
+
+/* ---- names ---- */
+
+size_t event_category_len(const char *stream, size_t len) {
+    const char *dash = len ? memchr(stream, '-', len) : NULL;
+    return dash ? (size_t)(dash - stream) : len;
+}
+
+static int check_name(const char *what, const char *s, size_t len, size_t max, tm_err *err) {
+    if (!s || len == 0) return err_set(err, TM_EINVAL, "%s is empty", what);
+    if (len > max)
+        return err_set(err, TM_EINVAL, "%s is %zu bytes, longer than %zu", what, len, max);
+    if (memchr(s, '\0', len)) return err_set(err, TM_EINVAL, "%s contains a NUL byte", what);
+    if (!json_utf8_valid(s, len)) return err_set(err, TM_EINVAL, "%s is not valid UTF-8", what);
+    return 0;
+}
+
+int event_check_names(const tm_event *ev, tm_err *err) {
+    if (check_name("stream name", ev->stream, ev->stream_len, EVENT_MAX_STREAM, err) < 0)
+        return -1;
+    return check_name("event type", ev->type, ev->type_len, EVENT_MAX_TYPE, err);
+}
+
+/* ---- parsing ---- */
+
+enum { K_STREAM, K_TYPE, K_DATA, K_META, K_ID, K_TIME, K_POSITION, K_VERSION, K_COUNT };
+static const struct {
+    const char *name;
+    size_t len;
+} keys[K_COUNT] = {
+    {"stream", 6}, {"type", 4}, {"data", 4}, {"metadata", 8},
+    {"id", 2},     {"time", 4}, {"position", 8}, {"version", 7},
+};
+
+static int key_index(const char *k, size_t n) {
+    for (int i = 0; i < K_COUNT; i++)
+        if (keys[i].len == n && memcmp(keys[i].name, k, n) == 0) return i;
+    return -1;
+}
+
+/* A key for an error message: one line, at most 64 bytes, printable. */
+static void key_text(const char *k, size_t n, char out[80]) {
+    size_t w = 0;
+    for (size_t i = 0; i < n && w < 64; i++) {
+        unsigned char c = (unsigned char)k[i];
+        out[w++] = (c < 0x20 || c == 0x7f) ? '?' : (char)c;
+    }
+    if (n > 64) memcpy(out + w, "...", 3), w += 3;
+    out[w] = '\0';
+}
+
+static const char nil_byte[1] = {(char)0xc0};
+
+/* Walk the event map in [mp, mp+len); ev's pointers go into it. */
+static int from_map(const char *mp, size_t len, const char *stream, size_t stream_len,
+                    int is_json, tm_event *ev, tm_err *err) {
+    const char *p = mp, *end = mp + len;
+    unsigned seen = 0;
+    mp_item it;
+    memset(ev, 0, sizeof *ev);
+    if (mp_next(&p, end, &it) < 0 || it.type != MP_MAP)
+        return err_set(err, TM_EINVAL, "event must be %s", is_json ? "a JSON object" : "a map");
+    for (uint32_t i = 0; i < it.v.n; i++) {
+        mp_item k, v;
+        const char *kp = p;
+        if (mp_next(&p, end, &k) < 0) goto malformed;
+        if (k.type != MP_STR) {
+            p = kp;
+            if (mp_skip(&p, end) < 0) goto malformed;
+            return err_set(err, TM_EINVAL, "event keys must be strings");
+        }
+        int ki = key_index(k.v.s.ptr, k.v.s.len);
+        char kt[80];
+        if (ki < 0) {
+            key_text(k.v.s.ptr, k.v.s.len, kt);
+            return err_set(err, TM_EINVAL, "event: unknown key \"%s\"", kt);
+        }
+        if (seen & (1u << ki))
+            return err_set(err, TM_EINVAL, "event: duplicate key \"%s\"", keys[ki].name);
+        seen |= 1u << ki;
+        const char *vp = p, *q = p;
+        if (mp_skip(&p, end) < 0 || mp_next(&q, end, &v) < 0) goto malformed;
+        size_t vlen = (size_t)(p - vp);
+        switch (ki) {
+        case K_STREAM:
+            if (v.type != MP_STR) return err_set(err, TM_EINVAL, "event: \"stream\" must be a string");
+            if (stream && (v.v.s.len != stream_len || memcmp(v.v.s.ptr, stream, stream_len) != 0)) {
+                key_text(v.v.s.ptr, v.v.s.len, kt);
+                return err_set(err, TM_EINVAL,
+                               "event: \"stream\" is \"%s\" but the request's stream differs", kt);
+            }
+            ev->stream = v.v.s.ptr;
+            ev->stream_len = v.v.s.len;
+            break;
+        case K_TYPE:
+            if (v.type != MP_STR) return err_set(err, TM_EINVAL, "event: \"type\" must be a string");
+            ev->type = v.v.s.ptr;
+            ev->type_len = v.v.s.len;
+            break;
+        case K_DATA:
+            ev->data = vp;
+            ev->data_len = vlen;
+            break;
+        case K_META:
+            if (v.type == MP_NIL) break;
+            if (v.type != MP_MAP)
+                return err_set(err, TM_EINVAL, "event: \"metadata\" must be %s",
+                               is_json ? "an object" : "a map");
+            ev->meta = vp;
+            ev->meta_len = vlen;
+            break;
+        case K_ID:
+            if (v.type == MP_NIL) break;
+            if (v.type == MP_STR && event_id_parse(v.v.s.ptr, v.v.s.len, ev->id) == 0) {
+                ev->has_id = 1;
+            } else if (!is_json && v.type == MP_BIN && v.v.s.len == 16) {
+                memcpy(ev->id, v.v.s.ptr, 16);
+                ev->has_id = 1;
+            } else {
+                return err_set(err, TM_EINVAL,
+                               "event: \"id\" must be a UUID string (8-4-4-4-12 hex digits)%s",
+                               is_json ? "" : " or 16 bytes");
+            }
+            break;
+        case K_TIME:
+            if (v.type == MP_NIL) break;
+            if (v.type != MP_UINT || v.v.u > INT64_MAX)
+                return err_set(err, TM_EINVAL,
+                               "event: \"time\" must be a non-negative integer (milliseconds)");
+            ev->time_ms = (int64_t)v.v.u;
+            break;
+        default: /* position, version: set by the store, ignored on input */
+            break;
+        }
+    }
+    if (p != end) return err_set(err, TM_EINVAL, "event: trailing bytes after the map");
+    if (!(seen & (1u << K_STREAM))) {
+        if (!stream) return err_set(err, TM_EINVAL, "event: missing \"stream\"");
+        ev->stream = stream;
+        ev->stream_len = stream_len;
+    }
+    if (!(seen & (1u << K_TYPE))) return err_set(err, TM_EINVAL, "event: missing \"type\"");
+    if (!ev->data) {
+        ev->data = nil_byte;
+        ev->data_len = 1;
+    }
+    if (event_check_names(ev, err) < 0) return err_prefix(err, "event");
+    return 0;
+malformed:
+    return err_set(err, TM_EINVAL, "event: malformed msgpack");
+}
+
+int event_from_json(const char *text, size_t len, const char *stream, size_t stream_len,
+                    const mp_limits *lim, buf *scratch, tm_event *ev, tm_err *err) {
+    if (!lim) lim = &mp_default_limits;
+    /* The object itself adds one level and its own bytes around data and
+     * metadata; those two are then checked against lim exactly. */
+    mp_limits outer = *lim;
+    outer.max_depth = lim->max_depth + 1;
+    if (outer.max_items < K_COUNT) outer.max_items = K_COUNT;
+    size_t extra = 4096;
+    outer.max_size = lim->max_size > (SIZE_MAX - extra) / 2 ? SIZE_MAX : 2 * lim->max_size + extra;
+    size_t off = scratch->len;
+    if (json_to_mp(text, len, &outer, scratch, err) < 0) return -1;
+    const char *mp = scratch->ptr + off;
+    if (from_map(mp, scratch->len - off, stream, stream_len, 1, ev, err) < 0) goto fail;
+    if (mp_validate(ev->data, ev->data_len, lim, err) < 0) {
+        err_prefix(err, "event data");
+        goto fail;
+    }
+    if (ev->meta_len && mp_validate(ev->meta, ev->meta_len, lim, err) < 0) {
+        err_prefix(err, "event metadata");
+        goto fail;
+    }
+    return 0;
+fail:
+    scratch->len = off; /* give back what this call appended */
+    scratch->ptr[off] = '\0';
+    return -1;
+}
+
+int event_from_mp(const char *mp, size_t len, const char *stream, size_t stream_len,
+                  tm_event *ev, tm_err *err) {
+    return from_map(mp, len, stream, stream_len, 0, ev, err);
+}
+
+/* ---- export ---- */
+
+static void put_int(buf *out, uint64_t v, int neg) {
+    char t[24];
+    char *p = t + sizeof t;
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    if (neg) *--p = '-';
+    buf_append(out, p, (size_t)(t + sizeof t - p));
+}
+
+int event_to_json(const tm_event *ev, buf *out, tm_err *err) {
+    size_t start = out->len;
+    char id[37];
+    buf_append(out, "{\"stream\":", 10);
+    json_put_string(out, ev->stream, ev->stream_len);
+    buf_append(out, ",\"type\":", 8);
+    json_put_string(out, ev->type, ev->type_len);
+    buf_append(out, ",\"data\":", 8);
+    if (!ev->data_len) buf_append(out, "null", 4);
+    else if (json_from_mp(ev->data, ev->data_len, out, err) < 0) goto fail;
+    buf_append(out, ",\"metadata\":", 12);
+    if (!ev->meta_len) buf_append(out, "{}", 2);
+    else if (json_from_mp(ev->meta, ev->meta_len, out, err) < 0) goto fail;
+    event_id_format(ev->id, id);
+    buf_append(out, ",\"id\":\"", 7);
+    buf_append(out, id, 36);
+    buf_append(out, "\",\"time\":", 9);
+    put_int(out, ev->time_ms < 0 ? (uint64_t)0 - (uint64_t)ev->time_ms : (uint64_t)ev->time_ms,
+            ev->time_ms < 0);
+    buf_append(out, ",\"position\":", 12);
+    put_int(out, ev->position, 0);
+    buf_append(out, ",\"version\":", 11);
+    put_int(out, ev->version, 0);
+    buf_putc(out, '}');
+    return 0;
+fail:
+    err_prefix(err, "event %" PRIu64, ev->position);
+    out->len = start;
+    if (out->ptr) out->ptr[start] = '\0';
+    return -1;
+}

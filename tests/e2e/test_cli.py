@@ -81,8 +81,9 @@ def test_bad_input_is_refused(data):
     assert p.returncode == 1 and "JSON" in p.stderr
     assert tm("append", "--data", data, "", "T", "{}").returncode == 1
     assert tm("append", "--data", data, "s" * 300, "T", "{}").returncode == 1
-    big = json.dumps({"blob": "x" * (1 << 20)})
-    assert tm("append", "--data", data, "s-1", "T", big).returncode == 1
+    big = json.dumps({"stream": "s-1", "type": "T", "data": {"blob": "x" * (1 << 20)}})
+    p = tm("import", "--data", data, "-", input=big + "\n")
+    assert p.returncode == 1 and "line 1" in p.stderr, p.stderr
     # nothing was stored by the failures
     assert tm("read", "--data", data, "--all", check=0).stdout == ""
 

@@ -6,18 +6,31 @@
  * ---- Key layout (one LevelDB keyspace, first byte = namespace) ----
  *   'e' be64(pos)                  -> record (record.h: crc32c + msgpack array)
  *   'i' id(16)                     -> varint(pos)   only for client-supplied ids
+ *   'g' be64(p0)                   -> stream journal of the commit whose first
+ *                                     position is p0 (one key per commit)
  *   's' stream 0x00 be64(v0)       -> run: positions of versions v0, v0+1, ...
  *   'c' category 0x00 be64(p0)     -> run: positions p0 < p1 < ... in the category
  *   't' type 0x00 be64(p0)         -> run: positions p0 < p1 < ... of the type
  *   'm' "last"                     -> be64(last position)
+ *   'm' "folded"                   -> be64(fold mark)
  *   'm' "format"                   -> "1"
  *   'p' caller key                 -> caller value (projection namespace)
  * A run value is crc32c(payload) (4 bytes LE) then payload = varint(first)
- * varint(delta)...; each group commit writes ONE run per stream, category
- * and type it touched, so indexes cost one key per name per commit, not
- * one per event.  Names never contain NUL, so "name\0" orders a name's
- * runs together and before any longer name.  A stream's head version is
- * the end of its last run (found by Seek+Prev); there is no separate key.
+ * varint(delta)...  Each commit writes ONE 'c' run per category and ONE 't'
+ * run per type it touched.  Names never contain NUL, so "name\0" orders a
+ * name's runs together and before any longer name.
+ *
+ * Streams: a commit may touch hundreds of streams (a batch import), and a
+ * key per stream per commit would cost as much as the events themselves.
+ * So each commit writes one journal key 'g' listing, per stream it touched,
+ * (name, first version, positions).  Every FOLD_EVENTS events or
+ * FOLD_GROUPS commits, the committing batch also "folds": it writes one 's'
+ * run per stream holding all its versions since the previous fold and
+ * moves the fold mark to its last position.  A stream is therefore its 's'
+ * runs (versions 0..hf) followed by its entries in the journal keys above
+ * the fold mark (versions hf+1..head); readers take both from one
+ * snapshot.  The fold deletes the journal keys it folded.
+ * The writer keeps the journal's streams in memory (rebuilt on open).
  *
  * Ids: a client-supplied id (has_id=1) is stored under 'i'.  A generated
  * id is a UUIDv8 that carries its own position: bytes 0-5 = the position
@@ -30,9 +43,10 @@
  *   - positions 1..last are all present ('m' last = last); a commit writes
  *     the events, their index runs, their 'i' keys and 'm' last in one
  *     WriteBatch, so readers (snapshots) never see a partial append;
- *   - each stream's runs cover versions 0..head contiguously, each
- *     category/type's runs hold strictly increasing positions;
- *   - only the writer thread writes to 'e','i','s','c','t','m'; the head
+ *   - each stream's runs then journal entries cover versions 0..head
+ *     contiguously; each category/type's runs hold strictly increasing
+ *     positions;
+ *   - only the writer thread writes to 'e','i','g','s','c','t','m'; the head
  *     cache (streams map) is only touched by the writer thread and holds
  *     committed heads: a group's tentative heads live in node->ghead,
  *     valid only while node->gen == s->gen, and are promoted after the
@@ -368,6 +382,7 @@ struct store {
     uint64_t folded;               /* fold mark: streams indexed in 's' up to here */
     uint64_t unf_groups;           /* journal keys above the fold mark */
     node *pending;                 /* stream nodes with journal positions */
+    u64vec jkeys;                  /* journal keys above the fold mark (their p0) */
 
     /* writer-thread state */
     nmap streams, cats, types;
@@ -540,6 +555,7 @@ static int load_journal(store *s, tm_err *err) {
             break;
         }
         s->unf_groups++;
+        u64vec_push(&s->jkeys, buf_get_be64(kk + 1));
     }
     if (rc == 0 && iter_status(it, err) < 0) rc = -1;
     leveldb_iter_destroy(it);
@@ -692,6 +708,7 @@ void store_close(store *s) {
     nmap_clear(&s->types);
     free(s->ids.slot);
     free(s->sv);
+    free(s->jkeys.v);
     buf_free(&s->rec);
     buf_free(&s->key);
     buf_free(&s->val);
@@ -1093,9 +1110,14 @@ static void put_fold(store *s) {
     }
     for (node *n = s->tstreams; n; n = n->tnext)
         if (n->pend.n == 0) put_run(s, K_STREAM, n, n->first, &n->run, NULL);
-    unsigned char v[8];
+    unsigned char v[8], k[9];
     put_be64(v, s->gpos);
     leveldb_writebatch_put(s->wb, "mfolded", 7, (const char *)v, 8);
+    k[0] = K_JOURNAL;
+    for (size_t i = 0; i < s->jkeys.n; i++) { /* the folded journal is no longer needed */
+        put_be64(k + 1, s->jkeys.v[i]);
+        leveldb_writebatch_delete(s->wb, (const char *)k, 9);
+    }
 }
 
 static void release_runs(node *list) {
@@ -1172,6 +1194,7 @@ static void group_commit(store *s, req *list) {
         s->pending = NULL;
         s->folded = s->gpos;
         s->unf_groups = 0;
+        s->jkeys.n = 0;
     } else {
         for (node *n = s->tstreams; n; n = n->tnext) {
             if (n->pend.n == 0) {
@@ -1182,6 +1205,7 @@ static void group_commit(store *s, req *list) {
             for (size_t i = 0; i < n->run.n; i++) u64vec_push(&n->pend, n->run.v[i]);
         }
         s->unf_groups++;
+        u64vec_push(&s->jkeys, s->last + 1);
     }
     __atomic_store_n(&s->last, s->gpos, __ATOMIC_RELEASE);
     struct {
@@ -2095,16 +2119,17 @@ static int check_index(check *c, char tag, nmap *counts, const char *what, uint6
 /* The stream journal above the fold mark continues the folded runs. */
 static int check_journal(check *c, nmap *counts, uint64_t folded, uint64_t *names) {
     leveldb_iterator_t *it = leveldb_create_iterator(c->s->db, c->ro);
-    unsigned char k0[9];
-    k0[0] = K_JOURNAL;
-    put_be64(k0 + 1, folded + 1);
     u64vec pos = {0};
-    for (leveldb_iter_seek(it, (const char *)k0, 9); leveldb_iter_valid(it);
-         leveldb_iter_next(it)) {
+    for (leveldb_iter_seek(it, "g", 1); leveldb_iter_valid(it); leveldb_iter_next(it)) {
         size_t kl, vl;
         const char *k = leveldb_iter_key(it, &kl);
         if (k[0] != K_JOURNAL) break;
         uint64_t at = kl == 9 ? buf_get_be64(k + 1) : 0;
+        if (at <= folded) {
+            problem(c, "stream journal key at position %llu is below the fold mark %llu",
+                    (unsigned long long)at, (unsigned long long)folded);
+            continue;
+        }
         const char *v = leveldb_iter_value(it, &vl), *p = v + 4, *end = v + vl;
         jent e;
         int r = crc_ok(v, vl) ? 1 : -1;

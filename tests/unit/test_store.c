@@ -693,6 +693,9 @@ static void test_on_commit(void **state) {
 }
 
 
+static void raw_put(const char *dir, const char *k, size_t kl, const char *v, size_t vl, int del);
+static int check_text(store *s, char **text, store_check_report *rep);
+
 /* More commits than the journal holds: streams are folded into runs; reads
  * span runs and journal in both directions, across reopen. */
 static void test_fold(void **state) {
@@ -768,6 +771,24 @@ static void test_fold(void **state) {
         expect_ok(f->s, "f-1", (int64_t)count[1] - 1);
         count[1]++;
     }
+    /* delete the folded run holding f-0 version 0: check and reads notice */
+    store_close(f->s);
+    f->s = NULL;
+    char sk[16] = "sf-0";
+    memset(sk + 4, 0, 9);
+    raw_put(f->dir, sk, 13, NULL, 0, 1);
+    f->s = store_open(f->dir, &o, &err);
+    assert_non_null(f->s);
+    store_check_report rep;
+    char *text;
+    assert_true(check_text(f->s, &text, &rep) > 0);
+    assert_non_null(strstr(text, "f-0"));
+    free(text);
+    tm_event ev;
+    store_iter *it = store_read_stream(f->s, "f-0", 3, 0, 0, 0, &err);
+    assert_int_equal(store_iter_next(it, &ev, &err), -1);
+    assert_int_equal(err.code, TM_EIO);
+    store_iter_free(it);
     free(pos);
     free(ver);
 }

@@ -23,6 +23,8 @@ static const command commands[] = {
     {"import", cli_import, "--data DIR FILE.jsonl", "import JSON lines (- for stdin)"},
     {"export", cli_export, "--data DIR [--from POS]", "export all events as JSON lines"},
     {"check", cli_check, "--data DIR", "verify the store's invariants"},
+    {"project", cli_project, "--data DIR FILE.lua [--query NAME [ARGS]] [--cpu-limit S]",
+     "run a projection over all history once, print its state as JSON"},
 };
 
 static void overview(FILE *out) {

@@ -32,7 +32,16 @@ int err_prefix(tm_err *e, const char *fmt, ...) {
     va_end(ap);
     if (n < 0) n = 0;
     size_t used = (size_t)n < sizeof e->msg ? (size_t)n : sizeof e->msg - 1;
-    snprintf(e->msg + used, sizeof e->msg - used, ": %s", old);
+    /* append ": old", truncating (messages are one line, at most msg's size) */
+    size_t room = sizeof e->msg - 1 - used, ol = strlen(old);
+    if (room >= 2) {
+        memcpy(e->msg + used, ": ", 2);
+        used += 2, room -= 2;
+        if (ol > room) ol = room;
+        memcpy(e->msg + used, old, ol);
+        used += ol;
+    }
+    e->msg[used] = '\0';
     return -1;
 }
 

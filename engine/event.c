@@ -26,6 +26,7 @@
 #include "event.h"
 
 #include <inttypes.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -304,7 +305,7 @@ int event_from_json(const char *text, size_t len, const char *stream, size_t str
     /* The object itself adds one level and its own bytes around data and
      * metadata; those two are then checked against lim exactly. */
     mp_limits outer = *lim;
-    outer.max_depth = lim->max_depth + 1;
+    if (outer.max_depth < UINT_MAX) outer.max_depth++;
     if (outer.max_items < K_COUNT) outer.max_items = K_COUNT;
     size_t extra = 4096;
     outer.max_size = lim->max_size > (SIZE_MAX - extra) / 2 ? SIZE_MAX : 2 * lim->max_size + extra;

@@ -23,7 +23,7 @@
  * integer 0; "-0.0" is the float -0.0.  Text <-> double conversions use
  * the C locale whatever the process locale is.
  *
- * msgpack -> JSON is printed by hand (recursive, bounded by JSON_MAX_DEPTH;
+ * msgpack -> JSON is printed by hand (recursive, at most JSON_MAX_DEPTH = 512;
  * input must already be validated, but reads stay inside [mp, mp+len)).
  * Doubles print with the fewest digits (15..17) that read back exactly and
  * always look like floats ("1.0", "1e+300"); float32 with 6..9 digits;
@@ -43,7 +43,7 @@
 #include <msgpack/pack.h>
 #include <yajl/yajl_parse.h>
 
-#define JSON_MAX_DEPTH 10000 /* printer recursion guard for validated input */
+#define JSON_MAX_DEPTH 512 /* printer recursion guard (data is validated to 64 by default) */
 
 /* ---- C locale for number text ---- */
 
@@ -62,6 +62,49 @@ static float strtof_c(const char *s, char **end) {
     pthread_once(&c_locale_once, c_locale_init);
     if (c_locale) return strtof_l(s, end, c_locale);
     return strtof(s, end);
+}
+
+static const double p10[23] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                               1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                               1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+
+/* Clinger's fast path: a decimal with at most 15 significant digits m and
+ * a power of ten |e| <= 22 is m * 10^e or m / 10^e, one correctly rounded
+ * operation on two exact doubles, hence exactly what strtod returns.
+ * Returns 0 when the text is outside that case (the caller uses strtod). */
+static int fast_strtod(const char *s, size_t n, double *out) {
+    size_t i = 0;
+    int neg = 0, digits = 0, e = 0;
+    uint64_t m = 0;
+    if (i < n && s[i] == '-') neg = 1, i++;
+    for (; i < n && s[i] >= '0' && s[i] <= '9'; i++) {
+        if (digits || s[i] != '0') digits++;
+        if (digits > 15) return 0;
+        m = m * 10 + (uint64_t)(s[i] - '0');
+    }
+    if (i < n && s[i] == '.') {
+        for (i++; i < n && s[i] >= '0' && s[i] <= '9'; i++) {
+            if (digits || s[i] != '0') digits++;
+            if (digits > 15) return 0;
+            m = m * 10 + (uint64_t)(s[i] - '0');
+            e--;
+        }
+    }
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        int eneg = 0, x = 0;
+        i++;
+        if (i < n && (s[i] == '+' || s[i] == '-')) eneg = s[i++] == '-';
+        for (; i < n && s[i] >= '0' && s[i] <= '9'; i++) {
+            if (x > 100000) return 0;
+            x = x * 10 + (s[i] - '0');
+        }
+        e += eneg ? -x : x;
+    }
+    if (i != n || e < -22 || e > 22) return 0;
+    double d = (double)m;
+    d = e < 0 ? d / p10[-e] : d * p10[e];
+    *out = neg ? -d : d;
+    return 1;
 }
 
 /* ---- JSON -> msgpack ---- */
@@ -172,12 +215,17 @@ static void pack_number(jctx *c, const char *s, size_t n) {
             return;
         }
     }
+    double d;
+    if (fast_strtod(s, n, &d)) {
+        msgpack_pack_double(&c->pk, d);
+        return;
+    }
     char small[64];
     char *t = n < sizeof small ? small : malloc(n + 1);
     if (!t) abort();
     memcpy(t, s, n);
     t[n] = '\0';
-    double d = strtod_c(t, NULL);
+    d = strtod_c(t, NULL);
     if (t != small) free(t);
     msgpack_pack_double(&c->pk, d);
 }
@@ -267,8 +315,8 @@ static void compact(buf *out, size_t from) {
             size_t rl = (size_t)(r - run);
             if (w != run) memmove(w, run, rl);
             w += rl;
-            uint32_t n = (uint32_t)((unsigned char)r[1] << 24 | (unsigned char)r[2] << 16 |
-                                    (unsigned char)r[3] << 8 | (unsigned char)r[4]);
+            const unsigned char *h = (const unsigned char *)r;
+            uint32_t n = (uint32_t)h[1] << 24 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 8 | h[4];
             int is_map = c == 0xdf;
             if (n < 16) {
                 *w++ = (char)((is_map ? 0x80 : 0x90) | n);
@@ -349,6 +397,17 @@ out:
 
 /* ---- strings ---- */
 
+/* buf_putc without a call when there is room (the printer's hot path). */
+static inline void put_c(buf *out, char c) {
+    if (out->len + 1 < out->cap) {
+        out->ptr[out->len++] = c;
+        out->ptr[out->len] = '\0';
+    } else {
+        buf_putc(out, c);
+    }
+}
+
+
 /* Length of the valid UTF-8 sequence at s (n > 0 bytes available), or the
  * negated length of the maximal invalid subpart (at least 1) to replace. */
 static long utf8_seq(const unsigned char *s, size_t n) {
@@ -394,11 +453,58 @@ static const char esc[256] = {
     [0x1d] = 'u', [0x1e] = 'u', [0x1f] = 'u', ['"'] = '"', ['\\'] = '\\',
 };
 
+/* Short strings: reserve the worst case (6 bytes per input byte, as
+ * \u00XX) once, then write without further checks. */
+static void put_short_string(buf *out, const unsigned char *s, size_t len) {
+    static const char hex[] = "0123456789abcdef";
+    buf_reserve(out, 6 * len + 2);
+    char *w = out->ptr + out->len;
+    const unsigned char *e = s + len;
+    *w++ = '"';
+    while (s < e) {
+        unsigned c = *s;
+        if (c < 0x80) {
+            char x = esc[c];
+            if (!x) {
+                *w++ = (char)c;
+            } else if (x == 'u') {
+                memcpy(w, "\\u00", 4);
+                w[4] = hex[c >> 4];
+                w[5] = hex[c & 15];
+                w += 6;
+            } else {
+                w[0] = '\\';
+                w[1] = x;
+                w += 2;
+            }
+            s++;
+            continue;
+        }
+        long k = utf8_seq(s, (size_t)(e - s));
+        if (k > 0) {
+            memcpy(w, s, (size_t)k);
+            w += k;
+            s += k;
+        } else {
+            memcpy(w, "\xef\xbf\xbd", 3); /* U+FFFD: 3 bytes for >= 1 replaced */
+            w += 3;
+            s += -k;
+        }
+    }
+    *w++ = '"';
+    out->len = (size_t)(w - out->ptr);
+    out->ptr[out->len] = '\0';
+}
+
 void json_put_string(buf *out, const char *str, size_t len) {
     static const char hex[] = "0123456789abcdef";
     const unsigned char *s = (const unsigned char *)str, *e = s + len;
+    if (len <= 256) {
+        put_short_string(out, s, len);
+        return;
+    }
     buf_reserve(out, len + 2);
-    buf_putc(out, '"');
+    put_c(out, '"');
     while (s < e) {
         const unsigned char *run = s;
         while (s < e && *s < 0x80 && !esc[*s]) s++;
@@ -426,7 +532,7 @@ void json_put_string(buf *out, const char *str, size_t len) {
             s += -k;
         }
     }
-    buf_putc(out, '"');
+    put_c(out, '"');
 }
 
 /* ---- msgpack -> JSON ---- */
@@ -464,6 +570,42 @@ static int c_number(char *s, int n) {
     return w;
 }
 
+/* Doubles in [1e-4, 1e15) that are exactly some decimal m / 10^k with
+ * m < 10^15: print that decimal without printf.  Such a decimal of at most
+ * 15 digits is the only one of that length naming d (DBL_DIG is 15), so
+ * this prints what the %.15g path would, only faster. */
+static int put_decimal_fast(buf *out, double d) {
+    double a = fabs(d);
+    if (!(a >= 1e-4 && a < 1e15)) return 0;
+    for (int k = 1; k <= 19; k++) {
+        double m = nearbyint(a * p10[k]);
+        if (m >= 1e15) return 0;
+        if (m / p10[k] != a) continue;
+        uint64_t v = (uint64_t)m;
+        while (k > 1 && v % 10 == 0) v /= 10, k--;
+        char dig[24], t[48];
+        int nd = 0, w = 0;
+        do {
+            dig[nd++] = (char)('0' + v % 10);
+            v /= 10;
+        } while (v);
+        if (d < 0) t[w++] = '-';
+        if (nd <= k) {
+            t[w++] = '0';
+            t[w++] = '.';
+            for (int z = 0; z < k - nd; z++) t[w++] = '0';
+            while (nd) t[w++] = dig[--nd];
+        } else {
+            while (nd > k) t[w++] = dig[--nd];
+            t[w++] = '.';
+            while (nd) t[w++] = dig[--nd];
+        }
+        buf_append(out, t, (size_t)w);
+        return 1;
+    }
+    return 0;
+}
+
 static void put_real(buf *out, double d, int single) {
     if (!isfinite(d)) {
         buf_append(out, "null", 4);
@@ -478,6 +620,7 @@ static void put_real(buf *out, double d, int single) {
         }
         return;
     }
+    if (!single && put_decimal_fast(out, d)) return;
     char s[40];
     int n = 0;
     int lo = single ? 6 : 15, hi = single ? 9 : 17;
@@ -495,7 +638,7 @@ static void put_real(buf *out, double d, int single) {
 static void put_base64(buf *out, const unsigned char *s, size_t n) {
     static const char tb[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     buf_reserve(out, (n + 2) / 3 * 4 + 2);
-    buf_putc(out, '"');
+    put_c(out, '"');
     size_t i = 0;
     for (; i + 3 <= n; i += 3) {
         uint32_t v = (uint32_t)s[i] << 16 | (uint32_t)s[i + 1] << 8 | s[i + 2];
@@ -511,7 +654,7 @@ static void put_base64(buf *out, const unsigned char *s, size_t n) {
         char q[4] = {tb[v >> 18], tb[(v >> 12) & 63], tb[(v >> 6) & 63], '='};
         buf_append(out, q, 4);
     }
-    buf_putc(out, '"');
+    put_c(out, '"');
 }
 
 static int put_value(const char **p, const char *end, buf *out, int depth, tm_err *err);
@@ -550,14 +693,14 @@ static int put_value(const char **p, const char *end, buf *out, int depth, tm_er
     case MP_BIN:
         buf_append(out, "{\"$bin\":", 8);
         put_base64(out, (const unsigned char *)it.v.s.ptr, it.v.s.len);
-        buf_putc(out, '}');
+        put_c(out, '}');
         return 0;
     case MP_EXT:
         buf_append(out, "{\"$ext\":", 8);
         put_i64(out, it.v.s.ext);
         buf_append(out, ",\"data\":", 8);
         put_base64(out, (const unsigned char *)it.v.s.ptr, it.v.s.len);
-        buf_putc(out, '}');
+        put_c(out, '}');
         return 0;
     case MP_ARRAY:
     case MP_MAP:
@@ -565,16 +708,16 @@ static int put_value(const char **p, const char *end, buf *out, int depth, tm_er
     }
     if (depth >= JSON_MAX_DEPTH) return err_set(err, TM_EINVAL, "msgpack: nesting too deep");
     int is_map = it.type == MP_MAP;
-    buf_putc(out, is_map ? '{' : '[');
+    put_c(out, is_map ? '{' : '[');
     for (uint32_t i = 0; i < it.v.n; i++) {
-        if (i) buf_putc(out, ',');
+        if (i) put_c(out, ',');
         if (is_map) {
             if (put_key(p, end, out, depth + 1, err) < 0) return -1;
-            buf_putc(out, ':');
+            put_c(out, ':');
         }
         if (put_value(p, end, out, depth + 1, err) < 0) return -1;
     }
-    buf_putc(out, is_map ? '}' : ']');
+    put_c(out, is_map ? '}' : ']');
     return 0;
 }
 

@@ -187,7 +187,7 @@ static int enc_table(enc *e, int t) {
             lua_pop(L, 1);
         }
     }
-    qsort(ks, n, sizeof *ks, key_cmp);
+    if (n > 1) qsort(ks, n, sizeof *ks, key_cmp);
     msgpack_pack_map(&e->pk, (uint32_t)n);
     int rc = 0;
     for (size_t j = 0; j < n && rc == 0; j++) {

@@ -184,15 +184,62 @@ static inline long rd_item(const unsigned char *q, const unsigned char *end, mp_
 int mp_next(const char **p, const char *end, mp_item *out) {
     const unsigned char *q = (const unsigned char *)*p;
     if (q >= (const unsigned char *)end) return -1;
+    unsigned c = *q;
+    if (c <= 0x7f) { /* the commonest items, without the general decoder */
+        out->type = MP_UINT;
+        out->v.u = c;
+        *p += 1;
+        return 0;
+    }
+    if ((c & 0xe0) == 0xa0) {
+        uint32_t n = c & 0x1f;
+        if ((size_t)((const unsigned char *)end - q) - 1 < n) return -1;
+        out->type = MP_STR;
+        out->v.s.ptr = (const char *)q + 1;
+        out->v.s.len = n;
+        out->v.s.ext = 0;
+        *p += 1 + n;
+        return 0;
+    }
     long n = rd_item(q, (const unsigned char *)end, out);
     if (n < 0) return -1;
     *p += n;
     return 0;
 }
 
+/* Byte classes for the loops below: the commonest items are handled
+ * without a call. */
+enum { C_ONE, C_FIXSTR, C_FIXMAP, C_FIXARRAY, C_OTHER };
+static const unsigned char cls[256] = {
+    [0x80] = C_FIXMAP,   [0x81] = C_FIXMAP,   [0x82] = C_FIXMAP,   [0x83] = C_FIXMAP,
+    [0x84] = C_FIXMAP,   [0x85] = C_FIXMAP,   [0x86] = C_FIXMAP,   [0x87] = C_FIXMAP,
+    [0x88] = C_FIXMAP,   [0x89] = C_FIXMAP,   [0x8a] = C_FIXMAP,   [0x8b] = C_FIXMAP,
+    [0x8c] = C_FIXMAP,   [0x8d] = C_FIXMAP,   [0x8e] = C_FIXMAP,   [0x8f] = C_FIXMAP,
+    [0x90] = C_FIXARRAY, [0x91] = C_FIXARRAY, [0x92] = C_FIXARRAY, [0x93] = C_FIXARRAY,
+    [0x94] = C_FIXARRAY, [0x95] = C_FIXARRAY, [0x96] = C_FIXARRAY, [0x97] = C_FIXARRAY,
+    [0x98] = C_FIXARRAY, [0x99] = C_FIXARRAY, [0x9a] = C_FIXARRAY, [0x9b] = C_FIXARRAY,
+    [0x9c] = C_FIXARRAY, [0x9d] = C_FIXARRAY, [0x9e] = C_FIXARRAY, [0x9f] = C_FIXARRAY,
+    [0xa0] = C_FIXSTR,   [0xa1] = C_FIXSTR,   [0xa2] = C_FIXSTR,   [0xa3] = C_FIXSTR,
+    [0xa4] = C_FIXSTR,   [0xa5] = C_FIXSTR,   [0xa6] = C_FIXSTR,   [0xa7] = C_FIXSTR,
+    [0xa8] = C_FIXSTR,   [0xa9] = C_FIXSTR,   [0xaa] = C_FIXSTR,   [0xab] = C_FIXSTR,
+    [0xac] = C_FIXSTR,   [0xad] = C_FIXSTR,   [0xae] = C_FIXSTR,   [0xaf] = C_FIXSTR,
+    [0xb0] = C_FIXSTR,   [0xb1] = C_FIXSTR,   [0xb2] = C_FIXSTR,   [0xb3] = C_FIXSTR,
+    [0xb4] = C_FIXSTR,   [0xb5] = C_FIXSTR,   [0xb6] = C_FIXSTR,   [0xb7] = C_FIXSTR,
+    [0xb8] = C_FIXSTR,   [0xb9] = C_FIXSTR,   [0xba] = C_FIXSTR,   [0xbb] = C_FIXSTR,
+    [0xbc] = C_FIXSTR,   [0xbd] = C_FIXSTR,   [0xbe] = C_FIXSTR,   [0xbf] = C_FIXSTR,
+    [0xc1] = C_OTHER,    [0xc4] = C_OTHER,    [0xc5] = C_OTHER,    [0xc6] = C_OTHER,
+    [0xc7] = C_OTHER,    [0xc8] = C_OTHER,    [0xc9] = C_OTHER,    [0xca] = C_OTHER,
+    [0xcb] = C_OTHER,    [0xcc] = C_OTHER,    [0xcd] = C_OTHER,    [0xce] = C_OTHER,
+    [0xcf] = C_OTHER,    [0xd0] = C_OTHER,    [0xd1] = C_OTHER,    [0xd2] = C_OTHER,
+    [0xd3] = C_OTHER,    [0xd4] = C_OTHER,    [0xd5] = C_OTHER,    [0xd6] = C_OTHER,
+    [0xd7] = C_OTHER,    [0xd8] = C_OTHER,    [0xd9] = C_OTHER,    [0xda] = C_OTHER,
+    [0xdb] = C_OTHER,    [0xdc] = C_OTHER,    [0xdd] = C_OTHER,    [0xde] = C_OTHER,
+    [0xdf] = C_OTHER,
+};
+
 /* Skip without recursion: `pending` counts values still to be consumed
- * (a map of n pairs adds 2n).  64 bits cannot overflow: each value read
- * adds at most 2 * (2^32 - 1). */
+ * (a map of n pairs adds 2n).  64 bits cannot overflow: pending never
+ * exceeds the bytes left (checked after each container). */
 int mp_skip(const char **p, const char *end) {
     const unsigned char *q = (const unsigned char *)*p;
     const unsigned char *e = (const unsigned char *)end;
@@ -201,18 +248,32 @@ int mp_skip(const char **p, const char *end) {
     while (pending) {
         if (q >= e) return -1;
         unsigned c = *q;
-        /* fast paths for the commonest one-byte items */
-        if (c <= 0x7f || c >= 0xe0 || c == 0xc0 || c == 0xc2 || c == 0xc3) {
-            q++;
-            pending--;
-            continue;
-        }
-        long n = rd_item(q, e, &it);
-        if (n < 0) return -1;
-        q += n;
         pending--;
-        if (it.type == MP_ARRAY) pending += it.v.n;
-        else if (it.type == MP_MAP) pending += 2 * (uint64_t)it.v.n;
+        switch (cls[c]) {
+        case C_ONE:
+            q++;
+            continue;
+        case C_FIXSTR:
+            if ((size_t)(e - q) - 1 < (c & 0x1f)) return -1;
+            q += 1 + (c & 0x1f);
+            continue;
+        case C_FIXMAP:
+            q++;
+            pending += 2 * (c & 0x0f);
+            break;
+        case C_FIXARRAY:
+            q++;
+            pending += c & 0x0f;
+            break;
+        default: {
+            long n = rd_item(q, e, &it);
+            if (n < 0) return -1;
+            q += n;
+            if (it.type == MP_ARRAY) pending += it.v.n;
+            else if (it.type == MP_MAP) pending += 2 * (uint64_t)it.v.n;
+            else continue;
+        }
+        }
         /* every pending value needs at least one byte */
         if (pending > (uint64_t)(e - q)) return -1;
     }
@@ -248,10 +309,22 @@ int mp_map_find(const char *map, size_t len, const char *key, size_t klen,
 
 #define STACK_INLINE 64
 
-static const char *type_name(mp_type t) {
-    return t == MP_MAP ? "map" : "array";
+/* Describe why the item at q could not be read. */
+static int fail_item(const unsigned char *base, const unsigned char *q, const unsigned char *end,
+                     size_t len, const mp_limits *lim, tm_err *err) {
+    mp_item it;
+    size_t off = (size_t)(q - base);
+    if (q < end && rd_item(q, end, &it) == RD_BAD)
+        return err_set(err, TM_EINVAL, "msgpack: invalid byte 0x%02x at byte %zu", *q, off);
+    if (len > (size_t)(end - base))
+        return err_set(err, TM_EINVAL, "msgpack: value exceeds size limit of %zu bytes",
+                       lim->max_size);
+    return err_set(err, TM_EINVAL, "msgpack: truncated at byte %zu", off);
 }
 
+/* The walk keeps `rem`, the values still expected at the current level,
+ * in a register; stack[] saves the outer levels' counts (one per open
+ * container, at most max_depth). */
 static int validate(const char *buf, size_t len, const mp_limits *lim, size_t *used,
                     int whole, tm_err *err) {
     if (!lim) lim = &mp_default_limits;
@@ -259,76 +332,100 @@ static int validate(const char *buf, size_t len, const mp_limits *lim, size_t *u
     /* Never look beyond max_size: a value that needs more is too big. */
     size_t span = len < lim->max_size ? len : lim->max_size;
     const unsigned char *q = base, *end = base + span;
-    /* stack[d] = values still expected in the container at depth d+1 */
     uint64_t inline_stack[STACK_INLINE];
     uint64_t *stack = inline_stack;
-    unsigned depth = 0;
+    unsigned depth = 0, max_depth = lim->max_depth;
+    uint64_t rem = 1, kids;
     int rc = -1;
     mp_item it;
 
-    if (lim->max_depth > STACK_INLINE) {
-        stack = malloc(sizeof *stack * lim->max_depth);
+    /* each open container holds at least its header byte, so the stack
+     * never needs more entries than there are bytes */
+    size_t need = max_depth < span ? max_depth : span;
+    if (need > STACK_INLINE) {
+        stack = malloc(sizeof *stack * need);
         if (!stack) return err_set(err, TM_EIO, "msgpack: out of memory for depth stack");
     }
     for (;;) {
-        size_t off = (size_t)(q - base);
+        while (rem == 0) {
+            if (!depth) goto done;
+            rem = stack[--depth];
+        }
         if (q >= end) {
+            fail_item(base, q, end, len, lim, err);
+            goto out;
+        }
+        const unsigned char *at = q;
+        unsigned c = *q;
+        int is_map;
+        rem--;
+        switch (cls[c]) {
+        case C_ONE:
+            q++;
+            continue;
+        case C_FIXSTR:
+            if ((size_t)(end - q) - 1 < (c & 0x1f)) {
+                fail_item(base, q, end, len, lim, err);
+                goto out;
+            }
+            q += 1 + (c & 0x1f);
+            continue;
+        case C_FIXMAP:
+            q++;
+            is_map = 1;
+            kids = 2 * (c & 0x0f);
+            break;
+        case C_FIXARRAY:
+            q++;
+            is_map = 0;
+            kids = c & 0x0f;
+            break;
+        default: {
+            long n = rd_item(q, end, &it);
+            if (n < 0) {
+                fail_item(base, q, end, len, lim, err);
+                goto out;
+            }
+            q += n;
+            if (it.type != MP_ARRAY && it.type != MP_MAP) continue;
+            is_map = it.type == MP_MAP;
+            if (it.v.n > lim->max_items) {
+                err_set(err, TM_EINVAL, "msgpack: %s of %u items exceeds limit of %u at byte %zu",
+                        is_map ? "map" : "array", it.v.n, lim->max_items,
+                        (size_t)(at - base));
+                goto out;
+            }
+            kids = is_map ? 2 * (uint64_t)it.v.n : it.v.n;
+        }
+        }
+        /* a container (fixmap/fixarray counts are at most 15 <= any sane
+         * max_items, but check them too for tiny limits) */
+        if ((is_map ? kids / 2 : kids) > lim->max_items) {
+            err_set(err, TM_EINVAL, "msgpack: %s of %u items exceeds limit of %u at byte %zu",
+                    is_map ? "map" : "array", (unsigned)(is_map ? kids / 2 : kids),
+                    lim->max_items, (size_t)(at - base));
+            goto out;
+        }
+        if (depth >= max_depth) {
+            err_set(err, TM_EINVAL, "msgpack: nesting deeper than %u at byte %zu", max_depth,
+                    (size_t)(at - base));
+            goto out;
+        }
+        if (kids > (uint64_t)(end - q)) { /* each child needs at least one byte */
             if (len > span)
                 err_set(err, TM_EINVAL, "msgpack: value exceeds size limit of %zu bytes",
                         lim->max_size);
             else
-                err_set(err, TM_EINVAL, "msgpack: truncated at byte %zu", off);
+                err_set(err, TM_EINVAL,
+                        "msgpack: truncated: %s at byte %zu claims %u items, %zu bytes left",
+                        is_map ? "map" : "array", (size_t)(at - base),
+                        (unsigned)(is_map ? kids / 2 : kids), (size_t)(end - q));
             goto out;
         }
-        long n = rd_item(q, end, &it);
-        if (n < 0) {
-            if (n == RD_BAD)
-                err_set(err, TM_EINVAL, "msgpack: invalid byte 0x%02x at byte %zu", *q, off);
-            else if (len > span)
-                err_set(err, TM_EINVAL, "msgpack: value exceeds size limit of %zu bytes",
-                        lim->max_size);
-            else
-                err_set(err, TM_EINVAL, "msgpack: truncated at byte %zu", off);
-            goto out;
-        }
-        q += n;
-        if (depth) stack[depth - 1]--;
-        if ((it.type == MP_ARRAY || it.type == MP_MAP)) {
-            if (it.v.n > lim->max_items) {
-                err_set(err, TM_EINVAL, "msgpack: %s of %u items exceeds limit of %u at byte %zu",
-                        type_name(it.type), it.v.n, lim->max_items, off);
-                goto out;
-            }
-            if (it.v.n) {
-                uint64_t kids = it.type == MP_MAP ? 2 * (uint64_t)it.v.n : it.v.n;
-                if (depth >= lim->max_depth) {
-                    err_set(err, TM_EINVAL, "msgpack: nesting deeper than %u at byte %zu",
-                            lim->max_depth, off);
-                    goto out;
-                }
-                if (kids > (uint64_t)(end - q)) {
-                    /* each child needs at least one byte */
-                    if (len > span)
-                        err_set(err, TM_EINVAL, "msgpack: value exceeds size limit of %zu bytes",
-                                lim->max_size);
-                    else
-                        err_set(err, TM_EINVAL,
-                                "msgpack: truncated: %s at byte %zu claims %u items, %zu bytes left",
-                                type_name(it.type), off, it.v.n, (size_t)(end - q));
-                    goto out;
-                }
-                stack[depth++] = kids;
-                continue;
-            } else if (depth >= lim->max_depth) {
-                /* an empty container still nests one level */
-                err_set(err, TM_EINVAL, "msgpack: nesting deeper than %u at byte %zu",
-                        lim->max_depth, off);
-                goto out;
-            }
-        }
-        while (depth && stack[depth - 1] == 0) depth--;
-        if (!depth) break;
+        stack[depth++] = rem;
+        rem = kids;
     }
+done:
     if (whole && (size_t)(q - base) != len) {
         err_set(err, TM_EINVAL, "msgpack: %zu trailing bytes at byte %zu",
                 len - (size_t)(q - base), (size_t)(q - base));

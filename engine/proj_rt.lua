@@ -43,14 +43,33 @@ local decode
 local function be16(p, i) return p[i] * 256 + p[i + 1] end
 local function be32(p, i) return ((p[i] * 256 + p[i + 1]) * 256 + p[i + 2]) * 256 + p[i + 3] end
 
+-- One key/value pair into t.
+local function pair(p, i, t)
+  local k, v
+  k, i = decode(p, i)
+  v, i = decode(p, i)
+  if k ~= nil then t[k] = v end
+  return i
+end
+
+-- Small maps (the usual event payload) are decoded without a loop: a loop
+-- here would be an inner loop of the replay loop, which LuaJIT does not
+-- compile into the caller's trace (measured: 3x slower replay).
 local function dmap(p, i, n)
   local t = tnew(0, n)
-  for _ = 1, n do
-    local k, v
-    k, i = decode(p, i)
-    v, i = decode(p, i)
-    if k ~= nil then t[k] = v end
+  if n <= 8 then
+    if n > 0 then i = pair(p, i, t)
+    if n > 1 then i = pair(p, i, t)
+    if n > 2 then i = pair(p, i, t)
+    if n > 3 then i = pair(p, i, t)
+    if n > 4 then i = pair(p, i, t)
+    if n > 5 then i = pair(p, i, t)
+    if n > 6 then i = pair(p, i, t)
+    if n > 7 then i = pair(p, i, t)
+    end end end end end end end end
+    return t, i
   end
+  for _ = 1, n do i = pair(p, i, t) end
   return t, i
 end
 

@@ -348,6 +348,10 @@ static void test_from_json_errors(void **st) {
     const char *ok = "{" ST TY ",\"data\":[[1,2,3]],\"metadata\":{\"a\":{\"b\":1}}}";
     if (event_from_json(ok, strlen(ok), NULL, 0, &lim, &scratch, &ev, &e) != 0)
         fail_msg("%s", e.msg);
+    /* limits at their maximum do not overflow */
+    mp_limits huge = {UINT32_MAX, UINT32_MAX, SIZE_MAX};
+    if (event_from_json(ok, strlen(ok), NULL, 0, &huge, &scratch, &ev, &e) != 0)
+        fail_msg("%s", e.msg);
     buf_free(&scratch);
 }
 

@@ -379,6 +379,26 @@ static void test_from_mp_types(void **st) {
     check_from(&b, "[5,-256,65536,4294967295,256,-32]");
     buf_reset(&b);
 
+    /* the printer's nesting guard: 512 levels print, 513 do not */
+    char nest[600];
+    memset(nest, 0x91, sizeof nest);
+    nest[512] = (char)0xc0;
+    buf_append(&b, nest, 513);
+    buf js0 = BUF_INIT;
+    tm_err e0;
+    assert_int_equal(json_from_mp(b.ptr, b.len, &js0, &e0), 0);
+    assert_int_equal(js0.len, 512 * 2 + 4);
+    buf_reset(&b);
+    nest[512] = (char)0x91;
+    nest[513] = (char)0xc0;
+    buf_append(&b, nest, 514);
+    buf_reset(&js0);
+    assert_int_equal(json_from_mp(b.ptr, b.len, &js0, &e0), -1);
+    assert_string_equal(e0.msg, "msgpack: nesting too deep");
+    assert_int_equal(js0.len, 0);
+    buf_free(&js0);
+    buf_reset(&b);
+
     /* errors: truncated, invalid byte, trailing bytes; out unchanged */
     buf js = BUF_INIT;
     buf_puts(&js, "keep");
@@ -399,6 +419,24 @@ static void check_str(const char *s, size_t n, const char *want) {
     buf b = BUF_INIT;
     json_put_string(&b, s, n);
     if (strcmp(b.ptr, want) != 0) fail_msg("got %s want %s", b.ptr, want);
+    /* the same with 300 bytes before and after (the long-string path) */
+    buf in = BUF_INIT, w = BUF_INIT;
+    char pad[300];
+    memset(pad, 'p', sizeof pad);
+    buf_append(&in, pad, sizeof pad);
+    buf_append(&in, s, n);
+    buf_append(&in, pad, sizeof pad);
+    buf_putc(&w, '"');
+    buf_append(&w, pad, sizeof pad);
+    buf_append(&w, want + 1, strlen(want) - 2);
+    buf_append(&w, pad, sizeof pad);
+    buf_putc(&w, '"');
+    buf_reset(&b);
+    json_put_string(&b, in.ptr, in.len);
+    assert_int_equal(b.len, w.len);
+    assert_memory_equal(b.ptr, w.ptr, w.len);
+    buf_free(&in);
+    buf_free(&w);
     buf_free(&b);
 }
 
@@ -432,7 +470,7 @@ static void test_put_string(void **st) {
     assert_false(json_utf8_valid("\xf5\x80\x80\x80", 4));
 }
 
-/* ---- deterministic fuzz: random documents are fixed points ---- */
+/* ---- number conversions against libc ---- */
 
 static uint64_t rs = 12345;
 static uint64_t rnd(void) {
@@ -441,6 +479,76 @@ static uint64_t rnd(void) {
     rs ^= rs << 17;
     return rs;
 }
+
+/* The reference printer: fewest of 15..17 digits that read back, as the
+ * slow path does; then ".0" if it looks like an integer. */
+static void ref_print(double d, char *s) {
+    for (int prec = 15; prec <= 17; prec++) {
+        snprintf(s, 40, "%.*g", prec, d);
+        if (strtod(s, NULL) == d) break;
+    }
+    if (!strchr(s, '.') && !strchr(s, 'e') && !strchr(s, 'n') && !strchr(s, 'i')) strcat(s, ".0");
+}
+
+static double mp_double(const buf *mp) {
+    assert_int_equal(mp->len, 9);
+    assert_int_equal((unsigned char)mp->ptr[0], 0xcb);
+    uint64_t u = 0;
+    for (int i = 1; i < 9; i++) u = u << 8 | (unsigned char)mp->ptr[i];
+    double d;
+    memcpy(&d, &u, 8);
+    return d;
+}
+
+static void test_numbers_vs_libc(void **st) {
+    char text[64], ref[40];
+    for (int i = 0; i < 60000; i++) {
+        /* a random decimal: up to 18 digits, a point somewhere, maybe an exponent */
+        int nd = 1 + (int)(rnd() % 18), w = 0;
+        if (rnd() & 1) text[w++] = '-';
+        int point = (int)(rnd() % (unsigned)nd);
+        for (int j = 0; j < nd; j++) {
+            text[w++] = (char)('0' + (j == 0 && point > 0 ? 1 + rnd() % 9 : rnd() % 10));
+            if (j == point) text[w++] = '.';
+        }
+        if (text[w - 1] == '.') text[w++] = '0';
+        if (rnd() % 3 == 0) w += snprintf(text + w, 16, "e%d", (int)(rnd() % 60) - 30);
+        text[w] = '\0';
+        buf mp = BUF_INIT, js = BUF_INIT;
+        tm_err e;
+        if (json_to_mp(text, (size_t)w, NULL, &mp, &e) != 0) fail_msg("%s: %s", text, e.msg);
+        double got = mp_double(&mp), want = strtod(text, NULL);
+        if (memcmp(&got, &want, 8) != 0) fail_msg("%s parsed as %.17g, libc %.17g", text, got, want);
+        /* and printed back exactly as the reference printer does */
+        assert_int_equal(json_from_mp(mp.ptr, mp.len, &js, &e), 0);
+        ref_print(want, ref);
+        if (isfinite(want) && strcmp(js.ptr, ref) != 0)
+            fail_msg("%.17g printed %s, reference %s", want, js.ptr, ref);
+        buf_free(&mp);
+        buf_free(&js);
+    }
+    /* random bit patterns print to text that reads back to the same bits */
+    for (int i = 0; i < 40000; i++) {
+        uint64_t u = rnd();
+        double d;
+        memcpy(&d, &u, 8);
+        if (!isfinite(d)) continue;
+        buf mp = BUF_INIT, js = BUF_INIT;
+        msgpack_packer pk;
+        msgpack_packer_init(&pk, &mp, buf_write);
+        msgpack_pack_double(&pk, d);
+        tm_err e;
+        assert_int_equal(json_from_mp(mp.ptr, mp.len, &js, &e), 0);
+        double back = strtod(js.ptr, NULL);
+        assert_memory_equal(&back, &d, 8);
+        ref_print(d, ref);
+        assert_string_equal(js.ptr, ref);
+        buf_free(&mp);
+        buf_free(&js);
+    }
+}
+
+/* ---- deterministic fuzz: random documents are fixed points ---- */
 
 static void gen(buf *b, int depth) {
     static const char *atoms[] = {"null", "true", "false", "0", "-1", "1.5", "1e-9", "-0.0",
@@ -508,6 +616,7 @@ int main(void) {
         cmocka_unit_test(test_limits),
         cmocka_unit_test(test_from_mp_types),
         cmocka_unit_test(test_put_string),
+        cmocka_unit_test(test_numbers_vs_libc),
         cmocka_unit_test(test_fuzz_fixed_point),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

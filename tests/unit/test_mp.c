@@ -517,6 +517,14 @@ static void test_deep_nesting(void **st) {
     deeplim.max_depth = 99999;
     assert_int_equal(mp_validate(dd, 100001, &deeplim, &e), -1);
     free(dd);
+    /* an unbounded depth limit does not allocate by the limit */
+    mp_limits nolim = {UINT32_MAX, UINT32_MAX, SIZE_MAX};
+    dd = malloc(1000);
+    memset(dd, 0x91, 999);
+    dd[999] = 0x01;
+    assert_int_equal(mp_validate(dd, 1000, &nolim, &e), 0);
+    assert_int_equal(mp_validate(dd, 999, &nolim, &e), -1);
+    free(dd);
     /* depth 0: scalars only */
     mp_limits flat = {0, 10, 100};
     assert_int_equal(mp_validate("\x01", 1, &flat, &e), 0);

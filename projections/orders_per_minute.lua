@@ -6,7 +6,9 @@
 --                    (minute windows [k*60000, (k+1)*60000); a minute closes when the
 --                    watermark, max event time seen - 30 s, passes its end)
 --           closed   emit-on-close: one row {minute=, orders=, revenue=} appended when
---                    its minute closes (in closing order = minute order)
+--                    its minute closes (in closing order = minute order); the last
+--                    KEEP_MINUTES (7 days) rows are kept, older ones are dropped
+--                    a day at a time so the state stays bounded
 --           late     {orders=, revenue=}: orders that arrived after their minute
 --                    had closed (counted, never silently dropped)
 --         Each closed minute is also emitted as an event MinuteClosed to stream
@@ -20,6 +22,16 @@
 --   tidemark project --data DIR projections/orders_per_minute.lua --query busiest '{"n":3}'
 
 local function round2(x) return math.floor(x * 100 + 0.5) / 100 end
+
+local KEEP_MINUTES = 7 * 1440      -- closed minutes kept in the state
+local TRIM = 1440                  -- dropped at once when KEEP_MINUTES + TRIM are held
+
+-- Drop the oldest TRIM rows of the closed list (one O(n) move, not n table.removes).
+local function trim(closed)
+  local n = #closed
+  for i = 1, n - TRIM do closed[i] = closed[i + TRIM] end
+  for i = n - TRIM + 1, n do closed[i] = nil end
+end
 
 return {
   from = { type = "OrderPlaced" },
@@ -39,6 +51,7 @@ return {
         s.closed[#s.closed + 1] = row
         tm.emit("stats-orders_per_minute", "MinuteClosed", row)
       end
+      if #s.closed >= KEEP_MINUTES + TRIM then trim(s.closed) end
     end,
   },
   queries = {

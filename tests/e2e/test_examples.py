@@ -453,3 +453,22 @@ def test_emit_on_close_persisted_in_two_steps_equals_rebuild(tmp_path):
     emitted = [json.loads(l) for l in run([BIN, "read", "--data", d1, "stats-orders_per_minute"]).decode().splitlines()]
     assert [e["type"] for e in emitted] == ["MinuteClosed"] * len(closed)
     assert [e["data"] for e in emitted] == closed and len(closed) > 10
+
+
+def test_orders_per_minute_keeps_a_bounded_list(dataset, tmp_path):
+    """The closed-minute list is trimmed to the newest KEEP_MINUTES rows, a
+    TRIM at a time: run a copy with tiny limits and compare with the full run."""
+    data, _ = dataset
+    src = open(os.path.join(PROJ, "orders_per_minute.lua")).read()
+    small = src.replace("local KEEP_MINUTES = 7 * 1440", "local KEEP_MINUTES = 50") \
+               .replace("local TRIM = 1440", "local TRIM = 7")
+    assert "local KEEP_MINUTES = 50 " in small and "local TRIM = 7 " in small
+    path = str(tmp_path / "opm_small.lua")
+    open(path, "w").write(small)
+    full = load_expected("orders_per_minute")["state"]["closed"]
+    got = json.loads(run([BIN, "project", "--quiet", "--data", data, path]))["closed"]
+    n = len(full)
+    assert n > 57
+    # Trimmed whenever 57 rows are held: between 50 and 56 rows remain, the newest ones.
+    assert 50 <= len(got) < 57 and len(got) == 50 + (n - 50) % 7
+    assert got == full[-len(got):]

@@ -264,7 +264,7 @@ int cli_project(int argc, char **argv) {
     }
     char *name = name_opt ? strdup(name_opt) : default_name(file);
     proj_opts po = {.memory_limit = (size_t)mem_mb << 20, .cpu_limit = cpu,
-                    .st = persist ? s : NULL};
+                    .st = persist ? s : NULL, .source = s};
     proj *p = proj_new(name, src.ptr ? src.ptr : "", src.len, file, &po, &err);
     buf_free(&src);
     if (!p) {

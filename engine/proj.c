@@ -28,6 +28,7 @@
 #include "luamp.h"
 #include "lsketch.h"
 #include "mp.h"
+#include "record.h"
 #include "sandbox.h"
 
 
@@ -144,6 +145,54 @@ static void rt_get(proj *p, const char *f) {
     lua_remove(p->L, -2);
 }
 
+/* ------------------------------------------------------------ backing (reads) */
+
+static int b_get(proj *p, const char *k, size_t kl, char **v, size_t *vl, tm_err *err) {
+    if (p->o.backing && p->o.backing->get)
+        return p->o.backing->get(p->o.backing->ud, k, kl, v, vl, err);
+    if (!p->o.st) return 0;
+    return store_kv_get(p->o.st, k, kl, v, vl, err);
+}
+
+static int b_scan(proj *p, const char *prefix, size_t pl, proj_kv_fn each, void *ctx,
+                  tm_err *err) {
+    if (p->o.backing && p->o.backing->scan)
+        return p->o.backing->scan(p->o.backing->ud, prefix, pl, each, ctx, err);
+    if (!p->o.st) return 0;
+    store_kv_iter *it = store_kv_scan(p->o.st, prefix, pl, NULL, 0, err);
+    if (!it) return -1;
+    const char *k, *v;
+    size_t kl, vl;
+    int r;
+    while ((r = store_kv_next(it, &k, &kl, &v, &vl, err)) == 1)
+        if (each(ctx, k, kl, v, vl)) break;
+    store_kv_iter_free(it);
+    return r < 0 ? -1 : 0;
+}
+
+/* 1 = *rec (malloc'd) holds the record at pos, 0 absent, -1 error. */
+static int b_record(proj *p, uint64_t pos, char **rec, size_t *len, tm_err *err) {
+    if (p->o.backing && p->o.backing->record)
+        return p->o.backing->record(p->o.backing->ud, pos, rec, len, err);
+    if (!p->o.source) return 0;
+    store_iter *it = store_read_all(p->o.source, pos, 0, 1, err);
+    if (!it) return -1;
+    tm_event ev;
+    int r = store_iter_next(it, &ev, err);
+    if (r == 1 && ev.position == pos) {
+        const char *rp;
+        size_t rl;
+        store_iter_record(it, &rp, &rl);
+        *rec = malloc(rl);
+        memcpy(*rec, rp, rl);
+        *len = rl;
+    } else if (r >= 0) {
+        r = 0;
+    }
+    store_iter_free(it);
+    return r;
+}
+
 /* ------------------------------------------------------------ C functions for the runtime */
 
 /* C.load(key, committed_blob) -> state or nil */
@@ -158,12 +207,11 @@ static int c_load(lua_State *L) {
         if (luamp_push(L, b, n, &err) < 0) return luaL_error(L, "state %s: %s", k, err.msg);
         return 1;
     }
-    if (!p->o.st) return 0;
     buf key = BUF_INIT;
     key_of(&key, p, "s/", k, kl);
     char *v = NULL;
     size_t vl = 0;
-    int rc = store_kv_get(p->o.st, key.ptr, key.len, &v, &vl, &err);
+    int rc = b_get(p, key.ptr, key.len, &v, &vl, &err);
     buf_free(&key);
     if (rc < 0) return luaL_error(L, "loading state '%s': %s", k, err.msg);
     if (rc == 0) return 0;
@@ -187,6 +235,39 @@ static int c_pack(lua_State *L) {
     lua_pushlstring(L, b.ptr ? b.ptr : "", b.len);
     buf_free(&b);
     return 1;
+}
+
+/* C.fetch(position) -> stream, id, metadata of a stored event (for the
+ * lazy fields of an event read after its batch), or nothing. */
+static int c_fetch(lua_State *L) {
+    proj *p = lua_touserdata(L, lua_upvalueindex(1));
+    double pos = luaL_checknumber(L, 1);
+    if (pos < 1) return 0;
+    tm_err err;
+    char *rec = NULL;
+    size_t rl = 0;
+    int r = b_record(p, (uint64_t)pos, &rec, &rl, &err);
+    if (r < 0) return luaL_error(L, "reading event %f: %s", pos, err.msg);
+    if (r == 0) return 0;
+    tm_event ev;
+    if (record_decode(rec, rl, &ev, &err) < 0) {
+        free(rec);
+        return luaL_error(L, "event %f: %s", pos, err.msg);
+    }
+    char id[37];
+    event_id_format(ev.id, id);
+    lua_pushlstring(L, ev.stream, ev.stream_len);
+    lua_pushlstring(L, id, 36);
+    if (ev.meta_len) {
+        if (luamp_push(L, ev.meta, ev.meta_len, &err) < 0) {
+            free(rec);
+            return luaL_error(L, "event %f metadata: %s", pos, err.msg);
+        }
+    } else {
+        lua_newtable(L);
+    }
+    free(rec);
+    return 3;
 }
 
 /* C.ext(type, bytes) -> sketch */
@@ -400,6 +481,9 @@ proj *proj_new(const char *name, const char *src, size_t len, const char *filena
     lua_setfield(L, -2, "pack");
     lua_pushcfunction(L, c_ext);
     lua_setfield(L, -2, "ext");
+    lua_pushlightuserdata(L, p);
+    lua_pushcclosure(L, c_fetch, 1);
+    lua_setfield(L, -2, "fetch");
     /* table.new (LuaJIT extension, preloaded by the table library): lets
      * the decoder size tables up front */
     lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
@@ -581,11 +665,10 @@ static int run_batch(proj *p, tm_err *err) {
     lua_pushlightuserdata(L, p->slots);
     lua_pushlightuserdata(L, p->arena.ptr ? p->arena.ptr : (char *)p->slots);
     lua_pushinteger(L, (lua_Integer)n);
-    lua_pushinteger(L, (lua_Integer)p->arena.len);
     lua_pushlightuserdata(L, (void *)&p->cur_index);
     buf trace = BUF_INIT;
     sandbox_enter(p->sb);
-    int rc = sandbox_pcall(p->sb, 5, 0, &trace, err);
+    int rc = sandbox_pcall(p->sb, 4, 0, &trace, err);
     sandbox_leave(p->sb);
     if (rc == 0) {
         p->cur_index = -1;
@@ -685,7 +768,7 @@ static void pack_str(msgpack_packer *pk, const char *s, size_t n) {
 
 /* Encode the dirty states and the checkpoint into b (or the runtime's
  * in-memory `committed` table when b is NULL). */
-static int write_states(proj *p, store_batch *b, tm_err *err) {
+static int write_states(proj *p, proj_put_fn put, void *ud, tm_err *err) {
     lua_State *L = p->L;
     rt_get(p, "dirty");
     int dt = lua_gettop(L);
@@ -708,9 +791,9 @@ static int write_states(proj *p, store_batch *b, tm_err *err) {
         if (luamp_encode(L, lua_gettop(L), what, &val, err) < 0) rc = -1;
         lua_pop(L, 1);
         if (rc < 0) break;
-        if (b) {
+        if (put) {
             key_of(&key, p, "s/", k, kl);
-            store_batch_put(b, key.ptr, key.len, val.ptr, val.len);
+            put(ud, key.ptr, key.len, val.ptr, val.len);
         } else {
             lua_pushvalue(L, -1);
             lua_pushlstring(L, val.ptr, val.len);
@@ -719,7 +802,7 @@ static int write_states(proj *p, store_batch *b, tm_err *err) {
     }
     if (rc < 0) lua_pop(L, 1); /* the key left by the interrupted lua_next */
     lua_settop(L, dt - 1);
-    if (rc == 0 && b) {
+    if (rc == 0 && put) {
         for (size_t i = 0; i < p->ndl; i++) {
             dead_letter *dl = &p->dls[i];
             if (dl->committed) continue;
@@ -736,7 +819,7 @@ static int write_states(proj *p, store_batch *b, tm_err *err) {
             msgpack_pack_uint64(&pk, dl->position);
             pack_str(&pk, "type", 4);
             pack_str(&pk, dl->type, strlen(dl->type));
-            store_batch_put(b, key.ptr, key.len, val.ptr, val.len);
+            put(ud, key.ptr, key.len, val.ptr, val.len);
         }
         buf_reset(&val);
         msgpack_packer pk;
@@ -749,7 +832,7 @@ static int write_states(proj *p, store_batch *b, tm_err *err) {
         pack_str(&pk, "position", 8);
         msgpack_pack_uint64(&pk, p->position);
         key_of(&key, p, "cp", NULL, 0);
-        store_batch_put(b, key.ptr, key.len, val.ptr, val.len);
+        put(ud, key.ptr, key.len, val.ptr, val.len);
     }
     buf_free(&key);
     buf_free(&val);
@@ -828,10 +911,19 @@ static int collect_emits(proj *p, tm_err *err) {
     return 0;
 }
 
+static void batch_put(void *ud, const char *k, size_t kl, const char *v, size_t vl) {
+    store_batch_put(ud, k, kl, v, vl);
+}
+
 int proj_checkpoint(proj *p, store_batch *b, tm_event **emits, size_t *nemits, tm_err *err) {
+    return proj_checkpoint_to(p, b ? batch_put : NULL, b, emits, nemits, err);
+}
+
+int proj_checkpoint_to(proj *p, proj_put_fn put, void *ud, tm_event **emits, size_t *nemits,
+                       tm_err *err) {
     int rc = run_batch(p, err);
     if (rc != 0) return rc;
-    if (write_states(p, b, err) < 0) return -1;
+    if (write_states(p, put, ud, err) < 0) return -1;
     if (collect_emits(p, err) < 0) return -1;
     if (emits) *emits = p->emits;
     if (nemits) *nemits = p->nemits;
@@ -868,55 +960,54 @@ int proj_commit(proj *p, tm_err *err) {
     return rc;
 }
 
+static int add_dl(void *ctx, const char *k, size_t kl, const char *v, size_t vl) {
+    proj *p = ctx;
+    (void)v;
+    (void)vl;
+    if (kl < 20) return 0;
+    if (p->ndl == p->capdl) {
+        p->capdl = p->capdl ? p->capdl * 2 : 8;
+        p->dls = realloc(p->dls, p->capdl * sizeof *p->dls);
+    }
+    dead_letter *dl = &p->dls[p->ndl++];
+    char num[21];
+    memcpy(num, k + kl - 20, 20);
+    num[20] = 0;
+    dl->position = strtoull(num, NULL, 10);
+    dl->type = strdup("");
+    dl->error = strdup("");
+    dl->committed = 1;
+    return 0;
+}
+
 int proj_restore(proj *p, tm_err *err) {
-    if (!p->o.st) return 0;
     buf key = BUF_INIT;
     key_of(&key, p, "cp", NULL, 0);
     char *v = NULL;
     size_t vl = 0;
-    int rc = store_kv_get(p->o.st, key.ptr, key.len, &v, &vl, err);
-    if (rc <= 0) {
-        buf_free(&key);
-        return rc;
-    }
+    int rc = b_get(p, key.ptr, key.len, &v, &vl, err);
+    buf_free(&key);
+    if (rc <= 0) return rc;
     const char *val;
     size_t len;
+    mp_item it;
     if (mp_validate(v, vl, NULL, err) < 0) goto corrupt;
     if (mp_map_find(v, vl, "position", 8, &val, &len) == 1) {
-        mp_item it;
         if (mp_next(&val, val + len, &it) < 0 || it.type != MP_UINT) goto corrupt;
         p->position = p->cp_position = it.v.u;
     }
     if (mp_map_find(v, vl, "events", 6, &val, &len) == 1) {
-        mp_item it;
         if (mp_next(&val, val + len, &it) == 0 && it.type == MP_UINT)
             p->events = p->cp_events = it.v.u;
     }
     free(v);
     /* dead letters: keep their positions so replays skip them */
     key_of(&key, p, "dl/", NULL, 0);
-    store_kv_iter *it = store_kv_scan(p->o.st, key.ptr, key.len, NULL, 0, err);
+    rc = b_scan(p, key.ptr, key.len, add_dl, p, err);
     buf_free(&key);
-    if (!it) return -1;
-    const char *k, *dv;
-    size_t kl, dvl;
-    int r;
-    while ((r = store_kv_next(it, &k, &kl, &dv, &dvl, err)) == 1) {
-        if (p->ndl == p->capdl) {
-            p->capdl = p->capdl ? p->capdl * 2 : 8;
-            p->dls = realloc(p->dls, p->capdl * sizeof *p->dls);
-        }
-        dead_letter *dl = &p->dls[p->ndl++];
-        dl->position = strtoull(k + kl - 20, NULL, 10);
-        dl->type = strdup("");
-        dl->error = strdup("");
-        dl->committed = 1;
-    }
-    store_kv_iter_free(it);
-    return r < 0 ? -1 : 0;
+    return rc;
 corrupt:
     free(v);
-    buf_free(&key);
     return err_set(err, TM_EIO, "projection %s: corrupt checkpoint record", p->name);
 }
 
@@ -930,6 +1021,36 @@ int proj_reset(proj *p, tm_err *err) {
 }
 
 /* ------------------------------------------------------------ reading */
+
+struct load_ctx {
+    proj *p;
+    int st;        /* stack index of the states table */
+    size_t plen;   /* key prefix length */
+    tm_err *err;
+    int failed;
+};
+
+static int load_one(void *ctx, const char *k, size_t kl, const char *v, size_t vl) {
+    struct load_ctx *c = ctx;
+    lua_State *L = c->p->L;
+    lua_pushlstring(L, k + c->plen, kl - c->plen);
+    lua_pushvalue(L, -1);
+    lua_rawget(L, c->st);
+    int have = !lua_isnil(L, -1);
+    lua_pop(L, 1);
+    if (have) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    if (mp_validate(v, vl, NULL, c->err) < 0 || luamp_push(L, v, vl, c->err) < 0) {
+        lua_pop(L, 1);
+        err_prefix(c->err, "projection %s: stored state", c->p->name);
+        c->failed = 1;
+        return 1;
+    }
+    lua_rawset(L, c->st);
+    return 0;
+}
 
 /* Load every stored partition not yet in memory (partitioned queries). */
 static int load_all(proj *p, tm_err *err) {
@@ -957,41 +1078,14 @@ static int load_all(proj *p, tm_err *err) {
             }
         }
     }
-    if (p->o.st) {
-        buf key = BUF_INIT;
-        key_of(&key, p, "s/", NULL, 0);
-        size_t plen = key.len;
-        store_kv_iter *it = store_kv_scan(p->o.st, key.ptr, key.len, NULL, 0, err);
-        buf_free(&key);
-        if (!it) {
-            lua_settop(L, st - 1);
-            return -1;
-        }
-        const char *k, *v;
-        size_t kl, vl;
-        int r;
-        while ((r = store_kv_next(it, &k, &kl, &v, &vl, err)) == 1) {
-            lua_pushlstring(L, k + plen, kl - plen);
-            lua_pushvalue(L, -1);
-            lua_rawget(L, st);
-            int have = !lua_isnil(L, -1);
-            lua_pop(L, 1);
-            if (have) {
-                lua_pop(L, 1);
-                continue;
-            }
-            if (mp_validate(v, vl, NULL, err) < 0 || luamp_push(L, v, vl, err) < 0) {
-                store_kv_iter_free(it);
-                lua_settop(L, st - 1);
-                return err_prefix(err, "projection %s: stored state", p->name);
-            }
-            lua_rawset(L, st);
-        }
-        store_kv_iter_free(it);
-        if (r < 0) {
-            lua_settop(L, st - 1);
-            return -1;
-        }
+    buf key = BUF_INIT;
+    key_of(&key, p, "s/", NULL, 0);
+    struct load_ctx c = {p, st, key.len, err, 0};
+    int rc = b_scan(p, key.ptr, key.len, load_one, &c, err);
+    buf_free(&key);
+    if (rc < 0 || c.failed) {
+        lua_settop(L, st - 1);
+        return -1;
     }
     lua_settop(L, st - 1);
     return 0;

@@ -47,6 +47,21 @@ typedef enum proj_from_kind {
     PROJ_FROM_ALL, PROJ_FROM_STREAM, PROJ_FROM_STREAMS, PROJ_FROM_CATEGORY, PROJ_FROM_TYPES
 } proj_from_kind;
 
+/* Where states, checkpoints and stored events come from when the
+ * projection does not own a store handle (a worker process asks its host).
+ * Each returns 1 found (*val / *rec malloc'd, freed by proj), 0 absent,
+ * -1 error. */
+typedef int (*proj_kv_fn)(void *ctx, const char *k, size_t kl, const char *v, size_t vl);
+typedef struct proj_backing {
+    void *ud;
+    int (*get)(void *ud, const char *k, size_t kl, char **val, size_t *vl, tm_err *err);
+    /* every key with the prefix, in key order; each returns non-zero to stop */
+    int (*scan)(void *ud, const char *prefix, size_t pl, proj_kv_fn each, void *ctx,
+                tm_err *err);
+    /* the stored record (record.h) at position pos */
+    int (*record)(void *ud, uint64_t pos, char **rec, size_t *len, tm_err *err);
+} proj_backing;
+
 typedef struct proj_opts {
     size_t memory_limit;    /* bytes, 0 = default (256 MiB) */
     double cpu_limit;       /* seconds of CPU per batch, 0 = none (see sandbox.h) */
@@ -57,6 +72,11 @@ typedef struct proj_opts {
     void (*print)(void *ud, const char *line, size_t len); /* print(); NULL = stderr */
     void *ud;
     store *st;              /* borrowed; NULL = in-memory */
+    /* borrowed; where the lazy fields (stream, id, metadata, category) of
+     * an event kept beyond its batch are read back from; NULL = they read
+     * as nil after the batch */
+    store *source;
+    const proj_backing *backing; /* borrowed; instead of st / source for reads */
     unsigned batch;         /* events per Lua batch; 0 = 256 */
 } proj_opts;
 
@@ -111,6 +131,11 @@ void proj_current(const proj *p, uint64_t *position, const char **type, size_t *
  * b may be NULL. */
 int proj_checkpoint(proj *p, store_batch *b, tm_event **emits, size_t *nemits, tm_err *err);
 void proj_checkpoint_done(proj *p);
+/* The same, with every key/value handed to put (a worker process sends
+ * them to its host) instead of a store_batch. */
+typedef void (*proj_put_fn)(void *ud, const char *k, size_t kl, const char *v, size_t vl);
+int proj_checkpoint_to(proj *p, proj_put_fn put, void *ud, tm_event **emits, size_t *nemits,
+                       tm_err *err);
 /* All of the above against opts.st (or in memory when it is NULL). */
 int proj_commit(proj *p, tm_err *err);
 /* Read the checkpoint from opts.st; states load lazily.  0 also when

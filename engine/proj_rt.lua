@@ -1,7 +1,7 @@
 -- proj_rt.lua — the projection runtime's Lua half (trusted; embedded in
 -- proj.c as a string at build time and run once per projection state).
 --
--- It receives (ffi, bit, def, seedtab, C) and returns the table M of
+-- It receives (ffi, bit, def, seedtab, C, table.new) and returns the table M of
 -- entry points proj.c calls.  The script never sees this chunk's locals:
 -- there is no debug library, and events' metatables are protected.
 --
@@ -11,9 +11,10 @@
 -- partition and the handler, and calls it — all inside one JIT-compiled
 -- Lua loop, so the C/Lua boundary is crossed once per batch, not per event.
 -- Event fields type, position, version, time and data are set eagerly;
--- stream, id, metadata and category are computed on first access from a
--- GC-owned copy of the batch (kept alive by the event's metatable): a new
--- string per event is the single largest cost of a replay otherwise.
+-- stream, id, metadata and category are computed on first access: from the
+-- batch's bytes while it runs, afterwards by asking the host to read the
+-- event back by position (C.fetch).  A new string per event, or a copy of
+-- every batch kept for later, were the largest costs of a replay (measured).
 local ffi, bit, def, seedtab, C, tnew = ...
 
 ffi.cdef [[
@@ -24,11 +25,9 @@ typedef struct proj_slot {
 ]]
 
 local slotp = ffi.typeof("const proj_slot *")
-local slotarr = ffi.typeof("proj_slot[?]")
-local bytes = ffi.typeof("uint8_t[?]")
 local u8p = ffi.typeof("const uint8_t *")
 local i32p = ffi.typeof("int32_t *")
-local fstr, fcopy, fcast, sizeof = ffi.string, ffi.copy, ffi.cast, ffi.sizeof
+local fstr, fcast = ffi.string, ffi.cast
 local tohex = bit.tohex
 local type, error, pairs, rawget, rawset, setmetatable, tostring, select =
     type, error, pairs, rawget, rawset, setmetatable, tostring, select
@@ -181,42 +180,55 @@ local function fmt_id(a, off)
       ssub(x, 17, 20) .. "-" .. ssub(x, 21, 32)
 end
 
-local function batch_mt(ks, ka, n)
-  local function find(pos)
-    local lo, hi = 0, n - 1
-    while lo <= hi do
-      local mid = floor((lo + hi) / 2)
-      local p = ks[mid].position
-      if p == pos then return ks[mid] end
-      if p < pos then lo = mid + 1 else hi = mid - 1 end
-    end
+-- The batch being run (C memory, valid only while M.run runs).
+local bs, ba, bn = nil, nil, 0
+
+local function find(pos)
+  local lo, hi = 0, bn - 1
+  while lo <= hi do
+    local mid = floor((lo + hi) / 2)
+    local p = bs[mid].position
+    if p == pos then return bs[mid] end
+    if p < pos then lo = mid + 1 else hi = mid - 1 end
   end
-  local mt = { __metatable = false }
-  local function lazy(t, k)
-    local v
-    if k == "category" then
-      local s = t.stream
-      if type(s) ~= "string" then return nil end
-      local d = sfind(s, "-", 1, true)
-      v = d and ssub(s, 1, d - 1) or s
-    elseif k == "stream" or k == "id" or k == "metadata" then
-      local x = find(rawget(t, "position"))
-      if not x then return nil end
-      if k == "stream" then v = fstr(ka + x.stream_off, x.stream_len)
-      elseif k == "id" then v = fmt_id(ka, x.id_off)
-      elseif x.meta_len > 0 then v = (decode(ka, x.meta_off))
-      else v = {} end
-    else
-      return nil
-    end
+end
+
+-- Lazy fields.  During the event's batch they come from the batch's bytes;
+-- afterwards (an event kept in state and read later) from the host, which
+-- reads the event back by position (C.fetch).  Nothing is copied per batch.
+local lazy_keys = { stream = true, id = true, metadata = true, category = true }
+local function lazy(t, k)
+  if not lazy_keys[k] then return nil end
+  if k == "category" then
+    local s = t.stream
+    if type(s) ~= "string" then return nil end
+    local d = sfind(s, "-", 1, true)
+    local v = d and ssub(s, 1, d - 1) or s
     rawset(t, k, v)
     return v
   end
-  mt.__index = lazy
-  mt.__tm_materialize = function(t)
-    lazy(t, "stream"); lazy(t, "id"); lazy(t, "metadata"); lazy(t, "category")
+  local pos = rawget(t, "position")
+  local x = bn > 0 and find(pos)
+  if x then
+    local v
+    if k == "stream" then v = fstr(ba + x.stream_off, x.stream_len)
+    elseif k == "id" then v = fmt_id(ba, x.id_off)
+    elseif x.meta_len > 0 then v = (decode(ba, x.meta_off))
+    else v = {} end
+    rawset(t, k, v)
+    return v
   end
-  return mt
+  local stream, id, meta = C.fetch(pos)
+  if stream == nil then return nil end
+  rawset(t, "stream", stream)
+  rawset(t, "id", id)
+  rawset(t, "metadata", meta)
+  return rawget(t, k)
+end
+
+local EV_MT = { __metatable = false, __index = lazy }
+EV_MT.__tm_materialize = function(t)
+  lazy(t, "stream"); lazy(t, "id"); lazy(t, "metadata"); lazy(t, "category")
 end
 
 ----------------------------------------------------------------- tm.emit / tm.link
@@ -239,16 +251,11 @@ end
 local M = { emit = emit, link = link, types = types, states = states, dirty = dirty,
   committed = committed, partitioned = partitioned }
 
-function M.run(sp, ap, n, keep_bytes, curp)
+function M.run(sp, ap, n, curp)
   local s = fcast(slotp, sp)
   local cur = fcast(i32p, curp) -- the host's watchdog reads the event index here
   local a = fcast(u8p, ap)
-  -- GC-owned copies for lazy fields (live as long as an event of this batch)
-  local ks = slotarr(n)
-  fcopy(ks, s, n * sizeof("proj_slot"))
-  local ka = bytes(keep_bytes)
-  fcopy(ka, a, keep_bytes)
-  local mt = batch_mt(ks, ka, n)
+  bs, ba, bn = s, a, n
   for j = 0, n - 1 do
     local x = s[j]
     local ti = x.type_idx
@@ -265,7 +272,7 @@ function M.run(sp, ap, n, keep_bytes, curp)
       local data
       if x.data_len > 0 then data = decode(a, x.data_off) end
       local e = setmetatable({ type = types[ti], position = pos, version = x.version,
-        time = x.time, data = data }, mt)
+        time = x.time, data = data }, EV_MT)
       local key = ""
       if partitioned then
         key = part(e)
@@ -285,6 +292,7 @@ function M.run(sp, ap, n, keep_bytes, curp)
     end
   end
   cur_j = -1
+  bs, ba, bn = nil, nil, 0
 end
 
 function M.current() return cur_j end
@@ -293,6 +301,7 @@ function M.handles(t) return on[t] ~= nil or any ~= nil end
 
 -- After a fault: forget everything since the last checkpoint.
 function M.rollback()
+  bs, ba, bn = nil, nil, 0
   for k in pairs(dirty) do states[k] = nil; dirty[k] = nil end
   for i = #outs, 1, -1 do outs[i] = nil end
   cur_j = -1

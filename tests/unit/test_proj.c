@@ -454,6 +454,48 @@ static void test_globals_locked_in_handlers(void **st) {
     proj_free(p);
 }
 
+/* An event kept in state keeps its lazy fields after its batch: they are
+ * read back from the source store; encoding the state materialises them. */
+static void test_kept_event_reads_back(void **st) {
+    (void)st;
+    tm_err err;
+    store *s = open_tmp();
+    tev t[10];
+    tm_event evs[10];
+    for (int i = 0; i < 10; i++) {
+        mk(&t[i], 0, i < 5 ? "order-7" : "order-8", "OrderPlaced", "c1", 1);
+        evs[i] = t[i].ev;
+    }
+    assert_int_equal(store_append(s, evs, 10, NULL, 0, &err), 0);
+    const char *src =
+        "return { from = 'all', on = { OrderPlaced = function(s, e) s.first = s.first or e end },\n"
+        "  queries = { first = function(m) return { m.first.stream, m.first.category, #m.first.id } end } }\n";
+    proj_opts o = {.batch = 4, .source = s};
+    proj *p = proj_new("t", src, strlen(src), "t.lua", &o, &err);
+    if (!p) fail_msg("%s", err.msg);
+    store_iter *it = store_read_all(s, 1, 0, 0, &err);
+    tm_event ev;
+    while (store_iter_next(it, &ev, &err) == 1) assert_int_equal(proj_feed(p, &ev, &err), 0);
+    store_iter_free(it);
+    assert_int_equal(proj_flush(p, &err), 0);
+    buf out = BUF_INIT;
+    assert_int_equal(proj_query(p, "first", NULL, 0, &out, &err), 0);
+    /* ["order-7", "order", 36] */
+    assert_int_equal(out.len, 1 + 8 + 6 + 1);
+    assert_memory_equal(out.ptr + 2, "order-7", 7);
+    buf_reset(&out);
+    assert_int_equal(proj_state(p, &out, &err), 0);
+    const char *v;
+    size_t vl;
+    assert_int_equal(mp_map_find(out.ptr, out.len, "first", 5, &v, &vl), 1);
+    assert_int_equal(mp_map_find(v, vl, "stream", 6, &v, &vl), 1);
+    buf_free(&out);
+    for (int i = 0; i < 10; i++) buf_free(&t[i].data);
+    proj_free(p);
+    store_close(s);
+    rm_tmp();
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_handlers_and_partitions),
@@ -467,6 +509,7 @@ int main(void) {
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_state_errors_name_the_path),
         cmocka_unit_test(test_globals_locked_in_handlers),
+        cmocka_unit_test(test_kept_event_reads_back),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -185,6 +185,10 @@ def test_generator_is_deterministic_and_well_formed(tmp_path):
     # Exactly N even when N cuts a session; N = 0 writes nothing.
     assert run([sys.executable, GEN, "--events", "0"]) == b""
     assert len(run([sys.executable, GEN, "--events", "7"]).splitlines()) == 7
+    # Live mode writes the same lines, only paced (here 20000x real time).
+    assert run([sys.executable, GEN, "--events", "300", "--seed", "3", "--pace", "20000"]) == \
+        b"".join(a.splitlines(True)[:300])
+    assert subprocess.run([sys.executable, GEN, "--events", "-1"], capture_output=True).returncode == 1
 
 
 # --- independent computations -------------------------------------------------

@@ -22,6 +22,7 @@
 #include "json.h"
 #include "progress.h"
 #include "proj.h"
+#include "projhost.h"
 
 static const char usage[] =
     "usage: tidemark project --data DIR FILE.lua [options]\n"
@@ -42,6 +43,9 @@ static const char usage[] =
     "  --persist            store state and checkpoint in the data directory,\n"
     "                       resume from the last checkpoint, append emitted events\n"
     "  --reset              with --persist: forget stored state first\n"
+    "  --isolate            run the Lua in a separate worker process (as the\n"
+    "                       server does; implies --persist): a crash or runaway\n"
+    "                       script kills the worker, not this process\n"
     "  --quiet              no progress on stderr\n"
     "\n"
     "Exit status: 0 ok, 1 bad script, usage or projection fault, 2 no such data\n"
@@ -187,14 +191,49 @@ static int print_json(const char *cmd, const buf *mp) {
     return fflush(stdout) == 0 ? 0 : 4;
 }
 
+/* --isolate: the projection runs in a worker process (projhost.h). */
+static int run_isolated(const char *cmd, store *s, const char *name, const buf *src,
+                        const char *file, double cpu, uint64_t mem_mb, const char *query,
+                        const buf *args, int reset) {
+    tm_err err;
+    err_clear(&err);
+    if (reset) {
+        buf pre = BUF_INIT;
+        buf_printf(&pre, "proj/%s/", name);
+        int rc = store_kv_delete_prefix(s, pre.ptr, pre.len, &err);
+        buf_free(&pre);
+        if (rc < 0) return cli_fail(cmd, &err);
+    }
+    projhost_opts ho = {.memory_limit = (size_t)mem_mb << 20, .cpu_limit = cpu > 0 ? cpu : 3600,
+                        .exe = "/proc/self/exe"};
+    projhost *h = projhost_start(s, name, src->ptr ? src->ptr : "", src->len, file, &ho, &err);
+    if (!h) return cli_fail(cmd, &err);
+    int status = 0;
+    buf out = BUF_INIT;
+    if (projhost_catch_up(h, &err) != 0) {
+        const projhost_status *st = projhost_get_status(h);
+        fprintf(stderr, "tidemark %s: %s\n", cmd, err.msg);
+        if (st->traceback && strchr(st->traceback, '\n'))
+            fprintf(stderr, "%s\n", strchr(st->traceback, '\n') + 1);
+        status = err.code == TM_EIO ? 4 : 1;
+    } else {
+        int rc = query ? projhost_query(h, query, args->ptr, args->len, &out, &err)
+                       : projhost_state_mp(h, &out, &err);
+        status = rc < 0 ? cli_fail(cmd, &err) : print_json(cmd, &out);
+    }
+    buf_free(&out);
+    projhost_free(h);
+    return status;
+}
+
 int cli_project(int argc, char **argv) {
     const char *cmd = "project";
     const char *data = NULL, *name_opt = NULL, *query = NULL, *get = NULL, *top = NULL;
-    int persist = 0, reset = 0, quiet = 0, list = 0;
+    int persist = 0, reset = 0, quiet = 0, list = 0, isolate = 0;
     double cpu = 10;
     uint64_t mem_mb = 256;
     enum { O_NAME = 256, O_QUERY, O_GET, O_TOP, O_CPU, O_MEM, O_PERSIST, O_RESET, O_QUIET,
-           O_PARTS };
+           O_PARTS, O_ISOLATE };
     static const struct option opts[] = {
         {"data", required_argument, 0, 'd'},       {"name", required_argument, 0, O_NAME},
         {"query", required_argument, 0, O_QUERY},  {"get", required_argument, 0, O_GET},
@@ -202,7 +241,8 @@ int cli_project(int argc, char **argv) {
         {"memory-limit", required_argument, 0, O_MEM},
         {"persist", no_argument, 0, O_PERSIST},    {"reset", no_argument, 0, O_RESET},
         {"quiet", no_argument, 0, O_QUIET},        {"partitions", no_argument, 0, O_PARTS},
-        {"help", no_argument, 0, 'h'},             {0, 0, 0, 0},
+        {"isolate", no_argument, 0, O_ISOLATE},    {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
     };
     optind = 1;
     opterr = 0;
@@ -229,6 +269,7 @@ int cli_project(int argc, char **argv) {
         case O_RESET: reset = 1; break;
         case O_QUIET: quiet = 1; break;
         case O_PARTS: list = 1; break;
+        case O_ISOLATE: isolate = persist = 1; break;
         case 'h': fputs(usage, stdout); return 0;
         default:
             return cli_usage_error(cmd, "unknown or incomplete option '%s'", argv[optind - 1]);
@@ -263,6 +304,14 @@ int cli_project(int argc, char **argv) {
         return status;
     }
     char *name = name_opt ? strdup(name_opt) : default_name(file);
+    if (isolate) {
+        status = run_isolated(cmd, s, name, &src, file, cpu, mem_mb, query, &args, reset);
+        store_close(s);
+        free(name);
+        buf_free(&src);
+        buf_free(&args);
+        return status;
+    }
     proj_opts po = {.memory_limit = (size_t)mem_mb << 20, .cpu_limit = cpu,
                     .st = persist ? s : NULL, .source = s};
     proj *p = proj_new(name, src.ptr ? src.ptr : "", src.len, file, &po, &err);

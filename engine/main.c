@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "projhost.h"
 
 #ifndef TIDEMARK_VERSION
 #define TIDEMARK_VERSION "0.1.0"
@@ -65,6 +66,8 @@ int main(int argc, char **argv) {
         printf("tidemark %s\n", TIDEMARK_VERSION);
         return 0;
     }
+    /* hidden: the projection worker process (projhost.h) */
+    if (!strcmp(name, "__proj-worker")) return projhost_worker_main(argc - 1, argv + 1);
     const command *c = find(name);
     if (!c) {
         fprintf(stderr, "tidemark: unknown command '%s'; see 'tidemark help'\n", name);

@@ -14,6 +14,7 @@
  *     the states (every reader calls proj_flush first).
  *   - The Lua stack is balanced on return from every public function.
  */
+#define _GNU_SOURCE
 #include "proj.h"
 
 #include <lauxlib.h>
@@ -655,6 +656,26 @@ static void rollback(proj *p) {
     buf_reset(&p->arena);
 }
 
+/* Drop the runtime's own frames from a traceback (the script's frames are
+ * what its author can act on). */
+static void trim_trace(buf *t) {
+    if (!t->ptr) return;
+    size_t w = 0;
+    char *line = t->ptr, *end = t->ptr + t->len;
+    while (line < end) {
+        char *nl = memchr(line, '\n', (size_t)(end - line));
+        size_t n = nl ? (size_t)(nl - line) + 1 : (size_t)(end - line);
+        if (!memmem(line, n, "proj_rt:", 8) && !memmem(line, n, "[C]: in function 'error'", 24)) {
+            memmove(t->ptr + w, line, n);
+            w += n;
+        }
+        line += n;
+    }
+    while (w && t->ptr[w - 1] == '\n') w--;
+    t->len = w;
+    t->ptr[w] = 0;
+}
+
 static int run_batch(proj *p, tm_err *err) {
     if (p->nslots == 0) return 0;
     if (p->faulted) return err_set(err, TM_EINVAL, "projection %s is faulted", p->name);
@@ -709,6 +730,7 @@ static int run_batch(proj *p, tm_err *err) {
     snprintf(p->fault.type, sizeof p->fault.type, "%.*s", (int)tlen, tname);
     snprintf(p->fault.message, sizeof p->fault.message, "%s", err->msg);
     free(p->fault.traceback);
+    trim_trace(&trace);
     p->fault.traceback = buf_steal(&trace, NULL);
     err_set(err, TM_EINVAL, "projection %s faulted at position %llu (type %s): %s", p->name,
             (unsigned long long)pos, p->fault.type, p->fault.message);

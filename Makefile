@@ -111,7 +111,7 @@ clean:
 help:
 	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
 
--include $(LIB_OBJ:.o=.d) $(BIN_OBJ:.o=.d) $(TESTLIB_OBJ:.o=.d) $(UNIT_BIN:=.d)
+-include $(LIB_OBJ:.o=.d) $(BIN_OBJ:.o=.d) $(TESTLIB_OBJ:.o=.d) $(UNIT_BIN:=.d) $(BENCH_BIN:=.d)
 
 # proj.c embeds the projection runtime's Lua source with .incbin.
 $(BUILD)/engine/proj.o: engine/proj_rt.lua

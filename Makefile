@@ -50,6 +50,10 @@ LDLIBS += $(PKG_LIBS) -lm -ldl
 LIB_SRC := $(filter-out engine/main.c,$(wildcard engine/*.c))
 BIN_SRC := engine/main.c $(wildcard repl/*.c)
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
+# The dashboard (engine/dashboard/*) and Chart.js (Debian libjs-chart.js) are
+# embedded into the library as a generated C file (scripts/embed-assets).
+ASSETS := $(sort $(wildcard engine/dashboard/*)) /usr/share/javascript/chart.js/chart.min.js
+LIB_OBJ += $(BUILD)/gen/assets.o
 BIN_OBJ := $(BIN_SRC:%.c=$(BUILD)/%.o)
 LIB := $(BUILD)/libtidemark.a
 BIN := $(BUILD)/tidemark
@@ -67,6 +71,13 @@ all: $(BIN)
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/gen/assets.c: scripts/embed-assets $(ASSETS)
+	@mkdir -p $(dir $@)
+	$(PYTHON) scripts/embed-assets $@ $(ASSETS)
+
+$(BUILD)/gen/assets.o: $(BUILD)/gen/assets.c
 	$(CC) $(CFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJ)
@@ -158,4 +169,7 @@ corrupt-long: $(BIN)
 		$(PYTHON) -m pytest -q -p no:cacheprovider tests/e2e/test_corruption.py
 
 -include $(FUZZ_OBJ:.o=.d)
--include $(LIB_OBJ:.o=.d) $(BIN_OBJ:.o=.d) $(TESTLIB_OBJ:.o=.d) $(UNIT_BIN:=.d)
+-include $(LIB_OBJ:.o=.d) $(BIN_OBJ:.o=.d) $(TESTLIB_OBJ:.o=.d) $(UNIT_BIN:=.d) $(BENCH_BIN:=.d)
+
+# proj.c embeds the projection runtime's Lua source with .incbin.
+$(BUILD)/engine/proj.o: engine/proj_rt.lua

@@ -6,18 +6,31 @@
  * ---- Key layout (one LevelDB keyspace, first byte = namespace) ----
  *   'e' be64(pos)                  -> record (record.h: crc32c + msgpack array)
  *   'i' id(16)                     -> varint(pos)   only for client-supplied ids
+ *   'g' be64(p0)                   -> stream journal of the commit whose first
+ *                                     position is p0 (one key per commit)
  *   's' stream 0x00 be64(v0)       -> run: positions of versions v0, v0+1, ...
  *   'c' category 0x00 be64(p0)     -> run: positions p0 < p1 < ... in the category
  *   't' type 0x00 be64(p0)         -> run: positions p0 < p1 < ... of the type
  *   'm' "last"                     -> be64(last position)
+ *   'm' "folded"                   -> be64(fold mark)
  *   'm' "format"                   -> "1"
  *   'p' caller key                 -> caller value (projection namespace)
  * A run value is crc32c(payload) (4 bytes LE) then payload = varint(first)
- * varint(delta)...; each group commit writes ONE run per stream, category
- * and type it touched, so indexes cost one key per name per commit, not
- * one per event.  Names never contain NUL, so "name\0" orders a name's
- * runs together and before any longer name.  A stream's head version is
- * the end of its last run (found by Seek+Prev); there is no separate key.
+ * varint(delta)...  Each commit writes ONE 'c' run per category and ONE 't'
+ * run per type it touched.  Names never contain NUL, so "name\0" orders a
+ * name's runs together and before any longer name.
+ *
+ * Streams: a commit may touch hundreds of streams (a batch import), and a
+ * key per stream per commit would cost as much as the events themselves.
+ * So each commit writes one journal key 'g' listing, per stream it touched,
+ * (name, first version, positions).  Every FOLD_EVENTS events or
+ * FOLD_GROUPS commits, the committing batch also "folds": it writes one 's'
+ * run per stream holding all its versions since the previous fold and
+ * moves the fold mark to its last position.  A stream is therefore its 's'
+ * runs (versions 0..hf) followed by its entries in the journal keys above
+ * the fold mark (versions hf+1..head); readers take both from one
+ * snapshot.  The fold deletes the journal keys it folded.
+ * The writer keeps the journal's streams in memory (rebuilt on open).
  *
  * Ids: a client-supplied id (has_id=1) is stored under 'i'.  A generated
  * id is a UUIDv8 that carries its own position: bytes 0-5 = the position
@@ -30,9 +43,10 @@
  *   - positions 1..last are all present ('m' last = last); a commit writes
  *     the events, their index runs, their 'i' keys and 'm' last in one
  *     WriteBatch, so readers (snapshots) never see a partial append;
- *   - each stream's runs cover versions 0..head contiguously, each
- *     category/type's runs hold strictly increasing positions;
- *   - only the writer thread writes to 'e','i','s','c','t','m'; the head
+ *   - each stream's runs then journal entries cover versions 0..head
+ *     contiguously; each category/type's runs hold strictly increasing
+ *     positions;
+ *   - only the writer thread writes to 'e','i','g','s','c','t','m'; the head
  *     cache (streams map) is only touched by the writer thread and holds
  *     committed heads: a group's tentative heads live in node->ghead,
  *     valid only while node->gen == s->gen, and are promoted after the
@@ -64,6 +78,10 @@
 #define K_TYPE 't'
 #define K_META 'm'
 #define K_PROJ 'p'
+#define K_JOURNAL 'g'
+
+#define FOLD_EVENTS 32768 /* fold the stream journal after this many events */
+#define FOLD_GROUPS 512   /* ... or after this many commits */
 
 #define STREAM_CACHE_MAX (1u << 20) /* cached stream heads before the cache is dropped */
 #define MAX_COMMIT_FNS 16
@@ -97,21 +115,38 @@ static void event_key(unsigned char k[9], uint64_t pos) {
     put_be64(k + 1, pos);
 }
 
-/* An index run value: crc32c(payload) LE + varint(p0) varint(p1-p0) ... */
-static void run_encode(buf *out, const uint64_t *pos, size_t n) {
-    size_t start = out->len;
-    buf_append(out, "\0\0\0\0", 4);
-    uint64_t prev = 0;
+/* varint(p0) varint(p1-p0) ... */
+static void put_positions(buf *out, const uint64_t *pos, size_t n, uint64_t prev) {
     for (size_t i = 0; i < n; i++) {
         buf_put_varint(out, pos[i] - prev);
         prev = pos[i];
     }
+}
+
+static void put_crc_at(buf *out, size_t start) {
     uint32_t c = crc32c(0, out->ptr + start + 4, out->len - start - 4);
     unsigned char *h = (unsigned char *)out->ptr + start;
     h[0] = (unsigned char)c;
     h[1] = (unsigned char)(c >> 8);
     h[2] = (unsigned char)(c >> 16);
     h[3] = (unsigned char)(c >> 24);
+}
+
+static int crc_ok(const char *val, size_t len) {
+    if (len < 4) return 0;
+    const unsigned char *h = (const unsigned char *)val;
+    uint32_t want = (uint32_t)h[0] | (uint32_t)h[1] << 8 | (uint32_t)h[2] << 16 |
+                    (uint32_t)h[3] << 24;
+    return crc32c(0, val + 4, len - 4) == want;
+}
+
+/* An index run value: crc32c(payload) LE + positions a[0..na) then b[0..nb). */
+static void run_encode(buf *out, const uint64_t *a, size_t na, const uint64_t *b, size_t nb) {
+    size_t start = out->len;
+    buf_append(out, "\0\0\0\0", 4);
+    put_positions(out, a, na, 0);
+    put_positions(out, b, nb, na ? a[na - 1] : 0);
+    put_crc_at(out, start);
 }
 
 typedef struct u64vec {
@@ -134,11 +169,7 @@ static void u64vec_push(u64vec *a, uint64_t x) {
  * strictly increasing and non-zero.  0 / -1 (corrupt). */
 static int run_decode(const char *val, size_t len, u64vec *out) {
     out->n = 0;
-    if (len < 5) return -1;
-    const unsigned char *h = (const unsigned char *)val;
-    uint32_t want = (uint32_t)h[0] | (uint32_t)h[1] << 8 | (uint32_t)h[2] << 16 |
-                    (uint32_t)h[3] << 24;
-    if (crc32c(0, val + 4, len - 4) != want) return -1;
+    if (len < 5 || !crc_ok(val, len)) return -1;
     const char *p = val + 4, *end = val + len;
     uint64_t prev = 0;
     while (p < end) {
@@ -148,6 +179,62 @@ static int run_decode(const char *val, size_t len, u64vec *out) {
         u64vec_push(out, prev);
     }
     return 0;
+}
+
+/* ---- the stream journal ----
+ * 'g' be64(p0) -> crc32c + entries, one per stream the commit appended to:
+ *   varint(name len) name varint(first version) varint(n) n position varints
+ *   (first absolute, then deltas).
+ * Events above the fold mark ('m' "folded") are indexed only here; a fold
+ * (written in the batch of the commit that triggers it) writes one 's' run
+ * per stream holding everything since the previous fold. */
+typedef struct jent {
+    const char *name;
+    size_t nl;
+    uint64_t first, n;
+    const char *pos, *end; /* the position varints */
+} jent;
+
+/* Parse the next entry at *p.  1 / 0 (end) / -1 (corrupt). */
+static int jent_next(const char **p, const char *end, jent *e) {
+    if (*p >= end) return 0;
+    uint64_t nl;
+    if (buf_get_varint(p, end, &nl) < 0 || nl == 0 || nl > (uint64_t)(end - *p)) return -1;
+    e->name = *p;
+    e->nl = (size_t)nl;
+    *p += nl;
+    if (buf_get_varint(p, end, &e->first) < 0 || buf_get_varint(p, end, &e->n) < 0 || e->n == 0)
+        return -1;
+    e->pos = *p;
+    for (uint64_t i = 0; i < e->n; i++) {
+        uint64_t d;
+        if (buf_get_varint(p, end, &d) < 0) return -1;
+    }
+    e->end = *p;
+    return 1;
+}
+
+/* Append the entry's positions to out (strictly increasing).  0 / -1. */
+static int jent_positions(const jent *e, u64vec *out) {
+    const char *p = e->pos;
+    uint64_t prev = 0;
+    for (uint64_t i = 0; i < e->n; i++) {
+        uint64_t d;
+        if (buf_get_varint(&p, e->end, &d) < 0 || d == 0 || prev + d < prev) return -1;
+        prev += d;
+        u64vec_push(out, prev);
+    }
+    return 0;
+}
+
+/* Find the entry for name in a journal value.  1 found / 0 / -1 corrupt. */
+static int jval_find(const char *v, size_t vl, const char *name, size_t nl, jent *e) {
+    if (!crc_ok(v, vl)) return -1;
+    const char *p = v + 4, *end = v + vl;
+    int r;
+    while ((r = jent_next(&p, end, e)) == 1)
+        if (e->nl == nl && memcmp(e->name, name, nl) == 0) return 1;
+    return r;
 }
 
 /* ------------------------------------------------------------------ */
@@ -162,6 +249,9 @@ typedef struct node {
     uint64_t gen;        /* group whose ghead / run are valid */
     uint64_t first;      /* streams: first version appended in the group */
     u64vec run;          /* positions appended in the group */
+    u64vec pend;         /* streams: committed positions above the fold mark */
+    uint64_t pfirst;     /* streams: version of pend.v[0] */
+    struct node *pnext;  /* list of nodes with pend.n > 0 */
     size_t klen;
     char key[];
 } node;
@@ -214,6 +304,7 @@ static void nmap_clear(nmap *m) {
         while (n) {
             node *nx = n->next;
             free(n->run.v);
+            free(n->pend.v);
             free(n);
             n = nx;
         }
@@ -221,6 +312,23 @@ static void nmap_clear(nmap *m) {
     free(m->tab);
     m->tab = NULL;
     m->cap = m->count = 0;
+}
+
+/* Drop every node without journal positions (the head cache is only a cache). */
+static void nmap_evict_idle(nmap *m) {
+    for (size_t i = 0; i < m->cap; i++) {
+        node **pp = &m->tab[i];
+        while (*pp) {
+            node *n = *pp;
+            if (n->pend.n == 0) {
+                *pp = n->next;
+                free(n->run.v);
+                free(n->pend.v);
+                free(n);
+                m->count--;
+            } else pp = &n->next;
+        }
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -235,6 +343,8 @@ typedef struct req {
     int done, rc;
     tm_err err;
     pthread_cond_t cv;
+    store_append_fn fn;  /* async: called on the writer thread, then r is freed */
+    void *ud;
     struct req *next;
 } req;
 
@@ -269,6 +379,10 @@ struct store {
     int nfns;
 
     uint64_t last;                 /* committed last position (atomic) */
+    uint64_t folded;               /* fold mark: streams indexed in 's' up to here */
+    uint64_t unf_groups;           /* journal keys above the fold mark */
+    node *pending;                 /* stream nodes with journal positions */
+    u64vec jkeys;                  /* journal keys above the fold mark (their p0) */
 
     /* writer-thread state */
     nmap streams, cats, types;
@@ -277,6 +391,8 @@ struct store {
     int64_t gnow;
     node *tstreams, *tcats, *ttypes;
     idtab ids;
+    node **sv;                     /* per event of a request: its stream node */
+    size_t svcap;
     leveldb_iterator_t *git;       /* lazily created per group, for head lookups */
     leveldb_writebatch_t *wb;
     buf rec, key, val;
@@ -392,6 +508,61 @@ static int has_current(const char *dir) {
     return ok;
 }
 
+static uint64_t read_folded(store *s, const leveldb_readoptions_t *ro, tm_err *err, int *rc) {
+    char *v;
+    size_t vl;
+    uint64_t f = 0;
+    *rc = db_get(s, ro, "mfolded", 7, &v, &vl, err);
+    if (*rc == 1) {
+        if (vl == 8) f = buf_get_be64(v);
+        else *rc = err_set(err, TM_EIO, "corrupt store: bad fold mark");
+        leveldb_free(v);
+    }
+    return f;
+}
+
+/* Rebuild the writer's journal state (streams above the fold mark). */
+static int load_journal(store *s, tm_err *err) {
+    int rc;
+    s->folded = read_folded(s, NULL, err, &rc);
+    if (rc < 0) return -1;
+    leveldb_iterator_t *it = leveldb_create_iterator(s->db, s->ro);
+    unsigned char k[9];
+    k[0] = K_JOURNAL;
+    put_be64(k + 1, s->folded + 1);
+    rc = 0;
+    for (leveldb_iter_seek(it, (const char *)k, 9); leveldb_iter_valid(it); leveldb_iter_next(it)) {
+        size_t kl, vl;
+        const char *kk = leveldb_iter_key(it, &kl);
+        if (kk[0] != K_JOURNAL) break;
+        const char *v = leveldb_iter_value(it, &vl), *p = v + 4, *end = v + vl;
+        jent e;
+        int r = crc_ok(v, vl) ? 1 : -1;
+        while (r == 1 && (r = jent_next(&p, end, &e)) == 1) {
+            uint64_t h = hash_bytes(e.name, e.nl);
+            node *n = nmap_find(&s->streams, e.name, e.nl, h);
+            if (!n) n = nmap_add(&s->streams, e.name, e.nl, h);
+            if (n->pend.n == 0) {
+                n->pfirst = e.first;
+                n->pnext = s->pending;
+                s->pending = n;
+            } else if (n->pfirst + n->pend.n != e.first) r = -1;
+            if (r == 1 && jent_positions(&e, &n->pend) < 0) r = -1;
+            n->head = n->ghead = (int64_t)(e.first + e.n - 1);
+        }
+        if (r < 0) {
+            rc = err_set(err, TM_EIO, "corrupt store: stream journal at position %llu is damaged",
+                         (unsigned long long)buf_get_be64(kk + 1));
+            break;
+        }
+        s->unf_groups++;
+        u64vec_push(&s->jkeys, buf_get_be64(kk + 1));
+    }
+    if (rc == 0 && iter_status(it, err) < 0) rc = -1;
+    leveldb_iter_destroy(it);
+    return rc;
+}
+
 static int load_meta(store *s, tm_err *err) {
     char *v;
     size_t vl;
@@ -440,7 +611,7 @@ static int load_meta(store *s, tm_err *err) {
     leveldb_iter_destroy(it);
     if (r < 0) return -1;
     s->last = last;
-    return 0;
+    return load_journal(s, err);
 }
 
 store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
@@ -539,6 +710,8 @@ void store_close(store *s) {
     nmap_clear(&s->cats);
     nmap_clear(&s->types);
     free(s->ids.slot);
+    free(s->sv);
+    free(s->jkeys.v);
     buf_free(&s->rec);
     buf_free(&s->key);
     buf_free(&s->val);
@@ -830,22 +1003,25 @@ static int group_add(store *s, req *r) {
     }
     /* Load every stream's head before assigning anything (a read error must
      * leave the group untouched). */
-    const char *pname = NULL;
-    size_t plen = 0;
+    if (r->n > s->svcap) {
+        free(s->sv);
+        s->svcap = r->n;
+        s->sv = malloc(r->n * sizeof *s->sv);
+        if (!s->sv) abort();
+    }
+    node *prev = NULL;
     for (size_t i = 0; i < r->n; i++) {
         tm_event *ev = &r->evs[i];
-        if (pname && plen == ev->stream_len && memcmp(pname, ev->stream, plen) == 0) continue;
-        if (!stream_node(s, ev->stream, ev->stream_len, err)) return -1;
-        pname = ev->stream;
-        plen = ev->stream_len;
+        if (!prev || prev->klen != ev->stream_len || memcmp(prev->key, ev->stream, prev->klen) != 0)
+            if (!(prev = stream_node(s, ev->stream, ev->stream_len, err))) return -1;
+        s->sv[i] = prev;
     }
     /* 3. assign positions and versions, encode into the batch */
     node *sn = NULL, *cn = NULL, *tn = NULL;
     for (size_t i = 0; i < r->n; i++) {
         tm_event *ev = &r->evs[i];
-        if (!sn || sn->klen != ev->stream_len || memcmp(sn->key, ev->stream, sn->klen) != 0) {
-            sn = nmap_find(&s->streams, ev->stream, ev->stream_len,
-                           hash_bytes(ev->stream, ev->stream_len));
+        if (sn != s->sv[i]) {
+            sn = s->sv[i];
             if (sn->gen != s->gen) {
                 sn->ghead = sn->head;
                 sn->gen = s->gen;
@@ -892,16 +1068,58 @@ static int group_add(store *s, req *r) {
     return 0;
 }
 
-static void put_runs(store *s, char tag, node *list, int by_version) {
-    for (node *n = list; n; n = n->tnext) {
-        buf_reset(&s->key);
-        buf_putc(&s->key, tag);
-        buf_append(&s->key, n->key, n->klen);
-        buf_putc(&s->key, '\0');
-        buf_put_be64(&s->key, by_version ? n->first : n->run.v[0]);
-        buf_reset(&s->val);
-        run_encode(&s->val, n->run.v, n->run.n);
-        leveldb_writebatch_put(s->wb, s->key.ptr, s->key.len, s->val.ptr, s->val.len);
+static void put_run(store *s, char tag, node *n, uint64_t first, const u64vec *a,
+                    const u64vec *b) {
+    buf_reset(&s->key);
+    buf_putc(&s->key, tag);
+    buf_append(&s->key, n->key, n->klen);
+    buf_putc(&s->key, '\0');
+    buf_put_be64(&s->key, first);
+    buf_reset(&s->val);
+    run_encode(&s->val, a->v, a->n, b ? b->v : NULL, b ? b->n : 0);
+    leveldb_writebatch_put(s->wb, s->key.ptr, s->key.len, s->val.ptr, s->val.len);
+}
+
+/* Category / type runs of the group. */
+static void put_runs(store *s, char tag, node *list, int unused) {
+    for (node *n = list; n; n = n->tnext) put_run(s, tag, n, n->run.v[0], &n->run, NULL);
+}
+
+/* One journal key for the group's stream appends. */
+static void put_journal(store *s) {
+    unsigned char k[9];
+    k[0] = K_JOURNAL;
+    put_be64(k + 1, s->last + 1);
+    buf_reset(&s->val);
+    buf_append(&s->val, "\0\0\0\0", 4);
+    for (node *n = s->tstreams; n; n = n->tnext) {
+        buf_put_varint(&s->val, n->klen);
+        buf_append(&s->val, n->key, n->klen);
+        buf_put_varint(&s->val, n->first);
+        buf_put_varint(&s->val, n->run.n);
+        put_positions(&s->val, n->run.v, n->run.n, 0);
+    }
+    put_crc_at(&s->val, 0);
+    leveldb_writebatch_put(s->wb, (const char *)k, 9, s->val.ptr, s->val.len);
+}
+
+/* Fold: one 's' run per stream with everything above the fold mark,
+ * including this group; the new mark is the group's last position. */
+static void put_fold(store *s) {
+    static const u64vec none = {0};
+    for (node *n = s->pending; n; n = n->pnext) {
+        int in_group = n->gen == s->gen && n->run.n > 0;
+        put_run(s, K_STREAM, n, n->pfirst, &n->pend, in_group ? &n->run : &none);
+    }
+    for (node *n = s->tstreams; n; n = n->tnext)
+        if (n->pend.n == 0) put_run(s, K_STREAM, n, n->first, &n->run, NULL);
+    unsigned char v[8], k[9];
+    put_be64(v, s->gpos);
+    leveldb_writebatch_put(s->wb, "mfolded", 7, (const char *)v, 8);
+    k[0] = K_JOURNAL;
+    for (size_t i = 0; i < s->jkeys.n; i++) { /* the folded journal is no longer needed */
+        put_be64(k + 1, s->jkeys.v[i]);
+        leveldb_writebatch_delete(s->wb, (const char *)k, 9);
     }
 }
 
@@ -918,7 +1136,7 @@ static void release_runs(node *list) {
 
 /* Process one group (the requests in list, in arrival order). */
 static void group_commit(store *s, req *list) {
-    if (s->streams.count > STREAM_CACHE_MAX) nmap_clear(&s->streams);
+    if (s->streams.count > STREAM_CACHE_MAX) nmap_evict_idle(&s->streams);
     if (s->cats.count > STREAM_CACHE_MAX) nmap_clear(&s->cats);
     if (s->types.count > STREAM_CACHE_MAX) nmap_clear(&s->types);
     s->gen++;
@@ -942,7 +1160,9 @@ static void group_commit(store *s, req *list) {
     }
     if (s->gpos == s->last) goto out; /* nothing new (rejections, retries) */
 
-    put_runs(s, K_STREAM, s->tstreams, 1);
+    int fold = s->gpos - s->folded >= FOLD_EVENTS || s->unf_groups + 1 >= FOLD_GROUPS;
+    if (fold) put_fold(s);
+    else put_journal(s);
     put_runs(s, K_CAT, s->tcats, 0);
     put_runs(s, K_TYPE, s->ttypes, 0);
     unsigned char lastv[8];
@@ -965,6 +1185,31 @@ static void group_commit(store *s, req *list) {
         goto out;
     }
     for (node *n = s->tstreams; n; n = n->tnext) n->head = n->ghead;
+    if (fold) {
+        for (node *n = s->pending; n; n = n->pnext) {
+            n->pend.n = 0;
+            if (n->pend.cap > 4096) {
+                free(n->pend.v);
+                n->pend.v = NULL;
+                n->pend.cap = 0;
+            }
+        }
+        s->pending = NULL;
+        s->folded = s->gpos;
+        s->unf_groups = 0;
+        s->jkeys.n = 0;
+    } else {
+        for (node *n = s->tstreams; n; n = n->tnext) {
+            if (n->pend.n == 0) {
+                n->pfirst = n->first;
+                n->pnext = s->pending;
+                s->pending = n;
+            }
+            for (size_t i = 0; i < n->run.n; i++) u64vec_push(&n->pend, n->run.v[i]);
+        }
+        s->unf_groups++;
+        u64vec_push(&s->jkeys, s->last + 1);
+    }
     __atomic_store_n(&s->last, s->gpos, __ATOMIC_RELEASE);
     struct {
         store_commit_fn fn;
@@ -992,11 +1237,26 @@ static void *writer_main(void *arg) {
         s->qhead = s->qtail = NULL;
         pthread_mutex_unlock(&s->mu);
         group_commit(s, list);
+        req *async = NULL;
         pthread_mutex_lock(&s->mu);
         for (req *r = list, *nx; r; r = nx) {
             nx = r->next;
+            if (r->fn) {
+                r->next = async;
+                async = r;
+                continue;
+            }
             r->done = 1;
             pthread_cond_signal(&r->cv);
+        }
+        if (async) {
+            pthread_mutex_unlock(&s->mu);
+            for (req *r = async, *nx; r; r = nx) {
+                nx = r->next;
+                r->fn(r->ud, r->rc, &r->err);
+                free(r);
+            }
+            pthread_mutex_lock(&s->mu);
         }
     }
     pthread_mutex_unlock(&s->mu);
@@ -1091,22 +1351,40 @@ int store_append(store *s, tm_event *evs, size_t n, const store_expect *exp, siz
     return r.rc;
 }
 
+int store_append_async(store *s, tm_event *evs, size_t n, const store_expect *exp, size_t nexp,
+                       store_append_fn fn, void *ud, tm_err *err) {
+    req *r = calloc(1, sizeof *r);
+    if (!r) abort();
+    if (validate(s, evs, n, exp, nexp, &r->nid, err) < 0) {
+        free(r);
+        return -1;
+    }
+    r->evs = evs;
+    r->n = n;
+    r->exp = exp;
+    r->nexp = nexp;
+    r->fn = fn;
+    r->ud = ud;
+    err_clear(&r->err);
+    pthread_mutex_lock(&s->mu);
+    if (s->failed || s->stopping) {
+        int stopping = s->stopping;
+        pthread_mutex_unlock(&s->mu);
+        free(r);
+        if (stopping) return err_set(err, TM_EIO, "store is closing");
+        return refusing(err);
+    }
+    if (s->qtail) s->qtail->next = r;
+    else s->qhead = r;
+    s->qtail = r;
+    pthread_cond_signal(&s->work);
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ */
 /* reads                                                               */
 
-int store_stream_version(store *s, const char *stream, size_t len, int64_t *version, tm_err *err) {
-    leveldb_iterator_t *it = leveldb_create_iterator(s->db, s->ro);
-    buf kb = BUF_INIT, pb = BUF_INIT;
-    u64vec tmp = {0};
-    int64_t head = -1;
-    int r = db_stream_head(it, &kb, &pb, stream, len, &tmp, &head, err);
-    leveldb_iter_destroy(it);
-    buf_free(&kb);
-    buf_free(&pb);
-    free(tmp.v);
-    if (r == 1) *version = head;
-    return r;
-}
 
 enum { IT_ALL, IT_STREAM, IT_CAT, IT_TYPE };
 
@@ -1127,6 +1405,16 @@ struct store_iter {
     uint64_t run_first;       /* key of the current run */
     size_t ri;                /* next index into run (forward) / count left (backward) */
     uint64_t lastpos;         /* cat/type: last position returned */
+    /* streams: folded runs ('s', phase 0) then the journal ('g', phase 1) */
+    int phase;
+    uint64_t folded;          /* fold mark in the snapshot */
+    int64_t hf;               /* head version in the folded runs, -1 = none */
+    leveldb_iterator_t *jx;   /* journal keys */
+    u64vec jpos;              /* positions of the current journal entry */
+    uint64_t jfirst;          /* its first version */
+    size_t ji;
+    uint64_t jexpect;         /* the version the next journal entry must start at */
+    u64vec jall;              /* backward: every journal position of the stream */
     const char *rec;
     size_t reclen;
 };
@@ -1153,6 +1441,9 @@ void store_iter_free(store_iter *it) {
     if (!it) return;
     leveldb_iter_destroy(it->it);
     if (it->ix) leveldb_iter_destroy(it->ix);
+    if (it->jx) leveldb_iter_destroy(it->jx);
+    free(it->jpos.v);
+    free(it->jall.v);
     leveldb_readoptions_destroy(it->ro);
     leveldb_release_snapshot(it->s->db, it->snap);
     buf_free(&it->prefix);
@@ -1348,7 +1639,7 @@ static int check_match(store_iter *it, tm_event *ev, uint64_t pos, tm_err *err) 
 }
 
 static int next_index(store_iter *it, tm_event *ev, tm_err *err) {
-    if (!it->started) {
+    if (!it->started && it->kind != IT_STREAM) {
         it->started = 1;
         int r = index_start(it, err);
         if (r <= 0) {
@@ -1396,13 +1687,156 @@ static int next_index(store_iter *it, tm_event *ev, tm_err *err) {
     return 1;
 }
 
+/* ---- stream reads: folded runs, then the journal ---- */
+
+static int bad_journal(store_iter *it, uint64_t at, tm_err *err) {
+    size_t nl;
+    const char *name = iter_name(it, &nl);
+    return err_set(err, TM_EIO, "corrupt store: stream journal for '%.*s' is broken at %llu",
+                   (int)nl, name, (unsigned long long)at);
+}
+
+/* Fold mark and folded head of the stream in the snapshot. */
+static int stream_prepare(store_iter *it, tm_err *err) {
+    int rc;
+    it->folded = read_folded(it->s, it->ro, err, &rc);
+    if (rc < 0) return -1;
+    size_t nl;
+    const char *name = iter_name(it, &nl);
+    buf pb = BUF_INIT;
+    int64_t head = -1;
+    int r = db_stream_head(it->ix, &it->kb, &pb, name, nl, &it->run, &head, err);
+    buf_free(&pb);
+    if (r < 0) return -1;
+    it->hf = r == 1 ? head : -1;
+    it->jexpect = (uint64_t)(it->hf + 1);
+    return 0;
+}
+
+/* The stream's next journal entry into jpos.  1 / 0 (end) / -1. */
+static int journal_next(store_iter *it, tm_err *err) {
+    if (!it->jx) {
+        it->jx = leveldb_create_iterator(it->s->db, it->ro);
+        unsigned char k[9];
+        k[0] = K_JOURNAL;
+        put_be64(k + 1, it->folded + 1);
+        leveldb_iter_seek(it->jx, (const char *)k, 9);
+    } else leveldb_iter_next(it->jx);
+    size_t nl;
+    const char *name = iter_name(it, &nl);
+    for (; leveldb_iter_valid(it->jx); leveldb_iter_next(it->jx)) {
+        size_t kl, vl;
+        const char *k = leveldb_iter_key(it->jx, &kl);
+        if (k[0] != K_JOURNAL || kl != 9) break;
+        const char *v = leveldb_iter_value(it->jx, &vl);
+        jent e;
+        int r = jval_find(v, vl, name, nl, &e);
+        if (r < 0) return bad_journal(it, buf_get_be64(k + 1), err);
+        if (r == 0) continue;
+        it->jpos.n = 0;
+        if (jent_positions(&e, &it->jpos) < 0) return bad_journal(it, buf_get_be64(k + 1), err);
+        if (e.first != it->jexpect) return bad_journal(it, e.first, err);
+        it->jfirst = e.first;
+        it->jexpect = e.first + e.n;
+        it->ji = 0;
+        return 1;
+    }
+    return iter_status(it->jx, err) < 0 ? -1 : 0;
+}
+
+static int emit_stream(store_iter *it, uint64_t pos, uint64_t ver, tm_event *ev, tm_err *err) {
+    it->next = ver;
+    if (fetch(it, pos, ev, err) < 0) return -1;
+    if (check_match(it, ev, pos, err) < 0) return -1;
+    return 1;
+}
+
+static int next_stream_fwd(store_iter *it, tm_event *ev, tm_err *err) {
+    if (!it->started) {
+        it->started = 1;
+        if (stream_prepare(it, err) < 0) return -1;
+        it->phase = 1;
+        if (it->hf >= 0 && it->from <= (uint64_t)it->hf) {
+            int r = index_start(it, err);
+            if (r < 0) return -1;
+            if (r == 1) it->phase = 0;
+        }
+    }
+    if (it->phase == 0) {
+        int r = next_index(it, ev, err);
+        if (r != 0) return r;
+        it->phase = 1; /* the folded runs are done */
+    }
+    for (;;) {
+        while (it->ji >= it->jpos.n) {
+            int r = journal_next(it, err);
+            if (r <= 0) return r;
+        }
+        uint64_t ver = it->jfirst + it->ji, pos = it->jpos.v[it->ji++];
+        if (ver < it->from) continue;
+        return emit_stream(it, pos, ver, ev, err);
+    }
+}
+
+static int next_stream_bwd(store_iter *it, tm_event *ev, tm_err *err) {
+    if (!it->started) {
+        it->started = 1;
+        if (stream_prepare(it, err) < 0) return -1;
+        int r;
+        while ((r = journal_next(it, err)) == 1)
+            for (size_t i = 0; i < it->jpos.n; i++) u64vec_push(&it->jall, it->jpos.v[i]);
+        if (r < 0) return -1;
+        uint64_t base = (uint64_t)(it->hf + 1); /* version of jall.v[0] */
+        it->phase = 0;
+        if (it->jall.n && it->from >= base) {
+            uint64_t top = base + it->jall.n - 1, v = it->from < top ? it->from : top;
+            it->ji = (size_t)(v - base) + 1;
+            it->phase = 1;
+        }
+        if (it->phase == 0) {
+            if (it->hf < 0) return 0;
+            if (it->from > (uint64_t)it->hf) it->from = (uint64_t)it->hf;
+            if ((r = index_start(it, err)) <= 0) return r;
+        }
+    }
+    if (it->phase == 1) {
+        if (it->ji > 0) {
+            it->ji--;
+            return emit_stream(it, it->jall.v[it->ji], (uint64_t)(it->hf + 1) + it->ji, ev, err);
+        }
+        if (it->hf < 0) return 0;
+        it->phase = 0;
+        it->from = (uint64_t)it->hf;
+        int r = index_start(it, err);
+        if (r <= 0) return r;
+    }
+    return next_index(it, ev, err);
+}
+
 int store_iter_next(store_iter *it, tm_event *ev, tm_err *err) {
     if (it->done) return 0;
     if (it->limit && it->count >= it->limit) return 0;
-    int r = it->kind == IT_ALL ? next_all(it, ev, err) : next_index(it, ev, err);
+    int r = it->kind == IT_ALL      ? next_all(it, ev, err)
+            : it->kind != IT_STREAM ? next_index(it, ev, err)
+            : it->backward          ? next_stream_bwd(it, ev, err)
+                                    : next_stream_fwd(it, ev, err);
     if (r == 1) it->count++;
     else if (r == 0) it->done = 1;
     return r;
+}
+
+int store_stream_version(store *s, const char *stream, size_t len, int64_t *version, tm_err *err) {
+    store_iter *it = store_read_stream(s, stream, len, 0, 0, 0, err);
+    if (!it) return -1;
+    int r = stream_prepare(it, err);
+    int64_t head = it->hf;
+    if (r == 0)
+        while ((r = journal_next(it, err)) == 1) head = (int64_t)(it->jexpect - 1);
+    store_iter_free(it);
+    if (r < 0) return -1;
+    if (head < 0) return 0;
+    *version = head;
+    return 1;
 }
 
 void store_iter_record(store_iter *it, const char **rec, size_t *len) {
@@ -1412,40 +1846,113 @@ void store_iter_record(store_iter *it, const char **rec, size_t *len) {
 
 /* ---- names ---- */
 
+static int name_cmp(const char *a, size_t al, const char *b, size_t bl) {
+    int c = memcmp(a, b, al < bl ? al : bl);
+    return c ? c : (al < bl ? -1 : al > bl);
+}
+
+static int node_cmp(const void *x, const void *y) {
+    const node *a = *(node *const *)x, *b = *(node *const *)y;
+    return name_cmp(a->key, a->klen, b->key, b->klen);
+}
+
+/* Streams above the fold mark with their heads, sorted by name (m owns them). */
+static node **journal_names(store *s, const leveldb_readoptions_t *ro, nmap *m, size_t *n,
+                            tm_err *err) {
+    int rc;
+    uint64_t folded = read_folded(s, ro, err, &rc);
+    if (rc < 0) return NULL;
+    leveldb_iterator_t *it = leveldb_create_iterator(s->db, ro);
+    unsigned char k[9];
+    k[0] = K_JOURNAL;
+    put_be64(k + 1, folded + 1);
+    rc = 0;
+    for (leveldb_iter_seek(it, (const char *)k, 9); leveldb_iter_valid(it); leveldb_iter_next(it)) {
+        size_t kl, vl;
+        const char *kk = leveldb_iter_key(it, &kl);
+        if (kk[0] != K_JOURNAL) break;
+        const char *v = leveldb_iter_value(it, &vl), *p = v + 4, *end = v + vl;
+        jent e;
+        int r = crc_ok(v, vl) ? 1 : -1;
+        while (r == 1 && (r = jent_next(&p, end, &e)) == 1) {
+            uint64_t h = hash_bytes(e.name, e.nl);
+            node *nd = nmap_find(m, e.name, e.nl, h);
+            if (!nd) nd = nmap_add(m, e.name, e.nl, h);
+            nd->head = (int64_t)(e.first + e.n - 1);
+        }
+        if (r < 0) {
+            rc = err_set(err, TM_EIO, "corrupt store: stream journal at position %llu is damaged",
+                         (unsigned long long)buf_get_be64(kk + 1));
+            break;
+        }
+    }
+    if (rc == 0 && iter_status(it, err) < 0) rc = -1;
+    leveldb_iter_destroy(it);
+    if (rc < 0) return NULL;
+    node **arr = malloc((m->count + 1) * sizeof *arr);
+    if (!arr) abort();
+    *n = 0;
+    for (size_t b = 0; b < m->cap; b++)
+        for (node *nd = m->tab[b]; nd; nd = nd->next) arr[(*n)++] = nd;
+    qsort(arr, *n, sizeof *arr, node_cmp);
+    return arr;
+}
+
 int store_list_streams(store *s, const char *after, size_t alen, uint64_t limit,
                        store_name_fn fn, void *ud, tm_err *err) {
-    leveldb_iterator_t *it = leveldb_create_iterator(s->db, s->ro);
+    const leveldb_snapshot_t *snap = leveldb_create_snapshot(s->db);
+    leveldb_readoptions_t *ro = leveldb_readoptions_create();
+    leveldb_readoptions_set_verify_checksums(ro, 1);
+    leveldb_readoptions_set_snapshot(ro, snap);
+    nmap jm = {0};
+    size_t nj = 0, ji = 0;
+    node **jarr = journal_names(s, ro, &jm, &nj, err);
+    int rc = jarr ? 0 : -1;
+    leveldb_iterator_t *it = leveldb_create_iterator(s->db, ro);
     buf kb = BUF_INIT, name = BUF_INIT, pb = BUF_INIT;
     u64vec tmp = {0};
-    int rc = 0;
-    uint64_t n = 0;
+    uint64_t count = 0;
+    if (after)
+        while (ji < nj && name_cmp(jarr[ji]->key, jarr[ji]->klen, after, alen) <= 0) ji++;
     buf_putc(&kb, K_STREAM);
     if (after) {
         buf_append(&kb, after, alen);
         buf_putc(&kb, '\x01');
     }
     leveldb_iter_seek(it, kb.ptr, kb.len);
-    while (leveldb_iter_valid(it)) {
-        size_t kl;
-        const char *k = leveldb_iter_key(it, &kl);
-        if (kl < 10 || k[0] != K_STREAM) break;
-        buf_reset(&name);
-        buf_append(&name, k + 1, kl - 10);
+    while (rc == 0) {
+        size_t kl = 0;
+        const char *k = leveldb_iter_valid(it) ? leveldb_iter_key(it, &kl) : NULL;
+        int have_s = k && kl >= 10 && k[0] == K_STREAM;
+        if (!have_s && ji == nj) break;
+        int c = !have_s ? 1 : ji == nj ? -1 : name_cmp(k + 1, kl - 10, jarr[ji]->key, jarr[ji]->klen);
         int64_t head = -1;
-        if (db_stream_head(it, &kb, &pb, name.ptr, name.len, &tmp, &head, err) < 0) {
-            rc = -1;
-            break;
+        buf_reset(&name);
+        if (c > 0) {
+            buf_append(&name, jarr[ji]->key, jarr[ji]->klen);
+            head = jarr[ji++]->head;
+        } else {
+            buf_append(&name, k + 1, kl - 10);
+            if (db_stream_head(it, &kb, &pb, name.ptr, name.len, &tmp, &head, err) < 0) {
+                rc = -1;
+                break;
+            }
+            if (c == 0) head = jarr[ji++]->head;
+            buf_reset(&kb);
+            buf_putc(&kb, K_STREAM);
+            buf_append(&kb, name.ptr, name.len);
+            buf_putc(&kb, '\x01');
+            leveldb_iter_seek(it, kb.ptr, kb.len);
         }
         if (fn(ud, name.ptr, name.len, head)) break;
-        if (limit && ++n >= limit) break;
-        buf_reset(&kb);
-        buf_putc(&kb, K_STREAM);
-        buf_append(&kb, name.ptr, name.len);
-        buf_putc(&kb, '\x01');
-        leveldb_iter_seek(it, kb.ptr, kb.len);
+        if (limit && ++count >= limit) break;
     }
     if (rc == 0 && iter_status(it, err) < 0) rc = -1;
     leveldb_iter_destroy(it);
+    leveldb_readoptions_destroy(ro);
+    leveldb_release_snapshot(s->db, snap);
+    free(jarr);
+    nmap_clear(&jm);
     buf_free(&kb);
     buf_free(&name);
     buf_free(&pb);
@@ -1521,105 +2028,148 @@ static int check_fetch(check *c, uint64_t pos, tm_event *ev) {
     return 1;
 }
 
-/* Verify every run of one index tag.  by_version: stream runs. */
+/* Per-name check state lives in the counts map's nodes:
+ *   head  = events of that name in the log (from the log scan)
+ *   gen   = index entries seen;  ghead = 1 once seen in the index
+ *   first = the next version a stream run / journal entry must start at
+ *   pfirst = the last position seen (categories, types) */
+static node *cnode(nmap *m, const char *k, size_t kl) {
+    uint64_t h = hash_bytes(k, kl);
+    node *n = nmap_find(m, k, kl, h);
+    if (!n) {
+        n = nmap_add(m, k, kl, h);
+        n->head = 0;
+    }
+    return n;
+}
+
+static void check_entry(check *c, char tag, const char *what, node *n, uint64_t ver,
+                        uint64_t pos) {
+    n->gen++;
+    if (tag != K_STREAM) {
+        if (pos <= n->pfirst)
+            problem(c, "%s '%.*s': positions not increasing (%llu after %llu)", what,
+                    (int)n->klen, n->key, (unsigned long long)pos, (unsigned long long)n->pfirst);
+        n->pfirst = pos;
+    }
+    tm_event ev;
+    if (!check_fetch(c, pos, &ev)) {
+        problem(c, "%s '%.*s': entry points at position %llu, which is missing or corrupt", what,
+                (int)n->klen, n->key, (unsigned long long)pos);
+        return;
+    }
+    int ok;
+    if (tag == K_STREAM)
+        ok = ev.stream_len == n->klen && memcmp(ev.stream, n->key, n->klen) == 0 &&
+             ev.version == ver;
+    else if (tag == K_CAT)
+        ok = event_category_len(ev.stream, ev.stream_len) == n->klen &&
+             memcmp(ev.stream, n->key, n->klen) == 0;
+    else ok = ev.type_len == n->klen && memcmp(ev.type, n->key, n->klen) == 0;
+    if (ok) return;
+    if (tag == K_STREAM)
+        problem(c, "stream '%.*s': version %llu points at position %llu, which holds '%.*s' "
+                "version %llu", (int)n->klen, n->key, (unsigned long long)ver,
+                (unsigned long long)pos, (int)ev.stream_len, ev.stream,
+                (unsigned long long)ev.version);
+    else
+        problem(c, "%s '%.*s': entry points at position %llu, which is not in it", what,
+                (int)n->klen, n->key, (unsigned long long)pos);
+}
+
+static void seen(node *n, uint64_t *names) {
+    if (n->ghead != 1) {
+        n->ghead = 1;
+        (*names)++;
+    }
+}
+
+/* Verify every run of one index tag. */
 static int check_index(check *c, char tag, nmap *counts, const char *what, uint64_t *names) {
     leveldb_iterator_t *it = leveldb_create_iterator(c->s->db, c->ro);
-    buf cur = BUF_INIT;
-    int have = 0;
-    uint64_t expect = 0, lastpos = 0, entries = 0;
     u64vec run = {0};
     char t[2] = {tag, 0};
-    leveldb_iter_seek(it, t, 1);
-    for (;; leveldb_iter_next(it)) {
-        int valid = leveldb_iter_valid(it);
-        size_t kl = 0, vl;
-        const char *k = valid ? leveldb_iter_key(it, &kl) : NULL;
-        if (valid && k[0] != tag) valid = 0;
-        if (valid && (kl < 10 || k[kl - 9] != '\0')) {
+    for (leveldb_iter_seek(it, t, 1); leveldb_iter_valid(it); leveldb_iter_next(it)) {
+        size_t kl, vl;
+        const char *k = leveldb_iter_key(it, &kl);
+        if (k[0] != tag) break;
+        if (kl < 11 || k[kl - 9] != '\0') {
             problem(c, "%s index: malformed key", what);
             continue;
         }
-        size_t nl = valid ? kl - 10 : 0;
-        if (have && (!valid || nl != cur.len || memcmp(k + 1, cur.ptr, nl) != 0)) {
-            /* end of a name: compare counts */
-            node *n = nmap_find(counts, cur.ptr, cur.len, hash_bytes(cur.ptr, cur.len));
-            uint64_t inlog = n ? (uint64_t)n->head : 0;
-            if (inlog != entries)
-                problem(c, "%s '%s': index has %llu entries, the log has %llu events", what,
-                        cur.ptr, (unsigned long long)entries, (unsigned long long)inlog);
-            if (n) n->ghead = 1; /* seen in the index */
-            have = 0;
-        }
-        if (!valid) break;
-        if (!have) {
-            buf_reset(&cur);
-            buf_append(&cur, k + 1, nl);
-            have = 1;
-            expect = 0;
-            lastpos = 0;
-            entries = 0;
-            (*names)++;
-        }
+        node *n = cnode(counts, k + 1, kl - 10);
+        seen(n, names);
         uint64_t first = buf_get_be64(k + kl - 8);
         const char *v = leveldb_iter_value(it, &vl);
         if (run_decode(v, vl, &run) < 0 || run.n == 0) {
-            problem(c, "%s '%s': corrupt index entry at %llu", what, cur.ptr,
+            problem(c, "%s '%.*s': corrupt index entry at %llu", what, (int)n->klen, n->key,
                     (unsigned long long)first);
             continue;
         }
         if (tag == K_STREAM) {
-            if (first != expect)
-                problem(c, "stream '%s': versions jump from %llu to %llu", cur.ptr,
-                        (unsigned long long)expect, (unsigned long long)first);
-            expect = first + run.n;
+            if (first != n->first)
+                problem(c, "stream '%.*s': versions jump from %llu to %llu", (int)n->klen, n->key,
+                        (unsigned long long)n->first, (unsigned long long)first);
+            n->first = first + run.n;
         } else if (run.v[0] != first) {
-            problem(c, "%s '%s': index key %llu does not match its first position %llu", what,
-                    cur.ptr, (unsigned long long)first, (unsigned long long)run.v[0]);
+            problem(c, "%s '%.*s': index key %llu does not match its first position %llu", what,
+                    (int)n->klen, n->key, (unsigned long long)first, (unsigned long long)run.v[0]);
         }
-        for (size_t i = 0; i < run.n; i++) {
-            uint64_t pos = run.v[i];
-            entries++;
-            if (pos <= lastpos)
-                problem(c, "%s '%s': positions not increasing (%llu after %llu)", what, cur.ptr,
-                        (unsigned long long)pos, (unsigned long long)lastpos);
-            lastpos = pos;
-            tm_event ev;
-            if (!check_fetch(c, pos, &ev)) {
-                problem(c, "%s '%s': entry points at position %llu, which is missing or corrupt",
-                        what, cur.ptr, (unsigned long long)pos);
-                continue;
-            }
-            int ok;
-            if (tag == K_STREAM)
-                ok = ev.stream_len == cur.len && memcmp(ev.stream, cur.ptr, cur.len) == 0 &&
-                     ev.version == first + i;
-            else if (tag == K_CAT)
-                ok = event_category_len(ev.stream, ev.stream_len) == cur.len &&
-                     memcmp(ev.stream, cur.ptr, cur.len) == 0;
-            else ok = ev.type_len == cur.len && memcmp(ev.type, cur.ptr, cur.len) == 0;
-            if (!ok) {
-                if (tag == K_STREAM)
-                    problem(c, "stream '%s': version %llu points at position %llu, which holds "
-                            "'%.*s' version %llu", cur.ptr, (unsigned long long)(first + i),
-                            (unsigned long long)pos, (int)ev.stream_len, ev.stream,
-                            (unsigned long long)ev.version);
-                else
-                    problem(c, "%s '%s': entry points at position %llu, which is not in it", what,
-                            cur.ptr, (unsigned long long)pos);
-            }
-        }
+        for (size_t i = 0; i < run.n; i++) check_entry(c, tag, what, n, first + i, run.v[i]);
     }
-    /* names in the log that have no index at all */
-    for (size_t b = 0; b < counts->cap; b++)
-        for (node *n = counts->tab[b]; n; n = n->next)
-            if (n->ghead != 1)
-                problem(c, "%s '%.*s': %lld events in the log but no index", what, (int)n->klen,
-                        n->key, (long long)n->head);
     int rc = iter_status(it, NULL) < 0 ? -1 : 0;
     leveldb_iter_destroy(it);
-    buf_free(&cur);
     free(run.v);
     return rc;
+}
+
+/* The stream journal above the fold mark continues the folded runs. */
+static int check_journal(check *c, nmap *counts, uint64_t folded, uint64_t *names) {
+    leveldb_iterator_t *it = leveldb_create_iterator(c->s->db, c->ro);
+    u64vec pos = {0};
+    for (leveldb_iter_seek(it, "g", 1); leveldb_iter_valid(it); leveldb_iter_next(it)) {
+        size_t kl, vl;
+        const char *k = leveldb_iter_key(it, &kl);
+        if (k[0] != K_JOURNAL) break;
+        uint64_t at = kl == 9 ? buf_get_be64(k + 1) : 0;
+        if (at <= folded) {
+            problem(c, "stream journal key at position %llu is below the fold mark %llu",
+                    (unsigned long long)at, (unsigned long long)folded);
+            continue;
+        }
+        const char *v = leveldb_iter_value(it, &vl), *p = v + 4, *end = v + vl;
+        jent e;
+        int r = crc_ok(v, vl) ? 1 : -1;
+        while (r == 1 && (r = jent_next(&p, end, &e)) == 1) {
+            node *n = cnode(counts, e.name, e.nl);
+            seen(n, names);
+            if (e.first != n->first)
+                problem(c, "stream '%.*s': versions jump from %llu to %llu (journal at %llu)",
+                        (int)n->klen, n->key, (unsigned long long)n->first,
+                        (unsigned long long)e.first, (unsigned long long)at);
+            pos.n = 0;
+            if (jent_positions(&e, &pos) < 0) {
+                r = -1;
+                break;
+            }
+            for (size_t i = 0; i < pos.n; i++) check_entry(c, K_STREAM, "stream", n, e.first + i, pos.v[i]);
+            n->first = e.first + e.n;
+        }
+        if (r < 0) problem(c, "stream journal at position %llu is corrupt", (unsigned long long)at);
+    }
+    int rc = iter_status(it, NULL) < 0 ? -1 : 0;
+    leveldb_iter_destroy(it);
+    free(pos.v);
+    return rc;
+}
+
+/* Both directions: every name's index count equals its count in the log. */
+static void check_counts(check *c, nmap *counts, const char *what) {
+    for (size_t b = 0; b < counts->cap; b++)
+        for (node *n = counts->tab[b]; n; n = n->next)
+            if ((uint64_t)n->head != n->gen)
+                problem(c, "%s '%.*s': the index has %llu entries, the log has %lld events", what,
+                        (int)n->klen, n->key, (unsigned long long)n->gen, (long long)n->head);
 }
 
 static int check_ids(check *c) {
@@ -1735,11 +2285,20 @@ int store_check(store *s, FILE *out, store_check_report *report, tm_err *err) {
         problem(&c, "log: the last position is %llu but the store records %llu",
                 (unsigned long long)(expect - 1), (unsigned long long)last);
 
+    int frc = 0;
+    uint64_t folded = rc == 0 ? read_folded(s, c.ro, err, &frc) : 0;
+    if (frc < 0) rc = -1;
     if (rc == 0 && (check_index(&c, K_STREAM, &c.streams, "stream", &report->streams) < 0 ||
+                    check_journal(&c, &c.streams, folded, &report->streams) < 0 ||
                     check_index(&c, K_CAT, &c.cats, "category", &report->categories) < 0 ||
                     check_index(&c, K_TYPE, &c.types, "type", &report->types) < 0 ||
                     check_ids(&c) < 0))
         rc = err_set(err, TM_EIO, "check: read error");
+    if (rc == 0) {
+        check_counts(&c, &c.streams, "stream");
+        check_counts(&c, &c.cats, "category");
+        check_counts(&c, &c.types, "type");
+    }
 
     /* unknown namespaces: visit the first key of each first byte */
     if (rc == 0) {
@@ -1749,7 +2308,7 @@ int store_check(store *s, FILE *out, store_check_report *report, tm_err *err) {
             size_t kl;
             const char *k = leveldb_iter_key(it, &kl);
             unsigned char tag = (unsigned char)k[0];
-            if (!tag || !strchr("eisctmp", tag))
+            if (!tag || !strchr("eisctmpg", tag))
                 problem(&c, "unknown key namespace 0x%02x", tag);
             if (tag == 0xff) break;
             unsigned char nx = (unsigned char)(tag + 1);

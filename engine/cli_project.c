@@ -1,0 +1,360 @@
+/* cli_project.c — `tidemark project`: run a projection over all history once.
+ *
+ * Owns: option parsing, choosing the narrowest store read for the
+ * projection's `from`, the replay loop (feed, dead-letter replays,
+ * periodic checkpoints with --persist), and printing the final state (or a
+ * query's result) as JSON on stdout.
+ *
+ * The process is the sandbox here: a projection stuck in a JIT-compiled
+ * loop past --cpu-limit plus the grace period makes the watchdog print the
+ * fault and exit(1) (proj.h / sandbox.h).  Without --persist nothing is
+ * written to the store (a dry run over history; emitted events are counted,
+ * not appended).
+ */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "buf.h"
+#include "cli.h"
+#include "json.h"
+#include "progress.h"
+#include "proj.h"
+#include "projhost.h"
+
+static const char usage[] =
+    "usage: tidemark project --data DIR FILE.lua [options]\n"
+    "Run a Lua projection over all stored events once and print its final state\n"
+    "as JSON (one object keyed by partition when the projection is partitioned).\n"
+    "\n"
+    "  --data DIR           the data directory\n"
+    "  --name N             projection name (default: FILE without .lua)\n"
+    "  --query NAME [ARGS]  print the result of the script's query NAME instead,\n"
+    "                       ARGS is one JSON value passed as the second argument\n"
+    "  --get KEY            print one partition's state\n"
+    "  --top FIELD[:N]      print the N (default 10) partitions with the largest\n"
+    "                       numeric state[FIELD]\n"
+    "  --partitions         print the sorted list of partition keys\n"
+    "  --cpu-limit S        CPU seconds a batch of events may use (default 10;\n"
+    "                       0 = none); a JIT-compiled loop is stopped by exiting 1\n"
+    "  --memory-limit MB    Lua memory cap (default 256)\n"
+    "  --persist            store state and checkpoint in the data directory,\n"
+    "                       resume from the last checkpoint, append emitted events\n"
+    "  --reset              with --persist: forget stored state first\n"
+    "  --isolate            run the Lua in a separate worker process (as the\n"
+    "                       server does; implies --persist): a crash or runaway\n"
+    "                       script kills the worker, not this process\n"
+    "  --quiet              no progress on stderr\n"
+    "\n"
+    "Exit status: 0 ok, 1 bad script, usage or projection fault, 2 no such data\n"
+    "directory, 4 I/O error.\n";
+
+static int read_file(const char *path, buf *out, tm_err *err) {
+    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+    if (!f) return err_set(err, TM_EINVAL, "cannot open %s", path);
+    char tmp[65536];
+    size_t n;
+    while ((n = fread(tmp, 1, sizeof tmp, f)) > 0) buf_append(out, tmp, n);
+    int bad = ferror(f);
+    if (f != stdin) fclose(f);
+    if (bad) return err_set(err, TM_EIO, "cannot read %s", path);
+    return 0;
+}
+
+static char *default_name(const char *path) {
+    const char *b = strrchr(path, '/');
+    b = b ? b + 1 : path;
+    size_t n = strlen(b);
+    if (n > 4 && !strcmp(b + n - 4, ".lua")) n -= 4;
+    if (n == 0 || !strcmp(path, "-")) return strdup("projection");
+    return strndup(b, n);
+}
+
+/* The narrowest index read that covers the projection's selector. */
+static store_iter *open_reader(store *s, proj *p, uint64_t from, tm_err *err) {
+    size_t len;
+    const char *name = proj_from_name(p, 0, &len);
+    if (proj_from_count(p) == 1) {
+        switch (proj_from(p)) {
+        case PROJ_FROM_CATEGORY: return store_read_category(s, name, len, from, 0, err);
+        case PROJ_FROM_TYPES: return store_read_type(s, name, len, from, 0, err);
+        case PROJ_FROM_STREAM:
+        case PROJ_FROM_STREAMS:
+            /* versions, not positions: proj_feed skips what it has seen */
+            return store_read_stream(s, name, len, 0, 0, 0, err);
+        default: break;
+        }
+    }
+    return store_read_all(s, from, 0, 0, err);
+}
+
+typedef struct run_opts {
+    int persist;
+    int quiet;
+} run_opts;
+
+static void print_fault(const char *cmd, const proj *p, const tm_err *err) {
+    const proj_fault *f = proj_fault_info(p);
+    fprintf(stderr, "tidemark %s: %s\n", cmd, err->msg);
+    if (f && f->traceback && strchr(f->traceback, '\n'))
+        fprintf(stderr, "%s\n", strchr(f->traceback, '\n') + 1);
+}
+
+/* Replay everything after the projection's position.  0 / exit status. */
+static int replay(const char *cmd, store *s, proj *p, const run_opts *ro) {
+    tm_err err;
+    err_clear(&err);
+    uint64_t last = store_last_position(s);
+    progress *pg = progress_new(stderr, "project", last, "events", ro->quiet || !isatty(2));
+    uint64_t every = proj_checkpoint_every(p);
+    if (!every) every = ro->persist ? 100000 : 0;
+    if (!every && proj_dead_letter_mode(p)) every = 100000; /* bounds dead-letter replays */
+    uint64_t seen = 0;
+    int status = 0;
+    for (;;) {
+        store_iter *it = open_reader(s, p, proj_position(p) + 1, &err);
+        if (!it) {
+            status = cli_fail(cmd, &err);
+            break;
+        }
+        tm_event ev;
+        int r, replay_again = 0;
+        while ((r = store_iter_next(it, &ev, &err)) == 1) {
+            int rc = proj_feed(p, &ev, &err);
+            if (rc == PROJ_REPLAY) {
+                replay_again = 1;
+                break;
+            }
+            if (rc < 0) {
+                r = -2;
+                break;
+            }
+            if ((++seen & 4095) == 0) progress_update(pg, ev.position, seen);
+            if (every && proj_uncommitted(p) >= every) {
+                if (proj_commit(p, &err) != 0) {
+                    r = proj_fault_info(p) ? -2 : -1;
+                    if (proj_dead_letter_mode(p) && !proj_fault_info(p) && err.code == TM_EINVAL)
+                        r = -2;
+                    break;
+                }
+            }
+        }
+        store_iter_free(it);
+        if (replay_again) continue;
+        if (r == -2) {
+            print_fault(cmd, p, &err);
+            status = 1;
+            break;
+        }
+        if (r < 0) {
+            status = cli_fail(cmd, &err);
+            break;
+        }
+        int rc = proj_flush(p, &err);
+        if (rc == PROJ_REPLAY) continue;
+        if (rc < 0) {
+            print_fault(cmd, p, &err);
+            status = 1;
+            break;
+        }
+        if (ro->persist || proj_dead_letter_mode(p)) {
+            rc = proj_commit(p, &err);
+            if (rc == PROJ_REPLAY) continue;
+            if (rc < 0) {
+                if (proj_fault_info(p) || err.code == TM_EINVAL) {
+                    print_fault(cmd, p, &err);
+                    status = 1;
+                } else {
+                    status = cli_fail(cmd, &err);
+                }
+                break;
+            }
+        }
+        break;
+    }
+    progress_end(pg);
+    return status;
+}
+
+static int print_json(const char *cmd, const buf *mp) {
+    buf out = BUF_INIT;
+    tm_err err;
+    if (json_from_mp(mp->ptr, mp->len, &out, &err) < 0) {
+        buf_free(&out);
+        return cli_fail(cmd, &err);
+    }
+    buf_putc(&out, '\n');
+    fwrite(out.ptr, 1, out.len, stdout);
+    buf_free(&out);
+    return fflush(stdout) == 0 ? 0 : 4;
+}
+
+/* --isolate: the projection runs in a worker process (projhost.h). */
+static int run_isolated(const char *cmd, store *s, const char *name, const buf *src,
+                        const char *file, double cpu, uint64_t mem_mb, const char *query,
+                        const buf *args, int reset) {
+    tm_err err;
+    err_clear(&err);
+    if (reset) {
+        buf pre = BUF_INIT;
+        buf_printf(&pre, "proj/%s/", name);
+        int rc = store_kv_delete_prefix(s, pre.ptr, pre.len, &err);
+        buf_free(&pre);
+        if (rc < 0) return cli_fail(cmd, &err);
+    }
+    projhost_opts ho = {.memory_limit = (size_t)mem_mb << 20, .cpu_limit = cpu > 0 ? cpu : 3600,
+                        .exe = "/proc/self/exe"};
+    projhost *h = projhost_start(s, name, src->ptr ? src->ptr : "", src->len, file, &ho, &err);
+    if (!h) return cli_fail(cmd, &err);
+    int status = 0;
+    buf out = BUF_INIT;
+    if (projhost_catch_up(h, &err) != 0) {
+        const projhost_status *st = projhost_get_status(h);
+        fprintf(stderr, "tidemark %s: %s\n", cmd, err.msg);
+        if (st->traceback && strchr(st->traceback, '\n'))
+            fprintf(stderr, "%s\n", strchr(st->traceback, '\n') + 1);
+        status = err.code == TM_EIO ? 4 : 1;
+    } else {
+        int rc = query ? projhost_query(h, query, args->ptr, args->len, &out, &err)
+                       : projhost_state_mp(h, &out, &err);
+        status = rc < 0 ? cli_fail(cmd, &err) : print_json(cmd, &out);
+    }
+    buf_free(&out);
+    projhost_free(h);
+    return status;
+}
+
+int cli_project(int argc, char **argv) {
+    const char *cmd = "project";
+    const char *data = NULL, *name_opt = NULL, *query = NULL, *get = NULL, *top = NULL;
+    int persist = 0, reset = 0, quiet = 0, list = 0, isolate = 0;
+    double cpu = 10;
+    uint64_t mem_mb = 256;
+    enum { O_NAME = 256, O_QUERY, O_GET, O_TOP, O_CPU, O_MEM, O_PERSIST, O_RESET, O_QUIET,
+           O_PARTS, O_ISOLATE };
+    static const struct option opts[] = {
+        {"data", required_argument, 0, 'd'},       {"name", required_argument, 0, O_NAME},
+        {"query", required_argument, 0, O_QUERY},  {"get", required_argument, 0, O_GET},
+        {"top", required_argument, 0, O_TOP},      {"cpu-limit", required_argument, 0, O_CPU},
+        {"memory-limit", required_argument, 0, O_MEM},
+        {"persist", no_argument, 0, O_PERSIST},    {"reset", no_argument, 0, O_RESET},
+        {"quiet", no_argument, 0, O_QUIET},        {"partitions", no_argument, 0, O_PARTS},
+        {"isolate", no_argument, 0, O_ISOLATE},    {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
+    };
+    optind = 1;
+    opterr = 0;
+    int c;
+    while ((c = getopt_long(argc, argv, "d:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'd': data = optarg; break;
+        case O_NAME: name_opt = optarg; break;
+        case O_QUERY: query = optarg; break;
+        case O_GET: get = optarg; break;
+        case O_TOP: top = optarg; break;
+        case O_CPU: {
+            char *end;
+            cpu = strtod(optarg, &end);
+            if (*end || cpu < 0) return cli_usage_error(cmd, "bad --cpu-limit '%s'", optarg);
+            break;
+        }
+        case O_MEM:
+            if (cli_parse_u64(cmd, "--memory-limit", optarg, &mem_mb) < 0) return 1;
+            if (mem_mb < 1 || mem_mb > (1u << 20))
+                return cli_usage_error(cmd, "--memory-limit must be 1..1048576 MB");
+            break;
+        case O_PERSIST: persist = 1; break;
+        case O_RESET: reset = 1; break;
+        case O_QUIET: quiet = 1; break;
+        case O_PARTS: list = 1; break;
+        case O_ISOLATE: isolate = persist = 1; break;
+        case 'h': fputs(usage, stdout); return 0;
+        default:
+            return cli_usage_error(cmd, "unknown or incomplete option '%s'", argv[optind - 1]);
+        }
+    }
+    /* positionals (GNU getopt moved them last): FILE [query ARGS] */
+    const char *file = optind < argc ? argv[optind++] : NULL;
+    const char *qargs = NULL;
+    if (optind < argc && query) qargs = argv[optind++];
+    if (optind < argc) return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+    if (!data) return cli_usage_error(cmd, "--data DIR is required");
+    if (!file) return cli_usage_error(cmd, "a projection FILE.lua is required");
+    if (reset && !persist) return cli_usage_error(cmd, "--reset needs --persist");
+
+    tm_err err;
+    err_clear(&err);
+    buf src = BUF_INIT, args = BUF_INIT;
+    if (read_file(file, &src, &err) < 0) {
+        buf_free(&src);
+        return cli_fail(cmd, &err);
+    }
+    if (qargs && json_to_mp(qargs, strlen(qargs), NULL, &args, &err) < 0) {
+        buf_free(&src);
+        err_prefix(&err, "query arguments");
+        return cli_fail(cmd, &err);
+    }
+    int status = 0;
+    store *s = cli_open_store(cmd, data, 0, NULL, &status);
+    if (!s) {
+        buf_free(&src);
+        buf_free(&args);
+        return status;
+    }
+    char *name = name_opt ? strdup(name_opt) : default_name(file);
+    if (isolate) {
+        status = run_isolated(cmd, s, name, &src, file, cpu, mem_mb, query, &args, reset);
+        store_close(s);
+        free(name);
+        buf_free(&src);
+        buf_free(&args);
+        return status;
+    }
+    proj_opts po = {.memory_limit = (size_t)mem_mb << 20, .cpu_limit = cpu,
+                    .st = persist ? s : NULL, .source = s};
+    proj *p = proj_new(name, src.ptr ? src.ptr : "", src.len, file, &po, &err);
+    buf_free(&src);
+    if (!p) {
+        status = cli_fail(cmd, &err);
+        goto out;
+    }
+    if (persist && reset && proj_reset(p, &err) < 0) {
+        status = cli_fail(cmd, &err);
+        goto out;
+    }
+    if (persist && proj_restore(p, &err) < 0) {
+        status = cli_fail(cmd, &err);
+        goto out;
+    }
+    run_opts ro = {.persist = persist, .quiet = quiet};
+    status = replay(cmd, s, p, &ro);
+    if (status) goto out;
+
+    buf out = BUF_INIT;
+    int rc;
+    if (query) rc = proj_query(p, query, args.ptr, args.len, &out, &err);
+    else if (get) rc = proj_get(p, get, strlen(get), &out, &err);
+    else if (list) rc = proj_partitions(p, &out, &err);
+    else if (top) {
+        char *field = strdup(top);
+        char *colon = strrchr(field, ':');
+        uint64_t n = 10;
+        if (colon) {
+            *colon = 0;
+            n = strtoull(colon + 1, NULL, 10);
+        }
+        rc = proj_top(p, field, n, &out, &err);
+        free(field);
+    } else rc = proj_state(p, &out, &err);
+    if (rc < 0) status = cli_fail(cmd, &err);
+    else status = print_json(cmd, &out);
+    buf_free(&out);
+out:
+    proj_free(p);
+    store_close(s);
+    free(name);
+    buf_free(&args);
+    return status;
+}

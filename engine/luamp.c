@@ -1,0 +1,370 @@
+/* luamp.c — msgpack <-> Lua values (see luamp.h for the encoding rules).
+ *
+ * Owns: deterministic encoding of Lua values (sorted map keys, integer
+ * detection, sketch ext), decoding msgpack into Lua values, and the full
+ * event table (slow path).
+ *
+ * Invariants:
+ *   - Encoding never depends on pairs() order: map keys are gathered into
+ *     an array, sorted with a total order, then written.
+ *   - Recursion depth is bounded by LUAMP_MAX_DEPTH both ways (a cycle in a
+ *     table shows up as exceeding it); Lua stack space is checked per level.
+ *   - On failure the output buffer is restored to its length on entry and
+ *     the Lua stack to its height on entry.
+ */
+#include "luamp.h"
+
+#include <lauxlib.h>
+#include <math.h>
+#include <msgpack/pack.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lsketch.h"
+#include "mp.h"
+
+
+/* ------------------------------------------------------------ encode */
+
+typedef struct enc {
+    lua_State *L;
+    msgpack_packer pk;
+    buf *out;
+    tm_err *err;
+    const char *what;
+    /* path of keys from the root, for error messages: stack indexes */
+    int path[LUAMP_MAX_DEPTH + 1];
+    int depth;
+} enc;
+
+static int wr(void *data, const char *p, size_t n) {
+    buf_append(data, p, n);
+    return 0;
+}
+
+/* Render the path (root name plus keys) into err. */
+static int fail(enc *e, const char *fmt, const char *arg) {
+    buf p = BUF_INIT;
+    buf_puts(&p, e->what);
+    for (int i = 0; i < e->depth; i++) {
+        int k = e->path[i];
+        if (lua_type(e->L, k) == LUA_TSTRING) buf_printf(&p, ".%s", lua_tostring(e->L, k));
+        else if (lua_type(e->L, k) == LUA_TNUMBER) buf_printf(&p, "[%.17g]", lua_tonumber(e->L, k));
+        else buf_printf(&p, "[%s]", luaL_typename(e->L, k));
+    }
+    err_set(e->err, TM_EINVAL, "%s: ", p.ptr);
+    size_t used = strlen(e->err->msg);
+    snprintf(e->err->msg + used, sizeof e->err->msg - used, fmt, arg);
+    buf_free(&p);
+    return -1;
+}
+
+static int is_int(double d) {
+    return d == floor(d) && d >= -9223372036854775808.0 && d < 9223372036854775808.0;
+}
+
+static void pack_number(enc *e, double d) {
+    if (is_int(d)) msgpack_pack_int64(&e->pk, (int64_t)d);
+    else msgpack_pack_double(&e->pk, d);
+}
+
+static int enc_value(enc *e, int idx);
+
+/* Key order: numbers, then strings, then booleans (false < true). */
+static int key_rank(lua_State *L, int i) {
+    switch (lua_type(L, i)) {
+    case LUA_TNUMBER: return 0;
+    case LUA_TSTRING: return 1;
+    case LUA_TBOOLEAN: return 2;
+    default: return 3;
+    }
+}
+
+typedef struct keyref {
+    int rank;
+    double num;
+    const char *s;
+    size_t len;
+    int slot; /* index into the key array table (1-based) */
+} keyref;
+
+static int key_cmp(const void *a, const void *b) {
+    const keyref *x = a, *y = b;
+    if (x->rank != y->rank) return x->rank < y->rank ? -1 : 1;
+    if (x->rank == 0) return x->num < y->num ? -1 : x->num > y->num;
+    if (x->rank == 2) return (int)x->num - (int)y->num;
+    size_t n = x->len < y->len ? x->len : y->len;
+    int c = memcmp(x->s, y->s, n);
+    if (c) return c;
+    return x->len < y->len ? -1 : x->len > y->len;
+}
+
+static int enc_table(enc *e, int t) {
+    lua_State *L = e->L;
+    if (e->depth >= LUAMP_MAX_DEPTH) return fail(e, "%s", "nested too deep (or a cycle)");
+    if (!lua_checkstack(L, 8)) return fail(e, "%s", "Lua stack exhausted");
+    /* Lazy tables (events) fill themselves in first. */
+    if (lua_getmetatable(L, t)) {
+        lua_getfield(L, -1, "__tm_materialize");
+        if (lua_isfunction(L, -1)) {
+            lua_pushvalue(L, t);
+            if (lua_pcall(L, 1, 0, 0) != 0) {
+                lua_pop(L, 2);
+                return fail(e, "%s", "cannot materialise an event table");
+            }
+            lua_pop(L, 1);
+        } else {
+            lua_pop(L, 2);
+        }
+    }
+    /* Count keys and check for an array 1..n. */
+    size_t n = 0;
+    int array = 1;
+    double maxk = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        lua_pop(L, 1);
+        n++;
+        if (array) {
+            if (lua_type(L, -1) == LUA_TNUMBER) {
+                double k = lua_tonumber(L, -1);
+                if (k >= 1 && k == floor(k)) {
+                    if (k > maxk) maxk = k;
+                } else array = 0;
+            } else array = 0;
+        }
+    }
+    if (n > 0 && array && maxk == (double)n) {
+        msgpack_pack_array(&e->pk, (uint32_t)n);
+        for (size_t i = 1; i <= n; i++) {
+            lua_pushnumber(L, (lua_Number)i);
+            e->path[e->depth++] = lua_gettop(L);
+            lua_rawgeti(L, t, (int)i);
+            int rc = enc_value(e, lua_gettop(L));
+            lua_pop(L, 2);
+            e->depth--;
+            if (rc < 0) return -1;
+        }
+        return 0;
+    }
+    /* A map: gather keys into a table (keeps them alive), sort refs. */
+    keyref *ks = n ? malloc(n * sizeof *ks) : NULL;
+    if (n && !ks) return fail(e, "%s", "out of memory");
+    lua_createtable(L, (int)n, 0);
+    int kt = lua_gettop(L);
+    size_t i = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        lua_pop(L, 1);
+        int r = key_rank(L, -1);
+        if (r == 3) {
+            lua_pushvalue(L, -1);
+            e->path[e->depth++] = lua_gettop(L);
+            free(ks);
+            int rc = fail(e, "cannot store a table key of type %s", luaL_typename(L, -1));
+            e->depth--;
+            lua_settop(L, kt - 1);
+            return rc;
+        }
+        lua_pushvalue(L, -1);
+        lua_rawseti(L, kt, (int)(i + 1));
+        keyref *k = &ks[i];
+        k->rank = r;
+        k->slot = (int)(i + 1);
+        k->num = r == 0 ? lua_tonumber(L, -1) : r == 2 ? lua_toboolean(L, -1) : 0;
+        if (r == 0 && isnan(k->num)) {
+            free(ks);
+            lua_settop(L, kt - 1);
+            return fail(e, "%s", "NaN table key");
+        }
+        i++;
+    }
+    /* Strings are pinned by the key table, so their pointers stay valid. */
+    for (size_t j = 0; j < n; j++) {
+        if (ks[j].rank == 1) {
+            lua_rawgeti(L, kt, ks[j].slot);
+            ks[j].s = lua_tolstring(L, -1, &ks[j].len);
+            lua_pop(L, 1);
+        }
+    }
+    if (n > 1) qsort(ks, n, sizeof *ks, key_cmp);
+    msgpack_pack_map(&e->pk, (uint32_t)n);
+    int rc = 0;
+    for (size_t j = 0; j < n && rc == 0; j++) {
+        lua_rawgeti(L, kt, ks[j].slot);
+        int k = lua_gettop(L);
+        e->path[e->depth++] = k;
+        rc = enc_value(e, k);
+        if (rc == 0) {
+            lua_pushvalue(L, k);
+            lua_rawget(L, t);
+            rc = enc_value(e, lua_gettop(L));
+            lua_pop(L, 1);
+        }
+        e->depth--;
+        lua_pop(L, 1);
+    }
+    free(ks);
+    lua_settop(L, kt - 1);
+    return rc;
+}
+
+static int enc_value(enc *e, int idx) {
+    lua_State *L = e->L;
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL: msgpack_pack_nil(&e->pk); return 0;
+    case LUA_TBOOLEAN:
+        if (lua_toboolean(L, idx)) msgpack_pack_true(&e->pk);
+        else msgpack_pack_false(&e->pk);
+        return 0;
+    case LUA_TNUMBER: {
+        double d = lua_tonumber(L, idx);
+        if (isnan(d)) return fail(e, "%s", "cannot store NaN");
+        pack_number(e, d);
+        return 0;
+    }
+    case LUA_TSTRING: {
+        size_t len;
+        const char *s = lua_tolstring(L, idx, &len);
+        msgpack_pack_str(&e->pk, len);
+        msgpack_pack_str_body(&e->pk, s, len);
+        return 0;
+    }
+    case LUA_TTABLE: return enc_table(e, idx);
+    case LUA_TUSERDATA: {
+        int t = lsketch_ext_type(L, idx);
+        if (t > 0) {
+            buf b = BUF_INIT;
+            if (lsketch_serialize(L, idx, &b) < 0) {
+                buf_free(&b);
+                return fail(e, "%s", "cannot serialise a sketch");
+            }
+            msgpack_pack_ext(&e->pk, b.len, (int8_t)t);
+            msgpack_pack_ext_body(&e->pk, b.ptr, b.len);
+            buf_free(&b);
+            return 0;
+        }
+        return fail(e, "%s", "cannot store a userdata value");
+    }
+    default: return fail(e, "cannot store a %s value", luaL_typename(L, idx));
+    }
+}
+
+int luamp_encode(lua_State *L, int idx, const char *what, buf *out, tm_err *err) {
+    if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = lua_gettop(L) + idx + 1;
+    enc e = {.L = L, .out = out, .err = err, .what = what ? what : "value"};
+    msgpack_packer_init(&e.pk, out, wr);
+    size_t len0 = out->len;
+    int top = lua_gettop(L);
+    int rc = enc_value(&e, idx);
+    lua_settop(L, top);
+    if (rc < 0) out->len = len0;
+    return rc;
+}
+
+/* ------------------------------------------------------------ decode */
+
+static int push_item(lua_State *L, const char **p, const char *end, int depth, tm_err *err);
+
+static int push_container(lua_State *L, const mp_item *it, const char **p, const char *end,
+                          int depth, tm_err *err) {
+    if (depth >= LUAMP_MAX_DEPTH) return err_set(err, TM_EINVAL, "msgpack nested too deep");
+    if (!lua_checkstack(L, 4)) return err_set(err, TM_EINVAL, "Lua stack exhausted");
+    uint32_t n = it->v.n;
+    if (it->type == MP_ARRAY) {
+        lua_createtable(L, (int)(n < 1u << 20 ? n : 0), 0);
+        for (uint32_t i = 0; i < n; i++) {
+            if (push_item(L, p, end, depth + 1, err) < 0) {
+                lua_pop(L, 1);
+                return -1;
+            }
+            lua_rawseti(L, -2, (int)i + 1);
+        }
+        return 0;
+    }
+    lua_createtable(L, 0, (int)(n < 1u << 20 ? n : 0));
+    for (uint32_t i = 0; i < n; i++) {
+        if (push_item(L, p, end, depth + 1, err) < 0) {
+            lua_pop(L, 1);
+            return -1;
+        }
+        if (push_item(L, p, end, depth + 1, err) < 0) {
+            lua_pop(L, 2);
+            return -1;
+        }
+        if (lua_isnil(L, -2)) lua_pop(L, 2); /* a nil key cannot be stored */
+        else lua_rawset(L, -3);
+    }
+    return 0;
+}
+
+static int push_item(lua_State *L, const char **p, const char *end, int depth, tm_err *err) {
+    mp_item it;
+    if (mp_next(p, end, &it) < 0) return err_set(err, TM_EINVAL, "truncated or malformed msgpack");
+    switch (it.type) {
+    case MP_NIL: lua_pushnil(L); return 0;
+    case MP_BOOL: lua_pushboolean(L, it.v.b); return 0;
+    case MP_UINT: lua_pushnumber(L, (lua_Number)it.v.u); return 0;
+    case MP_INT: lua_pushnumber(L, (lua_Number)it.v.i); return 0;
+    case MP_FLOAT:
+    case MP_DOUBLE: lua_pushnumber(L, it.v.d); return 0;
+    case MP_STR:
+    case MP_BIN: lua_pushlstring(L, it.v.s.ptr, it.v.s.len); return 0;
+    case MP_ARRAY:
+    case MP_MAP: return push_container(L, &it, p, end, depth, err);
+    case MP_EXT:
+        if (lsketch_push_decoded(L, it.v.s.ext, it.v.s.ptr, it.v.s.len) == 0)
+            return 0;
+        return err_set(err, TM_EINVAL, "unknown or invalid msgpack ext type %d", it.v.s.ext);
+    }
+    return err_set(err, TM_EINVAL, "bad msgpack item");
+}
+
+int luamp_push(lua_State *L, const char *p, size_t n, tm_err *err) {
+    const char *q = p;
+    int top = lua_gettop(L);
+    if (push_item(L, &q, p + n, 0, err) < 0) {
+        lua_settop(L, top);
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ events */
+
+int luamp_push_event(lua_State *L, const tm_event *ev, tm_err *err) {
+    int top = lua_gettop(L);
+    lua_createtable(L, 0, 9);
+    char id[37];
+    event_id_format(ev->id, id);
+    lua_pushlstring(L, id, 36);
+    lua_setfield(L, -2, "id");
+    lua_pushlstring(L, ev->stream, ev->stream_len);
+    lua_setfield(L, -2, "stream");
+    lua_pushlstring(L, ev->stream, event_category_len(ev->stream, ev->stream_len));
+    lua_setfield(L, -2, "category");
+    lua_pushlstring(L, ev->type, ev->type_len);
+    lua_setfield(L, -2, "type");
+    if (ev->data_len) {
+        if (luamp_push(L, ev->data, ev->data_len, err) < 0) goto fail;
+    } else {
+        lua_pushnil(L);
+    }
+    lua_setfield(L, -2, "data");
+    if (ev->meta_len) {
+        if (luamp_push(L, ev->meta, ev->meta_len, err) < 0) goto fail;
+    } else {
+        lua_newtable(L);
+    }
+    lua_setfield(L, -2, "metadata");
+    lua_pushnumber(L, (lua_Number)ev->time_ms);
+    lua_setfield(L, -2, "time");
+    lua_pushnumber(L, (lua_Number)ev->position);
+    lua_setfield(L, -2, "position");
+    lua_pushnumber(L, (lua_Number)ev->version);
+    lua_setfield(L, -2, "version");
+    return 0;
+fail:
+    lua_settop(L, top);
+    return -1;
+}

@@ -1,0 +1,576 @@
+/* test_proj.c — projection instances: handlers, partitions, emits,
+ * checkpoints through a real store, faults, dead letters, determinism. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+#include <msgpack/pack.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "mp.h"
+#include "proj.h"
+#include "store.h"
+
+static int wr(void *d, const char *p, size_t n) {
+    buf_append(d, p, n);
+    return 0;
+}
+
+/* An event with data {customer=C, amount=A}. */
+typedef struct tev {
+    tm_event ev;
+    buf data;
+    char stream[64];
+    char type[64];
+} tev;
+
+static void mk(tev *t, uint64_t pos, const char *stream, const char *type, const char *cust,
+               double amount) {
+    memset(t, 0, sizeof *t);
+    snprintf(t->stream, sizeof t->stream, "%s", stream);
+    snprintf(t->type, sizeof t->type, "%s", type);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &t->data, wr);
+    msgpack_pack_map(&pk, 2);
+    msgpack_pack_str(&pk, 8);
+    msgpack_pack_str_body(&pk, "customer", 8);
+    msgpack_pack_str(&pk, strlen(cust));
+    msgpack_pack_str_body(&pk, cust, strlen(cust));
+    msgpack_pack_str(&pk, 6);
+    msgpack_pack_str_body(&pk, "amount", 6);
+    msgpack_pack_double(&pk, amount);
+    t->ev.stream = t->stream;
+    t->ev.stream_len = strlen(t->stream);
+    t->ev.type = t->type;
+    t->ev.type_len = strlen(t->type);
+    t->ev.data = t->data.ptr;
+    t->ev.data_len = t->data.len;
+    t->ev.position = pos;
+    t->ev.version = pos - 1;
+    t->ev.time_ms = 1700000000000 + (int64_t)pos;
+    for (int i = 0; i < 16; i++) t->ev.id[i] = (uint8_t)(pos * 7 + (uint64_t)i);
+}
+
+static proj *load(const char *src, store *st, tm_err *err) {
+    proj_opts o = {.st = st, .batch = 4};
+    return proj_new("t", src, strlen(src), "t.lua", &o, err);
+}
+
+static const char *EXAMPLE =
+    "return {\n"
+    "  from = { category = 'order' },\n"
+    "  partition = function(e) return e.data.customer end,\n"
+    "  init = function() return { orders = 0, revenue = 0 } end,\n"
+    "  on = {\n"
+    "    OrderPlaced = function(s, e) s.orders = s.orders + 1 end,\n"
+    "    PaymentReceived = function(s, e) s.revenue = s.revenue + e.data.amount end,\n"
+    "  },\n"
+    "  queries = { big = function(states, args) local r = {} for k, s in pairs(states) do\n"
+    "     if s.revenue >= args.min then r[#r + 1] = k end end table.sort(r) return r end },\n"
+    "}\n";
+
+/* Feed n synthetic events: customer c<i%3>, alternate types. */
+static void feed_example(proj *p, uint64_t from, uint64_t n) {
+    tm_err err;
+    for (uint64_t i = from; i < from + n; i++) {
+        tev t;
+        char cust[16];
+        snprintf(cust, sizeof cust, "c%llu", (unsigned long long)(i % 3));
+        mk(&t, i, i % 5 == 4 ? "shipment-1" : "order-1", i % 2 ? "OrderPlaced" : "PaymentReceived",
+           cust, 2.5);
+        int rc = proj_feed(p, &t.ev, &err);
+        buf_free(&t.data);
+        if (rc != 0) fail_msg("feed %llu: %s", (unsigned long long)i, err.msg);
+    }
+    if (proj_flush(p, &err) != 0) fail_msg("flush: %s", err.msg);
+}
+
+/* Expected state of the example for events 1..n, built independently. */
+static void expected_example(uint64_t n, buf *out) {
+    double orders[3] = {0}, rev[3] = {0};
+    int seen[3] = {0};
+    for (uint64_t i = 1; i <= n; i++) {
+        if (i % 5 == 4) continue; /* not in category order */
+        int c = (int)(i % 3);
+        seen[c] = 1;
+        if (i % 2) orders[c] += 1;
+        else rev[c] += 2.5;
+    }
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, out, wr);
+    int cnt = seen[0] + seen[1] + seen[2];
+    msgpack_pack_map(&pk, (size_t)cnt);
+    for (int c = 0; c < 3; c++) {
+        if (!seen[c]) continue;
+        char k[16];
+        snprintf(k, sizeof k, "c%d", c);
+        msgpack_pack_str(&pk, 2);
+        msgpack_pack_str_body(&pk, k, 2);
+        msgpack_pack_map(&pk, 2);
+        msgpack_pack_str(&pk, 6);
+        msgpack_pack_str_body(&pk, "orders", 6);
+        msgpack_pack_int64(&pk, (int64_t)orders[c]);
+        msgpack_pack_str(&pk, 7);
+        msgpack_pack_str_body(&pk, "revenue", 7);
+        if (rev[c] == (double)(int64_t)rev[c]) msgpack_pack_int64(&pk, (int64_t)rev[c]);
+        else msgpack_pack_double(&pk, rev[c]);
+    }
+}
+
+static void assert_state(proj *p, uint64_t n) {
+    buf got = BUF_INIT, want = BUF_INIT;
+    tm_err err;
+    if (proj_state(p, &got, &err) != 0) fail_msg("state: %s", err.msg);
+    expected_example(n, &want);
+    assert_int_equal(got.len, want.len);
+    assert_memory_equal(got.ptr, want.ptr, want.len);
+    buf_free(&got);
+    buf_free(&want);
+}
+
+static void test_handlers_and_partitions(void **st) {
+    (void)st;
+    tm_err err;
+    proj *p = load(EXAMPLE, NULL, &err);
+    if (!p) fail_msg("%s", err.msg);
+    assert_true(proj_partitioned(p));
+    assert_int_equal(proj_from(p), PROJ_FROM_CATEGORY);
+    feed_example(p, 1, 23);
+    assert_int_equal(proj_position(p), 23);
+    assert_state(p, 23);
+    /* named query with msgpack args {min = 10} */
+    buf args = BUF_INIT, out = BUF_INIT;
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &args, wr);
+    msgpack_pack_map(&pk, 1);
+    msgpack_pack_str(&pk, 3);
+    msgpack_pack_str_body(&pk, "min", 3);
+    msgpack_pack_int(&pk, 1);
+    assert_int_equal(proj_query(p, "big", args.ptr, args.len, &out, &err), 0);
+    assert_true(out.len > 0 && ((unsigned char)out.ptr[0] & 0xf0) == 0x90);
+    /* unknown query is an error */
+    buf_reset(&out);
+    assert_int_equal(proj_query(p, "nope", NULL, 0, &out, &err), -1);
+    /* top by revenue */
+    buf_reset(&out);
+    assert_int_equal(proj_top(p, "revenue", 2, &out, &err), 0);
+    assert_int_equal((unsigned char)out.ptr[0], 0x92);
+    buf_free(&args);
+    buf_free(&out);
+    proj_free(p);
+}
+
+static void test_any_handler_and_event_fields(void **st) {
+    (void)st;
+    tm_err err;
+    const char *src =
+        "return { from = 'all', init = function() return { n = 0, types = {} } end,\n"
+        "  on = { ['$any'] = function(s, e)\n"
+        "    s.n = s.n + 1; s.types[e.type] = (s.types[e.type] or 0) + 1\n"
+        "    assert(e.category == 'order' or e.category == 'shipment')\n"
+        "    assert(#e.id == 36 and e.id:sub(9, 9) == '-')\n"
+        "    assert(type(e.metadata) == 'table' and e.version == e.position - 1)\n"
+        "    assert(e.time == 1700000000000 + e.position)\n"
+        "    s.last_id = e.id\n"
+        "  end } }\n";
+    proj *p = load(src, NULL, &err);
+    if (!p) fail_msg("%s", err.msg);
+    feed_example(p, 1, 10);
+    buf out = BUF_INIT;
+    assert_int_equal(proj_state(p, &out, &err), 0);
+    const char *v;
+    size_t vl;
+    assert_int_equal(mp_map_find(out.ptr, out.len, "n", 1, &v, &vl), 1);
+    assert_int_equal((unsigned char)v[0], 10);
+    buf_free(&out);
+    proj_free(p);
+}
+
+static void test_bad_definitions(void **st) {
+    (void)st;
+    tm_err err;
+    assert_null(load("return 42", NULL, &err));
+    assert_null(load("return { on = 3 }", NULL, &err));
+    assert_null(load("return { from = { nope = 1 }, on = {} }", NULL, &err));
+    assert_null(load("return {\n on = {\n", NULL, &err));
+    assert_non_null(strstr(err.msg, "t.lua:"));
+    assert_null(load("return { on = {}, on_error = 'explode' }", NULL, &err));
+}
+
+static const char *EMITTER =
+    "return { from = 'all', on = { OrderPlaced = function(s, e)\n"
+    "  tm.emit('audit-' .. e.data.customer, 'Seen', { pos = e.position })\n"
+    "  tm.link('linked', e) end } }\n";
+
+static void test_emit_ids_deterministic(void **st) {
+    (void)st;
+    tm_err err;
+    uint8_t ids[2][8][16];
+    for (int run = 0; run < 2; run++) {
+        proj *p = load(EMITTER, NULL, &err);
+        if (!p) fail_msg("%s", err.msg);
+        feed_example(p, 1, 8);
+        tm_event *em;
+        size_t n;
+        assert_int_equal(proj_checkpoint(p, NULL, &em, &n, &err), 0);
+        assert_int_equal(n, 8); /* 4 OrderPlaced x (emit + link) */
+        for (size_t i = 0; i < n; i++) memcpy(ids[run][i], em[i].id, 16);
+        assert_memory_equal(em[1].type, "$>", 2);
+        proj_checkpoint_done(p);
+        proj_free(p);
+    }
+    assert_memory_equal(ids[0], ids[1], sizeof ids[0]);
+    /* distinct within a run, version 8 */
+    assert_memory_not_equal(ids[0][0], ids[0][1], 16);
+    assert_int_equal(ids[0][0][6] >> 4, 8);
+    uint8_t a[16], b[16];
+    proj_emit_id("x", 5, 0, a);
+    proj_emit_id("x", 5, 1, b);
+    assert_memory_not_equal(a, b, 16);
+}
+
+static char tmpdir[64];
+
+static store *open_tmp(void) {
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/tm-proj-XXXXXX");
+    assert_non_null(mkdtemp(tmpdir));
+    tm_err err;
+    store *s = store_open(tmpdir, NULL, &err);
+    if (!s) fail_msg("store_open: %s", err.msg);
+    return s;
+}
+
+static void rm_tmp(void) {
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_checkpoint_restore_round_trip(void **st) {
+    (void)st;
+    tm_err err;
+    store *s = open_tmp();
+    proj *p = load(EXAMPLE, s, &err);
+    if (!p) fail_msg("%s", err.msg);
+    feed_example(p, 1, 13);
+    assert_int_equal(proj_commit(p, &err), 0);
+    proj_free(p);
+
+    /* a new instance resumes at 13 with the same state */
+    p = load(EXAMPLE, s, &err);
+    assert_int_equal(proj_restore(p, &err), 0);
+    assert_int_equal(proj_position(p), 13);
+    assert_state(p, 13);
+    feed_example(p, 1, 30); /* 1..13 are skipped, 14..30 applied */
+    assert_state(p, 30);
+    assert_int_equal(proj_commit(p, &err), 0);
+    proj_free(p);
+
+    /* compare with a from-scratch in-memory run: byte-identical */
+    proj *q = load(EXAMPLE, NULL, &err);
+    feed_example(q, 1, 30);
+    buf a = BUF_INIT, b = BUF_INIT;
+    p = load(EXAMPLE, s, &err);
+    assert_int_equal(proj_restore(p, &err), 0);
+    assert_int_equal(proj_state(p, &a, &err), 0);
+    assert_int_equal(proj_state(q, &b, &err), 0);
+    assert_int_equal(a.len, b.len);
+    assert_memory_equal(a.ptr, b.ptr, a.len);
+    buf_free(&a);
+    buf_free(&b);
+    proj_free(p);
+    proj_free(q);
+    store_close(s);
+    rm_tmp();
+}
+
+static void test_emits_appended_idempotently(void **st) {
+    (void)st;
+    tm_err err;
+    store *s = open_tmp();
+    for (int run = 0; run < 2; run++) {
+        proj *p = load(EMITTER, s, &err);
+        if (!p) fail_msg("%s", err.msg);
+        feed_example(p, 1, 8);
+        if (proj_commit(p, &err) != 0) fail_msg("commit: %s", err.msg);
+        proj_free(p);
+    }
+    /* the second run (no restore: as after a crash before the checkpoint)
+     * re-emitted the same ids: the store holds them once */
+    assert_int_equal(store_last_position(s), 8);
+    store_close(s);
+    rm_tmp();
+}
+
+static const char *FAULTY =
+    "return { from = 'all', partition = function(e) return e.data.customer end,\n"
+    "  init = function() return { n = 0 } end,\n"
+    "  on = { OrderPlaced = function(s, e)\n"
+    "    s.n = s.n + 1\n"
+    "    if e.position == 7 then local t = nil; return t.boom end\n"
+    "  end } }\n";
+
+static void test_runtime_error_faults_without_partial_state(void **st) {
+    (void)st;
+    tm_err err;
+    store *s = open_tmp();
+    proj *p = load(FAULTY, s, &err);
+    if (!p) fail_msg("%s", err.msg);
+    tev t;
+    int rc = 0;
+    for (uint64_t i = 1; i <= 3; i++) {
+        mk(&t, i, "order-1", "OrderPlaced", "c1", 1);
+        assert_int_equal(proj_feed(p, &t.ev, &err), 0);
+        buf_free(&t.data);
+    }
+    assert_int_equal(proj_commit(p, &err), 0); /* checkpoint at 3: c1.n = 3 */
+    for (uint64_t i = 4; i <= 9 && rc == 0; i++) {
+        mk(&t, i, "order-1", "OrderPlaced", "c1", 1);
+        rc = proj_feed(p, &t.ev, &err);
+        buf_free(&t.data);
+    }
+    if (rc == 0) rc = proj_flush(p, &err);
+    assert_int_equal(rc, -1);
+    const proj_fault *f = proj_fault_info(p);
+    assert_non_null(f);
+    assert_int_equal(f->position, 7);
+    assert_string_equal(f->type, "OrderPlaced");
+    assert_non_null(strstr(f->message, "t.lua:5:"));
+    assert_non_null(strstr(f->traceback, "stack traceback"));
+    assert_int_equal(proj_position(p), 3); /* back at the checkpoint */
+    /* the in-memory model is the checkpointed one: n = 3, not 6 */
+    buf out = BUF_INIT;
+    assert_int_equal(proj_get(p, "c1", 2, &out, &err), 0);
+    const char *v;
+    size_t vl;
+    assert_int_equal(mp_map_find(out.ptr, out.len, "n", 1, &v, &vl), 1);
+    assert_int_equal((unsigned char)v[0], 3);
+    buf_free(&out);
+    proj_free(p);
+    store_close(s);
+    rm_tmp();
+}
+
+static void test_dead_letter_goes_on(void **st) {
+    (void)st;
+    tm_err err;
+    char src[1024];
+    snprintf(src, sizeof src, "%s", FAULTY);
+    char *end = strrchr(src, '}');
+    snprintf(end, sizeof src - (size_t)(end - src), ", on_error = 'dead_letter' }\n");
+    proj *p = load(src, NULL, &err);
+    if (!p) fail_msg("%s", err.msg);
+    /* the runner's loop: re-feed from proj_position()+1 on PROJ_REPLAY */
+    tev evs[10];
+    for (uint64_t i = 1; i <= 10; i++) mk(&evs[i - 1], i, "order-1", "OrderPlaced", "c1", 1);
+    int replays = 0;
+    for (uint64_t i = 1; i <= 10;) {
+        int rc = proj_feed(p, &evs[i - 1].ev, &err);
+        if (i == 10 && rc == 0) rc = proj_flush(p, &err);
+        if (rc == PROJ_REPLAY) {
+            replays++;
+            i = proj_position(p) + 1;
+            continue;
+        }
+        assert_int_equal(rc, 0);
+        i++;
+    }
+    assert_int_equal(replays, 1);
+    buf out = BUF_INIT;
+    assert_int_equal(proj_get(p, "c1", 2, &out, &err), 0);
+    const char *v;
+    size_t vl;
+    assert_int_equal(mp_map_find(out.ptr, out.len, "n", 1, &v, &vl), 1);
+    assert_int_equal((unsigned char)v[0], 9); /* all but the dead letter */
+    for (int i = 0; i < 10; i++) buf_free(&evs[i].data);
+    buf_free(&out);
+    proj_free(p);
+}
+
+/* Two runs with different table insertion orders give identical bytes. */
+static void test_determinism(void **st) {
+    (void)st;
+    tm_err err;
+    const char *src =
+        "return { from = 'all', init = function() return { m = {} } end,\n"
+        "  on = { ['$any'] = function(s, e)\n"
+        "    local k = e.data.customer .. '-' .. (e.position % 7)\n"
+        "    s.m[k] = (s.m[k] or 0) + e.data.amount; s.m[e.position] = true\n"
+        "    s.h = s.h or tm.hll and nil\n"
+        "  end } }\n";
+    buf a = BUF_INIT, b = BUF_INIT;
+    for (int run = 0; run < 2; run++) {
+        proj *p = load(src, NULL, &err);
+        if (!p) fail_msg("%s", err.msg);
+        if (run == 0) feed_example(p, 1, 50);
+        else {
+            /* same events, different batching */
+            proj_free(p);
+            proj_opts o = {.batch = 7};
+            p = proj_new("t", src, strlen(src), "t.lua", &o, &err);
+            feed_example(p, 1, 50);
+        }
+        assert_int_equal(proj_state(p, run ? &b : &a, &err), 0);
+        proj_free(p);
+    }
+    assert_int_equal(a.len, b.len);
+    assert_memory_equal(a.ptr, b.ptr, a.len);
+    buf_free(&a);
+    buf_free(&b);
+}
+
+static void test_state_errors_name_the_path(void **st) {
+    (void)st;
+    tm_err err;
+    const char *src = "return { from = 'all', on = { ['$any'] = function(s, e)\n"
+                      "  s.x = { y = { function() end } } end } }\n";
+    proj *p = load(src, NULL, &err);
+    feed_example(p, 1, 1);
+    buf out = BUF_INIT;
+    assert_int_equal(proj_state(p, &out, &err), -1);
+    assert_non_null(strstr(err.msg, "state.x.y[1]"));
+    assert_non_null(strstr(err.msg, "function"));
+    buf_free(&out);
+    proj_free(p);
+}
+
+static void test_globals_locked_in_handlers(void **st) {
+    (void)st;
+    tm_err err;
+    const char *src = "counter = 0\nreturn { from = 'all', on = { ['$any'] = function(s, e)\n"
+                      "  counter = counter + 1 end } }\n";
+    proj *p = load(src, NULL, &err);
+    if (!p) fail_msg("%s", err.msg);
+    tev t;
+    mk(&t, 1, "order-1", "X", "c", 1);
+    int rc = proj_feed(p, &t.ev, &err);
+    if (rc == 0) rc = proj_flush(p, &err);
+    buf_free(&t.data);
+    assert_int_equal(rc, -1);
+    assert_non_null(strstr(err.msg, "global 'counter'"));
+    proj_free(p);
+}
+
+/* An event kept in state keeps its lazy fields after its batch: they are
+ * read back from the source store; encoding the state materialises them. */
+static void test_kept_event_reads_back(void **st) {
+    (void)st;
+    tm_err err;
+    store *s = open_tmp();
+    tev t[10];
+    tm_event evs[10];
+    for (int i = 0; i < 10; i++) {
+        mk(&t[i], 0, i < 5 ? "order-7" : "order-8", "OrderPlaced", "c1", 1);
+        evs[i] = t[i].ev;
+    }
+    assert_int_equal(store_append(s, evs, 10, NULL, 0, &err), 0);
+    const char *src =
+        "return { from = 'all', on = { OrderPlaced = function(s, e) s.first = s.first or e end },\n"
+        "  queries = { first = function(m) return { m.first.stream, m.first.category, #m.first.id } end } }\n";
+    proj_opts o = {.batch = 4, .source = s};
+    proj *p = proj_new("t", src, strlen(src), "t.lua", &o, &err);
+    if (!p) fail_msg("%s", err.msg);
+    store_iter *it = store_read_all(s, 1, 0, 0, &err);
+    tm_event ev;
+    while (store_iter_next(it, &ev, &err) == 1) assert_int_equal(proj_feed(p, &ev, &err), 0);
+    store_iter_free(it);
+    assert_int_equal(proj_flush(p, &err), 0);
+    buf out = BUF_INIT;
+    assert_int_equal(proj_query(p, "first", NULL, 0, &out, &err), 0);
+    /* ["order-7", "order", 36] */
+    assert_int_equal(out.len, 1 + 8 + 6 + 1);
+    assert_memory_equal(out.ptr + 2, "order-7", 7);
+    buf_reset(&out);
+    assert_int_equal(proj_state(p, &out, &err), 0);
+    const char *v;
+    size_t vl;
+    assert_int_equal(mp_map_find(out.ptr, out.len, "first", 5, &v, &vl), 1);
+    assert_int_equal(mp_map_find(v, vl, "stream", 6, &v, &vl), 1);
+    buf_free(&out);
+    for (int i = 0; i < 10; i++) buf_free(&t[i].data);
+    proj_free(p);
+    store_close(s);
+    rm_tmp();
+}
+
+static void test_partition_shorthand_numbers_and_init_key(void **st) {
+    (void)st;
+    tm_err err;
+    const char *src =
+        "return { from = { types = { 'OrderPlaced', 'PaymentReceived' } }, partition = 'stream',\n"
+        "  init = function(k) return { key = k, n = 0 } end,\n"
+        "  on = { ['$any'] = function(s, e) s.n = s.n + 1 end } }\n";
+    proj *p = load(src, NULL, &err);
+    if (!p) fail_msg("%s", err.msg);
+    assert_int_equal(proj_from(p), PROJ_FROM_TYPES);
+    feed_example(p, 1, 10); /* streams order-1 and shipment-1 */
+    buf out = BUF_INIT;
+    assert_int_equal(proj_partitions(p, &out, &err), 0);
+    assert_int_equal((unsigned char)out.ptr[0], 0x92);
+    buf_reset(&out);
+    assert_int_equal(proj_get(p, "shipment-1", 10, &out, &err), 0);
+    const char *v;
+    size_t vl;
+    assert_int_equal(mp_map_find(out.ptr, out.len, "n", 1, &v, &vl), 1);
+    assert_int_equal((unsigned char)v[0], 2); /* positions 4 and 9 */
+    assert_int_equal(mp_map_find(out.ptr, out.len, "key", 3, &v, &vl), 1);
+    assert_memory_equal(v + 1, "shipment-1", 10);
+    buf_free(&out);
+    proj_free(p);
+
+    /* numeric keys become strings: integers without a fraction */
+    const char *num = "return { partition = function(e) return e.position % 2 + 0.5 * (e.position % 3 == 0 and 1 or 0) end,\n"
+                      "  on = { ['$any'] = function(s, e) s.n = (s.n or 0) + 1 end } }\n";
+    p = load(num, NULL, &err);
+    if (!p) fail_msg("%s", err.msg);
+    feed_example(p, 1, 6);
+    buf keys = BUF_INIT;
+    assert_int_equal(proj_partitions(p, &keys, &err), 0);
+    /* keys: "0", "0.5", "1", "1.5" */
+    assert_int_equal((unsigned char)keys.ptr[0], 0x94);
+    assert_memory_equal(keys.ptr + 1, "\xa1" "0" "\xa3" "0.5" "\xa1" "1" "\xa3" "1.5", 10);
+    buf_free(&keys);
+    proj_free(p);
+    assert_null(proj_new("bad/name", "return {on={}}", 14, "x.lua", NULL, &err));
+}
+
+static void test_emit_outside_handler_and_bad_partition(void **st) {
+    (void)st;
+    tm_err err;
+    const char *src = "return { partition = function(e) return {} end, on = { ['$any'] = function() end } }";
+    proj *p = load(src, NULL, &err);
+    tev t;
+    mk(&t, 1, "order-1", "X", "c", 1);
+    int rc = proj_feed(p, &t.ev, &err);
+    if (rc == 0) rc = proj_flush(p, &err);
+    buf_free(&t.data);
+    assert_int_equal(rc, -1);
+    assert_non_null(strstr(err.msg, "partition(e) must return"));
+    proj_free(p);
+    p = load("tm.emit('a', 'b', {})\nreturn { on = {} }", NULL, &err);
+    assert_null(p);
+    assert_non_null(strstr(err.msg, "may only be called from a handler"));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_handlers_and_partitions),
+        cmocka_unit_test(test_any_handler_and_event_fields),
+        cmocka_unit_test(test_bad_definitions),
+        cmocka_unit_test(test_emit_ids_deterministic),
+        cmocka_unit_test(test_checkpoint_restore_round_trip),
+        cmocka_unit_test(test_emits_appended_idempotently),
+        cmocka_unit_test(test_runtime_error_faults_without_partial_state),
+        cmocka_unit_test(test_dead_letter_goes_on),
+        cmocka_unit_test(test_determinism),
+        cmocka_unit_test(test_state_errors_name_the_path),
+        cmocka_unit_test(test_globals_locked_in_handlers),
+        cmocka_unit_test(test_kept_event_reads_back),
+        cmocka_unit_test(test_partition_shorthand_numbers_and_init_key),
+        cmocka_unit_test(test_emit_outside_handler_and_bad_partition),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

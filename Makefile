@@ -48,6 +48,10 @@ LDLIBS += $(PKG_LIBS) -lm -ldl
 LIB_SRC := $(filter-out engine/main.c,$(wildcard engine/*.c))
 BIN_SRC := engine/main.c $(wildcard repl/*.c)
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
+# The dashboard (engine/dashboard/*) and Chart.js (Debian libjs-chart.js) are
+# embedded into the library as a generated C file (scripts/embed-assets).
+ASSETS := $(sort $(wildcard engine/dashboard/*)) /usr/share/javascript/chart.js/chart.min.js
+LIB_OBJ += $(BUILD)/gen/assets.o
 BIN_OBJ := $(BIN_SRC:%.c=$(BUILD)/%.o)
 LIB := $(BUILD)/libtidemark.a
 BIN := $(BUILD)/tidemark
@@ -65,6 +69,13 @@ all: $(BIN)
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/gen/assets.c: scripts/embed-assets $(ASSETS)
+	@mkdir -p $(dir $@)
+	$(PYTHON) scripts/embed-assets $@ $(ASSETS)
+
+$(BUILD)/gen/assets.o: $(BUILD)/gen/assets.c
 	$(CC) $(CFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJ)

@@ -24,6 +24,8 @@ static const command commands[] = {
     {"import", cli_import, "--data DIR FILE.jsonl", "import JSON lines (- for stdin)"},
     {"export", cli_export, "--data DIR [--from POS]", "export all events as JSON lines"},
     {"check", cli_check, "--data DIR", "verify the store's invariants"},
+    {"serve", cli_serve, "--data DIR [--port N] [--bind ADDR] [--projections DIR]",
+     "serve the HTTP API, live events (SSE) and the dashboard"},
     {"project", cli_project, "--data DIR FILE.lua [--query NAME [ARGS]] [--cpu-limit S]",
      "run a projection over all history once, print its state as JSON"},
 };

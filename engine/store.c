@@ -343,6 +343,8 @@ typedef struct req {
     int done, rc;
     tm_err err;
     pthread_cond_t cv;
+    store_append_fn fn;  /* async: called on the writer thread, then r is freed */
+    void *ud;
     struct req *next;
 } req;
 
@@ -1232,11 +1234,26 @@ static void *writer_main(void *arg) {
         s->qhead = s->qtail = NULL;
         pthread_mutex_unlock(&s->mu);
         group_commit(s, list);
+        req *async = NULL;
         pthread_mutex_lock(&s->mu);
         for (req *r = list, *nx; r; r = nx) {
             nx = r->next;
+            if (r->fn) {
+                r->next = async;
+                async = r;
+                continue;
+            }
             r->done = 1;
             pthread_cond_signal(&r->cv);
+        }
+        if (async) {
+            pthread_mutex_unlock(&s->mu);
+            for (req *r = async, *nx; r; r = nx) {
+                nx = r->next;
+                r->fn(r->ud, r->rc, &r->err);
+                free(r);
+            }
+            pthread_mutex_lock(&s->mu);
         }
     }
     pthread_mutex_unlock(&s->mu);
@@ -1329,6 +1346,37 @@ int store_append(store *s, tm_event *evs, size_t n, const store_expect *exp, siz
     pthread_cond_destroy(&r.cv);
     if (r.rc < 0 && err) *err = r.err;
     return r.rc;
+}
+
+int store_append_async(store *s, tm_event *evs, size_t n, const store_expect *exp, size_t nexp,
+                       store_append_fn fn, void *ud, tm_err *err) {
+    req *r = calloc(1, sizeof *r);
+    if (!r) abort();
+    if (validate(s, evs, n, exp, nexp, &r->nid, err) < 0) {
+        free(r);
+        return -1;
+    }
+    r->evs = evs;
+    r->n = n;
+    r->exp = exp;
+    r->nexp = nexp;
+    r->fn = fn;
+    r->ud = ud;
+    err_clear(&r->err);
+    pthread_mutex_lock(&s->mu);
+    if (s->failed || s->stopping) {
+        int stopping = s->stopping;
+        pthread_mutex_unlock(&s->mu);
+        free(r);
+        if (stopping) return err_set(err, TM_EIO, "store is closing");
+        return refusing(err);
+    }
+    if (s->qtail) s->qtail->next = r;
+    else s->qhead = r;
+    s->qtail = r;
+    pthread_cond_signal(&s->work);
+    pthread_mutex_unlock(&s->mu);
+    return 0;
 }
 
 /* ------------------------------------------------------------------ */

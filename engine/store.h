@@ -82,6 +82,17 @@ typedef struct store_expect {
 int store_append(store *s, tm_event *evs, size_t n, const store_expect *exp, size_t nexp,
                  tm_err *err);
 
+/* The same as store_append without blocking (for event loops): returns -1
+ * with err filled when the request is refused at once (invalid events, a
+ * refusing or closing store) and fn is never called; otherwise returns 0
+ * and fn(ud, rc, err) is called exactly once on the writer thread after the
+ * group commit (rc 0: evs are filled as with store_append; rc -1: err says
+ * why, with current_version on a conflict).  evs, their bytes and exp must
+ * stay valid until fn runs.  fn must be quick and must not append. */
+typedef void (*store_append_fn)(void *ud, int rc, const tm_err *err);
+int store_append_async(store *s, tm_event *evs, size_t n, const store_expect *exp, size_t nexp,
+                       store_append_fn fn, void *ud, tm_err *err);
+
 /* Called on the writer thread after each durable commit, with the last
  * position now readable.  Must be quick and must not append. */
 typedef void (*store_commit_fn)(void *ud, uint64_t last_position);

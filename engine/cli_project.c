@@ -177,8 +177,25 @@ static int print_json(const char *cmd, const buf *mp) {
 }
 
 /* --isolate: the projection runs in a worker process (projhost.h). */
+typedef struct read_req {
+    const char *query, *get, *top;
+    int list;
+} read_req;
+
+/* "FIELD[:N]" -> field (malloc'd) and n (default 10). */
+static char *parse_top(const char *top, uint64_t *n) {
+    char *field = strdup(top);
+    char *colon = strrchr(field, ':');
+    *n = 10;
+    if (colon) {
+        *colon = 0;
+        *n = strtoull(colon + 1, NULL, 10);
+    }
+    return field;
+}
+
 static int run_isolated(const char *cmd, store *s, const char *name, const buf *src,
-                        const char *file, double cpu, uint64_t mem_mb, const char *query,
+                        const char *file, double cpu, uint64_t mem_mb, const read_req *rq,
                         const buf *args, int reset) {
     tm_err err;
     err_clear(&err);
@@ -202,8 +219,16 @@ static int run_isolated(const char *cmd, store *s, const char *name, const buf *
             fprintf(stderr, "%s\n", strchr(st->traceback, '\n') + 1);
         status = err.code == TM_EIO ? 4 : 1;
     } else {
-        int rc = query ? projhost_query(h, query, args->ptr, args->len, &out, &err)
-                       : projhost_state_mp(h, &out, &err);
+        int rc;
+        if (rq->query) rc = projhost_query(h, rq->query, args->ptr, args->len, &out, &err);
+        else if (rq->get) rc = projhost_read(h, "get", rq->get, NULL, 0, &out, &err);
+        else if (rq->list) rc = projhost_read(h, "partitions", NULL, NULL, 0, &out, &err);
+        else if (rq->top) {
+            uint64_t n;
+            char *field = parse_top(rq->top, &n);
+            rc = projhost_read(h, "top", field, NULL, n, &out, &err);
+            free(field);
+        } else rc = projhost_state_mp(h, &out, &err);
         status = rc < 0 ? cli_fail(cmd, &err) : print_json(cmd, &out);
     }
     buf_free(&out);
@@ -290,7 +315,8 @@ int cli_project(int argc, char **argv) {
     }
     char *name = name_opt ? strdup(name_opt) : default_name(file);
     if (isolate) {
-        status = run_isolated(cmd, s, name, &src, file, cpu, mem_mb, query, &args, reset);
+        read_req rq = {.query = query, .get = get, .top = top, .list = list};
+        status = run_isolated(cmd, s, name, &src, file, cpu, mem_mb, &rq, &args, reset);
         store_close(s);
         free(name);
         buf_free(&src);
@@ -323,13 +349,8 @@ int cli_project(int argc, char **argv) {
     else if (get) rc = proj_get(p, get, strlen(get), &out, &err);
     else if (list) rc = proj_partitions(p, &out, &err);
     else if (top) {
-        char *field = strdup(top);
-        char *colon = strrchr(field, ':');
-        uint64_t n = 10;
-        if (colon) {
-            *colon = 0;
-            n = strtoull(colon + 1, NULL, 10);
-        }
+        uint64_t n;
+        char *field = parse_top(top, &n);
         rc = proj_top(p, field, n, &out, &err);
         free(field);
     } else rc = proj_state(p, &out, &err);

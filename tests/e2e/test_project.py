@@ -249,3 +249,14 @@ def test_dead_letters_skip_failing_events(store, tmp_path):
         assert p.returncode == 0, p.stderr
         bad = len([i for i in range(1, len(evs) + 1) if i % 1000 == 7])
         assert json.loads(p.stdout)["n"] == len(evs) - bad
+
+
+def test_isolated_builtin_reads_match_in_process(store, tmp_path):
+    d, evs = store
+    f = write(tmp_path, "customers.lua", EXAMPLE)
+    k = sorted(expected(evs))[0]
+    for extra in (["--get", k], ["--top", "orders:3"], ["--partitions"]):
+        a = tm("project", "--data", d, f, *extra)
+        b = tm("project", "--data", d, f, "--isolate", *extra)
+        assert a.returncode == 0 and b.returncode == 0, (a.stderr, b.stderr)
+        assert a.stdout == b.stdout, extra

@@ -340,13 +340,22 @@ static void sync_status(pentry *e) {
         if (st->state != PROJHOST_RUNNING && e->status == PS_RUNNING) {
             e->status = PS_FAULTED;
             uint64_t pos = st->fault_position;
-            if (!pos) { /* died mid-batch: the first event it had not committed */
-                pos = st->position + 1;
+            char type[257];
+            snprintf(type, sizeof type, "%s", st->fault_type);
+            /* a worker stopped by its watchdog said where: "... faulted at
+             * position P (type T): ..." */
+            const char *at = pos ? NULL : strstr(st->message, "faulted at position ");
+            unsigned long long p = 0;
+            char t[257];
+            if (at && sscanf(at, "faulted at position %llu (type %256[^)])", &p, t) == 2) {
+                pos = p;
+                snprintf(type, sizeof type, "%s", t);
             }
-            set_error(e, pos, st->fault_type, st->message, st->traceback);
+            if (!pos) pos = st->position + 1; /* killed: the first event not committed */
+            set_error(e, pos, type, st->message, st->traceback);
             char q[600];
             logf_("warn", "msg=\"projection faulted\" name=%s position=%llu type=\"%s\" error=\"%s\"",
-                  e->name, (unsigned long long)pos, st->fault_type, logq(q, sizeof q, st->message));
+                  e->name, (unsigned long long)pos, type, logq(q, sizeof q, st->message));
         }
     }
     pthread_mutex_unlock(&e->smu);
@@ -454,7 +463,8 @@ static void publish(pentry *e, uint64_t last) {
                 e->big_state = 1;
             }
         }
-        if (now_s() - t0 > 0.002) e->big_state = 1; /* keep feeding cycles short */
+        /* keep feeding cycles short: a state that takes long to fetch is not pushed */
+        if (now_s() - t0 > 0.05) e->big_state = 1;
         buf_free(&mpb);
         sync_status(e);
     }

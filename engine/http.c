@@ -6,8 +6,9 @@
  *     api_* handlers on copies of the request (the evhttp_request may die
  *     while a worker runs: the connection's close callback clears job->req);
  *   - every 4xx/5xx reply this file sends has a JSON body
- *     {"error":"...","code":N} (evhttp's own hard-limit rejections, above
- *     twice the configured limits, are the documented exception);
+ *     {"error":"...","code":N} (libevent's own hard-limit rejections, 64 KiB
+ *     over the body limit (413) or 4x the header limit (400), are the
+ *     documented exception);
  *   - an SSE connection belongs to exactly one sse_client until either the
  *     hub ends it (sink end) or the connection closes (sse_client_gone).
  */
@@ -51,6 +52,8 @@ struct http_asset {
 extern const struct http_asset http_assets[];
 
 #define MAX_TOKENS 64
+#define HTTP_BODY_SLACK (64 * 1024)    /* see http_new: JSON 413 zone above max_body */
+/* JSON 431 zone: up to 4x max_headers (libevent answers 400 beyond it). */
 
 typedef struct pub_msg {
     struct pub_msg *next;
@@ -1022,11 +1025,12 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
         err_set(err, TM_EIO, "libevent: cannot create the HTTP server");
         goto fail;
     }
-    /* Hard limits well above the configured ones: below them our handler
-     * answers 413/431 with JSON bodies; above them evhttp cuts the request
-     * before buffering it (its own 413). */
-    evhttp_set_max_body_size(h->http, (ev_ssize_t)(h->o.max_body * 2 + 65536));
-    evhttp_set_max_headers_size(h->http, (ev_ssize_t)(h->o.max_headers * 2 + 4096));
+    /* Hard limits a little above the configured ones: up to them our
+     * handler answers 413/431 with JSON bodies; beyond them libevent cuts
+     * the request before buffering it (its own 413 for bodies and 400 for
+     * headers, HTML bodies; libevent 2.1 has no hook for those replies). */
+    evhttp_set_max_body_size(h->http, (ev_ssize_t)(h->o.max_body + HTTP_BODY_SLACK));
+    evhttp_set_max_headers_size(h->http, (ev_ssize_t)(h->o.max_headers * 4));
     evhttp_set_timeout(h->http, h->o.timeout_s);
     evhttp_set_allowed_methods(h->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD |
                                             EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE |

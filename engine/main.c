@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "projhost.h"
 
 #ifndef TIDEMARK_VERSION
 #define TIDEMARK_VERSION "0.1.0"
@@ -23,10 +24,10 @@ static const command commands[] = {
     {"import", cli_import, "--data DIR FILE.jsonl", "import JSON lines (- for stdin)"},
     {"export", cli_export, "--data DIR [--from POS]", "export all events as JSON lines"},
     {"check", cli_check, "--data DIR", "verify the store's invariants"},
-    {"project", cli_project, "--data DIR FILE.lua [--query NAME [ARGS]] [--cpu-limit S]",
-     "run a projection over all history once, print its state as JSON"},
     {"serve", cli_serve, "--data DIR [--port N] [--bind ADDR] [--projections DIR]",
      "serve the HTTP API, live events (SSE) and the dashboard"},
+    {"project", cli_project, "--data DIR FILE.lua [--query NAME [ARGS]] [--cpu-limit S]",
+     "run a projection over all history once, print its state as JSON"},
     {"repl", cli_repl, "[--data DIR | --url URL] [-e CHUNK | -f FILE.lua]",
      "Lua prompt and ad-hoc queries over events"},
 };
@@ -69,6 +70,8 @@ int main(int argc, char **argv) {
         printf("tidemark %s\n", TIDEMARK_VERSION);
         return 0;
     }
+    /* hidden: the projection worker process (projhost.h) */
+    if (!strcmp(name, "__proj-worker")) return projhost_worker_main(argc - 1, argv + 1);
     const command *c = find(name);
     if (!c) {
         fprintf(stderr, "tidemark: unknown command '%s'; see 'tidemark help'\n", name);

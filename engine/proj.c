@@ -14,6 +14,7 @@
  *     the states (every reader calls proj_flush first).
  *   - The Lua stack is balanced on return from every public function.
  */
+#define _GNU_SOURCE
 #include "proj.h"
 
 #include <lauxlib.h>
@@ -436,8 +437,26 @@ static void proj_print(void *ud, const char *line, size_t len) {
     p->o.print(p->o.ud, line, len);
 }
 
+/* Names become store keys (proj/NAME/...): a safe, bounded alphabet. */
+static int valid_name(const char *n) {
+    size_t l = strlen(n);
+    if (l == 0 || l > 128) return 0;
+    for (size_t i = 0; i < l; i++) {
+        char c = n[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '-' || c == '.'))
+            return 0;
+    }
+    return 1;
+}
+
 proj *proj_new(const char *name, const char *src, size_t len, const char *filename,
                const proj_opts *opts, tm_err *err) {
+    if (!valid_name(name)) {
+        err_set(err, TM_EINVAL,
+                "bad projection name '%.200s' (1-128 characters of A-Z a-z 0-9 _ - .)", name);
+        return NULL;
+    }
     proj *p = calloc(1, sizeof *p);
     p->name = strdup(name);
     if (opts) p->o = *opts;
@@ -453,7 +472,13 @@ proj *proj_new(const char *name, const char *src, size_t len, const char *filena
     p->L = sandbox_lua(p->sb);
     lua_State *L = p->L;
 
-    /* 1. the user's script -> definition table */
+    /* 1. the user's script -> definition table (tm.emit/link exist but
+     * refuse to work until handlers run) */
+    if (luaL_dostring(L, "local function no() error('tm.emit and tm.link may only be called "
+                         "from a handler', 2) end tm.emit = no tm.link = no") != 0) {
+        err_set(err, TM_EIO, "runtime: %s", lua_tostring(L, -1));
+        goto fail;
+    }
     if (sandbox_load(p->sb, src, len, filename, err) < 0) goto fail;
     buf tb = BUF_INIT;
     sandbox_enter(p->sb);
@@ -655,6 +680,26 @@ static void rollback(proj *p) {
     buf_reset(&p->arena);
 }
 
+/* Drop the runtime's own frames from a traceback (the script's frames are
+ * what its author can act on). */
+static void trim_trace(buf *t) {
+    if (!t->ptr) return;
+    size_t w = 0;
+    char *line = t->ptr, *end = t->ptr + t->len;
+    while (line < end) {
+        char *nl = memchr(line, '\n', (size_t)(end - line));
+        size_t n = nl ? (size_t)(nl - line) + 1 : (size_t)(end - line);
+        if (!memmem(line, n, "proj_rt:", 8) && !memmem(line, n, "[C]: in function 'error'", 24)) {
+            memmove(t->ptr + w, line, n);
+            w += n;
+        }
+        line += n;
+    }
+    while (w && t->ptr[w - 1] == '\n') w--;
+    t->len = w;
+    t->ptr[w] = 0;
+}
+
 static int run_batch(proj *p, tm_err *err) {
     if (p->nslots == 0) return 0;
     if (p->faulted) return err_set(err, TM_EINVAL, "projection %s is faulted", p->name);
@@ -709,6 +754,7 @@ static int run_batch(proj *p, tm_err *err) {
     snprintf(p->fault.type, sizeof p->fault.type, "%.*s", (int)tlen, tname);
     snprintf(p->fault.message, sizeof p->fault.message, "%s", err->msg);
     free(p->fault.traceback);
+    trim_trace(&trace);
     p->fault.traceback = buf_steal(&trace, NULL);
     err_set(err, TM_EINVAL, "projection %s faulted at position %llu (type %s): %s", p->name,
             (unsigned long long)pos, p->fault.type, p->fault.message);

@@ -88,7 +88,8 @@ typedef struct proj_fault {
 } proj_fault;
 
 /* Load the script (source text) and read its definition.  TM_EINVAL for
- * syntax errors ("FILE:LINE: message") and bad definitions. */
+ * syntax errors ("FILE:LINE: message"), bad definitions and bad names (a
+ * name is 1-128 characters of A-Z a-z 0-9 _ - .). */
 proj *proj_new(const char *name, const char *src, size_t len, const char *filename,
                const proj_opts *opts, tm_err *err);
 void proj_free(proj *p);

@@ -29,8 +29,9 @@ def run_tidemark(*args, input=None, timeout=60):
 class Server:
     """A running `tidemark serve`.  stderr goes to a log file (self.log_path)."""
 
-    def __init__(self, data, args=(), log_dir=None):
+    def __init__(self, data, args=(), log_dir=None, preexec_fn=None):
         self.data = data
+        self.preexec_fn = preexec_fn   # runs in the child before exec (limits, signals)
         self.args = list(map(str, args))
         self.log_path = os.path.join(log_dir or os.path.dirname(data) or ".",
                                      "serve-%d.log" % time.monotonic_ns())
@@ -40,7 +41,8 @@ class Server:
     def start(self, timeout=15):
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([BIN, "serve", "--data", self.data, "--port", "0", *self.args],
-                                     stdout=subprocess.PIPE, stderr=self.log)
+                                     stdout=subprocess.PIPE, stderr=self.log,
+                                     preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + timeout
         line = b""
         while time.monotonic() < deadline:

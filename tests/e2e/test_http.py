@@ -268,10 +268,12 @@ def test_unknown_route_and_wrong_method(server):
     assert h.request("HEAD", "/health").status == 200
 
 
-def test_projection_routes_not_implemented_yet(server):
+def test_projection_routes_are_served(server):
+    # the projection manager answers (tests/e2e/test_projections_http.py covers it)
     h = server.http()
-    assert_error(h.get("/projections"), 501)
-    assert_error(h.get("/projections/revenue"), 501)
+    r = h.get("/projections")
+    assert r.status == 200 and r.json()["projections"] == []
+    assert_error(h.get("/projections/revenue"), 404)
 
 
 def test_body_too_large_413(tmp_path):
@@ -296,6 +298,14 @@ def test_headers_too_large_431(server):
                                  b"a" * 70000 + b"\r\n\r\n")
     assert st == 431
     assert json.loads(body)["code"] == 431
+    # Many headers, 3x the limit in all: still our 431.
+    st, _, body = raw_request(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n" +
+                              b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 1000) for i in range(190)) + b"\r\n")
+    assert st == 431 and json.loads(body)["code"] == 431
+    # Beyond 4x the limit libevent cuts the request itself (documented 400).
+    st, _, _ = raw_request(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " +
+                           b"a" * 300000 + b"\r\n\r\n")
+    assert st == 400
     # The server is still fine.
     assert server.http().get("/health").status == 200
 
@@ -409,3 +419,36 @@ def test_sigterm_with_appends_in_flight(tmp_path):
     finally:
         s2.stop()
         s2.close()
+
+
+def test_store_refusing_writes_is_503(tmp_path):
+    """A failed write (file size limit -> EFBIG) puts the store into its
+    refusing state: appends answer 503 from then on, reads keep working."""
+    import resource
+    from conftest import Server
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+
+    s = Server(str(tmp_path / "d"), log_dir=str(tmp_path), preexec_fn=limit).start()
+    try:
+        h = s.http()
+        blob = "x" * 4000
+        statuses = []
+        for i in range(200):
+            r = h.append("big-1", ev("Big", {"i": i, "blob": blob}))
+            statuses.append(r.status)
+            if r.status != 201:
+                break
+        assert statuses[0] == 201 and statuses[-1] == 503, statuses
+        assert_error(r, 503)
+        j = assert_error(h.append("big-1", ev("After")), 503)
+        assert "reopen" in j["error"] or "refus" in j["error"]
+        acked = statuses.count(201)
+        assert len(h.get("/streams/big-1?limit=1000").json()["events"]) == acked
+        assert h.get("/health").status == 200
+        assert "tidemark_store_errors_total 0" not in h.get("/metrics").body.decode()
+    finally:
+        s.stop()
+        s.close()

@@ -496,6 +496,65 @@ static void test_kept_event_reads_back(void **st) {
     rm_tmp();
 }
 
+static void test_partition_shorthand_numbers_and_init_key(void **st) {
+    (void)st;
+    tm_err err;
+    const char *src =
+        "return { from = { types = { 'OrderPlaced', 'PaymentReceived' } }, partition = 'stream',\n"
+        "  init = function(k) return { key = k, n = 0 } end,\n"
+        "  on = { ['$any'] = function(s, e) s.n = s.n + 1 end } }\n";
+    proj *p = load(src, NULL, &err);
+    if (!p) fail_msg("%s", err.msg);
+    assert_int_equal(proj_from(p), PROJ_FROM_TYPES);
+    feed_example(p, 1, 10); /* streams order-1 and shipment-1 */
+    buf out = BUF_INIT;
+    assert_int_equal(proj_partitions(p, &out, &err), 0);
+    assert_int_equal((unsigned char)out.ptr[0], 0x92);
+    buf_reset(&out);
+    assert_int_equal(proj_get(p, "shipment-1", 10, &out, &err), 0);
+    const char *v;
+    size_t vl;
+    assert_int_equal(mp_map_find(out.ptr, out.len, "n", 1, &v, &vl), 1);
+    assert_int_equal((unsigned char)v[0], 2); /* positions 4 and 9 */
+    assert_int_equal(mp_map_find(out.ptr, out.len, "key", 3, &v, &vl), 1);
+    assert_memory_equal(v + 1, "shipment-1", 10);
+    buf_free(&out);
+    proj_free(p);
+
+    /* numeric keys become strings: integers without a fraction */
+    const char *num = "return { partition = function(e) return e.position % 2 + 0.5 * (e.position % 3 == 0 and 1 or 0) end,\n"
+                      "  on = { ['$any'] = function(s, e) s.n = (s.n or 0) + 1 end } }\n";
+    p = load(num, NULL, &err);
+    if (!p) fail_msg("%s", err.msg);
+    feed_example(p, 1, 6);
+    buf keys = BUF_INIT;
+    assert_int_equal(proj_partitions(p, &keys, &err), 0);
+    /* keys: "0", "0.5", "1", "1.5" */
+    assert_int_equal((unsigned char)keys.ptr[0], 0x94);
+    assert_memory_equal(keys.ptr + 1, "\xa1" "0" "\xa3" "0.5" "\xa1" "1" "\xa3" "1.5", 10);
+    buf_free(&keys);
+    proj_free(p);
+    assert_null(proj_new("bad/name", "return {on={}}", 14, "x.lua", NULL, &err));
+}
+
+static void test_emit_outside_handler_and_bad_partition(void **st) {
+    (void)st;
+    tm_err err;
+    const char *src = "return { partition = function(e) return {} end, on = { ['$any'] = function() end } }";
+    proj *p = load(src, NULL, &err);
+    tev t;
+    mk(&t, 1, "order-1", "X", "c", 1);
+    int rc = proj_feed(p, &t.ev, &err);
+    if (rc == 0) rc = proj_flush(p, &err);
+    buf_free(&t.data);
+    assert_int_equal(rc, -1);
+    assert_non_null(strstr(err.msg, "partition(e) must return"));
+    proj_free(p);
+    p = load("tm.emit('a', 'b', {})\nreturn { on = {} }", NULL, &err);
+    assert_null(p);
+    assert_non_null(strstr(err.msg, "may only be called from a handler"));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_handlers_and_partitions),
@@ -510,6 +569,8 @@ int main(void) {
         cmocka_unit_test(test_state_errors_name_the_path),
         cmocka_unit_test(test_globals_locked_in_handlers),
         cmocka_unit_test(test_kept_event_reads_back),
+        cmocka_unit_test(test_partition_shorthand_numbers_and_init_key),
+        cmocka_unit_test(test_emit_outside_handler_and_bad_partition),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,92 @@
+/* projhost.h — running a projection in a worker process (crash isolation).
+ *
+ * A count hook cannot stop a JIT-compiled loop and a crash in a script's
+ * C call takes its process down, so long-running hosts (the server) never
+ * run projection Lua in their own process.  projhost starts a worker
+ * (fork, then exec of `tidemark __proj-worker` when an executable is
+ * given), which owns the sandbox and the proj instance; the host owns the
+ * store.  They speak a framed protocol over two pipes:
+ *
+ *   frame = u32 little-endian length of (kind + payload), kind (1 byte), payload
+ *
+ *   host -> worker                     worker -> host
+ *   'I' init {name,file,source,        'O' ready {position,events,from,names}
+ *        memory,cpu}                   'E' error {code,message}
+ *   'B' batch: (u64 pos, u32 len,      'A' applied {position,events,uncommitted}
+ *        record)*                      'R' replay from {position} (dead letter)
+ *                                      'F' fault {position,type,message,traceback}
+ *   'C' checkpoint                     'K' {kv:[[k,v]..], emits:[[stream,type,
+ *                                           data,meta,id]..]}
+ *   'D' checkpoint committed           'A'
+ *   'S' state, 'Q' query {name,args}   'V' value (msgpack bytes) or 'E'
+ *   'P' built-in read {op,key,to,n}    'V' or 'E'
+ *   (answers to the worker's reads)    'g' get {key}  's' scan {prefix}
+ *   'v' [found, bytes], 'w' [[k,v]..]  'r' record {position}
+ * Payloads are msgpack maps unless noted (B is raw).
+ *
+ * The host commits each checkpoint itself: emitted events are appended
+ * first (idempotent ids), then the key/values in one store_batch_commit, so
+ * state and position stay atomic.  A worker that does not answer a batch
+ * within cpu_limit + grace + a margin is SIGKILLed; a worker that dies
+ * (CPU hard limit, crash) leaves the projection FAULTED with the reason
+ * (its last stderr line) and the host process unharmed.
+ */
+#ifndef TM_PROJHOST_H
+#define TM_PROJHOST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf.h"
+#include "err.h"
+#include "store.h"
+
+typedef struct projhost projhost;
+
+typedef struct projhost_opts {
+    size_t memory_limit;   /* bytes; 0 = default */
+    double cpu_limit;      /* seconds per batch; 0 = 10 */
+    double timeout;        /* seconds to wait for an answer; 0 = cpu_limit * 2 + 5 */
+    const char *exe;       /* exec this binary with "__proj-worker"; NULL = fork only */
+    unsigned batch;        /* events per batch frame; 0 = 512 */
+} projhost_opts;
+
+typedef enum projhost_state {
+    PROJHOST_RUNNING, PROJHOST_FAULTED, PROJHOST_DEAD
+} projhost_state;
+
+typedef struct projhost_status {
+    projhost_state state;
+    uint64_t position, events;
+    uint64_t fault_position;
+    char fault_type[257];
+    char message[512];
+    char *traceback;       /* owned by the host; may be NULL */
+} projhost_status;
+
+/* Start a worker for the projection (restores from the store's checkpoint). */
+projhost *projhost_start(store *s, const char *name, const char *src, size_t len,
+                         const char *file, const projhost_opts *o, tm_err *err);
+/* Feed every event after the checkpoint/position, checkpointing every
+ * `checkpoint_every` events (script option; default 100000) and at the end.
+ * 0 ok; -1 with err (and status FAULTED / DEAD when the projection failed). */
+int projhost_catch_up(projhost *h, tm_err *err);
+/* Commit a checkpoint now. */
+int projhost_checkpoint(projhost *h, tm_err *err);
+/* The model (msgpack) / a named query's result (args msgpack or NULL). */
+int projhost_state_mp(projhost *h, buf *out, tm_err *err);
+int projhost_query(projhost *h, const char *name, const char *args, size_t alen, buf *out,
+                   tm_err *err);
+/* Built-in reads (proj.h): op "get" (a = key), "partitions", "top"
+ * (a = field, n), "range" (a = from, b = to, either NULL = open; n = limit),
+ * "prefix" (a = prefix, n = limit). */
+int projhost_read(projhost *h, const char *op, const char *a, const char *b, uint64_t n,
+                  buf *out, tm_err *err);
+const projhost_status *projhost_get_status(const projhost *h);
+/* Stop the worker (SIGKILL if it does not exit on EOF) and free. */
+void projhost_free(projhost *h);
+
+/* The worker's main: frames on fd 0 in, fd 1 out.  Returns the exit status. */
+int projhost_worker_main(int argc, char **argv);
+
+#endif

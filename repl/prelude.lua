@@ -1129,7 +1129,7 @@ local function as_rows(list, cols)
   return result(cols, rows)
 end
 
-local proj_cols = { "name", "status", "position", "lag", "partitions", "errors" }
+local proj_cols = { "name", "status", "position", "lag", "events", "error" }
 
 function G.projections()
   local P = need_proj("projections()")
@@ -1138,6 +1138,11 @@ function G.projections()
   else
     local v = http_json("GET", "/projections")
     list = type(v) == "table" and (v.projections or v) or {}
+  end
+  for _, p in ipairs(list) do
+    if type(p.error) == "table" then
+      p.error = fmt("position %s (%s): %s", tostring(p.error.position), tostring(p.error.type), tostring(p.error.message))
+    end
   end
   return as_rows(list, proj_cols)
 end
@@ -1161,19 +1166,19 @@ function G.state(name, partition)
   return v
 end
 
-function G.query(name, args)
-  if type(name) ~= "string" then error("query(name, args)", 2) end
-  local P = need_proj("query()")
-  if P then return P.query(name, args) end
-  local qs = {}
-  if type(args) == "table" then
-    local ks = {}
-    for k in pairs(args) do ks[#ks + 1] = k end
-    sort(ks, before)
-    for _, k in ipairs(ks) do qs[#qs + 1] = T.escape(tostring(k)) .. "=" .. T.escape(tostring(args[k])) end
+-- query(projection, query_name [, args]): a named query of the script's
+-- `queries` table.
+function G.query(name, qname, args)
+  if type(name) ~= "string" or type(qname) ~= "string" then
+    error("query(projection, query_name [, args])", 2)
   end
-  local path = proj_path(name, "/query") .. (#qs > 0 and ("?" .. concat(qs, "&")) or "")
-  return (http_json("GET", path))
+  local P = need_proj("query()")
+  if P then return P.query(name, qname, args) end
+  local path = proj_path(name, "/query/" .. T.escape(qname))
+  if args ~= nil then path = path .. "?args=" .. T.escape(json(args)) end
+  local v, st = http_json("GET", path)
+  if v == nil and st == 404 then error("no projection or query " .. name .. "/" .. qname, 2) end
+  return v
 end
 
 local function read_file(file)
@@ -1224,7 +1229,7 @@ Queries (one pass over history, Ctrl-C cancels)
     :percentiles(f, {0.5, 0.95, 0.99})  :top(n, f)  :agg{n="count", s={"sum", f}}
     :list(n)  :each(fn)  :map(fn)       :order_by(col, "desc")  :limit(n)
 Projections
-  projections()  status(name)  state(name [, partition])  query(name, args)
+  projections()  status(name)  state(name [, partition])  query(name, q [, args])
   load(file)  run(file)
 Dot commands
   .help  .streams  .categories  .projections  .describe NAME  .load FILE

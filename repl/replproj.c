@@ -220,11 +220,8 @@ static void push_status(lua_State *L, repl *r, loaded *l) {
     }
     buf_free(&b);
     if (f) {
-        lua_pushfstring(L, "position %d (%s): %s", (int)f->position, f->type, f->message);
-        lua_setfield(L, -2, "errors");
-    } else {
-        lua_pushnumber(L, 0);
-        lua_setfield(L, -2, "errors");
+        lua_pushfstring(L, "position %f (%s): %s", (double)f->position, f->type, f->message);
+        lua_setfield(L, -2, "error");
     }
     if (l->file) {
         lua_pushstring(L, l->file);

@@ -346,6 +346,9 @@ def test_projections_embedded(data, tmp_path):
     assert got == want
     got = rj(data, 'load("%s") return state("bycustomer", "c07")' % f)
     assert got == want["c07"]
+    q = tmp_path / "withq.lua"
+    q.write_text(PROJ.replace("  on = {", "  queries = { n = function(m, a) local c = 0 for _ in pairs(m) do c = c + 1 end return {count = c, a = a} end },\n  on = {"))
+    assert rj(data, 'load("%s") return query("withq", "n", 5)' % q) == {"count": len(want), "a": 5}
     assert rj(data, 'run("%s")' % f) == want
     st = rj(data, 'load("%s") return status("bycustomer")' % f)
     assert st["name"] == "bycustomer" and st["lag"] == 0 and st["partitions"] == len(want)
@@ -564,7 +567,12 @@ def test_ctrl_c_cancels_query_not_repl(data, tmp_path):
 def server():
     with tempfile.TemporaryDirectory(prefix="tm-repl-srv-") as top:
         d = _import(os.path.join(top, "data"))
-        proc = subprocess.Popen([BIN, "serve", "--data", d, "--port", "0", "--bind", "127.0.0.1"],
+        pdir = os.path.join(top, "projections")
+        os.mkdir(pdir)
+        with open(os.path.join(pdir, "bycustomer.lua"), "w") as f:
+            f.write(PROJ)
+        proc = subprocess.Popen([BIN, "serve", "--data", d, "--port", "0", "--bind", "127.0.0.1",
+                                 "--projections", pdir],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             line = proc.stdout.readline()
@@ -624,3 +632,29 @@ def test_remote_append_and_tail(server):
     c.expect(PROMPT)
     c.sendeof()
     c.expect(pexpect.EOF)
+
+
+def test_remote_projections(server, tmp_path):
+    deadline = time.time() + 20
+    while True:
+        st = rjr(server, 'status("bycustomer")')
+        if st["status"] == "running" and st["lag"] == 0 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert st["status"] == "running" and st["lag"] == 0, st
+    assert rjr(server, 'state("bycustomer")') == proj_answer()
+    assert rjr(server, 'state("bycustomer", "c03")') == proj_answer()["c03"]
+    names = [r["name"] for r in rjr(server, "projections()")]
+    assert "bycustomer" in names
+    f = tmp_path / "counter.lua"
+    f.write_text('return { from = {all = true}, init = function() return {n = 0} end,'
+                 ' on = { ["$any"] = function(s, e) s.n = s.n + 1 end },'
+                 ' queries = { twice = function(m, a) return {n = m.n * 2, a = a} end } }')
+    st = rjr(server, 'load("%s")' % f)
+    assert st["name"] == "counter"
+    deadline = time.time() + 20
+    while rjr(server, 'status("counter")')["lag"] != 0 and time.time() < deadline:
+        time.sleep(0.2)
+    n = rjr(server, 'state("counter")')["n"]
+    assert n == rjr(server, "last_position()")
+    assert rjr(server, 'query("counter", "twice", {x = 1})') == {"n": 2 * n, "a": {"x": 1}}

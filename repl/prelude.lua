@@ -1303,6 +1303,13 @@ local function event_types()
   return types_cache
 end
 
+local function projection_names()
+  local names = {}
+  local ok, rs = pcall(G.projections)
+  if ok then for _, r in ipairs(rs.rows) do names[#names + 1] = r[1] end end
+  return names
+end
+
 local function names_for_strings()
   local out_ = {}
   local ok, s = pcall(T.streams)
@@ -1310,10 +1317,7 @@ local function names_for_strings()
   local ok2, c = pcall(T.categories)
   if ok2 then for _, x in ipairs(c) do out_[#out_ + 1] = x end end
   for _, t in ipairs(event_types()) do out_[#out_ + 1] = t end
-  if T.proj then
-    local ok3, l = pcall(T.proj.list)
-    if ok3 then for _, p in ipairs(l) do out_[#out_ + 1] = p.name end end
-  end
+  for _, n in ipairs(projection_names()) do out_[#out_ + 1] = n end
   return out_
 end
 
@@ -1331,9 +1335,8 @@ function T.complete(line, word)
     return res
   end
   if line:match("^%s*%.describe%s") or line:match("^%s*%.load%s") then
-    if line:match("^%s*%.describe") and T.proj then
-      local ok, l = pcall(T.proj.list)
-      if ok then for _, p in ipairs(l) do if p.name:sub(1, #word) == word then add(p.name) end end end
+    if line:match("^%s*%.describe") then
+      for _, n in ipairs(projection_names()) do if n:sub(1, #word) == word then add(n) end end
     end
     return res
   end

@@ -1250,9 +1250,7 @@ function dots.describe(arg)
   sort(keys, before)
   local rows = {}
   for i, k in ipairs(keys) do rows[i] = { k, s[k] } end
-  local saved = settings.format
   show_rs(result({ "property", "value" }, rows))
-  settings.format = saved
 end
 function dots.load(arg)
   if arg == "" then error(".load FILE", 0) end

@@ -488,7 +488,7 @@ def test_completion(data, tmp_path):
     c.send(".describe byc\t")
     c.expect("ustomer")
     c.sendline("")
-    c.expect(r"partitions \| 25")
+    c.expect("partitions,25")  # .format csv is on
     prompt(c)
     c.sendline("myvariable_xyz = 1")
     prompt(c)

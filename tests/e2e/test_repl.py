@@ -299,6 +299,24 @@ def test_example_script(data):
     assert [(r["data.customer"], r["sum"]) for r in got] == want
 
 
+def test_more_examples(data):
+    p = run("-f", os.path.join(ROOT, "scripts/examples/hourly-revenue.lua"), "--format", "json",
+            data=data, check=0)
+    want = defaultdict(lambda: [0, 0])
+    for e in EVENTS:
+        if e["type"] == "PaymentReceived":
+            w = want[e["time"] - e["time"] % 3600000]
+            w[0] += 1
+            w[1] += e["data"].get("amount", 0)
+    got = json.loads(p.stdout)
+    assert [[r["payments"], r["revenue"]] for r in got] == [want[k] for k in sorted(want)]
+    p = run("-f", os.path.join(ROOT, "scripts/examples/order-funnel.lua"), data=data, check=0)
+    lines = p.stdout.splitlines()
+    for line, t in zip(lines, ("OrderPlaced", "PaymentReceived", "OrderShipped")):
+        n = len({e["stream"] for e in EVENTS if e["type"] == t and category(e["stream"]) == "order"})
+        assert line.split()[:2] == [t, str(n)]
+
+
 def test_store_in_use_suggests_url(data):
     child = pexpect.spawn(BIN, ["repl", "--data", data], encoding="utf-8", timeout=10,
                           env=dict(os.environ, TIDEMARK_HISTORY="/dev/null"))

@@ -1,8 +1,10 @@
 /* repl.h — the REPL session shared by the repl/ modules.
  *
  *   repl.c       cli_repl: options, modes (-e, -f, stdin, interactive), the loop
- *   repllua.c    the Lua state: sandbox, built-in C functions, evaluation,
- *                Ctrl-C handling, the embedded prelude (prelude.lua)
+ *   repllua.c    the Lua state (sandbox.h), built-in C functions, the scan
+ *                loop, evaluation, Ctrl-C handling, the prelude (prelude.lua:
+ *                printing, queries, built-ins, dot commands, completion)
+ *   replproj.c   projections in embedded mode (proj.h)
  *   replline.c   line editing with libedit: history file, completion
  *   replsrc.c    the event source (embedded store or remote server)
  *   replhttp.c   the HTTP client for remote mode

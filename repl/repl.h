@@ -4,6 +4,7 @@
  *   repllua.c    the Lua state (sandbox.h), built-in C functions, the scan
  *                loop, evaluation, Ctrl-C handling, the prelude (prelude.lua:
  *                printing, queries, built-ins, dot commands, completion)
+ *   replscan.c   the batched scan behind queries, reads, lazy event fields
  *   replproj.c   projections in embedded mode (proj.h)
  *   replline.c   line editing with libedit: history file, completion
  *   replsrc.c    the event source (embedded store or remote server)
@@ -52,6 +53,21 @@ repllua_result repllua_dot(repl *r, const char *line);
  * or a dot command line): calls fn for each candidate full replacement. */
 void repllua_complete(repl *r, const char *line, const char *word,
                       void (*fn)(void *ud, const char *cand), void *ud);
+
+/* For modules adding C built-ins to the prelude's table T (repllua.c);
+ * their upvalue 1 is the session (a light userdata). */
+repl *repllua_session(lua_State *L);
+/* Raise a Lua error for e and remember its exit status. */
+int repllua_raise(lua_State *L, repl *r, const tm_err *e);
+/* Raise the plain "interrupted" error. */
+int repllua_interrupted(lua_State *L);
+/* Message handler: the message plus a short traceback. */
+int repllua_traceback(lua_State *L);
+
+/* replscan.c: T.scan, T.read, T.extra into the table at the top of the
+ * stack; T.types filled with the session's interned type names. */
+void replscan_register(lua_State *L, repl *r);
+void replscan_publish_types(lua_State *L, int types_idx);
 
 /* Ctrl-C: 1 while an interrupt is pending (polled by long C loops). */
 int repl_cancel_requested(void);

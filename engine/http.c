@@ -131,8 +131,16 @@ static void send_reply(struct evhttp_request *req, int status, const char *ctype
     evhttp_add_header(oh, "Content-Type", ctype);
     if (allow) evhttp_add_header(oh, "Allow", allow);
     if (status == 401) evhttp_add_header(oh, "WWW-Authenticate", "Bearer");
-    struct evbuffer *ob = evhttp_request_get_output_buffer(req);
-    evbuffer_add(ob, body, len);
+    if (evhttp_request_get_command(req) == EVHTTP_REQ_HEAD) {
+        /* libevent 2.1 writes the body of a HEAD reply (without a
+         * Content-Length): a keep-alive client would read it as the start
+         * of the next response.  Send the length only. */
+        char n[32];
+        snprintf(n, sizeof n, "%zu", len);
+        evhttp_add_header(oh, "Content-Length", n);
+    } else {
+        evbuffer_add(evhttp_request_get_output_buffer(req), body, len);
+    }
     metrics_http_response(status);
     if (status >= 400) {
         const char *uri = evhttp_request_get_uri(req);
@@ -693,6 +701,68 @@ static size_t header_bytes(struct evhttp_request *req) {
 
 static int is_get(enum evhttp_cmd_type c) { return c == EVHTTP_REQ_GET || c == EVHTTP_REQ_HEAD; }
 
+/* RFC 9110 token characters (header field names). */
+static int is_tchar(unsigned char c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+/* Message framing that a proxy in front could read differently from
+ * libevent (request smuggling): NULL when the request is unambiguous, else
+ * why not.  libevent itself refuses Content-Length together with
+ * Transfer-Encoding, unknown transfer codings and bad chunk sizes; it does
+ * not refuse, and frames by the first one of: several Content-Length
+ * headers, a signed Content-Length ("+5"), a body declared on a HEAD request
+ * (which it leaves unread, to be parsed as the next request), several
+ * Transfer-Encoding headers, or a field name holding whitespace
+ * ("Transfer-Encoding : chunked" is no header to libevent but may be one to
+ * a lenient proxy), a transfer coding other than "chunked" (libevent then
+ * reads no body and parses it as the next request).  Such requests get 400
+ * and the connection is closed, so bytes after them are never parsed as
+ * another request. */
+static const char *framing_problem(struct evhttp_request *req) {
+    struct evkeyvalq *ih = evhttp_request_get_input_headers(req);
+    int ncl = 0, nte = 0;
+    const char *cl = NULL, *te = NULL;
+    for (struct evkeyval *kv = ih->tqh_first; kv; kv = kv->next.tqe_next) {
+        if (!kv->key[0]) return "empty header name";
+        for (const char *p = kv->key; *p; p++)
+            if (!is_tchar((unsigned char)*p)) return "malformed header name";
+        if (strcasecmp(kv->key, "Content-Length") == 0) {
+            ncl++;
+            cl = kv->value;
+        } else if (strcasecmp(kv->key, "Transfer-Encoding") == 0) {
+            nte++;
+            te = kv->value;
+        }
+    }
+    if (ncl > 1) return "more than one Content-Length header";
+    if (nte > 1) return "more than one Transfer-Encoding header";
+    if (te) {
+        /* libevent reads no body at all for a coding it does not know. */
+        while (*te == ' ' || *te == '\t') te++;
+        size_t n = strlen(te);
+        while (n && (te[n - 1] == ' ' || te[n - 1] == '\t')) n--;
+        if (n != 7 || strncasecmp(te, "chunked", 7) != 0)
+            return "Transfer-Encoding other than chunked is not supported";
+    }
+    if (cl) {
+        const char *p = cl;
+        while (*p == ' ' || *p == '\t') p++;
+        if (!(*p >= '0' && *p <= '9')) return "Content-Length must be a decimal number";
+        errno = 0;
+        char *end = NULL;
+        unsigned long long n = strtoull(p, &end, 10);
+        while (*end == ' ' || *end == '\t') end++;
+        if (errno || *end) return "Content-Length must be a decimal number";
+        /* libevent reads no body for HEAD (and the like): the declared
+         * bytes would become the next request. */
+        if (n != evbuffer_get_length(evhttp_request_get_input_buffer(req)))
+            return "the request body does not match its Content-Length";
+    }
+    return NULL;
+}
+
 static void route_metrics(http_server *h, struct evhttp_request *req) {
     buf b = BUF_INIT;
     metrics_set(METRICS_LAST_POSITION, store_last_position(h->st));
@@ -747,6 +817,12 @@ static void on_request(struct evhttp_request *req, void *arg) {
     if (h->stopping) {
         evhttp_add_header(evhttp_request_get_output_headers(req), "Connection", "close");
         send_error(req, 503, NULL, "server is shutting down");
+        return;
+    }
+    const char *framing = framing_problem(req);
+    if (framing) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Connection", "close");
+        send_error(req, 400, NULL, "%s", framing);
         return;
     }
     if (header_bytes(req) > h->o.max_headers) {
@@ -894,12 +970,13 @@ static void on_request(struct evhttp_request *req, void *arg) {
             buf_free(&spec);
             return;
         }
-        if (!h->proj.handle) {
-            send_error(req, 501, NULL, "projections are not available in this server yet");
-            return;
-        }
+        /* The token first: an unauthenticated write learns nothing else. */
         if (!is_get(cmd) && !authorized(h, req)) {
             send_error(req, 401, NULL, "a valid bearer token is required to change projections");
+            return;
+        }
+        if (!h->proj.handle) {
+            send_error(req, 501, NULL, "projections are not available in this server yet");
             return;
         }
         submit_job(h, req, JOB_PROJ, path, query, NULL, 0);

@@ -1,0 +1,332 @@
+"""Hostile clients against `tidemark serve`: request smuggling and ambiguous
+framing, HEAD replies on keep-alive connections, oversized requests, the
+bearer-token matrix over every documented route, SSE readers that never
+read (bounded server memory), and slow-header connections (slowloris)
+while normal clients keep their latency.
+
+Sizes are CI-sized; each test says what it scales down, if anything."""
+import json
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import Http, SseClient, start_server
+
+DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "http-api.md")
+
+
+def ev(type_, data=None, **kw):
+    e = {"type": type_, "data": data if data is not None else {}}
+    e.update(kw)
+    return e
+
+
+def raw(port, data, wait=2.0):
+    """Send raw bytes on a fresh connection; return everything received until
+    the server closes (or `wait` seconds of silence) and whether it closed."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    try:
+        s.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    out = b""
+    closed = False
+    try:
+        while True:
+            d = s.recv(65536)
+            if not d:
+                closed = True
+                break
+            out += d
+    except ConnectionResetError:
+        closed = True
+    except socket.timeout:
+        pass
+    s.close()
+    return out, closed
+
+
+def statuses(out):
+    return [int(m.group(1)) for m in re.finditer(rb"HTTP/1\.[01] (\d{3}) ", out)]
+
+
+def last_position(port):
+    return Http(port).get("/health").json()["last_position"]
+
+
+@pytest.fixture
+def srv(tmp_path):
+    s = start_server(str(tmp_path / "data"), log_dir=str(tmp_path))
+    yield s
+    s.stop()
+    s.close()
+
+
+# ---- request smuggling / ambiguous framing ----
+
+EV = b'{"type":"Smuggled"}'
+INNER = b"POST /streams/smug-1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(EV), EV)
+OUTER_EV = b'{"type":"Outer"}'
+
+SMUGGLING = {
+    # A front end framing by Content-Length, libevent by chunked (or the reverse).
+    "CL.TE": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % (5 + len(INNER)) + INNER,
+    "TE.CL": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+             b"Content-Length: 4\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(INNER), INNER),
+    "duplicate Content-Length": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                                b"Content-Length: %d\r\n\r\n%s" % (len(OUTER_EV), len(OUTER_EV) + len(INNER),
+                                                                   OUTER_EV) + INNER,
+    "duplicate Content-Length, same value": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\n"
+                                            b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n%s"
+                                            % (len(OUTER_EV), len(OUTER_EV), OUTER_EV) + INNER,
+    "Content-Length list": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d, %d\r\n\r\n%s"
+                           % (len(OUTER_EV), len(OUTER_EV), OUTER_EV) + INNER,
+    "signed Content-Length": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\nContent-Length: +%d\r\n\r\n%s"
+                             % (len(OUTER_EV), OUTER_EV) + INNER,
+    "negative Content-Length": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"
+                               + INNER,
+    "hex Content-Length": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0x10\r\n\r\n"
+                          + OUTER_EV + INNER,
+    "two Transfer-Encoding": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                             b"Transfer-Encoding: identity\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                             % (len(OUTER_EV), OUTER_EV) + INNER,
+    "Transfer-Encoding gzip, chunked": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\n"
+                                       b"Transfer-Encoding: gzip, chunked\r\nContent-Length: %d\r\n\r\n%s"
+                                       % (len(OUTER_EV), OUTER_EV) + INNER,
+    "Transfer-Encoding xchunked": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\n"
+                                  b"Transfer-Encoding: xchunked\r\n\r\n" + OUTER_EV + INNER,
+    "space before colon": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(OUTER_EV), OUTER_EV) + INNER,
+    "HEAD with a body": b"HEAD /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(INNER)
+                        + INNER,
+    "chunk size not hex": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"zz\r\n%s\r\n0\r\n\r\n" % OUTER_EV + INNER,
+    "negative chunk size": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"-5\r\n%s\r\n0\r\n\r\n" % OUTER_EV + INNER,
+    "huge chunk size": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"ffffffffffffffff\r\n%s\r\n0\r\n\r\n" % OUTER_EV + INNER,
+    "chunk size overflowing 64 bits": b"POST /streams/a-1 HTTP/1.1\r\nHost: x\r\n"
+                                      b"Transfer-Encoding: chunked\r\n\r\n1000000000000000f\r\n%s\r\n0\r\n\r\n"
+                                      % OUTER_EV + INNER,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMUGGLING))
+def test_ambiguous_framing_is_refused_and_nothing_is_smuggled(srv, name):
+    before = last_position(srv.port)
+    out, closed = raw(srv.port, SMUGGLING[name])
+    st = statuses(out)
+    # Exactly one reply, a refusal, then the connection is closed: the bytes
+    # after the first request are never parsed as a second request.
+    assert len(st) == 1 and 400 <= st[0] < 600, (name, out[:400])
+    assert closed, (name, out[:400])
+    assert last_position(srv.port) == before, name
+    assert Http(srv.port).get("/streams/smug-1").status == 404
+    assert Http(srv.port).get("/health").status == 200
+
+
+def test_framing_refusals_are_json_400(srv):
+    for name in ("duplicate Content-Length", "signed Content-Length", "space before colon",
+                 "HEAD with a body"):
+        out, _ = raw(srv.port, SMUGGLING[name])
+        assert statuses(out) == [400], (name, out)
+        if not name.startswith("HEAD"):
+            body = json.loads(out.split(b"\r\n\r\n", 1)[1])
+            assert body["code"] == 400 and body["error"], body
+
+
+def test_unambiguous_variants_still_work(srv):
+    """What is allowed stays allowed: chunked bodies, spaces around the
+    Content-Length value, bodies on GET (read and ignored), pipelining."""
+    chunked = b"POST /streams/ok-1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" \
+              b"5\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (OUTER_EV[:5], len(OUTER_EV) - 5, OUTER_EV[5:])
+    spaced = b"POST /streams/ok-1 HTTP/1.1\r\nHost: x\r\nContent-Length:  %d \r\n\r\n%s" \
+             % (len(OUTER_EV), OUTER_EV)
+    get_body = b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(INNER), INNER)
+    close = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    out, closed = raw(srv.port, chunked + spaced + get_body + close)
+    assert statuses(out) == [201, 201, 200, 200] and closed, out
+    assert last_position(srv.port) == 2   # the POST inside the GET body was not run
+
+
+def test_head_reply_has_no_body_on_keepalive(srv):
+    """A HEAD reply carries Content-Length but no body; the next reply on the
+    same connection starts right after its head."""
+    Http(srv.port).append("h-1", ev("E"))
+    req = b""
+    for path in (b"/health", b"/nope", b"/all", b"/streams/h-1", b"/"):
+        req += b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\n" % path
+    req += b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    out, closed = raw(srv.port, req)
+    assert closed
+    parts = out.split(b"\r\n\r\n")
+    # Five heads with nothing after them, then the GET's head and body.
+    assert len(parts) == 7, out
+    for head in parts[:5]:
+        assert head.startswith(b"HTTP/1.1 "), out
+        lengths = re.findall(rb"Content-Length: (\d+)", head)
+        assert len(lengths) == 1 and int(lengths[0]) > 0, head
+    assert parts[5].startswith(b"HTTP/1.1 200") and json.loads(parts[6])["last_position"] == 1
+    # The lengths are those of the GET replies.
+    for path in ("/health", "/all"):
+        g = Http(srv.port).get(path)
+        hd = Http(srv.port).request("HEAD", path)
+        assert hd.body == b"" and int(hd.header("Content-Length")) == len(g.body)
+
+
+# ---- oversized requests ----
+
+def test_oversized_requests(tmp_path):
+    s = start_server(str(tmp_path / "d"), "--max-body", "4096", "--max-headers", "8192",
+                     log_dir=str(tmp_path))
+    try:
+        p = s.port
+        big = b'{"type":"B","data":"' + b"x" * 5000 + b'"}'
+        # Body over the limit, declared: JSON 413.
+        out, closed = raw(p, b"POST /streams/b-1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(big), big))
+        assert statuses(out) == [413] and closed
+        assert json.loads(out.split(b"\r\n\r\n", 1)[1])["code"] == 413
+        # Over the limit, chunked in small pieces.
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(big[i:i + 100]), big[i:i + 100])
+                          for i in range(0, len(big), 100))
+        out, closed = raw(p, b"POST /streams/b-1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          + chunks + b"0\r\n\r\n")
+        assert statuses(out) == [413] and closed
+        # A huge declared length with no body: refused at once, not waited for.
+        t0 = time.monotonic()
+        out, closed = raw(p, b"POST /streams/b-1 HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n",
+                          wait=5)
+        assert statuses(out) == [413] and closed and time.monotonic() - t0 < 4
+        # Headers: one huge header, many small ones, a huge request line.
+        for req in (b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",
+                    b"GET /health HTTP/1.1\r\nHost: x\r\n" +
+                    b"".join(b"X-%d: v\r\n" % i for i in range(2000)) + b"\r\n",
+                    b"GET /health?" + b"q" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+            out, closed = raw(p, req)
+            assert statuses(out) == [431] and closed, out[:300]
+        # Far beyond: libevent cuts the request (400), the server lives on.
+        out, closed = raw(p, b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 200000 + b"\r\n\r\n")
+        assert statuses(out) == [400] and closed
+        out, closed = raw(p, b"GET /" + b"a" * 200000 + b" HTTP/1.1\r\n\r\n")
+        assert statuses(out) in ([400], [414], []) and closed
+        assert last_position(p) == 0
+        assert Http(p).append("b-1", ev("Small")).status == 201
+    finally:
+        s.stop()
+        s.close()
+
+
+# ---- the token matrix ----
+
+GOOD = "s3cret-token-0123456789"
+BAD_AUTH = [None, "Bearer wrong", "Bearer ", "Bearer", "Basic " + GOOD, GOOD, "Bearer " + GOOD[:-1],
+            "Bearer " + GOOD + "x", "Bearer  " + GOOD, "Bearer " + GOOD.upper(), "Token " + GOOD]
+
+# (method, path, needs a token, statuses of success) — every documented route.
+# /projections answers 501 while no projection host is wired in.
+MATRIX = [
+    ("POST", "/streams/m-1", True, {201}),
+    ("GET", "/streams/m-1", False, {200}),
+    ("HEAD", "/streams/m-1", False, {200}),
+    ("GET", "/streams", False, {200}),
+    ("GET", "/categories", False, {200}),
+    ("GET", "/all", False, {200}),
+    ("GET", "/streams/m-1/live", False, {200}),
+    ("GET", "/all/live", False, {200}),
+    ("GET", "/live?sub=all", False, {200}),
+    ("GET", "/projections", False, {200, 501}),
+    ("GET", "/projections/p1", False, {200, 404, 501}),
+    ("PUT", "/projections/p1", True, {200, 201, 400, 501}),
+    ("POST", "/projections/p1", True, {200, 201, 400, 404, 405, 501}),
+    ("DELETE", "/projections/p1", True, {200, 204, 404, 501}),
+    ("GET", "/projections/p1/live", False, {200}),
+    ("GET", "/health", False, {200}),
+    ("GET", "/metrics", False, {200}),
+    ("GET", "/", False, {200}),
+    ("GET", "/dashboard/dashboard.js", False, {200}),
+]
+# The documented table's routes, normalised to the paths above.
+DOC_ROUTES = {"/streams/{stream}": "/streams/m-1", "/streams": "/streams", "/categories": "/categories",
+              "/all": "/all", "/streams/{stream}/live": "/streams/m-1/live", "/all/live": "/all/live",
+              "/live": "/live?sub=all", "/projections/...": "/projections/p1",
+              "/projections/{name}/live": "/projections/p1/live", "/health": "/health",
+              "/metrics": "/metrics", "/": "/"}
+
+
+def documented_routes():
+    rows = []
+    with open(DOCS) as f:
+        for line in f:
+            m = re.match(r"\| `([^`]+)` \| (\w+) \|", line)
+            if m:
+                rows.append((m.group(1), m.group(2)))
+    return rows
+
+
+def call(port, method, path, auth):
+    hdrs = {"Authorization": auth} if auth is not None else {}
+    if path.split("?")[0].endswith("/live") and method == "GET":
+        c = SseClient(port, path, headers=hdrs)
+        st = c.status
+        c.close()
+        return st
+    body = None
+    if method in ("POST", "PUT"):
+        body = json.dumps(ev("M")) if path.startswith("/streams") else "return {}"
+    return Http(port).request(method, path, body=body, headers=hdrs).status
+
+
+def test_token_matrix_covers_every_documented_route():
+    covered = {(p, m) for m, p, _, _ in MATRIX}
+    for route, method in documented_routes():
+        assert route in DOC_ROUTES, "route %s in docs/http-api.md is not in the token matrix" % route
+        path = DOC_ROUTES[route]
+        if method == "any":
+            assert {"GET", "PUT", "POST", "DELETE"} <= {m for m, p, _, _ in MATRIX if p == path}
+        else:
+            assert (path, method) in covered, (route, method)
+
+
+def test_token_matrix(tmp_path):
+    tok = tmp_path / "tokens"
+    tok.write_text("# writers\n%s\n  other-token  \n" % GOOD)
+    s = start_server(str(tmp_path / "d"), "--token-file", str(tok), log_dir=str(tmp_path))
+    try:
+        # A stream to read.
+        assert call(s.port, "POST", "/streams/m-1", "Bearer " + GOOD) == 201
+        failures = []
+        for method, path, needs, ok in MATRIX:
+            for auth in BAD_AUTH + ["Bearer " + GOOD, "Bearer other-token", "bearer " + GOOD]:
+                good = auth in ("Bearer " + GOOD, "Bearer other-token", "bearer " + GOOD)
+                st = call(s.port, method, path, auth)
+                want = ok if (good or not needs) else {401}
+                if st not in want:
+                    failures.append((method, path, auth, st, sorted(want)))
+        assert not failures, failures
+        # Nothing was written without the token: one event per good POST.
+        n_good_posts = 3
+        assert last_position(s.port) == 1 + n_good_posts
+        # Wrong methods are 405 with or without a token (no 401 hides them).
+        for method, path in (("DELETE", "/streams/m-1"), ("POST", "/health"), ("PUT", "/all")):
+            for auth in (None, "Bearer " + GOOD):
+                assert call(s.port, method, path, auth) == 405, (method, path, auth)
+        r = Http(s.port).post("/streams/m-1", ev("M"))
+        assert r.status == 401 and r.header("WWW-Authenticate") == "Bearer"
+        assert r.json()["code"] == 401
+    finally:
+        s.stop()
+        s.close()
+
+
+def test_without_token_file_writes_are_open(srv):
+    assert call(srv.port, "POST", "/streams/m-1", None) == 201
+    assert call(srv.port, "POST", "/streams/m-1", "Bearer anything") == 201

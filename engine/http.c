@@ -35,6 +35,7 @@
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
+#include <event2/listener.h>
 #include <event2/thread.h>
 
 #include "metrics.h"
@@ -83,6 +84,10 @@ struct http_server {
     pub_msg *pub_head, *pub_tail;
     struct event *sig_ev[3];
     struct event *stop_ev;
+    struct event *accept_ev;   /* resumes accepting after EMFILE & co */
+    unsigned long accept_fails;/* accept errors since the last log line */
+    struct timespec accept_log_t;
+    struct http_server *next_server;   /* the servers list (server_of) */
     int stopping;              /* 0 running, 1 draining jobs, 2 flushing */
     struct timespec stop_t;
     sse_hub *hub;
@@ -986,6 +991,62 @@ static void on_request(struct evhttp_request *req, void *arg) {
 #undef SEG
 }
 
+/* ---- accept errors ----
+ * Out of descriptors (EMFILE, ENFILE) or memory, accept() fails while the
+ * pending connection keeps the listening socket readable: libevent would
+ * retry at once, forever (a busy loop writing a warning per try: tens of MB
+ * of log per second).  Pause accepting for a moment instead; waiting
+ * clients stay in the kernel's backlog until descriptors are free. */
+
+#define ACCEPT_PAUSE_US 100000
+
+static void on_accept_resume(evutil_socket_t fd, short what, void *arg) {
+    (void)fd, (void)what;
+    http_server *h = arg;
+    if (h->sock) evconnlistener_enable(evhttp_bound_socket_get_listener(h->sock));
+}
+
+static double since(const struct timespec *t0);
+
+/* libevent passes the listener's argument, the struct evhttp, to the error
+ * callback: find its server here. */
+static pthread_mutex_t servers_mu = PTHREAD_MUTEX_INITIALIZER;
+static http_server *servers;   /* linked by next_server */
+
+static http_server *server_of(struct evhttp *http) {
+    pthread_mutex_lock(&servers_mu);
+    http_server *h = servers;
+    while (h && h->http != http) h = h->next_server;
+    pthread_mutex_unlock(&servers_mu);
+    return h;
+}
+
+static void servers_del(http_server *h) {
+    pthread_mutex_lock(&servers_mu);
+    for (http_server **pp = &servers; *pp; pp = &(*pp)->next_server)
+        if (*pp == h) {
+            *pp = h->next_server;
+            break;
+        }
+    pthread_mutex_unlock(&servers_mu);
+}
+
+static void on_accept_error(struct evconnlistener *l, void *arg) {
+    int e = EVUTIL_SOCKET_ERROR();
+    http_server *h = server_of(arg);
+    if (!h) return;
+    evconnlistener_disable(l);
+    struct timeval tv = {0, ACCEPT_PAUSE_US};
+    event_add(h->accept_ev, &tv);
+    h->accept_fails++;
+    if (h->accept_log_t.tv_sec == 0 || since(&h->accept_log_t) >= 10.0) {   /* one line per 10 s */
+        log_line("warn", "msg=\"accept failed; pausing new connections\" error=\"%s\" pause_ms=%d failures=%lu",
+                 strerror(e), ACCEPT_PAUSE_US / 1000, h->accept_fails);
+        clock_gettime(CLOCK_MONOTONIC, &h->accept_log_t);
+        h->accept_fails = 0;
+    }
+}
+
 /* ---- signals and shutdown ---- */
 
 static double since(const struct timespec *t0) {
@@ -1119,6 +1180,12 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
         goto fail;
     }
     h->port = bound_port(h->sock);
+    h->accept_ev = event_new(h->base, -1, 0, on_accept_resume, h);
+    pthread_mutex_lock(&servers_mu);
+    h->next_server = servers;
+    servers = h;
+    pthread_mutex_unlock(&servers_mu);
+    evconnlistener_set_error_cb(evhttp_bound_socket_get_listener(h->sock), on_accept_error);
     h->wq = workq_new(h->o.workers, wq_notify, h);
     if (!h->wq) {
         err_set(err, TM_EIO, "cannot start worker threads");
@@ -1163,6 +1230,7 @@ int http_run(http_server *h) {
 
 void http_free(http_server *h) {
     if (!h) return;
+    servers_del(h);
     /* Appends the store still holds call back into this server: let them land. */
     while (h->base && h->appends_inflight) event_base_loop(h->base, EVLOOP_ONCE);
     /* Workers first: their done() callbacks may still reply. */
@@ -1170,7 +1238,7 @@ void http_free(http_server *h) {
     if (h->hub) sse_hub_free(h->hub);
     if (h->http) evhttp_free(h->http);
     struct event *evs[] = {h->wq_ev, h->append_ev, h->flush_ev, h->commit_ev, h->sse_run_ev, h->pub_ev, h->hb_ev,
-                           h->stop_ev, h->sig_ev[0], h->sig_ev[1], h->sig_ev[2]};
+                           h->stop_ev, h->accept_ev, h->sig_ev[0], h->sig_ev[1], h->sig_ev[2]};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         if (evs[i]) event_free(evs[i]);
     pub_msg *m = h->pub_head;

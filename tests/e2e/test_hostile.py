@@ -330,3 +330,151 @@ def test_token_matrix(tmp_path):
 def test_without_token_file_writes_are_open(srv):
     assert call(srv.port, "POST", "/streams/m-1", None) == 201
     assert call(srv.port, "POST", "/streams/m-1", "Bearer anything") == 201
+
+
+# ---- out of descriptors ----
+
+def test_out_of_descriptors_pauses_accepting(tmp_path):
+    """With every descriptor taken, accept() fails: the server pauses accepting
+    (one log line) instead of spinning on the listening socket and writing a
+    warning per try (that was ~40 MB of log in 4 s); it serves again once
+    descriptors are free."""
+    from conftest import Server
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+    s = Server(str(tmp_path / "d"), log_dir=str(tmp_path), preexec_fn=limit).start()
+    socks = []
+    try:
+        for _ in range(150):
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+            c.sendall(b"G")
+            socks.append(c)
+        time.sleep(0.5)
+        t0 = proc_cpu(s.proc.pid)
+        time.sleep(2)
+        used = proc_cpu(s.proc.pid) - t0
+        assert used < 0.5, "server burnt %.2f s of CPU in 2 s while out of descriptors" % used
+        assert os.path.getsize(s.log_path) < 100000
+        assert "accept failed; pausing new connections" in s.stderr()
+        for c in socks:
+            c.close()
+        socks = []
+        time.sleep(0.5)
+        assert Http(s.port).get("/health").status == 200
+    finally:
+        for c in socks:
+            c.close()
+        s.stop()
+        s.close()
+
+
+def proc_cpu(pid):
+    f = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def vm_rss(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# ---- SSE readers that never read ----
+
+def read_all_until_eof(socks, timeout):
+    """Read every socket to EOF concurrently; returns the bytes of each."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    out = [b""] * len(socks)
+    for i, c in enumerate(socks):
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        c.setblocking(False)
+        sel.register(c, selectors.EVENT_READ, i)
+    left = len(socks)
+    deadline = time.monotonic() + timeout
+    while left:
+        assert time.monotonic() < deadline, "%d sockets not at EOF" % left
+        for key, _ in sel.select(0.5):
+            try:
+                d = key.fileobj.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except ConnectionResetError:
+                d = b""
+            if d:
+                out[key.data] += d
+            else:
+                sel.unregister(key.fileobj)
+                left -= 1
+    sel.close()
+    return out
+
+
+def test_sse_readers_that_never_read_are_cut_and_memory_stays_bounded(tmp_path):
+    """50 clients subscribe to /all/live and never read while 20k events
+    (~12 MB of SSE per client, ~600 MB in all) are appended: each is closed as
+    a slow consumer once 1 MiB (--sse-buffer) is waiting for it, the server's
+    RSS stays bounded, and each client, when it finally reads, finds the
+    `event: close` message at the end."""
+    nclients, nevents, sse_buf = 50, 20000, 1 << 20
+    s = start_server(str(tmp_path / "d"), "--sse-buffer", str(sse_buf), log_dir=str(tmp_path))
+    clients = []
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], vm_rss(s.proc.pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    try:
+        for _ in range(nclients):
+            c = socket.socket()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.connect(("127.0.0.1", s.port))
+            c.sendall(b"GET /all/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(c)
+        h = Http(s.port)
+        deadline = time.monotonic() + 10
+        while "tidemark_sse_clients %d" % nclients not in h.get("/metrics").body.decode():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        base = vm_rss(s.proc.pid)
+        sampler.start()
+        pad = "p" * 400
+        for i in range(nevents // 100):
+            r = h.append("flood-%d" % (i % 7), [ev("Flood", {"i": i, "pad": pad}) for _ in range(100)])
+            assert r.status == 201
+        deadline = time.monotonic() + 30
+        while True:
+            m = h.get("/metrics").body.decode()
+            if "tidemark_sse_slow_closed_total %d" % nclients in m and "tidemark_sse_clients 0" in m:
+                break
+            assert time.monotonic() < deadline, m
+            time.sleep(0.1)
+        stop.set()
+        sampler.join()
+        grew = peak[0] - base
+        # Bounded: 50 x 1 MiB waiting + a commit slice per client + the store's
+        # caches; without the bound it would be ~600 MB.
+        assert grew < nclients * sse_buf * 2 + (64 << 20), "RSS grew by %d MiB" % (grew >> 20)
+        # Every client finds the close message at the end of what it was sent
+        # (read all of them at once: small receive windows are slow one by one).
+        got = read_all_until_eof(clients, timeout=30)
+        for data in got:
+            tail = data[-400:]
+            assert b"event: close" in tail and b"slow consumer" in tail, tail
+            assert data.endswith(b"0\r\n\r\n")   # the chunked response was ended
+        assert h.get("/health").status == 200
+        print("sse never-readers: base RSS %d MiB, peak +%d MiB" % (base >> 20, grew >> 20))
+    finally:
+        stop.set()
+        for c in clients:
+            c.close()
+        s.stop()
+        s.close()

@@ -478,3 +478,105 @@ def test_sse_readers_that_never_read_are_cut_and_memory_stays_bounded(tmp_path):
             c.close()
         s.stop()
         s.close()
+
+
+# ---- slow headers (slowloris) ----
+
+ATTACKER = r'''
+import resource, socket, sys, time
+n, interval = int(sys.argv[1]), float(sys.argv[2])
+port = int(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(100000))
+socks = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.setblocking(False)
+    socks.append(s)
+print("connected %d" % len(socks), flush=True)
+pos = 0
+closed = 0
+end = time.monotonic() + float(sys.argv[4])
+while time.monotonic() < end and socks:
+    t0 = time.monotonic()
+    keep = []
+    for s in socks:
+        try:
+            s.send(head[pos:pos + 1])
+            keep.append(s)
+        except (BlockingIOError, InterruptedError):
+            keep.append(s)
+        except OSError:
+            closed += 1
+            s.close()
+    socks = keep
+    pos += 1
+    time.sleep(max(0.0, interval - (time.monotonic() - t0)))
+print("open %d closed %d bytes_each %d" % (len(socks), closed, pos), flush=True)
+'''
+
+
+def latencies(port, n):
+    """n requests (reads and appends) over one keep-alive connection, plus a
+    fresh connection every 10th: the seconds each took."""
+    h = Http(port)
+    h.append("lat-1", ev("Lat"))
+    out = []
+    paths = ["/health", "/streams/lat-1?limit=10", "/all?limit=10&direction=backward"]
+    for i in range(n):
+        t0 = time.perf_counter()
+        if i % 10 == 9:
+            r = Http(port).get("/health")
+        elif i % 4 == 3:
+            r = h.append("lat-1", ev("Lat", {"i": i}))
+        else:
+            r = h.get(paths[i % 3])
+        out.append(time.perf_counter() - t0)
+        assert r.status in (200, 201), r
+    h.close()
+    return out
+
+
+def p99(xs):
+    xs = sorted(xs)
+    return xs[int(len(xs) * 0.99) - 1]
+
+
+def test_slowloris_does_not_slow_normal_clients(tmp_path):
+    """N connections send their headers a byte at a time (never finishing);
+    normal clients keep a p99 latency within 2x of their baseline.
+    N = 2000 (env HOSTILE_SLOWLORIS to change it); the server's --timeout
+    is a per-read idle timeout, so a byte per 0.5 s keeps them all open."""
+    n = int(os.environ.get("HOSTILE_SLOWLORIS", "2000"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < n + 200:
+        pytest.skip("RLIMIT_NOFILE hard limit %d < %d" % (hard, n + 200))
+    s = start_server(str(tmp_path / "d"), "--durability", "lose-on-os-crash", log_dir=str(tmp_path))
+    att = None
+    try:
+        latencies(s.port, 300)   # warm up
+        base = [p99(latencies(s.port, 1000)) for _ in range(3)]
+        att = subprocess.Popen([sys.executable, "-c", ATTACKER, str(n), "0.5", str(s.port), "120"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        line = att.stdout.readline().decode()
+        assert line == "connected %d\n" % n, (line, att.stderr.read())
+        time.sleep(1.5)   # a few bytes on every connection
+        under = [p99(latencies(s.port, 1000)) for _ in range(3)]
+        b, u = sorted(base)[1], sorted(under)[1]   # medians of three runs
+        print("slowloris n=%d: p99 baseline %.2f ms, under attack %.2f ms" % (n, b * 1e3, u * 1e3))
+        assert u <= 2 * b, "p99 %.2f ms under attack vs %.2f ms baseline" % (u * 1e3, b * 1e3)
+        assert att.poll() is None
+        # libevent 2.1 has no whole-header deadline: they are all still open
+        # (documented; the bound is the descriptor limit, see the test above).
+        m = Http(s.port).get("/metrics")
+        assert m.status == 200
+        att.terminate()
+        att.wait()
+        assert Http(s.port).get("/health").status == 200
+    finally:
+        if att and att.poll() is None:
+            att.kill()
+            att.wait()
+        s.stop()
+        s.close()

@@ -18,9 +18,12 @@ One data directory lives through every iteration.  Each iteration:
      left unanswered is there entirely or not at all; nothing unknown is
      there; positions are 1..N.
 
-Optionally (--projections DIR, when serve runs projections) the read models
-are compared with a rebuild (`tidemark project`) after every kill: see
-check_projections.
+With projections (run(projections={name: lua}), the script's --projections
+flag, on by default) the server also runs continuous projections over the
+same appends, so kills land while they process; after every kill and store
+check the server is restarted without writers, each projection catches up,
+its served read model is read, the server is stopped, and every read model
+must equal a rebuild from the log (`tidemark project`).
 
 Usable as a module (run(...) -> stats dict, raises CrashLoopError) and as a
 script: crashloop.py --bin build/tidemark [--iterations N] [--seconds S].
@@ -59,6 +62,15 @@ class Server:
         self.proc = subprocess.Popen([self.bin, "serve", "--data", self.data, "--port", "0",
                                       *self.extra],
                                      stdout=subprocess.PIPE, stderr=self.log)
+
+    def stop(self, timeout=60):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            self.kill9()
+        if rc != 0:
+            raise CrashLoopError("server exit status %s after SIGTERM" % rc)
 
     def wait_ready(self, timeout=30):
         deadline = time.monotonic() + timeout
@@ -106,7 +118,8 @@ class Writer:
         for _ in range(n):
             eid = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
             evs.append({"type": "Crash%d" % self.rng.randint(0, 2),
-                        "data": {"w": self.tid, "pad": "x" * self.rng.randint(0, self.pad_max)},
+                        "data": {"w": self.tid, "amount": self.rng.randint(-1000, 1000),
+                                 "pad": "x" * self.rng.randint(0, self.pad_max)},
                         "id": eid, "time": 1700000000000 + self.requests})
             self.sent_ids.add(eid)
         return evs
@@ -203,24 +216,99 @@ def verify(bin_, data, writers):
     return len(evs)
 
 
-def check_projections(bin_, data, server_state, proj_dir):
-    """Every read model the server persisted equals a rebuild from the log.
-    server_state: {name: state JSON} read from the restarted server."""
-    for name, state in server_state.items():
+# Projections run by the server during the loop (by default): one over the
+# whole log, one partitioned by stream.
+PROJECTIONS = {
+    "by_type": """
+return {
+  from = "all",
+  init = function() return { n = 0, by_type = {}, amount = 0, last = 0 } end,
+  on = { ["$any"] = function(s, e)
+    s.n = s.n + 1
+    s.by_type[e.type] = (s.by_type[e.type] or 0) + 1
+    s.amount = s.amount + (e.data.amount or 0)
+    s.last = e.position
+  end },
+}
+""",
+    "per_stream": """
+return {
+  from = "all",
+  partition = function(e) return e.stream end,
+  init = function() return { events = 0, total = 0, versions = 0 } end,
+  on = { ["$any"] = function(s, e)
+    s.events = s.events + 1
+    s.total = s.total + (e.data.amount or 0)
+    s.versions = s.versions + e.version
+  end },
+}
+""",
+}
+
+
+def http_json(port, path, timeout=30):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read()
+        if r.status != 200:
+            raise CrashLoopError("GET %s: %d %r" % (path, r.status, body[:300]))
+        return json.loads(body)
+    finally:
+        c.close()
+
+
+def projections_behind(port, names):
+    """True when some projection has not yet considered every stored event."""
+    try:
+        j = http_json(port, "/projections", timeout=2)
+    except (OSError, http.client.HTTPException, CrashLoopError):
+        return False
+    ps = {p["name"]: p for p in j["projections"]}
+    return any(n in ps and ps[n]["position"] < j["last_position"] for n in names)
+
+
+def served_read_models(srv, names, timeout=120):
+    """Wait until every projection is running and caught up; their states."""
+    deadline = time.monotonic() + timeout
+    while True:
+        j = http_json(srv.port, "/projections")
+        ps = {p["name"]: p for p in j["projections"]}
+        for n in names:
+            if n in ps and ps[n]["status"] == "faulted":
+                raise CrashLoopError("projection %s faulted: %r" % (n, ps[n].get("error")))
+        if all(n in ps and ps[n]["status"] == "running" and ps[n]["position"] == j["last_position"]
+               for n in names):
+            break
+        if time.monotonic() > deadline:
+            raise CrashLoopError("projections not caught up after %ss: %r" % (timeout, ps))
+        time.sleep(0.05)
+    return {n: http_json(srv.port, "/projections/%s/state" % n) for n in names}
+
+
+def check_projections(bin_, data, served, proj_dir):
+    """Every read model the server served (caught up, persisted through its
+    checkpoints across the kills) equals a rebuild from the log."""
+    for name, state in served.items():
         src = os.path.join(proj_dir, name + ".lua")
-        p = subprocess.run([bin_, "project", "--data", data, src], capture_output=True,
+        p = subprocess.run([bin_, "project", "--data", data, src, "--quiet"], capture_output=True,
                            timeout=600)
         if p.returncode != 0:
             raise CrashLoopError("project %s exit %d: %s" % (name, p.returncode, p.stderr.decode()))
         rebuilt = json.loads(p.stdout)
         if rebuilt != state:
-            raise CrashLoopError("projection %s differs from its rebuild" % name)
+            diff = [k for k in set(rebuilt) | set(state) if rebuilt.get(k) != state.get(k)] \
+                if isinstance(rebuilt, dict) and isinstance(state, dict) else []
+            raise CrashLoopError("projection %s differs from its rebuild (keys %r)" % (name, diff[:5]))
 
 
 def run(bin_, workdir, iterations=10, seconds=None, threads=16, seed=None, max_run=0.6,
-        pad_max=200, log=print):
+        pad_max=200, log=print, projections=None):
     """Run the loop; returns stats.  Stops after `iterations`, or when
-    `seconds` have passed (whichever comes first; None = no time limit)."""
+    `seconds` have passed (whichever comes first; None = no time limit).
+    projections: {name: Lua source} run by the server and checked against
+    rebuilds after every kill (None: none)."""
     seed = seed if seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     data = os.path.join(workdir, "data")
@@ -228,12 +316,23 @@ def run(bin_, workdir, iterations=10, seconds=None, threads=16, seed=None, max_r
     writers = [Writer(t, random.Random(rng.getrandbits(64)), pad_max) for t in range(threads)]
     stats = {"seed": seed, "iterations": 0, "early_kills": 0, "events": 0, "acked": 0,
              "unanswered_at_kill": 0, "retries": 0}
+    extra = []
+    names = sorted(projections or {})
+    proj_dir = os.path.join(workdir, "projections")
+    if projections:
+        os.makedirs(proj_dir, exist_ok=True)
+        for n, src in projections.items():
+            with open(os.path.join(proj_dir, n + ".lua"), "w") as f:
+                f.write(src)
+        extra = ["--projections", proj_dir]
+        stats["projection_checks"] = 0
+        stats["kills_while_projecting"] = 0
     t0 = time.monotonic()
     try:
         for it in range(iterations):
             if seconds is not None and time.monotonic() - t0 > seconds:
                 break
-            srv = Server(bin_, data, logf)
+            srv = Server(bin_, data, logf, extra)
             srv.spawn()
             if rng.random() < 0.1:
                 # Kill while the store opens / recovers.
@@ -251,6 +350,8 @@ def run(bin_, workdir, iterations=10, seconds=None, threads=16, seed=None, max_r
                 for t in ts:
                     t.start()
                 time.sleep(rng.uniform(0.05, max_run))
+                if names and projections_behind(srv.port, names):
+                    stats["kills_while_projecting"] += 1
                 srv.kill9()
                 stop.set()
                 for t in ts:
@@ -262,6 +363,17 @@ def run(bin_, workdir, iterations=10, seconds=None, threads=16, seed=None, max_r
                         raise w.error
                 stats["unanswered_at_kill"] += sum(1 for w in writers if w.pending)
             n = verify(bin_, data, writers)
+            if names:
+                srv = Server(bin_, data, logf, extra)
+                srv.spawn()
+                try:
+                    srv.wait_ready()
+                    served = served_read_models(srv, names)
+                    srv.stop()
+                finally:
+                    srv.kill9()
+                check_projections(bin_, data, served, proj_dir)
+                stats["projection_checks"] += len(names)
             stats["iterations"] += 1
             stats["events"] = n
             stats["acked"] = sum(len(w.acked) for w in writers)
@@ -288,12 +400,14 @@ def main():
     ap.add_argument("--seed", type=int, default=int(os.environ["CRASH_SEED"]) if os.environ.get("CRASH_SEED") else None)
     ap.add_argument("--max-run", type=float, default=1.5, help="longest run before a kill (s)")
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
+    ap.add_argument("--no-projections", action="store_true",
+                    help="appends only (no projections in the server)")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="tidemark-crash-")
     ok = False
     try:
         st = run(os.path.abspath(a.bin), work, a.iterations, a.seconds, a.threads, a.seed,
-                 a.max_run)
+                 a.max_run, projections=None if a.no_projections else PROJECTIONS)
         print("crash loop ok: %s" % json.dumps(st))
         ok = True
     except CrashLoopError as e:

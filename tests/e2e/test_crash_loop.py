@@ -17,13 +17,26 @@ import crashloop  # noqa: E402
 
 def test_crash_loop_keeps_every_acknowledged_event(tmp_path):
     seed = int(os.environ.get("CRASH_SEED") or random.randrange(1 << 30))
-    st = crashloop.run(os.path.abspath(BIN), str(tmp_path), iterations=12, seconds=25,
+    st = crashloop.run(os.path.abspath(BIN), str(tmp_path), iterations=10, seconds=20,
                        threads=16, seed=seed, max_run=0.5, log=lambda s: None)
     print("crash loop:", st)
     assert st["iterations"] >= 4, st
     # The kills really hit appends in flight, and the retries ran.
     assert st["unanswered_at_kill"] > 0 and st["retries"] > 0, st
     assert st["acked"] > 500, st
+
+
+def test_crash_loop_with_projections_read_models_equal_rebuilds(tmp_path):
+    """The same with two projections running in the server: kills land while
+    they process; after each, the restarted server's caught-up read models
+    equal `tidemark project` rebuilds."""
+    seed = int(os.environ.get("CRASH_SEED") or random.randrange(1 << 30))
+    st = crashloop.run(os.path.abspath(BIN), str(tmp_path), iterations=6, seconds=25,
+                       threads=16, seed=seed, max_run=0.5, log=lambda s: None,
+                       projections=crashloop.PROJECTIONS)
+    print("crash loop with projections:", st)
+    assert st["iterations"] >= 3 and st["projection_checks"] == 2 * st["iterations"], st
+    assert st["kills_while_projecting"] > 0 and st["unanswered_at_kill"] > 0, st
 
 
 class _FakeWriter:
@@ -53,3 +66,14 @@ def test_verifier_catches_lost_moved_and_partial(tmp_path):
         crashloop.verify(BIN, data, [_FakeWriter([], ids, pending=[{"id": ids[2]}, {"id": ids[3]}])])
     with pytest.raises(crashloop.CrashLoopError, match="nobody sent"):
         crashloop.verify(BIN, data, [_FakeWriter([], ids[:2])])
+    # A served read model that differs from the rebuild is caught.
+    pdir = tmp_path / "p"
+    pdir.mkdir()
+    (pdir / "by_type.lua").write_text(crashloop.PROJECTIONS["by_type"])
+    p = subprocess.run([BIN, "project", "--data", data, str(pdir / "by_type.lua"), "--quiet"],
+                       capture_output=True)
+    good_state = __import__("json").loads(p.stdout)
+    crashloop.check_projections(BIN, data, {"by_type": good_state}, str(pdir))
+    bad_state = dict(good_state, n=good_state["n"] + 1)
+    with pytest.raises(crashloop.CrashLoopError, match="differs"):
+        crashloop.check_projections(BIN, data, {"by_type": bad_state}, str(pdir))

@@ -231,90 +231,137 @@ GOOD = "s3cret-token-0123456789"
 BAD_AUTH = [None, "Bearer wrong", "Bearer ", "Bearer", "Basic " + GOOD, GOOD, "Bearer " + GOOD[:-1],
             "Bearer " + GOOD + "x", "Bearer  " + GOOD, "Bearer " + GOOD.upper(), "Token " + GOOD]
 
-# (method, path, needs a token, statuses of success) — every documented route.
-# /projections answers 501 while no projection host is wired in.
+P1 = """
+return { from = "all", partition = function(e) return e.stream end,
+  init = function() return { n = 0 } end,
+  on = { ["$any"] = function(s, e) s.n = s.n + 1 end },
+  queries = { count = function(all, args) local c = 0; for _ in pairs(all) do c = c + 1 end
+                                          return { streams = c } end } }
+"""
+P2 = 'return { from = "all", init = function() return { n = 0 } end, on = { ["$any"] = function(s, e) s.n = s.n + 1 end } }'
+
+# (method, path, body, needs a token, statuses of success): every documented
+# route.  p1 is a running projection (from --projections DIR); stop, reset and
+# delete go to p9, which does not exist (404 once authorised), so that p1
+# keeps answering the other rows.
 MATRIX = [
-    ("POST", "/streams/m-1", True, {201}),
-    ("GET", "/streams/m-1", False, {200}),
-    ("HEAD", "/streams/m-1", False, {200}),
-    ("GET", "/streams", False, {200}),
-    ("GET", "/categories", False, {200}),
-    ("GET", "/all", False, {200}),
-    ("GET", "/streams/m-1/live", False, {200}),
-    ("GET", "/all/live", False, {200}),
-    ("GET", "/live?sub=all", False, {200}),
-    ("GET", "/projections", False, {200, 501}),
-    ("GET", "/projections/p1", False, {200, 404, 501}),
-    ("PUT", "/projections/p1", True, {200, 201, 400, 501}),
-    ("POST", "/projections/p1", True, {200, 201, 400, 404, 405, 501}),
-    ("DELETE", "/projections/p1", True, {200, 204, 404, 501}),
-    ("GET", "/projections/p1/live", False, {200}),
-    ("GET", "/health", False, {200}),
-    ("GET", "/metrics", False, {200}),
-    ("GET", "/", False, {200}),
-    ("GET", "/dashboard/dashboard.js", False, {200}),
+    ("POST", "/streams/m-1", json.dumps(ev("M")), True, {201}),
+    ("GET", "/streams/m-1", None, False, {200}),
+    ("HEAD", "/streams/m-1", None, False, {200}),
+    ("GET", "/streams", None, False, {200}),
+    ("GET", "/categories", None, False, {200}),
+    ("GET", "/all", None, False, {200}),
+    ("GET", "/streams/m-1/live", None, False, {200}),
+    ("GET", "/all/live", None, False, {200}),
+    ("GET", "/live?sub=all", None, False, {200}),
+    ("GET", "/projections", None, False, {200}),
+    ("GET", "/projections/p1", None, False, {200}),
+    ("PUT", "/projections/p2", P2, True, {200, 201}),
+    ("DELETE", "/projections/p9", None, True, {404}),
+    ("GET", "/projections/p1/state", None, False, {200}),
+    ("GET", "/projections/p1/state?partition=m-1", None, False, {200}),
+    ("GET", "/projections/p1/state/m-1", None, False, {200}),
+    ("GET", "/projections/p1/partitions?limit=10", None, False, {200}),
+    ("GET", "/projections/p1/query/count", None, False, {200}),
+    ("POST", "/projections/p1/query/count", "{}", True, {200}),
+    ("POST", "/projections/p9/command", '{"command":"reset"}', True, {404}),
+    ("POST", "/projections/p1/start", None, True, {200, 409}),
+    ("POST", "/projections/p9/stop", None, True, {404}),
+    ("POST", "/projections/p9/reset", None, True, {404}),
+    ("POST", "/projections/p9/delete", None, True, {404}),
+    ("GET", "/projections/p1/live", None, False, {200}),
+    ("GET", "/health", None, False, {200}),
+    ("GET", "/metrics", None, False, {200}),
+    ("GET", "/", None, False, {200}),
+    ("GET", "/dashboard/dashboard.js", None, False, {200}),
 ]
-# The documented table's routes, normalised to the paths above.
+# docs/http-api.md's route tables -> the matrix's paths (None: an umbrella row).
 DOC_ROUTES = {"/streams/{stream}": "/streams/m-1", "/streams": "/streams", "/categories": "/categories",
               "/all": "/all", "/streams/{stream}/live": "/streams/m-1/live", "/all/live": "/all/live",
-              "/live": "/live?sub=all", "/projections/...": "/projections/p1",
+              "/live": "/live?sub=all", "/projections/...": None,
               "/projections/{name}/live": "/projections/p1/live", "/health": "/health",
-              "/metrics": "/metrics", "/": "/"}
+              "/metrics": "/metrics", "/": "/", "/projections": "/projections",
+              "/projections/{name}": ("/projections/p1", "/projections/p2", "/projections/p9"),
+              "/projections/{name}/state": "/projections/p1/state",
+              "/projections/{name}/state?partition=KEY": ("/projections/p1/state?partition=m-1",
+                                                          "/projections/p1/state/m-1"),
+              "/projections/{name}/partitions?after=K&limit=N": "/projections/p1/partitions?limit=10",
+              "/projections/{name}/query/{query}?args=JSON": "/projections/p1/query/count",
+              "/projections/{name}/query/{query}": "/projections/p1/query/count",
+              "/projections/{name}/command": "/projections/p9/command",
+              "/projections/{name}/start": ("/projections/p1/start", "/projections/p9/stop",
+                                            "/projections/p9/reset", "/projections/p9/delete")}
 
 
 def documented_routes():
+    """(route, method) for every row of the route tables (first path of a cell)."""
     rows = []
     with open(DOCS) as f:
         for line in f:
-            m = re.match(r"\| `([^`]+)` \| (\w+) \|", line)
-            if m:
-                rows.append((m.group(1), m.group(2)))
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) >= 2 and cells[0].startswith("`/") and re.fullmatch(r"[A-Za-z]+", cells[1]):
+                rows.append((re.match(r"`([^`]+)`", cells[0]).group(1), cells[1]))
     return rows
 
 
-def call(port, method, path, auth):
+def call(port, method, path, auth, body=None):
     hdrs = {"Authorization": auth} if auth is not None else {}
     if path.split("?")[0].endswith("/live") and method == "GET":
         c = SseClient(port, path, headers=hdrs)
         st = c.status
         c.close()
         return st
-    body = None
-    if method in ("POST", "PUT"):
-        body = json.dumps(ev("M")) if path.startswith("/streams") else "return {}"
     return Http(port).request(method, path, body=body, headers=hdrs).status
 
 
 def test_token_matrix_covers_every_documented_route():
-    covered = {(p, m) for m, p, _, _ in MATRIX}
-    for route, method in documented_routes():
+    rows = documented_routes()
+    assert len(rows) >= 20, rows
+    for route, method in rows:
         assert route in DOC_ROUTES, "route %s in docs/http-api.md is not in the token matrix" % route
-        path = DOC_ROUTES[route]
-        if method == "any":
-            assert {"GET", "PUT", "POST", "DELETE"} <= {m for m, p, _, _ in MATRIX if p == path}
-        else:
-            assert (path, method) in covered, (route, method)
+        paths = DOC_ROUTES[route]
+        if paths is None:
+            continue
+        paths = (paths,) if isinstance(paths, str) else paths
+        # At least one matrix row exercises this route with this method.
+        assert any(m == method and p in paths for m, p, _, _, _ in MATRIX), (route, method)
+    documented = {(r, m) for r, m in rows}
+    for r, m in (("/projections/{name}", "PUT"), ("/projections/{name}", "DELETE"),
+                 ("/projections/{name}/query/{query}", "POST"), ("/projections/{name}/command", "POST")):
+        assert (r, m) in documented, (r, m)
 
 
 def test_token_matrix(tmp_path):
     tok = tmp_path / "tokens"
     tok.write_text("# writers\n%s\n  other-token  \n" % GOOD)
-    s = start_server(str(tmp_path / "d"), "--token-file", str(tok), log_dir=str(tmp_path))
+    pdir = tmp_path / "proj"
+    pdir.mkdir()
+    (pdir / "p1.lua").write_text(P1)
+    s = start_server(str(tmp_path / "d"), "--token-file", str(tok), "--projections", str(pdir),
+                     log_dir=str(tmp_path))
     try:
-        # A stream to read.
-        assert call(s.port, "POST", "/streams/m-1", "Bearer " + GOOD) == 201
+        # A stream to read, seen by p1.
+        assert call(s.port, "POST", "/streams/m-1", "Bearer " + GOOD, json.dumps(ev("M"))) == 201
+        deadline = time.monotonic() + 20
+        while Http(s.port).get("/projections/p1/state?partition=m-1").status != 200:
+            assert time.monotonic() < deadline, "p1 did not see m-1"
+            time.sleep(0.05)
+        goods = ["Bearer " + GOOD, "Bearer other-token", "bearer " + GOOD]
         failures = []
-        for method, path, needs, ok in MATRIX:
-            for auth in BAD_AUTH + ["Bearer " + GOOD, "Bearer other-token", "bearer " + GOOD]:
-                good = auth in ("Bearer " + GOOD, "Bearer other-token", "bearer " + GOOD)
-                st = call(s.port, method, path, auth)
+        n_posts = 0
+        for method, path, body, needs, ok in MATRIX:
+            for auth in BAD_AUTH + goods:
+                good = auth in goods
+                st = call(s.port, method, path, auth, body)
                 want = ok if (good or not needs) else {401}
                 if st not in want:
                     failures.append((method, path, auth, st, sorted(want)))
+                if st == 201 and path.startswith("/streams"):
+                    n_posts += 1
         assert not failures, failures
         # Nothing was written without the token: one event per good POST.
-        n_good_posts = 3
-        assert last_position(s.port) == 1 + n_good_posts
+        assert n_posts == len(goods)
+        assert last_position(s.port) == 1 + len(goods)
         # Wrong methods are 405 with or without a token (no 401 hides them).
         for method, path in (("DELETE", "/streams/m-1"), ("POST", "/health"), ("PUT", "/all")):
             for auth in (None, "Bearer " + GOOD):
@@ -322,14 +369,17 @@ def test_token_matrix(tmp_path):
         r = Http(s.port).post("/streams/m-1", ev("M"))
         assert r.status == 401 and r.header("WWW-Authenticate") == "Bearer"
         assert r.json()["code"] == 401
+        # p2 exists only because of the authorised PUTs.
+        assert Http(s.port).get("/projections/p2").status == 200
     finally:
         s.stop()
         s.close()
 
 
 def test_without_token_file_writes_are_open(srv):
-    assert call(srv.port, "POST", "/streams/m-1", None) == 201
-    assert call(srv.port, "POST", "/streams/m-1", "Bearer anything") == 201
+    assert call(srv.port, "POST", "/streams/m-1", None, json.dumps(ev("M"))) == 201
+    assert call(srv.port, "POST", "/streams/m-1", "Bearer anything", json.dumps(ev("M"))) == 201
+    assert call(srv.port, "PUT", "/projections/p2", None, P2) == 201
 
 
 # ---- out of descriptors ----

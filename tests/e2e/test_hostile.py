@@ -533,9 +533,10 @@ def test_sse_readers_that_never_read_are_cut_and_memory_stays_bounded(tmp_path):
 # ---- slow headers (slowloris) ----
 
 ATTACKER = r'''
-import resource, socket, sys, time
-n, interval = int(sys.argv[1]), float(sys.argv[2])
-port = int(sys.argv[3])
+import os, resource, socket, sys, time
+n, interval, port, seconds = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+if len(sys.argv) > 5:
+    os.sched_setaffinity(0, {int(c) for c in sys.argv[5].split(",")})
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(100000))
@@ -543,27 +544,34 @@ socks = []
 for i in range(n):
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     s.setblocking(False)
-    socks.append(s)
+    socks.append([s, 0])
 print("connected %d" % len(socks), flush=True)
-pos = 0
+# Every connection gets its next byte once per interval; the sends are
+# spread evenly over the interval (ticks of 10 ms), not sent in bursts.
+tick = 0.01
+per_tick = max(1, int(n * tick / interval))
+i = 0
 closed = 0
-end = time.monotonic() + float(sys.argv[4])
+end = time.monotonic() + seconds
+next_t = time.monotonic()
 while time.monotonic() < end and socks:
-    t0 = time.monotonic()
-    keep = []
-    for s in socks:
+    for _ in range(per_tick):
+        c = socks[i % len(socks)]
         try:
-            s.send(head[pos:pos + 1])
-            keep.append(s)
+            c[0].send(head[c[1]:c[1] + 1])
+            c[1] += 1
         except (BlockingIOError, InterruptedError):
-            keep.append(s)
+            pass
         except OSError:
             closed += 1
-            s.close()
-    socks = keep
-    pos += 1
-    time.sleep(max(0.0, interval - (time.monotonic() - t0)))
-print("open %d closed %d bytes_each %d" % (len(socks), closed, pos), flush=True)
+            c[0].close()
+            socks.remove(c)
+            if not socks:
+                break
+        i += 1
+    next_t += tick
+    time.sleep(max(0.0, next_t - time.monotonic()))
+print("open %d closed %d" % (len(socks), closed), flush=True)
 '''
 
 
@@ -597,17 +605,29 @@ def test_slowloris_does_not_slow_normal_clients(tmp_path):
     """N connections send their headers a byte at a time (never finishing);
     normal clients keep a p99 latency within 2x of their baseline.
     N = 2000 (env HOSTILE_SLOWLORIS to change it); the server's --timeout
-    is a per-read idle timeout, so a byte per 0.5 s keeps them all open."""
+    is a per-read idle timeout, so a byte per 0.5 s keeps them all open.
+    With 2+ CPUs the attacker runs on a CPU of its own (the server and the
+    measuring client share the others, for both measurements), so what is
+    measured is the server's cost of the connections, not the test
+    harness competing for a CPU."""
+    from conftest import Server
     n = int(os.environ.get("HOSTILE_SLOWLORIS", "2000"))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < n + 200:
         pytest.skip("RLIMIT_NOFILE hard limit %d < %d" % (hard, n + 200))
-    s = start_server(str(tmp_path / "d"), "--durability", "lose-on-os-crash", log_dir=str(tmp_path))
+    cpus = sorted(os.sched_getaffinity(0))
+    mine, theirs = set(cpus[:-1]), [cpus[-1]]
+    if len(cpus) < 2:
+        mine, theirs = set(cpus), []
+    s = Server(str(tmp_path / "d"), ["--durability", "lose-on-os-crash"], log_dir=str(tmp_path),
+               preexec_fn=lambda: os.sched_setaffinity(0, mine)).start()
     att = None
+    os.sched_setaffinity(0, mine)
     try:
         latencies(s.port, 300)   # warm up
         base = [p99(latencies(s.port, 1000)) for _ in range(3)]
-        att = subprocess.Popen([sys.executable, "-c", ATTACKER, str(n), "0.5", str(s.port), "120"],
+        att = subprocess.Popen([sys.executable, "-c", ATTACKER, str(n), "0.5", str(s.port), "120"] +
+                               ([",".join(map(str, theirs))] if theirs else []),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         line = att.stdout.readline().decode()
         assert line == "connected %d\n" % n, (line, att.stderr.read())
@@ -617,14 +637,11 @@ def test_slowloris_does_not_slow_normal_clients(tmp_path):
         print("slowloris n=%d: p99 baseline %.2f ms, under attack %.2f ms" % (n, b * 1e3, u * 1e3))
         assert u <= 2 * b, "p99 %.2f ms under attack vs %.2f ms baseline" % (u * 1e3, b * 1e3)
         assert att.poll() is None
-        # libevent 2.1 has no whole-header deadline: they are all still open
-        # (documented; the bound is the descriptor limit, see the test above).
-        m = Http(s.port).get("/metrics")
-        assert m.status == 200
         att.terminate()
         att.wait()
         assert Http(s.port).get("/health").status == 200
     finally:
+        os.sched_setaffinity(0, set(cpus))
         if att and att.poll() is None:
             att.kill()
             att.wait()

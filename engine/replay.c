@@ -980,6 +980,30 @@ corrupt:
     return err_set(err, TM_EIO, "replay %s: corrupt staging checkpoint", r->name);
 }
 
+/* The server's record of which source built proj/NAME/ (projmgr.h:
+ * projmgr/v/NAME = 16 hex digits of its FNV-1a variant of the source).
+ * When the server knows NAME, the swap records the replayed source there,
+ * so a server whose source differs rebuilds instead of continuing a model
+ * made by another script. */
+static void server_version(replay *r, store_batch *b, tm_err *err) {
+    buf k = BUF_INIT;
+    buf_printf(&k, "projmgr/v/%s", r->name);
+    char *v = NULL;
+    size_t vl = 0;
+    if (store_kv_get(r->st, k.ptr, k.len, &v, &vl, err) == 1) {
+        uint64_t h = 1469598103934665603ull; /* projmgr.c fnv64, as written there */
+        for (size_t i = 0; i < r->srclen; i++) {
+            h ^= (unsigned char)r->src[i];
+            h *= 1099511628211ull;
+        }
+        char hex[17];
+        snprintf(hex, sizeof hex, "%016llx", (unsigned long long)(h ? h : 1));
+        store_batch_put(b, k.ptr, k.len, hex, 16);
+    }
+    free(v);
+    buf_free(&k);
+}
+
 /* One batch: proj/NAME/ := the staged model; then drop the staging keys. */
 static int swap_in(replay *r, tm_err *err) {
     store_batch *b = store_batch_new();
@@ -1032,6 +1056,7 @@ static int swap_in(replay *r, tm_err *err) {
         buf_append(&key, r->stage.ptr, r->stage.len);
         buf_puts(&key, "meta");
         store_batch_del(b, key.ptr, key.len);
+        server_version(r, b, err);
         rc = store_batch_commit(r->st, b, err);
     }
     store_batch_free(b);

@@ -72,6 +72,9 @@ typedef struct worker {
     int failed;                    /* this worker stopped (fault or error) */
     tm_err err;
     proj_backing bk;
+    buf state;                     /* threaded: its states (proj_state), encoded at the end */
+    int state_rc;                  /* -1: encoding it failed (state_err) */
+    tm_err state_err;
 } worker;
 
 struct replay {
@@ -459,6 +462,7 @@ static void free_workers(replay *r) {
     for (unsigned i = 0; r->w && i < r->nalloc; i++) {
         proj_free(r->w[i].p);
         buf_free(&r->w[i].kv);
+        buf_free(&r->w[i].state);
         pthread_cond_destroy(&r->w[i].cv);
     }
     free(r->w);
@@ -673,6 +677,10 @@ static void *worker_main(void *arg) {
         if (kind == CH_END) break;
     }
     if (!w->failed && proj_flush(w->p, &w->err) != 0) worker_fail(w);
+    /* the result, encoded here: every worker in parallel (sorting 1M keys
+     * is not free), then merged in C by the caller */
+    buf_reset(&w->state);
+    if (!w->failed) w->state_rc = proj_state(w->p, &w->state, &w->state_err);
     return NULL;
 }
 
@@ -1070,32 +1078,29 @@ static int swap_in(replay *r, tm_err *err) {
  * 1 ok, 0 misrouted (key named in *bad), -1 error. */
 static int check_routing(replay *r, buf *bad, tm_err *err) {
     if (r->nw <= 1) return 1;
-    buf out = BUF_INIT;
     for (unsigned i = 0; i < r->nw; i++) {
-        buf_reset(&out);
-        if (proj_partitions(r->w[i].p, &out, err) < 0) {
-            buf_free(&out);
+        worker *w = &r->w[i];
+        if (w->state_rc < 0) {
+            *err = w->state_err;
             return -1;
         }
-        const char *p = out.ptr, *end = out.ptr + out.len;
+        const char *p = w->state.ptr, *end = w->state.ptr + w->state.len;
         mp_item it;
-        if (mp_next(&p, end, &it) < 0) goto corrupt;
-        uint32_t n = it.type == MP_ARRAY ? it.v.n : 0;
-        for (uint32_t j = 0; j < n; j++) {
-            if (mp_next(&p, end, &it) < 0 || it.type != MP_STR) goto corrupt;
-            if (replay_shard(it.v.s.ptr, it.v.s.len, r->nw) != i) {
+        if (mp_next(&p, end, &it) < 0 || it.type != MP_MAP) goto corrupt;
+        for (uint32_t j = 0; j < it.v.n; j++) {
+            mp_item k;
+            if (mp_next(&p, end, &k) < 0 || k.type != MP_STR) goto corrupt;
+            if (replay_shard(k.v.s.ptr, k.v.s.len, r->nw) != i) {
                 buf_reset(bad);
-                buf_append(bad, it.v.s.ptr, it.v.s.len < 100 ? it.v.s.len : 100);
-                buf_free(&out);
+                buf_append(bad, k.v.s.ptr, k.v.s.len < 100 ? k.v.s.len : 100);
                 return 0;
             }
+            if (mp_skip(&p, end) < 0) goto corrupt;
         }
     }
-    buf_free(&out);
     return 1;
 corrupt:
-    buf_free(&out);
-    return err_set(err, TM_EIO, "replay %s: unreadable partition list", r->name);
+    return err_set(err, TM_EIO, "replay %s: unreadable worker result", r->name);
 }
 
 static int run_once(replay *r, uint64_t from, tm_err *err) {
@@ -1210,6 +1215,7 @@ typedef struct mcur {
     size_t kl;
     const char *item;    /* the whole pair / item */
     size_t il;
+    size_t kbl;          /* bytes of the encoded key (at item) */
     const char *v;       /* the value of a pair */
     size_t vl;
 } mcur;
@@ -1236,6 +1242,7 @@ static int mcur_next(mcur *c) {
     if (mp_next(&c->p, c->end, &it) < 0 || it.type != MP_STR) return -1;
     c->k = it.v.s.ptr;
     c->kl = it.v.s.len;
+    c->kbl = (size_t)(c->p - c->item);
     if (c->map) {
         c->v = c->p;
         if (mp_skip(&c->p, c->end) < 0) return -1;
@@ -1283,25 +1290,35 @@ static int append_item(void *ud, const mcur *c) {
     return 0;
 }
 
-typedef int (*part_fn)(proj *p, buf *out, tm_err *err);
+static int append_key(void *ud, const mcur *c) {
+    buf_append(ud, c->item, c->kbl);
+    return 0;
+}
 
-static int merged(replay *r, part_fn f, int map, buf *out, tm_err *err) {
-    buf parts[MAX_WORKERS];
-    int rc = 0;
-    for (unsigned i = 0; i < r->nw; i++) parts[i] = (buf)BUF_INIT;
-    for (unsigned i = 0; i < r->nw && rc == 0; i++) rc = f(r->w[i].p, &parts[i], err);
-    uint64_t total = 0;
-    if (rc == 0) rc = merge_walk(r, parts, map, NULL, NULL, &total, err);
-    if (rc == 0) {
-        msgpack_packer pk;
-        msgpack_packer_init(&pk, out, wr);
-        if (total == 0) msgpack_pack_map(&pk, 0); /* luamp: the empty table is a map */
-        else if (map) msgpack_pack_map(&pk, (size_t)total);
-        else msgpack_pack_array(&pk, (size_t)total);
-        rc = merge_walk(r, parts, map, append_item, out, &total, err);
+static int states_of(replay *r, buf *parts, tm_err *err) {
+    for (unsigned i = 0; i < r->nw; i++) {
+        if (r->w[i].state_rc < 0) {
+            *err = r->w[i].state_err;
+            return -1;
+        }
+        parts[i] = r->w[i].state;
     }
-    for (unsigned i = 0; i < r->nw; i++) buf_free(&parts[i]);
-    return rc;
+    return 0;
+}
+
+/* The workers' states merged: the whole map (keys_only = 0) or the sorted
+ * key list (1), encoded as luamp encodes them. */
+static int merged(replay *r, int keys_only, buf *out, tm_err *err) {
+    buf parts[MAX_WORKERS];
+    if (states_of(r, parts, err) < 0) return -1;
+    uint64_t total = 0;
+    if (merge_walk(r, parts, 1, NULL, NULL, &total, err) < 0) return -1;
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, out, wr);
+    if (total == 0) msgpack_pack_map(&pk, 0); /* luamp: the empty table is a map */
+    else if (!keys_only) msgpack_pack_map(&pk, (size_t)total);
+    else msgpack_pack_array(&pk, (size_t)total);
+    return merge_walk(r, parts, 1, keys_only ? append_key : append_item, out, &total, err);
 }
 
 static int ready(replay *r, tm_err *err) {
@@ -1312,13 +1329,13 @@ static int ready(replay *r, tm_err *err) {
 int replay_state(replay *r, buf *out, tm_err *err) {
     if (ready(r, err) < 0) return -1;
     if (r->nw == 1) return proj_state(r->w[0].p, out, err);
-    return merged(r, proj_state, 1, out, err);
+    return merged(r, 0, out, err);
 }
 
 int replay_partitions(replay *r, buf *out, tm_err *err) {
     if (ready(r, err) < 0) return -1;
     if (r->nw == 1) return proj_partitions(r->w[0].p, out, err);
-    return merged(r, proj_partitions, 0, out, err);
+    return merged(r, 1, out, err);
 }
 
 int replay_get(replay *r, const char *key, size_t klen, buf *out, tm_err *err) {
@@ -1356,14 +1373,11 @@ static int mg_scan(void *ud, const char *prefix, size_t pl, proj_kv_fn each, voi
     const char *rest = after(prefix, pl, &r->live, &rl);
     if (!rest || rl != 2 || memcmp(rest, "s/", 2)) return 0;
     buf parts[MAX_WORKERS];
-    int rc = 0;
-    for (unsigned i = 0; i < r->nw; i++) parts[i] = (buf)BUF_INIT;
-    for (unsigned i = 0; i < r->nw && rc == 0; i++) rc = proj_state(r->w[i].p, &parts[i], err);
+    if (states_of(r, parts, err) < 0) return -1;
     mscan m = {r, parts, each, ctx, BUF_INIT};
     uint64_t total;
-    if (rc == 0) rc = merge_walk(r, parts, 1, mscan_one, &m, &total, err);
+    int rc = merge_walk(r, parts, 1, mscan_one, &m, &total, err);
     buf_free(&m.key);
-    for (unsigned i = 0; i < r->nw; i++) buf_free(&parts[i]);
     return rc;
 }
 

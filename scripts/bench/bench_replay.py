@@ -67,6 +67,10 @@ if not os.path.isabs(BUILD):
     BUILD = os.path.join(ROOT, BUILD)
 TIDEMARK = os.path.join(BUILD, "tidemark")
 CORES = os.cpu_count() or 1
+# Lua memory cap per worker (a cap, not a reservation): one Lua state with
+# 1M partitions of the example needs ~300 MiB, past the 256 MiB default,
+# and a cap close to the live size makes the GC thrash.  Both sides get it.
+MEM_MB = env_int("BENCH_REPLAY_MEMORY_MB", 1024)
 
 
 class Skip(Exception):
@@ -137,7 +141,8 @@ class Bench:
     def replay(self, workers, tag):
         out = os.path.join(self.tmp, "replay-%s.json" % tag)
         wall, rss = run_timed([TIDEMARK, "replay", "--data", self.store, self.script,
-                               "--name", "example", "--workers", str(workers), "--quiet"], out)
+                               "--name", "example", "--workers", str(workers), "--quiet",
+                               "--memory-limit", str(MEM_MB)], out)
         return wall, rss, out
 
     def best(self, workers, tag):

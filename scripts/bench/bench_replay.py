@@ -99,7 +99,7 @@ def generate(n, parts, jsonl, pgcopy):
 
 
 def run_timed(argv, out_path):
-    """Run argv with stdout to out_path; (wall seconds, peak RSS MiB)."""
+    """Run argv with stdout to out_path; (wall seconds, peak RSS MiB, CPU seconds)."""
     t0 = time.monotonic()
     with open(out_path, "w") as out:
         p = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE)
@@ -110,7 +110,7 @@ def run_timed(argv, out_path):
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise RuntimeError("%s failed (exit %d): %s" % (argv[1], p.returncode, err[-300:]))
-    return wall, ru.ru_maxrss / 1024.0
+    return wall, ru.ru_maxrss / 1024.0, ru.ru_utime + ru.ru_stime
 
 
 class Bench:
@@ -140,10 +140,10 @@ class Bench:
 
     def replay(self, workers, tag):
         out = os.path.join(self.tmp, "replay-%s.json" % tag)
-        wall, rss = run_timed([TIDEMARK, "replay", "--data", self.store, self.script,
+        wall, rss, cpu = run_timed([TIDEMARK, "replay", "--data", self.store, self.script,
                                "--name", "example", "--workers", str(workers), "--quiet",
                                "--memory-limit", str(MEM_MB)], out)
-        return wall, rss, out
+        return wall, rss, out, cpu
 
     def best(self, workers, tag):
         runs = [self.replay(workers, tag) for _ in range(REPEAT)]
@@ -171,8 +171,10 @@ class Bench:
             raise RuntimeError("--workers 2 printed other bytes than --workers 1")
         r1, r2 = EVENTS / one[0], EVENTS / two[0]
         ratio = r2 / r1
-        note = "1 worker %.2f s, 2 workers %.2f s, outputs identical, %d cores" % (
-            one[0], two[0], CORES)
+        load = os.getloadavg()[0]
+        note = ("1 worker %.2f s (%.2f s CPU), 2 workers %.2f s (%.2f s CPU), outputs "
+                "identical, %d cores, load average %.1f" % (one[0], one[3], two[0], two[3],
+                                                           CORES, load))
         self.report("replay_scaling", r2, r1, 1.8, "PASS" if ratio >= 1.8 else "FAIL", note)
 
     def vs_pg(self):
@@ -222,7 +224,7 @@ class Bench:
 
     def rss(self):
         self.setup()
-        wall, rss, _ = self.replay(CORES, "rss")
+        wall, rss, _, _ = self.replay(CORES, "rss")
         note = "%d partitions, %d workers, %.2f s" % (PARTS, CORES, wall)
         self.report("replay_rss", rss, 1024.0, 1.0, "PASS" if rss <= 1024 else "FAIL", note,
                     unit="MiB", lower=True)

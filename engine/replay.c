@@ -72,6 +72,8 @@ typedef struct worker {
     int failed;                    /* this worker stopped (fault or error) */
     tm_err err;
     proj_backing bk;
+    int misrouted;                 /* wrote a state key it does not own (badkey) */
+    char badkey[101];
     buf state;                     /* threaded: its states (proj_state), encoded at the end */
     int state_rc;                  /* -1: encoding it failed (state_err) */
     tm_err state_err;
@@ -102,6 +104,8 @@ struct replay {
     unsigned arrived, gen;
     int barrier_ok;
     int failed;                    /* atomic: some worker stopped */
+    int misrouted;                 /* a barrier found a wrong routing guess (badkey) */
+    char badkey[101];
     /* progress */
     uint64_t last, events, suppressed;
     const proj_fault *fault;
@@ -430,8 +434,20 @@ static int bk_record(void *ud, uint64_t pos, char **rec, size_t *len, tm_err *er
 
 static void put_kv(void *ud, const char *k, size_t kl, const char *v, size_t vl) {
     worker *w = ud;
+    replay *r = w->r;
     buf key = BUF_INIT;
     if (map_key(w, k, kl, &key) == 0) {
+        /* every state a worker touches passes through here at a barrier:
+         * the routing check of persisted replays (a resumed run no longer
+         * holds the earlier states in memory) */
+        size_t rl;
+        const char *rest = after(k, kl, &r->live, &rl);
+        if (r->nw > 1 && rest && rl >= 2 && !memcmp(rest, "s/", 2) &&
+            replay_shard(rest + 2, rl - 2, r->nw) != w->idx && !w->misrouted) {
+            w->misrouted = 1;
+            snprintf(w->badkey, sizeof w->badkey, "%.*s", (int)(rl - 2 < 100 ? rl - 2 : 100),
+                     rest + 2);
+        }
         put_u32(&w->kv, (uint32_t)key.len);
         buf_append(&w->kv, key.ptr, key.len);
         put_u32(&w->kv, (uint32_t)vl);
@@ -755,6 +771,13 @@ static int emits_out(replay *r, tm_event *ev, size_t n, tm_err *err) {
 static int commit_barrier(replay *r, tm_err *err) {
     for (unsigned i = 0; i < r->nw; i++)
         if (r->w[i].failed) return -1;
+    for (unsigned i = 0; i < r->nw; i++)
+        if (r->w[i].misrouted) {
+            r->misrouted = 1;
+            snprintf(r->badkey, sizeof r->badkey, "%s", r->w[i].badkey);
+            return err_set(err, TM_EINVAL, "replay %s: partition %s reached another worker",
+                           r->name, r->badkey);
+        }
     r->events = total_events(r);
     for (unsigned i = 0; i < r->nw; i++)
         if (emits_out(r, r->w[i].emits, r->w[i].nemits, err) < 0) return -1;
@@ -1166,7 +1189,10 @@ int replay_run(replay *r, tm_err *err) {
          * confirmed by the serial run (a misrouted event sees a wrong state). */
         buf bad = BUF_INIT;
         int ok = 1;
-        if (rc == 0) {
+        if (r->misrouted) {
+            ok = 0;
+            buf_puts(&bad, r->badkey);
+        } else if (rc == 0) {
             ok = check_routing(r, &bad, err);
             if (ok < 0) {
                 buf_free(&bad);
@@ -1187,6 +1213,7 @@ int replay_run(replay *r, tm_err *err) {
             r->nw = 1;
             describe(r, why);
             r->last = 0;
+            r->misrouted = 0;
             r->o.resume = 0;
             err_clear(err);
             if (r->o.persist && clear_stage(r, err) < 0) return -1;

@@ -16,9 +16,11 @@
  * the forms `function(e) return e.stream | e.category | e.type |
  * e.data.a.b... end` (e.data["a"] too) in the script's source.  Whatever
  * it computes is only a guess: every worker still runs the real
- * partition(), and at the end each worker's partition keys must hash to
- * that worker; if one does not (a wrong guess), the replay is redone on one
- * worker and says so.  Projections without `partition`, with a partition
+ * partition(), and each worker's partition keys must hash to that worker
+ * (checked on every state written at a barrier, and on the whole result at
+ * the end); if one does not (a wrong guess), the replay is redone on one
+ * worker and says so.  A fault under a guessed route is confirmed the same
+ * way (a misrouted event would see a wrong state).  Projections without `partition`, with a partition
  * function the router does not recognise, or with on_error = "dead_letter"
  * run on one worker (the reader feeds it inline); replay_describe says why.
  *

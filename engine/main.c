@@ -30,6 +30,8 @@ static const command commands[] = {
      "run a projection over all history once, print its state as JSON"},
     {"replay", cli_replay, "--data DIR (NAME | FILE.lua) [--workers N] [--persist] [--resume]",
      "rebuild a projection from position 0 on every core (versioned, resumable)"},
+    {"repl", cli_repl, "[--data DIR | --url URL] [-e CHUNK | -f FILE.lua]",
+     "Lua prompt and ad-hoc queries over events"},
 };
 
 static void overview(FILE *out) {

@@ -95,6 +95,7 @@ struct proj {
     type_entry *types;          /* open addressing, cap power of two */
     size_t types_cap, ntypes;
     char **type_names;          /* idx -> name */
+    type_entry *last_te;        /* the last type seen (a cheap first check); reset on rehash */
     size_t *type_lens;
     /* batch */
     proj_slot *slots;
@@ -676,6 +677,7 @@ static type_entry *intern_type(proj *p, const char *t, size_t n) {
         }
         free(p->types);
         p->types = nt;
+        p->last_te = NULL;
         p->types_cap = cap;
         p->type_names = realloc(p->type_names, cap * sizeof *p->type_names);
         p->type_lens = realloc(p->type_lens, cap * sizeof *p->type_lens);
@@ -860,7 +862,9 @@ int proj_feed(proj *p, const tm_event *ev, tm_err *err) {
         if (p->nslots == 0) p->position = ev->position;
         return 0;
     }
-    type_entry *te = intern_type(p, ev->type, ev->type_len);
+    type_entry *te = p->last_te; /* runs of one type are common: skip the hash */
+    if (!te || te->len != ev->type_len || memcmp(te->name, ev->type, ev->type_len))
+        te = p->last_te = intern_type(p, ev->type, ev->type_len);
     if (!te->handled) {
         if (p->nslots == 0) p->position = ev->position;
         return 0;

@@ -185,6 +185,8 @@ def check_store(bin_, data):
 
 def verify(bin_, data, writers):
     """The store after a kill: check clean, every ack kept exactly once."""
+    if not any(w.sent_ids for w in writers) and not os.path.exists(os.path.join(data, "CURRENT")):
+        return 0   # killed before the store was ever created: nothing to keep
     check_store(bin_, data)
     evs = export_events(bin_, data)
     where = {}
@@ -259,14 +261,18 @@ def http_json(port, path, timeout=30):
         c.close()
 
 
-def projections_behind(port, names):
-    """True when some projection has not yet considered every stored event."""
+def projections_busy(port, names):
+    """(processing, behind): every projection has handled events in this
+    server's life while the writers append (so it is feeding when the kill
+    comes), and whether one has not yet considered every stored event."""
     try:
         j = http_json(port, "/projections", timeout=2)
     except (OSError, http.client.HTTPException, CrashLoopError):
-        return False
+        return False, False
     ps = {p["name"]: p for p in j["projections"]}
-    return any(n in ps and ps[n]["position"] < j["last_position"] for n in names)
+    processing = all(n in ps and ps[n]["status"] == "running" and ps[n]["events"] > 0 for n in names)
+    behind = any(n in ps and ps[n]["position"] < j["last_position"] for n in names)
+    return processing, behind
 
 
 def served_read_models(srv, names, timeout=120):
@@ -326,7 +332,8 @@ def run(bin_, workdir, iterations=10, seconds=None, threads=16, seed=None, max_r
                 f.write(src)
         extra = ["--projections", proj_dir]
         stats["projection_checks"] = 0
-        stats["kills_while_projecting"] = 0
+        stats["kills_while_projecting"] = 0   # projections feeding as appends arrive
+        stats["kills_while_behind"] = 0       # ... and one was seen behind the log
     t0 = time.monotonic()
     try:
         for it in range(iterations):
@@ -350,8 +357,10 @@ def run(bin_, workdir, iterations=10, seconds=None, threads=16, seed=None, max_r
                 for t in ts:
                     t.start()
                 time.sleep(rng.uniform(0.05, max_run))
-                if names and projections_behind(srv.port, names):
-                    stats["kills_while_projecting"] += 1
+                if names:
+                    processing, behind = projections_busy(srv.port, names)
+                    stats["kills_while_projecting"] += processing
+                    stats["kills_while_behind"] += processing and behind
                 srv.kill9()
                 stop.set()
                 for t in ts:

@@ -83,6 +83,13 @@ $(LIB): $(LIB_OBJ)
 	rm -f $@
 	ar rcs $@ $^
 
+# The REPL's Lua prelude is compiled in: repl/prelude.lua -> a C string.
+$(BUILD)/gen/repl_prelude.h: repl/prelude.lua
+	@mkdir -p $(dir $@)
+	sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/^/"/' -e 's/$$/\\n"/' $< > $@
+$(BUILD)/repl/repllua.o: $(BUILD)/gen/repl_prelude.h
+$(BUILD)/repl/%.o: CFLAGS += -I$(BUILD)/gen
+
 $(BIN): $(BIN_OBJ) $(LIB)
 	$(CC) $(LDFLAGS) -o $@ $(BIN_OBJ) $(LIB) $(LDLIBS)
 

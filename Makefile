@@ -6,6 +6,8 @@
 #   make bench      benchmarks, each held against a limit probe in the same run
 #   make demo       install deps if missing, build, start a server with demo data
 #   make install    PREFIX=/usr/local DESTDIR=
+#   make fuzz       libFuzzer targets (clang), FUZZ_SECONDS (300) each; fuzz-short: 10 s each
+#   make corrupt-long  the corruption test with many more seeds
 #   make clean
 #
 # Sources are found by wildcard: engine/*.c (less engine/main.c) form the
@@ -64,7 +66,7 @@ TESTLIB_OBJ := $(TESTLIB_SRC:%.c=$(BUILD)/%.o)
 BENCH_SRC := $(wildcard scripts/bench/*.c)
 BENCH_BIN := $(BENCH_SRC:scripts/bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all test unit e2e bench demo install clean help fuzz
+.PHONY: all test unit e2e bench demo install clean help fuzz fuzz-short fuzz-build faults corrupt-long
 all: $(BIN)
 
 $(BUILD)/%.o: %.c
@@ -127,8 +129,53 @@ clean:
 	rm -rf build
 
 help:
-	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,14p' Makefile | sed 's/^# \{0,1\}//'
 
+# ---- hardening: fuzzing (clang + libFuzzer), fault injection ----
+# The fuzz targets link the engine sources compiled again by clang with
+# coverage, ASan and UBSan (build/fuzz/obj), not the gcc library.
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 300
+FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_CFLAGS := -O1 -g -std=gnu11 -Wall -Wextra -Wno-unused-parameter -pthread -Iengine $(PKG_CFLAGS) $(FUZZ_SAN)
+FUZZ_OBJ := $(LIB_SRC:%.c=build/fuzz/obj/%.o)
+FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=build/fuzz/%)
+
+build/fuzz/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
+
+build/fuzz/libtidemark.a: $(FUZZ_OBJ)
+	rm -f $@
+	ar rcs $@ $^
+
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_common.h build/fuzz/libtidemark.a
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< build/fuzz/libtidemark.a $(LDLIBS)
+
+fuzz-build: $(FUZZ_BIN)
+
+fuzz: $(FUZZ_BIN)
+	tests/fuzz/run $(FUZZ_SECONDS)
+
+fuzz-short: $(FUZZ_BIN)
+	tests/fuzz/run 10
+
+# LD_PRELOAD shim that fails chosen I/O calls (tests/faults/failio.c).
+build/faults/failio.so: tests/faults/failio.c
+	@mkdir -p $(dir $@)
+	$(CC) -O2 -g -std=gnu11 -Wall -Wextra -fPIC -shared -o $@ $< -ldl
+
+faults: build/faults/failio.so
+
+# e2e tests that use the shim find it next to the binary's build dir.
+test unit e2e: build/faults/failio.so
+
+corrupt-long: $(BIN)
+	TIDEMARK_BIN=$(abspath $(BIN)) TIDEMARK_CORRUPT_SEEDS=$${TIDEMARK_CORRUPT_SEEDS:-2000} \
+		$(PYTHON) -m pytest -q -p no:cacheprovider tests/e2e/test_corruption.py
+
+-include $(FUZZ_OBJ:.o=.d)
 -include $(LIB_OBJ:.o=.d) $(BIN_OBJ:.o=.d) $(TESTLIB_OBJ:.o=.d) $(UNIT_BIN:=.d) $(BENCH_BIN:=.d)
 
 # proj.c embeds the projection runtime's Lua source with .incbin.

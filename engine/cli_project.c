@@ -102,7 +102,23 @@ static void print_fault(const char *cmd, const proj *p, const tm_err *err) {
         fprintf(stderr, "%s\n", strchr(f->traceback, '\n') + 1);
 }
 
-/* Replay everything after the projection's position.  0 / exit status. */
+/* Outcome of feeding: 0 go on, PROJ_REPLAY, -2 projection fault (print
+ * it), -1 other error (err). */
+static int fed(proj *p, int rc) {
+    if (rc == 0 || rc == PROJ_REPLAY) return rc;
+    return proj_fault_info(p) ? -2 : -1;
+}
+
+/* A commit's failure is a fault when the projection failed (its flush ran
+ * handlers, or a state could not be encoded), else an I/O error. */
+static int committed(proj *p, int rc, const tm_err *err) {
+    if (rc == 0 || rc == PROJ_REPLAY) return rc;
+    return (proj_fault_info(p) || err->code == TM_EINVAL) ? -2 : -1;
+}
+
+/* Replay everything after the projection's position.  0 / exit status.
+ * (A reader thread prefetching chunks was measured slower on this shared
+ * 2-core machine: both threads compete with everything else.) */
 static int replay(const char *cmd, store *s, proj *p, const run_opts *ro) {
     tm_err err;
     err_clear(&err);
@@ -112,70 +128,39 @@ static int replay(const char *cmd, store *s, proj *p, const run_opts *ro) {
     if (!every) every = ro->persist ? 100000 : 0;
     if (!every && proj_dead_letter_mode(p)) every = 100000; /* bounds dead-letter replays */
     uint64_t seen = 0;
-    int status = 0;
+    int rc = 0;
     for (;;) {
         store_iter *it = open_reader(s, p, proj_position(p) + 1, &err);
         if (!it) {
-            status = cli_fail(cmd, &err);
+            rc = -1;
             break;
         }
         tm_event ev;
-        int r, replay_again = 0;
-        while ((r = store_iter_next(it, &ev, &err)) == 1) {
-            int rc = proj_feed(p, &ev, &err);
-            if (rc == PROJ_REPLAY) {
-                replay_again = 1;
-                break;
-            }
-            if (rc < 0) {
-                r = -2;
-                break;
-            }
+        int r;
+        rc = 0;
+        while (rc == 0 && (r = store_iter_next(it, &ev, &err)) == 1) {
+            rc = fed(p, proj_feed(p, &ev, &err));
             if ((++seen & 4095) == 0) progress_update(pg, ev.position, seen);
-            if (every && proj_uncommitted(p) >= every) {
-                if (proj_commit(p, &err) != 0) {
-                    r = proj_fault_info(p) ? -2 : -1;
-                    if (proj_dead_letter_mode(p) && !proj_fault_info(p) && err.code == TM_EINVAL)
-                        r = -2;
-                    break;
-                }
-            }
+            if (rc == 0 && every && proj_uncommitted(p) >= every)
+                rc = committed(p, proj_commit(p, &err), &err);
         }
         store_iter_free(it);
-        if (replay_again) continue;
-        if (r == -2) {
-            print_fault(cmd, p, &err);
-            status = 1;
-            break;
-        }
-        if (r < 0) {
-            status = cli_fail(cmd, &err);
-            break;
-        }
-        int rc = proj_flush(p, &err);
+        if (rc == 0 && r < 0) rc = -1;
         if (rc == PROJ_REPLAY) continue;
-        if (rc < 0) {
-            print_fault(cmd, p, &err);
-            status = 1;
-            break;
-        }
-        if (ro->persist || proj_dead_letter_mode(p)) {
-            rc = proj_commit(p, &err);
-            if (rc == PROJ_REPLAY) continue;
-            if (rc < 0) {
-                if (proj_fault_info(p) || err.code == TM_EINVAL) {
-                    print_fault(cmd, p, &err);
-                    status = 1;
-                } else {
-                    status = cli_fail(cmd, &err);
-                }
-                break;
-            }
-        }
+        if (rc == 0) rc = fed(p, proj_flush(p, &err));
+        if (rc == PROJ_REPLAY) continue;
+        if (rc == 0 && (ro->persist || proj_dead_letter_mode(p)))
+            rc = committed(p, proj_commit(p, &err), &err);
+        if (rc == PROJ_REPLAY) continue;
         break;
     }
     progress_end(pg);
-    return status;
+    if (rc == -2) {
+        print_fault(cmd, p, &err);
+        return 1;
+    }
+    if (rc < 0) return cli_fail(cmd, &err);
+    return 0;
 }
 
 static int print_json(const char *cmd, const buf *mp) {
@@ -192,8 +177,25 @@ static int print_json(const char *cmd, const buf *mp) {
 }
 
 /* --isolate: the projection runs in a worker process (projhost.h). */
+typedef struct read_req {
+    const char *query, *get, *top;
+    int list;
+} read_req;
+
+/* "FIELD[:N]" -> field (malloc'd) and n (default 10). */
+static char *parse_top(const char *top, uint64_t *n) {
+    char *field = strdup(top);
+    char *colon = strrchr(field, ':');
+    *n = 10;
+    if (colon) {
+        *colon = 0;
+        *n = strtoull(colon + 1, NULL, 10);
+    }
+    return field;
+}
+
 static int run_isolated(const char *cmd, store *s, const char *name, const buf *src,
-                        const char *file, double cpu, uint64_t mem_mb, const char *query,
+                        const char *file, double cpu, uint64_t mem_mb, const read_req *rq,
                         const buf *args, int reset) {
     tm_err err;
     err_clear(&err);
@@ -217,8 +219,16 @@ static int run_isolated(const char *cmd, store *s, const char *name, const buf *
             fprintf(stderr, "%s\n", strchr(st->traceback, '\n') + 1);
         status = err.code == TM_EIO ? 4 : 1;
     } else {
-        int rc = query ? projhost_query(h, query, args->ptr, args->len, &out, &err)
-                       : projhost_state_mp(h, &out, &err);
+        int rc;
+        if (rq->query) rc = projhost_query(h, rq->query, args->ptr, args->len, &out, &err);
+        else if (rq->get) rc = projhost_read(h, "get", rq->get, NULL, 0, &out, &err);
+        else if (rq->list) rc = projhost_read(h, "partitions", NULL, NULL, 0, &out, &err);
+        else if (rq->top) {
+            uint64_t n;
+            char *field = parse_top(rq->top, &n);
+            rc = projhost_read(h, "top", field, NULL, n, &out, &err);
+            free(field);
+        } else rc = projhost_state_mp(h, &out, &err);
         status = rc < 0 ? cli_fail(cmd, &err) : print_json(cmd, &out);
     }
     buf_free(&out);
@@ -305,7 +315,8 @@ int cli_project(int argc, char **argv) {
     }
     char *name = name_opt ? strdup(name_opt) : default_name(file);
     if (isolate) {
-        status = run_isolated(cmd, s, name, &src, file, cpu, mem_mb, query, &args, reset);
+        read_req rq = {.query = query, .get = get, .top = top, .list = list};
+        status = run_isolated(cmd, s, name, &src, file, cpu, mem_mb, &rq, &args, reset);
         store_close(s);
         free(name);
         buf_free(&src);
@@ -338,13 +349,8 @@ int cli_project(int argc, char **argv) {
     else if (get) rc = proj_get(p, get, strlen(get), &out, &err);
     else if (list) rc = proj_partitions(p, &out, &err);
     else if (top) {
-        char *field = strdup(top);
-        char *colon = strrchr(field, ':');
-        uint64_t n = 10;
-        if (colon) {
-            *colon = 0;
-            n = strtoull(colon + 1, NULL, 10);
-        }
+        uint64_t n;
+        char *field = parse_top(top, &n);
         rc = proj_top(p, field, n, &out, &err);
         free(field);
     } else rc = proj_state(p, &out, &err);

@@ -184,8 +184,10 @@ static int cb_bool(void *ctx, int v) {
     return check_size(c);
 }
 
-/* Pack a JSON number given as text (already checked by yajl's lexer). */
-static void pack_number(jctx *c, const char *s, size_t n) {
+/* Pack a JSON number given as text (already checked by yajl's lexer).
+ * 0, or -1 when it is beyond a double's range (it would become an
+ * infinity, which JSON cannot say: printed back it would be null). */
+static int pack_number(jctx *c, const char *s, size_t n) {
     int is_int = 1;
     for (size_t i = 0; i < n; i++)
         if (s[i] == '.' || s[i] == 'e' || s[i] == 'E') {
@@ -208,17 +210,17 @@ static void pack_number(jctx *c, const char *s, size_t n) {
         }
         if (!over && !neg) {
             msgpack_pack_uint64(&c->pk, v);
-            return;
+            return 0;
         }
         if (!over && v <= (uint64_t)INT64_MAX + 1) {
             msgpack_pack_int64(&c->pk, v == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)v);
-            return;
+            return 0;
         }
     }
     double d;
     if (fast_strtod(s, n, &d)) {
         msgpack_pack_double(&c->pk, d);
-        return;
+        return 0;
     }
     char small[64];
     char *t = n < sizeof small ? small : malloc(n + 1);
@@ -227,20 +229,41 @@ static void pack_number(jctx *c, const char *s, size_t n) {
     t[n] = '\0';
     d = strtod_c(t, NULL);
     if (t != small) free(t);
+    if (!isfinite(d)) return -1;
     msgpack_pack_double(&c->pk, d);
+    return 0;
 }
 
 static int cb_number(void *ctx, const char *s, size_t n) {
     jctx *c = ctx;
     if (!add_elem(c)) return 0;
-    pack_number(c, s, n);
+    if (pack_number(c, s, n) < 0)
+        return fail(c, "number %.*s%s is out of range", (int)(n < 40 ? n : 40), s,
+                    n < 40 ? "" : "...");
     return check_size(c);
+}
+
+/* Strings must be UTF-8 both ways.  yajl's own check of raw text lets
+ * overlong forms through (C0 A3), and a \uDC00..\uDFFF escape without its
+ * high half decodes to ED B0..BF xx; either would print back as U+FFFD.
+ * ASCII (the common case) is skipped 8 bytes at a time. */
+static int bad_utf8(const unsigned char *s, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        if (w & 0x8080808080808080ull) break;
+    }
+    for (; i < n && s[i] < 0x80; i++) {
+    }
+    return i < n && !json_utf8_valid((const char *)s + i, n - i);
 }
 
 static int cb_string(void *ctx, const unsigned char *s, size_t n) {
     jctx *c = ctx;
     if (!add_elem(c)) return 0;
     if (n > UINT32_MAX) return fail(c, "string longer than %u bytes", UINT32_MAX);
+    if (bad_utf8(s, n)) return fail(c, "string is not valid UTF-8 (or an unpaired surrogate escape)");
     msgpack_pack_str_with_body(&c->pk, s, n);
     return check_size(c);
 }
@@ -286,6 +309,7 @@ static int cb_map_key(void *ctx, const unsigned char *s, size_t n) {
     if (++f->count > c->lim->max_items)
         return fail(c, "object of more than %u items", c->lim->max_items);
     if (n > UINT32_MAX) return fail(c, "key longer than %u bytes", UINT32_MAX);
+    if (bad_utf8(s, n)) return fail(c, "key is not valid UTF-8 (or an unpaired surrogate escape)");
     msgpack_pack_str_with_body(&c->pk, s, n);
     return check_size(c);
 }
@@ -657,9 +681,15 @@ static void put_base64(buf *out, const unsigned char *s, size_t n) {
     put_c(out, '"');
 }
 
-static int put_value(const char **p, const char *end, buf *out, int depth, tm_err *err);
+static int put_value(const char **p, const char *end, buf *out, int depth, int in_key,
+                     tm_err *err);
 
-static int put_key(const char **p, const char *end, buf *out, int depth, tm_err *err) {
+/* A map key: a string as itself; any other value as its JSON text in a
+ * string.  Inside such a key (in_key) nested non-string keys are written
+ * as plain text, so the whole key is escaped once: escaping at every
+ * level would double the size per level (64 levels: 2^64 bytes). */
+static int put_key(const char **p, const char *end, buf *out, int depth, int in_key,
+                   tm_err *err) {
     const char *q = *p;
     mp_item it;
     if (mp_next(&q, end, &it) < 0)
@@ -669,14 +699,16 @@ static int put_key(const char **p, const char *end, buf *out, int depth, tm_err 
         *p = q;
         return 0;
     }
+    if (in_key) return put_value(p, end, out, depth, 1, err);
     buf tmp = BUF_INIT;
-    int rc = put_value(p, end, &tmp, depth, err);
+    int rc = put_value(p, end, &tmp, depth, 1, err);
     if (rc == 0) json_put_string(out, tmp.ptr, tmp.len);
     buf_free(&tmp);
     return rc;
 }
 
-static int put_value(const char **p, const char *end, buf *out, int depth, tm_err *err) {
+static int put_value(const char **p, const char *end, buf *out, int depth, int in_key,
+                     tm_err *err) {
     mp_item it;
     if (mp_next(p, end, &it) < 0) return err_set(err, TM_EINVAL, "msgpack: truncated or invalid");
     switch (it.type) {
@@ -712,10 +744,10 @@ static int put_value(const char **p, const char *end, buf *out, int depth, tm_er
     for (uint32_t i = 0; i < it.v.n; i++) {
         if (i) put_c(out, ',');
         if (is_map) {
-            if (put_key(p, end, out, depth + 1, err) < 0) return -1;
+            if (put_key(p, end, out, depth + 1, in_key, err) < 0) return -1;
             put_c(out, ':');
         }
-        if (put_value(p, end, out, depth + 1, err) < 0) return -1;
+        if (put_value(p, end, out, depth + 1, in_key, err) < 0) return -1;
     }
     put_c(out, is_map ? '}' : ']');
     return 0;
@@ -724,7 +756,7 @@ static int put_value(const char **p, const char *end, buf *out, int depth, tm_er
 int json_from_mp(const char *mp, size_t len, buf *out, tm_err *err) {
     size_t start = out->len;
     const char *p = mp, *end = mp + len;
-    int rc = put_value(&p, end, out, 0, err);
+    int rc = put_value(&p, end, out, 0, 0, err);
     if (rc == 0 && p != end) rc = err_set(err, TM_EINVAL, "msgpack: trailing bytes after value");
     if (rc < 0) {
         out->len = start;

@@ -484,6 +484,26 @@ int projhost_worker_main(int argc, char **argv) {
             free(args);
             break;
         }
+        case 'P': {
+            char *op = get_str(w.frame.ptr, w.frame.len, "op", NULL);
+            size_t al = 0;
+            char *a = get_str(w.frame.ptr, w.frame.len, "a", &al);
+            char *b = get_str(w.frame.ptr, w.frame.len, "b", NULL);
+            uint64_t n = get_u64(w.frame.ptr, w.frame.len, "n");
+            int rc = -1;
+            if (!op) err_set(&err, TM_EINVAL, "read without an op");
+            else if (!strcmp(op, "get") && a) rc = proj_get(w.p, a, al, &out, &err);
+            else if (!strcmp(op, "partitions")) rc = proj_partitions(w.p, &out, &err);
+            else if (!strcmp(op, "top") && a) rc = proj_top(w.p, a, n, &out, &err);
+            else if (!strcmp(op, "range")) rc = proj_range(w.p, a, b, n, &out, &err);
+            else if (!strcmp(op, "prefix") && a) rc = proj_prefix(w.p, a, n, &out, &err);
+            else err_set(&err, TM_EINVAL, "bad read '%s'", op);
+            w_value(&w, rc, &out, &err);
+            free(op);
+            free(a);
+            free(b);
+            break;
+        }
         default: {
             err_set(&err, TM_EINVAL, "unknown frame '%c'", kind);
             w_error(&w, &err);
@@ -951,6 +971,29 @@ int projhost_query(projhost *h, const char *name, const char *args, size_t alen,
         pk_bin(&pk, args, alen);
     }
     int rc = value(h, 'Q', &req, out, err);
+    buf_free(&req);
+    return rc;
+}
+
+int projhost_read(projhost *h, const char *op, const char *a, const char *b, uint64_t n,
+                  buf *out, tm_err *err) {
+    buf req = BUF_INIT;
+    msgpack_packer pk;
+    pk_init(&pk, &req);
+    msgpack_pack_map(&pk, 2 + (a != NULL) + (b != NULL));
+    pk_cstr(&pk, "op");
+    pk_cstr(&pk, op);
+    pk_cstr(&pk, "n");
+    msgpack_pack_uint64(&pk, n);
+    if (a) {
+        pk_cstr(&pk, "a");
+        pk_cstr(&pk, a);
+    }
+    if (b) {
+        pk_cstr(&pk, "b");
+        pk_cstr(&pk, b);
+    }
+    int rc = value(h, 'P', &req, out, err);
     buf_free(&req);
     return rc;
 }

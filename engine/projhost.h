@@ -19,6 +19,7 @@
  *                                           data,meta,id]..]}
  *   'D' checkpoint committed           'A'
  *   'S' state, 'Q' query {name,args}   'V' value (msgpack bytes) or 'E'
+ *   'P' built-in read {op,key,to,n}    'V' or 'E'
  *   (answers to the worker's reads)    'g' get {key}  's' scan {prefix}
  *   'v' [found, bytes], 'w' [[k,v]..]  'r' record {position}
  * Payloads are msgpack maps unless noted (B is raw).
@@ -76,6 +77,11 @@ int projhost_checkpoint(projhost *h, tm_err *err);
 int projhost_state_mp(projhost *h, buf *out, tm_err *err);
 int projhost_query(projhost *h, const char *name, const char *args, size_t alen, buf *out,
                    tm_err *err);
+/* Built-in reads (proj.h): op "get" (a = key), "partitions", "top"
+ * (a = field, n), "range" (a = from, b = to, either NULL = open; n = limit),
+ * "prefix" (a = prefix, n = limit). */
+int projhost_read(projhost *h, const char *op, const char *a, const char *b, uint64_t n,
+                  buf *out, tm_err *err);
 const projhost_status *projhost_get_status(const projhost *h);
 /* Stop the worker (SIGKILL if it does not exit on EOF) and free. */
 void projhost_free(projhost *h);

@@ -167,8 +167,6 @@ def test_projection_runs_are_byte_identical(dataset, tmp_path):
 BUILTIN_QUERIES = ("--get", "--top", "--partitions")
 
 
-@pytest.mark.xfail(strict=True, reason="lua branch bug: `tidemark project --isolate` ignores "
-                   "--get/--top/--partitions and prints the whole model (reported)")
 def test_isolate_builtin_queries(dataset, tmp_path):
     data, _ = dataset
     fresh, _ = make_dataset(str(tmp_path / "iso"))

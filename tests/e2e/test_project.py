@@ -232,3 +232,31 @@ def test_isolated_runaway_worker_is_reported(store, tmp_path):
     assert p.returncode == 1
     assert "worker exited" in p.stderr and "CPU limit exceeded" in p.stderr
     assert time.monotonic() - t0 < 15
+
+
+def test_dead_letters_skip_failing_events(store, tmp_path):
+    d, evs = store
+    f = write(tmp_path, "dl.lua", """
+    return { from = "all", on_error = "dead_letter", checkpoint_every = 500,
+      init = function() return { n = 0 } end,
+      on = { ["$any"] = function(s, e)
+        s.n = s.n + 1
+        if e.position % 1000 == 7 then error("unlucky") end
+      end } }
+    """)
+    for extra in ([], ["--persist"]):
+        p = tm("project", "--data", d, f, *extra)
+        assert p.returncode == 0, p.stderr
+        bad = len([i for i in range(1, len(evs) + 1) if i % 1000 == 7])
+        assert json.loads(p.stdout)["n"] == len(evs) - bad
+
+
+def test_isolated_builtin_reads_match_in_process(store, tmp_path):
+    d, evs = store
+    f = write(tmp_path, "customers.lua", EXAMPLE)
+    k = sorted(expected(evs))[0]
+    for extra in (["--get", k], ["--top", "orders:3"], ["--partitions"]):
+        a = tm("project", "--data", d, f, *extra)
+        b = tm("project", "--data", d, f, "--isolate", *extra)
+        assert a.returncode == 0 and b.returncode == 0, (a.stderr, b.stderr)
+        assert a.stdout == b.stdout, extra

@@ -68,7 +68,23 @@ static void test_roundtrip_scalars(void **st) {
     check_rt("5e-324", "4.94065645841247e-324"); /* 15 digits suffice */
     check_rt("1.7976931348623157e308", "1.7976931348623157e+308");
     check_rt("0.30000000000000004", "0.30000000000000004");
-    check_rt("1e400", "null"); /* overflows double: infinity prints as null */
+    { /* overflows a double: refused (infinity would print back as null) */
+        buf mp = BUF_INIT;
+        tm_err e;
+        assert_int_equal(json_to_mp("1e400", 5, NULL, &mp, &e), -1);
+        assert_non_null(strstr(e.msg, "out of range"));
+        assert_int_equal(json_to_mp("[-1e999]", 8, NULL, &mp, &e), -1);
+        /* an unpaired low surrogate escape would decode to invalid UTF-8 */
+        assert_int_equal(json_to_mp("\"\\udc00\"", 8, NULL, &mp, &e), -1);
+        assert_non_null(strstr(e.msg, "surrogate"));
+        assert_int_equal(json_to_mp("{\"\\udfff\":1}", 12, NULL, &mp, &e), -1);
+        assert_int_equal(mp.len, 0);
+        check_rt("\"\\ud83d\\ude00\"", "\"\xf0\x9f\x98\x80\""); /* a pair is fine */
+        /* raw invalid UTF-8 that yajl lets through: an overlong form */
+        assert_int_equal(json_to_mp("\"a\xc0\xa3\"", 5, NULL, &mp, &e), -1);
+        assert_non_null(strstr(e.msg, "UTF-8"));
+        buf_free(&mp);
+    }
     check_rt("127", "127");
     check_rt("128", "128");
     check_rt("-32", "-32");
@@ -398,6 +414,19 @@ static void test_from_mp_types(void **st) {
     assert_int_equal(js0.len, 0);
     buf_free(&js0);
     buf_reset(&b);
+
+    { /* keys that are maps whose keys are maps...: printed in linear size
+         * (escaping once per level would double the text per level) */
+        buf k = BUF_INIT, out = BUF_INIT;
+        tm_err ek;
+        for (int i = 0; i < 60; i++) buf_putc(&k, (char)0x81);
+        for (int i = 0; i < 61; i++) buf_putc(&k, (char)0xc0);
+        assert_int_equal(mp_validate(k.ptr, k.len, NULL, &ek), 0);
+        assert_int_equal(json_from_mp(k.ptr, k.len, &out, &ek), 0);
+        assert_true(out.len < 2000);
+        buf_free(&k);
+        buf_free(&out);
+    }
 
     /* errors: truncated, invalid byte, trailing bytes; out unchanged */
     buf js = BUF_INIT;

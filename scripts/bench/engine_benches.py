@@ -47,7 +47,7 @@ def sizes():
         "clients": env_int("BENCH_CLIENTS", 64),
         "sse_clients": env_int("BENCH_SSE_CLIENTS", 100),
         "sse_rate": env_int("BENCH_SSE_RATE", 10000),
-        "sse_appenders": env_int("BENCH_SSE_APPENDERS", 32),
+        "sse_appenders": env_int("BENCH_SSE_APPENDERS", 64),
         "pg_workers": env_int("BENCH_PG_WORKERS", 2),
     }
     cpus = sorted(os.sched_getaffinity(0))
@@ -199,8 +199,8 @@ class EngineBenches:
             st = self.replay_store()
             out = os.path.join(self.tmp, "project-rate.json")
             wall, cpu, _, _ = self.project(st["dir"], self.customers_lua(), out)
-            return n / wall, "%d events in %.2f s wall, %.2f s CPU, cpu %d" % (
-                n, wall, cpu, self.sz["cpu"])
+            return n / wall, "%d events in %.2f s wall, %.2f s CPU (%s per CPU second), " \
+                "pinned to cpu %d" % (n, wall, cpu, H.fmt_rate(n / cpu), self.sz["cpu"])
 
         return limit, ours
 

@@ -2,9 +2,9 @@
 -- event reads, projections, dot commands and completion.
 --
 -- Compiled into the binary (Makefile: build/gen/repl_prelude.h) and run
--- once per Lua state with T, the table of C built-ins (repllua.c), before
--- the sandbox strips io/os/package/debug/ffi: anything this file needs
--- from those is captured in locals here.  Returns show(...), the printer
+-- once per Lua state (the sandbox of sandbox.h) with T, the table of C
+-- built-ins (repllua.c), the ffi module and table.new; none of the three is
+-- reachable from user code (they live in this chunk's locals).  Returns show(...), the printer
 -- of evaluation results; T.dot and T.complete are set for the C side.
 --
 -- Queries run as transient projections over history: one scan (T.scan, C)
@@ -13,7 +13,7 @@
 -- Per-group state lives in a flat table keyed by the group key (or a
 -- composite string key for several keys); nothing per event is kept.
 
-local T = ...
+local T, ffi, tnew = ...
 local type, pairs, ipairs, tostring, tonumber, select = type, pairs, ipairs, tostring, tonumber, select
 local setmetatable, getmetatable, rawget, error, pcall = setmetatable, getmetatable, rawget, error, pcall
 local fmt, concat, sort, insert, floor, huge = string.format, table.concat, table.sort, table.insert, math.floor, math.huge
@@ -157,8 +157,7 @@ local function event_list(list) return setmetatable(list, EV) end
 -- ends the scan.
 local STOP = setmetatable({}, { __tostring = function() return "stop" end })
 T.STOP = STOP
-local ffi = require("ffi")
-local bit = require("bit")
+local bit = bit
 ffi.cdef [[
 typedef struct replscan_slot {
     double position, version, time;
@@ -170,8 +169,7 @@ local slotp = ffi.typeof("const replscan_slot *")
 local u8p = ffi.typeof("const uint8_t *")
 local fstr, fcast = ffi.string, ffi.cast
 local conv = ffi.new("union { double d; float f; uint32_t w[2]; }")
-local ok_tnew, tnew = pcall(require, "table.new")
-if not ok_tnew then tnew = function() return {} end end
+tnew = tnew or function() return {} end
 local types = {}
 T.types = types
 
@@ -1131,7 +1129,7 @@ local function as_rows(list, cols)
   return result(cols, rows)
 end
 
-local proj_cols = { "name", "status", "position", "lag", "partitions", "errors" }
+local proj_cols = { "name", "status", "position", "lag", "events", "error" }
 
 function G.projections()
   local P = need_proj("projections()")
@@ -1140,6 +1138,11 @@ function G.projections()
   else
     local v = http_json("GET", "/projections")
     list = type(v) == "table" and (v.projections or v) or {}
+  end
+  for _, p in ipairs(list) do
+    if type(p.error) == "table" then
+      p.error = fmt("position %s (%s): %s", tostring(p.error.position), tostring(p.error.type), tostring(p.error.message))
+    end
   end
   return as_rows(list, proj_cols)
 end
@@ -1163,19 +1166,19 @@ function G.state(name, partition)
   return v
 end
 
-function G.query(name, args)
-  if type(name) ~= "string" then error("query(name, args)", 2) end
-  local P = need_proj("query()")
-  if P then return P.query(name, args) end
-  local qs = {}
-  if type(args) == "table" then
-    local ks = {}
-    for k in pairs(args) do ks[#ks + 1] = k end
-    sort(ks, before)
-    for _, k in ipairs(ks) do qs[#qs + 1] = T.escape(tostring(k)) .. "=" .. T.escape(tostring(args[k])) end
+-- query(projection, query_name [, args]): a named query of the script's
+-- `queries` table.
+function G.query(name, qname, args)
+  if type(name) ~= "string" or type(qname) ~= "string" then
+    error("query(projection, query_name [, args])", 2)
   end
-  local path = proj_path(name, "/query") .. (#qs > 0 and ("?" .. concat(qs, "&")) or "")
-  return (http_json("GET", path))
+  local P = need_proj("query()")
+  if P then return P.query(name, qname, args) end
+  local path = proj_path(name, "/query/" .. T.escape(qname))
+  if args ~= nil then path = path .. "?args=" .. T.escape(json(args)) end
+  local v, st = http_json("GET", path)
+  if v == nil and st == 404 then error("no projection or query " .. name .. "/" .. qname, 2) end
+  return v
 end
 
 local function read_file(file)
@@ -1226,7 +1229,7 @@ Queries (one pass over history, Ctrl-C cancels)
     :percentiles(f, {0.5, 0.95, 0.99})  :top(n, f)  :agg{n="count", s={"sum", f}}
     :list(n)  :each(fn)  :map(fn)       :order_by(col, "desc")  :limit(n)
 Projections
-  projections()  status(name)  state(name [, partition])  query(name, args)
+  projections()  status(name)  state(name [, partition])  query(name, q [, args])
   load(file)  run(file)
 Dot commands
   .help  .streams  .categories  .projections  .describe NAME  .load FILE
@@ -1247,9 +1250,7 @@ function dots.describe(arg)
   sort(keys, before)
   local rows = {}
   for i, k in ipairs(keys) do rows[i] = { k, s[k] } end
-  local saved = settings.format
   show_rs(result({ "property", "value" }, rows))
-  settings.format = saved
 end
 function dots.load(arg)
   if arg == "" then error(".load FILE", 0) end
@@ -1300,6 +1301,13 @@ local function event_types()
   return types_cache
 end
 
+local function projection_names()
+  local names = {}
+  local ok, rs = pcall(G.projections)
+  if ok then for _, r in ipairs(rs.rows) do names[#names + 1] = r[1] end end
+  return names
+end
+
 local function names_for_strings()
   local out_ = {}
   local ok, s = pcall(T.streams)
@@ -1307,10 +1315,7 @@ local function names_for_strings()
   local ok2, c = pcall(T.categories)
   if ok2 then for _, x in ipairs(c) do out_[#out_ + 1] = x end end
   for _, t in ipairs(event_types()) do out_[#out_ + 1] = t end
-  if T.proj then
-    local ok3, l = pcall(T.proj.list)
-    if ok3 then for _, p in ipairs(l) do out_[#out_ + 1] = p.name end end
-  end
+  for _, n in ipairs(projection_names()) do out_[#out_ + 1] = n end
   return out_
 end
 
@@ -1328,9 +1333,8 @@ function T.complete(line, word)
     return res
   end
   if line:match("^%s*%.describe%s") or line:match("^%s*%.load%s") then
-    if line:match("^%s*%.describe") and T.proj then
-      local ok, l = pcall(T.proj.list)
-      if ok then for _, p in ipairs(l) do if p.name:sub(1, #word) == word then add(p.name) end end end
+    if line:match("^%s*%.describe") then
+      for _, n in ipairs(projection_names()) do if n:sub(1, #word) == word then add(n) end end
     end
     return res
   end

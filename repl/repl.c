@@ -7,6 +7,8 @@
  * found, 3 conflict, 4 I/O); 130 when interrupted with Ctrl-C.
  */
 #include <getopt.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +34,9 @@ static const char repl_help[] =
     "                    line by line like the prompt; the first error stops it)\n"
     "  --format FMT      table (default), json, csv or vertical\n"
     "  --no-progress     no progress bars on stderr\n"
+    "  --cpu-limit S     CPU seconds one command may use (default 600, 0 = none);\n"
+    "                    past it interpreted code fails, a JIT-compiled loop is\n"
+    "                    abandoned with the Lua state (as with Ctrl-C twice)\n"
     "\n"
     "Environment: TIDEMARK_HISTORY (history file, default ~/.tidemark_history).\n"
     "Exit status: 0 ok, 1 usage or Lua error, 2 not found, 3 conflict, 4 I/O,\n"
@@ -57,11 +62,13 @@ int cli_repl(int argc, char **argv) {
         {"url", required_argument, NULL, 'u'},
         {"format", required_argument, NULL, 'F'},
         {"no-progress", no_argument, NULL, 'P'},
+        {"cpu-limit", required_argument, NULL, 'C'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *data = NULL, *url = NULL, *chunk = NULL, *file = NULL, *format = NULL;
     int no_progress = 0, c;
+    double cpu_limit = 600;
     optind = 1;
     opterr = 0;
     while ((c = getopt_long(argc, argv, ":e:f:h", opts, NULL)) != -1) {
@@ -72,6 +79,13 @@ int cli_repl(int argc, char **argv) {
         case 'f': file = optarg; break;
         case 'F': format = optarg; break;
         case 'P': no_progress = 1; break;
+        case 'C': {
+            char *end;
+            cpu_limit = strtod(optarg, &end);
+            if (*end || cpu_limit < 0)
+                return cli_usage_error("repl", "--cpu-limit wants seconds (0 = none), got '%s'", optarg);
+            break;
+        }
         case 'h': fputs(repl_help, stdout); return 0;
         case ':': return cli_usage_error("repl", "%s needs a value", argv[optind - 1]);
         default: return cli_usage_error("repl", "unknown option '%s'", argv[optind - 1]);
@@ -104,7 +118,15 @@ int cli_repl(int argc, char **argv) {
     err_clear(&e);
     repl r;
     memset(&r, 0, sizeof r);
+    r.cpu_limit = cpu_limit;
+    /* Threads the store starts (its writer) must never take the REPL's
+     * SIGINT: they inherit this mask; the main thread unblocks it after. */
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &block, &old);
     r.src = data ? replsrc_open_local(data, &e) : replsrc_open_remote(url, &e);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (!r.src) {
         buf_free(&script);
         return cli_fail("repl", &e);

@@ -6,9 +6,15 @@
  *
  * Invariants: a chunk spanning several lines is one history entry; a
  * Ctrl-C at the prompt discards the pending input and shows a fresh
- * prompt; Ctrl-D on an empty prompt quits.
+ * prompt (libedit reads through getc_utf8, which polls the Ctrl-C flag
+ * and never blocks in read); Ctrl-D on an empty prompt quits.
  */
 #include <editline/readline.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <locale.h>
+#include <poll.h>
+#include <unistd.h>
 #include <sys/types.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,6 +71,47 @@ static const char *history_path(buf *b) {
     if (!home || !*home) return NULL;
     buf_printf(b, "%s/.tidemark_history", home);
     return b->ptr;
+}
+
+/* A second, non-blocking open file description of the terminal (so the
+ * shell's stays as it was): a read after poll() must not block, and it
+ * would when a Ctrl-C flushes the terminal's input between the two. */
+static int g_nbfd = -1;
+
+/* One byte of stdin, waiting in poll() so that a Ctrl-C (the SIGINT
+ * handler's flag) ends the wait even when the signal did not interrupt
+ * a system call (it may arrive between two). */
+static int read_byte(int fd) {
+    int rfd = g_nbfd >= 0 ? g_nbfd : fd;
+    for (;;) {
+        if (repl_cancel_requested()) return -1;
+        struct pollfd p = {rfd, POLLIN, 0};
+        int r = poll(&p, 1, 100);
+        if (r < 0 && errno != EINTR) return -1;
+        if (r <= 0) continue;
+        unsigned char c;
+        ssize_t n = read(rfd, &c, 1);
+        if (n == 1) return c;
+        if (n == 0) return -1;
+        if (errno != EINTR && errno != EAGAIN) return -1;
+    }
+}
+
+/* libedit's character source (rl_getc_function): a whole UTF-8 character
+ * as a code point (libedit takes the int as a wchar_t); -1 = EOF, also on
+ * Ctrl-C, after which readline() returns and the flag is checked. */
+static int getc_utf8(FILE *f) {
+    int fd = fileno(f);
+    int c = read_byte(fd);
+    if (c < 0x80 || MB_CUR_MAX == 1) return c; /* ASCII, -1, or a byte locale */
+    int more = c >= 0xf0 ? 3 : c >= 0xe0 ? 2 : c >= 0xc0 ? 1 : 0;
+    int cp = c & (0x3f >> more);
+    for (int i = 0; i < more; i++) {
+        int d = read_byte(fd);
+        if (d < 0) return -1;
+        cp = (cp << 6) | (d & 0x3f);
+    }
+    return cp;
 }
 
 static int is_dot(const char *line) {
@@ -124,6 +171,14 @@ int replline_run(repl *r) {
     rl_attempted_completion_function = complete;
     rl_completion_append_character = 0;
     rl_basic_word_break_characters = " \t\n()[]{},;=+-*/<>~^%#&|";
+    setlocale(LC_CTYPE, ""); /* libedit edits UTF-8 in a UTF-8 locale */
+    rl_getc_function = getc_utf8;
+    /* libedit's signal handling stays on (terminal modes around Ctrl-Z,
+     * window size); its SIGINT handler restores cooked mode and re-raises
+     * to the REPL's, which sets the flag getc_utf8 polls: reads never block
+     * (g_nbfd), so the mode change cannot hold them. */
+    const char *tty = ttyname(0);
+    if (tty) g_nbfd = open(tty, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
     rl_initialize();
     /* libedit's readline emulation leaves ^R unbound: bind incremental
      * reverse search (like GNU readline) */
@@ -136,6 +191,10 @@ int replline_run(repl *r) {
     buf chunk = BUF_INIT;
     for (;;) {
         char *line = readline(chunk.len ? CONT : PROMPT);
+        if (line && repl_cancel_requested()) { /* Ctrl-C ended a partial line */
+            free(line);
+            line = NULL;
+        }
         if (!line) {
             if (repl_cancel_requested()) { /* Ctrl-C at the prompt */
                 repl_cancel_clear();
@@ -172,5 +231,7 @@ int replline_run(repl *r) {
     buf_free(&chunk);
     buf_free(&hp);
     free_cands();
+    if (g_nbfd >= 0) close(g_nbfd);
+    g_nbfd = -1;
     return 0;
 }

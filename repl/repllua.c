@@ -1,14 +1,15 @@
 /* repllua.c — the REPL's Lua state (see repl.h).
  *
  * Owns:
- *   - the sandbox: LuaJIT with base, string, table, math, bit and a
- *     read-only os subset (time, clock, date); no io, package, debug, ffi,
- *     jit, string.dump, dofile/loadfile, and load/loadstring of text only;
- *     memory is capped by the allocator (REPL_MEM_LIMIT);
- *   - the built-in C functions the prelude (prelude.lua, compiled in) uses:
- *     scans over the event source (batches of slots + an arena that the
- *     prelude decodes through the FFI, which only the prelude can reach),
- *     reads, listing, append, tail, JSON encoding, output;
+ *   - the session's sandbox (sandbox.h, the projections' sandbox: no io,
+ *     package, debug, ffi, jit, string.dump, text-only loadstring, capped
+ *     memory, a CPU watchdog) plus a read-only os subset (time, clock,
+ *     date) and tm (sketches); memory cap REPL_MEM_LIMIT, CPU limit per
+ *     command from --cpu-limit;
+ *   - the built-in C functions the prelude (prelude.lua, compiled in) uses
+ *     (scans and reads are in replscan.c, projections in replproj.c):
+ *     listing, append, tail over SSE, HTTP, JSON encoding, output; the
+ *     prelude also gets the ffi module (never reachable from user code);
  *   - evaluation with the lua.c rules (expression first, "<eof>" means
  *     incomplete), tracebacks, and Ctrl-C.
  *
@@ -24,6 +25,7 @@
 #include <lauxlib.h>
 #include <lualib.h>
 #include <errno.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdio.h>
@@ -33,20 +35,17 @@
 #include <unistd.h>
 
 #include "json.h"
-#include "progress.h"
+#include "lsketch.h"
 #include "repl.h"
 #include "replhttp.h"
 #include "replmp.h"
 #include "replproj.h"
 
-/* Weak: the REPL works (with exact fallbacks) without the sketch library. */
-extern int luaopen_tidemark_sketch(lua_State *L) __attribute__((weak));
-
 static const char prelude_src[] =
 #include "repl_prelude.h"
     ;
 
-#define REPL_MEM_LIMIT ((size_t)2 << 30)
+#define REPL_MEM_LIMIT ((size_t)2 << 30) /* generous: the user owns the data */
 
 /* ------------------------------------------------------------ interrupts */
 
@@ -74,8 +73,15 @@ static void intr_hook(lua_State *L, lua_Debug *ar) {
     lua_error(L);
 }
 
+static pthread_t g_main_thread;
+
 static void on_sigint(int sig) {
     (void)sig;
+    if (!pthread_equal(pthread_self(), g_main_thread)) {
+        /* a helper thread (LevelDB's, started later) took it: pass it on */
+        pthread_kill(g_main_thread, SIGINT);
+        return;
+    }
     double now = mono();
     if (g_running && g_intr && g_can_jump && now - g_first_intr < 2.0) {
         g_can_jump = 0;
@@ -98,40 +104,20 @@ static void install_sigint(void) {
 
 /* --------------------------------------------------------- the allocator */
 
-/* LuaJIT's own allocator (much faster than malloc for the many small
- * objects a scan makes), wrapped to count and cap. */
-typedef struct memcap {
-    size_t used, limit;
-    lua_Alloc inner;
-    void *inner_ud;
-} memcap;
-
-static void *cap_alloc(void *ud, void *p, size_t osize, size_t nsize) {
-    memcap *m = ud;
-    if (nsize == 0) {
-        m->used -= p ? osize : 0;
-        return m->inner(m->inner_ud, p, osize, 0);
-    }
-    if (nsize > osize && m->used - (p ? osize : 0) + nsize > m->limit) return NULL;
-    void *q = m->inner(m->inner_ud, p, osize, nsize);
-    if (q) m->used = m->used - (p ? osize : 0) + nsize;
-    return q;
-}
-
 /* ------------------------------------------------------------ C builtins */
 
 /* The interrupt error: plain "interrupted", no position prefix. */
-static int raise_interrupted(lua_State *L) {
+int repllua_interrupted(lua_State *L) {
     lua_pushstring(L, "interrupted");
     return lua_error(L);
 }
 
-static repl *session(lua_State *L) {
+repl *repllua_session(lua_State *L) {
     return (repl *)lua_touserdata(L, lua_upvalueindex(1));
 }
 
 /* Raise a Lua error for e and remember its exit status. */
-static int raise_err(lua_State *L, repl *r, const tm_err *e) {
+int repllua_raise(lua_State *L, repl *r, const tm_err *e) {
     r->fail_code = e->code ? e->code : 1;
     lua_pushfstring(L, "%s", e->msg[0] ? e->msg : err_code_name(e->code));
     lua_pushinteger(L, r->fail_code);
@@ -139,301 +125,12 @@ static int raise_err(lua_State *L, repl *r, const tm_err *e) {
     return lua_error(L);
 }
 
-static const char *opt_str(lua_State *L, int t, const char *k, size_t *len) {
-    lua_getfield(L, t, k);
-    const char *s = lua_isstring(L, -1) ? lua_tolstring(L, -1, len) : NULL;
-    lua_pop(L, 1); /* strings in the selector table stay alive with it */
-    return s;
-}
-
-static uint64_t opt_u64(lua_State *L, int t, const char *k, uint64_t dflt) {
-    lua_getfield(L, t, k);
-    uint64_t v = dflt;
-    if (lua_type(L, -1) == LUA_TNUMBER) {
-        double d = lua_tonumber(L, -1);
-        v = d <= 0 ? 0 : d >= 1.8e19 ? UINT64_MAX : (uint64_t)d;
-    }
-    lua_pop(L, 1);
-    return v;
-}
-
-static int opt_bool(lua_State *L, int t, const char *k) {
-    lua_getfield(L, t, k);
-    int b = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    return b;
-}
-
-/* A selector table from the prelude:
- *   { kind = "all"|"stream"|"category"|"type", name = s, from = n,
- *     backward = b, limit = n, streams = {set}, types = {set} }
- * streams/types are sets (name -> true) filtered on this side. */
-typedef struct scan_sel {
-    replsrc_sel sel;
-    int streams_idx, types_idx; /* stack indexes of the filter sets, 0 = none */
-} scan_sel;
-
-static void parse_sel(lua_State *L, int t, scan_sel *s) {
-    memset(s, 0, sizeof *s);
-    luaL_checktype(L, t, LUA_TTABLE);
-    size_t kl = 0;
-    const char *kind = opt_str(L, t, "kind", &kl);
-    if (!kind || !strcmp(kind, "all")) s->sel.kind = REPLSRC_ALL;
-    else if (!strcmp(kind, "stream")) s->sel.kind = REPLSRC_STREAM;
-    else if (!strcmp(kind, "category")) s->sel.kind = REPLSRC_CATEGORY;
-    else if (!strcmp(kind, "type")) s->sel.kind = REPLSRC_TYPE;
-    else luaL_error(L, "bad selector kind '%s'", kind);
-    s->sel.name = opt_str(L, t, "name", &s->sel.name_len);
-    if (s->sel.kind != REPLSRC_ALL && !s->sel.name) luaL_error(L, "selector needs a name");
-    s->sel.backward = opt_bool(L, t, "backward");
-    s->sel.from = opt_u64(L, t, "from", s->sel.backward ? UINT64_MAX : 0);
-    s->sel.limit = opt_u64(L, t, "limit", 0);
-    lua_getfield(L, t, "streams");
-    s->streams_idx = lua_istable(L, -1) ? lua_gettop(L) : 0;
-    lua_getfield(L, t, "types");
-    s->types_idx = lua_istable(L, -1) ? lua_gettop(L) : 0;
-}
-
-static int in_set(lua_State *L, int set, const char *s, size_t n) {
-    lua_pushlstring(L, s, n);
-    lua_rawget(L, set);
-    int yes = !lua_isnil(L, -1);
-    lua_pop(L, 1);
-    return yes;
-}
-
-static int sel_match(lua_State *L, const scan_sel *s, const tm_event *ev) {
-    if (s->streams_idx && !in_set(L, s->streams_idx, ev->stream, ev->stream_len)) return 0;
-    if (s->types_idx && !in_set(L, s->types_idx, ev->type, ev->type_len)) return 0;
-    return 1;
-}
-
-static int traceback(lua_State *L);
-
-#define SCAN_BATCH 256
-
-/* One event of a scan batch, read by the prelude through the FFI (the same
- * declaration is in prelude.lua).  Offsets are into the batch's arena. */
-typedef struct replscan_slot {
-    double position, version, time;
-    uint32_t stream_off, stream_len, data_off, data_len, type_idx, pad;
-} replscan_slot;
-
-/* Event type names interned for the session: the prelude keeps the
- * strings in T.types[idx], so a scan never builds a type string per event.
- * Open addressing on FNV-1a; the table only grows (types are few). */
-typedef struct intern {
-    char **names;
-    uint32_t *lens, *slots; /* slots: idx + 1, 0 = empty */
-    uint32_t n, cap;
-} intern;
-
-static intern g_types;
-
-static uint32_t fnv(const char *p, size_t n) {
-    uint32_t h = 2166136261u;
-    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)p[i]) * 16777619u;
-    return h;
-}
-
-static void intern_grow(intern *t) {
-    uint32_t cap = t->cap ? t->cap * 2 : 256;
-    uint32_t *slots = calloc(cap, sizeof *slots);
-    for (uint32_t i = 0; i < t->n; i++) {
-        uint32_t h = fnv(t->names[i], t->lens[i]) & (cap - 1);
-        while (slots[h]) h = (h + 1) & (cap - 1);
-        slots[h] = i + 1;
-    }
-    free(t->slots);
-    t->slots = slots;
-    t->cap = cap;
-    t->names = realloc(t->names, cap * sizeof *t->names);
-    t->lens = realloc(t->lens, cap * sizeof *t->lens);
-}
-
-/* Index (1-based) of the type; a new one is also stored in the Lua table
- * at types_idx. */
-static uint32_t intern_type(lua_State *L, int types_idx, const char *p, size_t n) {
-    intern *t = &g_types;
-    if ((t->n + 1) * 2 > t->cap) intern_grow(t);
-    uint32_t h = fnv(p, n) & (t->cap - 1);
-    for (;;) {
-        uint32_t s = t->slots[h];
-        if (!s) break;
-        if (t->lens[s - 1] == n && !memcmp(t->names[s - 1], p, n)) return s;
-        h = (h + 1) & (t->cap - 1);
-    }
-    t->names[t->n] = malloc(n ? n : 1);
-    memcpy(t->names[t->n], p, n);
-    t->lens[t->n] = (uint32_t)n;
-    t->slots[h] = ++t->n;
-    lua_pushlstring(L, p, n);
-    lua_rawseti(L, types_idx, (int)t->n);
-    return t->n;
-}
-
-/* (Re)fill T.types from the intern table (a fresh Lua state). */
-static void intern_publish(lua_State *L, int types_idx) {
-    for (uint32_t i = 0; i < g_types.n; i++) {
-        lua_pushlstring(L, g_types.names[i], g_types.lens[i]);
-        lua_rawseti(L, types_idx, (int)i + 1);
-    }
-}
-
-/* T.scan(sel, handler [, label]) -> events scanned.  Runs handler(e) for
- * every selected event, with a progress bar on stderr when interactive.
- * Events go in batches of SCAN_BATCH: this loop copies each event's
- * stream and data bytes into an arena and fills a slot; the prelude's
- * runner (a Lua loop the JIT compiles, with the msgpack decoder and the
- * handler inlined) builds the event tables and calls the handler, so C
- * and Lua trade places once per batch.  stream, id and metadata are lazy.
- * A handler returning T.STOP ends the scan early. */
-static int t_scan(lua_State *L) {
-    repl *r = session(L);
-    scan_sel s;
-    parse_sel(L, 1, &s);
-    luaL_checktype(L, 2, LUA_TFUNCTION);
-    const char *label = luaL_optstring(L, 3, "query");
-    lua_pushcfunction(L, traceback);
-    int msgh = lua_gettop(L);
-    lua_getfield(L, LUA_REGISTRYINDEX, "tm.types");
-    int types = lua_gettop(L);
-    lua_getfield(L, LUA_REGISTRYINDEX, "tm.runner");
-    int runner = lua_gettop(L);
-    tm_err e;
-    err_clear(&e);
-    uint64_t last = 0;
-    if (replsrc_last_position(r->src, &last, &e) < 0) return raise_err(L, r, &e);
-    replsrc_iter *it = replsrc_read(r->src, &s.sel, &e);
-    if (!it) return raise_err(L, r, &e);
-    uint64_t start = s.sel.kind == REPLSRC_STREAM || s.sel.backward ? 0 : s.sel.from;
-    uint64_t total = s.sel.kind == REPLSRC_STREAM || s.sel.backward || last < start ? 0 : last - start + 1;
-    progress *pg = r->progress ? progress_new(stderr, label, total, "events", 0) : NULL;
-    replscan_slot *slots = malloc(SCAN_BATCH * sizeof *slots);
-    buf arena = BUF_INIT;
-    uint64_t n = 0;
-    tm_event ev;
-    int rc, failed = 0, stopped = 0, inbatch = 0;
-    for (;;) {
-        rc = replsrc_next(it, &ev, &e);
-        if (rc == 1 && g_intr) {
-            failed = 2;
-            break;
-        }
-        if (rc == 1) {
-            if (pg && (n & 1023) == 0) progress_update(pg, total ? ev.position - start : 0, n);
-            if (!sel_match(L, &s, &ev)) continue;
-            n++;
-            replscan_slot *x = &slots[inbatch++];
-            x->position = (double)ev.position;
-            x->version = (double)ev.version;
-            x->time = (double)ev.time_ms;
-            x->type_idx = intern_type(L, types, ev.type, ev.type_len);
-            x->stream_off = (uint32_t)arena.len;
-            x->stream_len = (uint32_t)ev.stream_len;
-            buf_append(&arena, ev.stream, ev.stream_len);
-            x->data_off = (uint32_t)arena.len;
-            x->data_len = (uint32_t)ev.data_len;
-            buf_append(&arena, ev.data, ev.data_len);
-            if (inbatch < SCAN_BATCH) continue;
-        }
-        if (inbatch) { /* run the batch */
-            lua_pushvalue(L, runner);
-            lua_pushlightuserdata(L, slots);
-            lua_pushlightuserdata(L, arena.ptr);
-            lua_pushinteger(L, inbatch);
-            lua_pushvalue(L, 2);
-            int st = lua_pcall(L, 4, 1, msgh);
-            lua_getfield(L, LUA_REGISTRYINDEX, "tm.batch_done");
-            lua_call(L, 0, 0);
-            if (st) {
-                failed = 1;
-                break;
-            }
-            stopped = lua_toboolean(L, -1);
-            lua_pop(L, 1);
-            inbatch = 0;
-            buf_reset(&arena);
-            if (stopped) break;
-        }
-        if (rc != 1) break;
-    }
-    progress_end(pg);
-    replsrc_iter_free(it);
-    free(slots);
-    buf_free(&arena);
-    if (failed == 1) return lua_error(L);
-    if (failed == 2 || (rc < 0 && g_intr)) return raise_interrupted(L);
-    if (rc < 0) return raise_err(L, r, &e);
-    lua_pushnumber(L, (lua_Number)n);
-    return 1;
-}
-
-/* T.read(sel) -> array of event tables (the selector should have a limit). */
-static int t_read(lua_State *L) {
-    repl *r = session(L);
-    scan_sel s;
-    parse_sel(L, 1, &s);
-    tm_err e;
-    err_clear(&e);
-    replsrc_iter *it = replsrc_read(r->src, &s.sel, &e);
-    if (!it) return raise_err(L, r, &e);
-    lua_newtable(L);
-    int out = lua_gettop(L), n = 0, rc;
-    tm_event ev;
-    while ((rc = replsrc_next(it, &ev, &e)) == 1) {
-        if (g_intr) break;
-        if (!sel_match(L, &s, &ev)) continue;
-        if (replmp_push_event(L, &ev) < 0) {
-            err_set(&e, TM_EIO, "malformed event at position %llu", (unsigned long long)ev.position);
-            rc = -1;
-            break;
-        }
-        lua_rawseti(L, out, ++n);
-    }
-    replsrc_iter_free(it);
-    if (g_intr) return raise_interrupted(L);
-    if (rc < 0) return raise_err(L, r, &e);
-    return 1;
-}
-
-/* T.extra(position) -> id, metadata, stream of the event at that position
- * (the lazy fields of scanned events). */
-static int t_extra(lua_State *L) {
-    repl *r = session(L);
-    lua_Number pos = luaL_checknumber(L, 1);
-    replsrc_sel sel = {REPLSRC_ALL, NULL, 0, (uint64_t)pos, 0, 1};
-    tm_err e;
-    err_clear(&e);
-    replsrc_iter *it = replsrc_read(r->src, &sel, &e);
-    if (!it) return raise_err(L, r, &e);
-    tm_event ev;
-    int rc = replsrc_next(it, &ev, &e);
-    if (rc < 0) {
-        replsrc_iter_free(it);
-        return raise_err(L, r, &e);
-    }
-    if (rc == 0 || ev.position != (uint64_t)pos) {
-        replsrc_iter_free(it);
-        return 0;
-    }
-    char id[37];
-    event_id_format(ev.id, id);
-    lua_pushstring(L, id);
-    const char *p = ev.meta;
-    if (ev.meta_len == 0) lua_newtable(L);
-    else if (replmp_push(L, &p, ev.meta + ev.meta_len) < 0) lua_newtable(L);
-    lua_pushlstring(L, ev.stream, ev.stream_len);
-    replsrc_iter_free(it);
-    return 3;
-}
-
 static int t_last_position(lua_State *L) {
-    repl *r = session(L);
+    repl *r = repllua_session(L);
     tm_err e;
     err_clear(&e);
     uint64_t pos;
-    if (replsrc_last_position(r->src, &pos, &e) < 0) return raise_err(L, r, &e);
+    if (replsrc_last_position(r->src, &pos, &e) < 0) return repllua_raise(L, r, &e);
     lua_pushnumber(L, (lua_Number)pos);
     return 1;
 }
@@ -461,14 +158,14 @@ static int add_name(void *ud, const char *name, size_t len, int64_t version) {
 
 /* T.streams() -> { {name, version}, ... };  T.categories() -> { name, ... } */
 static int list_names(lua_State *L, int streams) {
-    repl *r = session(L);
+    repl *r = repllua_session(L);
     tm_err e;
     err_clear(&e);
     lua_newtable(L);
     name_acc a = {L, 0, streams};
     int rc = streams ? replsrc_list_streams(r->src, add_name, &a, &e)
                      : replsrc_list_categories(r->src, add_name, &a, &e);
-    if (rc < 0) return raise_err(L, r, &e);
+    if (rc < 0) return repllua_raise(L, r, &e);
     return 1;
 }
 static int t_streams(lua_State *L) { return list_names(L, 1); }
@@ -565,7 +262,7 @@ static int t_sleep(lua_State *L) {
 }
 
 static int t_info(lua_State *L) {
-    repl *r = session(L);
+    repl *r = repllua_session(L);
     lua_newtable(L);
     lua_pushboolean(L, replsrc_is_remote(r->src));
     lua_setfield(L, -2, "remote");
@@ -577,18 +274,18 @@ static int t_info(lua_State *L) {
 }
 
 static int t_quit(lua_State *L) {
-    session(L)->quit = 1;
+    repllua_session(L)->quit = 1;
     return 0;
 }
 
 static int t_set_fail(lua_State *L) {
-    session(L)->fail_code = (int)luaL_checkinteger(L, 1);
+    repllua_session(L)->fail_code = (int)luaL_checkinteger(L, 1);
     return 0;
 }
 
 /* T.http(method, path [, body [, content_type]]) -> status, body (remote only). */
 static int t_http(lua_State *L) {
-    repl *r = session(L);
+    repl *r = repllua_session(L);
     const char *method = luaL_checkstring(L, 1), *path = luaL_checkstring(L, 2);
     size_t bl = 0;
     const char *body = luaL_optlstring(L, 3, NULL, &bl);
@@ -601,8 +298,8 @@ static int t_http(lua_State *L) {
     if (replhttp_request(replsrc_where(r->src), method, path, ct, body, bl, repl_cancel_requested,
                          &status, &out, &e) < 0) {
         buf_free(&out);
-        if (g_intr) return raise_interrupted(L);
-        return raise_err(L, r, &e);
+        if (g_intr) return repllua_interrupted(L);
+        return repllua_raise(L, r, &e);
     }
     lua_pushinteger(L, status);
     lua_pushlstring(L, out.ptr ? out.ptr : "", out.len);
@@ -623,7 +320,7 @@ static int t_escape(lua_State *L) {
 /* T.sse(path, fn): remote live feed; calls fn(event) per SSE message until
  * Ctrl-C (returns normally) or the server closes. */
 static int t_sse(lua_State *L) {
-    repl *r = session(L);
+    repl *r = repllua_session(L);
     const char *path = luaL_checkstring(L, 1);
     luaL_checktype(L, 2, LUA_TFUNCTION);
     if (!replsrc_is_remote(r->src)) return luaL_error(L, "not connected to a server");
@@ -632,7 +329,7 @@ static int t_sse(lua_State *L) {
     replhttp *h = replhttp_open(replsrc_where(r->src), "GET", path,
                                 "Accept: text/event-stream\r\n", NULL, NULL, 0,
                                 repl_cancel_requested, &e);
-    if (!h) return g_intr ? 0 : raise_err(L, r, &e);
+    if (!h) return g_intr ? 0 : repllua_raise(L, r, &e);
     if (replhttp_status(h) != 200) {
         int st = replhttp_status(h);
         replhttp_close(h);
@@ -641,7 +338,7 @@ static int t_sse(lua_State *L) {
     buf in = BUF_INIT, data = BUF_INIT;
     size_t off = 0;
     int failed = 0;
-    lua_pushcfunction(L, traceback);
+    lua_pushcfunction(L, repllua_traceback);
     int msgh = lua_gettop(L);
     for (;;) {
         char *nl = in.ptr ? memchr(in.ptr + off, '\n', in.len - off) : NULL;
@@ -684,7 +381,7 @@ static int t_sse(lua_State *L) {
     buf_free(&data);
     replhttp_close(h);
     if (failed == 1) return lua_error(L);
-    if (failed == 2) return raise_err(L, r, &e);
+    if (failed == 2) return repllua_raise(L, r, &e);
     return 0;
 }
 
@@ -736,7 +433,7 @@ static int first_uint(const buf *b, const char *key, uint64_t *out) {
 
 /* T.append(stream, type, data [, metadata]) -> position, version. */
 static int t_append(lua_State *L) {
-    repl *r = session(L);
+    repl *r = repllua_session(L);
     size_t sl, tl;
     const char *stream = luaL_checklstring(L, 1, &sl);
     const char *type = luaL_checklstring(L, 2, &tl);
@@ -805,7 +502,7 @@ static int t_append(lua_State *L) {
     }
     buf_free(&data);
     buf_free(&meta);
-    if (rc < 0) return raise_err(L, r, &e);
+    if (rc < 0) return repllua_raise(L, r, &e);
     lua_pushnumber(L, (lua_Number)pos);
     lua_pushnumber(L, (lua_Number)ver);
     return 2;
@@ -815,10 +512,7 @@ static const luaL_Reg t_funcs[] = {
     {"append", t_append},
     {"set_timing", t_set_timing},
     {"read_file", t_read_file},
-    {"scan", t_scan},
-    {"read", t_read},
     {"last_position", t_last_position},
-    {"extra", t_extra},
     {"streams", t_streams},
     {"categories", t_categories},
     {"json", t_json},
@@ -843,7 +537,7 @@ static const luaL_Reg t_funcs[] = {
 
 /* Message handler: message + a short traceback (at most 8 frames), unless
  * the message already carries one (re-raised from a scan). */
-static int traceback(lua_State *L) {
+int repllua_traceback(lua_State *L) {
     lua_sethook(L, NULL, 0, 0); /* a pending Ctrl-C hook must not fire in here */
     if (!lua_checkstack(L, 40)) return 1; /* stack overflow: the bare message */
     const char *msg = lua_tostring(L, 1);
@@ -880,60 +574,11 @@ static int traceback(lua_State *L) {
     return 1;
 }
 
-static int load_text(lua_State *L) {
-    /* load(text_or_function [, name]) — text chunks only (no bytecode). */
-    size_t n;
-    const char *name = luaL_optstring(L, 2, "=(load)");
-    const char *s;
-    if (lua_isfunction(L, 1)) {
-        buf acc = BUF_INIT;
-        for (;;) {
-            lua_pushvalue(L, 1);
-            lua_call(L, 0, 1);
-            if (lua_isnil(L, -1)) break;
-            s = luaL_checklstring(L, -1, &n);
-            if (n == 0) break;
-            buf_append(&acc, s, n);
-            lua_pop(L, 1);
-        }
-        lua_pushlstring(L, acc.ptr ? acc.ptr : "", acc.len);
-        buf_free(&acc);
-        lua_replace(L, 1);
-    }
-    s = luaL_checklstring(L, 1, &n);
-    if (n && s[0] == '\033') {
-        lua_pushnil(L);
-        lua_pushstring(L, "loading bytecode is not allowed");
-        return 2;
-    }
-    if (luaL_loadbuffer(L, s, n, name)) {
-        lua_pushnil(L);
-        lua_insert(L, -2);
-        return 2;
-    }
-    /* the chunk shares the caller's globals */
-    lua_pushvalue(L, LUA_GLOBALSINDEX);
-    lua_setfenv(L, -2);
-    return 1;
-}
-
-static void strip_sandbox(lua_State *L) {
-    static const char *const gone[] = {"io", "package", "debug", "ffi", "jit", "require",
-                                       "module", "dofile", "loadfile", "newproxy", NULL};
-    for (int i = 0; gone[i]; i++) {
-        lua_pushnil(L);
-        lua_setglobal(L, gone[i]);
-    }
-    /* `load` is the REPL's load(file) of a projection (prelude);
-     * loadstring compiles text chunks (never bytecode) */
-    lua_pushcfunction(L, load_text);
-    lua_setglobal(L, "loadstring");
-    lua_getglobal(L, "string");
-    lua_pushnil(L);
-    lua_setfield(L, -2, "dump");
-    lua_pop(L, 1);
-    /* os: only what cannot touch the system */
-    lua_getglobal(L, "os");
+/* The sandbox (sandbox.h) has no os; the REPL adds the parts that cannot
+ * touch the system: time, clock, date, difftime. */
+static void add_os_subset(lua_State *L) {
+    lua_pushcfunction(L, luaopen_os);
+    lua_call(L, 0, 1);
     lua_createtable(L, 0, 4);
     static const char *const keep[] = {"time", "clock", "date", "difftime", NULL};
     for (int i = 0; keep[i]; i++) {
@@ -946,20 +591,26 @@ static void strip_sandbox(lua_State *L) {
 
 static int open_state(lua_State *L) {
     repl *r = lua_touserdata(L, 1);
-    luaL_openlibs(L);
-    if (luaopen_tidemark_sketch) { /* the sketch library, when linked in */
-        lua_pushcfunction(L, luaopen_tidemark_sketch);
-        lua_call(L, 0, 1);
-        lua_setglobal(L, "tm");
-    }
+    add_os_subset(L);
+    lua_pushcfunction(L, luaopen_tidemark_sketch);
+    lua_call(L, 0, 1);
+    lua_setglobal(L, "tm");
     lua_newtable(L); /* T */
     lua_pushlightuserdata(L, r);
     luaL_openlib(L, NULL, t_funcs, 1);
+    replscan_register(L, r);
     replproj_register(L, r);
     int tidx = lua_gettop(L);
     if (luaL_loadbuffer(L, prelude_src, sizeof prelude_src - 1, "=tidemark")) return lua_error(L);
     lua_pushvalue(L, tidx);
-    lua_call(L, 1, 1); /* the prelude returns its show(...) function */
+    sandbox_push_ffi(r->sb); /* for the prelude only; never a global */
+    /* table.new (preloaded by LuaJIT's table library): sized tables */
+    lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
+    lua_getfield(L, -1, "table.new");
+    lua_remove(L, -2);
+    if (lua_isfunction(L, -1)) lua_call(L, 0, 1);
+    else lua_pop(L, 1), lua_pushnil(L);
+    lua_call(L, 3, 1); /* the prelude returns its show(...) function */
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.show");
     lua_getfield(L, tidx, "dot");
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.dot");
@@ -970,29 +621,64 @@ static int open_state(lua_State *L) {
     lua_getfield(L, tidx, "batch_done");
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.batch_done");
     lua_getfield(L, tidx, "types");
-    intern_publish(L, lua_gettop(L));
+    replscan_publish_types(L, lua_gettop(L));
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.types");
-    strip_sandbox(L);
     return 0;
 }
 
+static void print_line(void *ud, const char *line, size_t len) {
+    (void)ud;
+    fwrite(line, 1, len, stdout);
+    fputc('\n', stdout);
+}
+
+/* The CPU limit's hard stage (a JIT-compiled loop ran past the limit and
+ * the grace period), on the watchdog thread: it may not touch the Lua
+ * state, so it does what a user would: Ctrl-C twice, which makes the main
+ * thread abandon the state (see on_sigint). */
+static volatile sig_atomic_t g_cpu_abort;
+
+static void on_hard_limit(void *ud, double limit) {
+    (void)ud;
+    (void)limit;
+    g_cpu_abort = 1;
+    pthread_kill(g_main_thread, SIGINT);
+    struct timespec ts = {0, 100 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    pthread_kill(g_main_thread, SIGINT);
+}
+
 int repllua_open(repl *r) {
-    lua_State *L = luaL_newstate();
-    if (!L) {
-        fprintf(stderr, "tidemark repl: cannot create a Lua state\n");
+    sandbox_opts o;
+    memset(&o, 0, sizeof o);
+    o.memory_limit = REPL_MEM_LIMIT;
+    o.cpu_limit = r->cpu_limit;
+    o.on_hard_limit = on_hard_limit;
+    o.ud = r;
+    o.print = print_line;
+    tm_err e;
+    err_clear(&e);
+    g_main_thread = pthread_self();
+    /* SIGINT must reach this thread only: the sandbox's watchdog thread
+     * inherits the mask it is created with */
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &block, &old);
+    sandbox *sb = sandbox_new(&o, &e);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!sb) {
+        fprintf(stderr, "tidemark repl: cannot create a Lua state: %s\n", e.msg);
         return -1;
     }
-    memcap *m = calloc(1, sizeof *m); /* lives as long as the state (never
-                                         freed after a hard abort) */
-    m->inner = lua_getallocf(L, &m->inner_ud);
-    m->limit = REPL_MEM_LIMIT;
-    m->used = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024;
-    lua_setallocf(L, cap_alloc, m);
+    r->sb = sb;
+    lua_State *L = sandbox_lua(sb);
     lua_pushcfunction(L, open_state);
     lua_pushlightuserdata(L, r);
     if (lua_pcall(L, 1, 0, 0)) {
         fprintf(stderr, "tidemark repl: prelude: %s\n", lua_tostring(L, -1));
-        lua_close(L);
+        sandbox_free(sb);
+        r->sb = NULL;
         return -1;
     }
     r->L = L;
@@ -1001,12 +687,8 @@ int repllua_open(repl *r) {
 }
 
 void repllua_close(repl *r) {
-    if (r->L) {
-        void *m;
-        lua_getallocf(r->L, &m);
-        lua_close(r->L);
-        free(m);
-    }
+    if (r->sb) sandbox_free(r->sb);
+    r->sb = NULL;
     r->L = NULL;
 }
 
@@ -1035,7 +717,7 @@ static void print_error(repl *r, const char *msg) {
 static int protected_call(repl *r, int nargs, int nres) {
     lua_State *L = r->L;
     int base = lua_gettop(L) - nargs;
-    lua_pushcfunction(L, traceback);
+    lua_pushcfunction(L, repllua_traceback);
     lua_insert(L, base);
     g_L = L;
     if (sigsetjmp(g_jmp, 1)) {
@@ -1043,10 +725,18 @@ static int protected_call(repl *r, int nargs, int nres) {
         g_can_jump = 0;
         g_intr = 0;
         fflush(stdout);
-        fprintf(stderr,
-                "\naborted: the code did not respond to Ctrl-C (a JIT-compiled loop?); "
-                "the Lua state was reset, globals are lost\n");
-        r->L = NULL; /* abandoned, not closed: it may be inconsistent */
+        if (g_cpu_abort)
+            fprintf(stderr, "\naborted: CPU limit exceeded (%gs) in a JIT-compiled loop; "
+                            "the Lua state was reset, globals are lost\n", r->cpu_limit);
+        else
+            fprintf(stderr,
+                    "\naborted: the code did not respond to Ctrl-C (a JIT-compiled loop?); "
+                    "the Lua state was reset, globals are lost\n");
+        g_cpu_abort = 0;
+        /* abandoned, not closed: it may be inconsistent (its watchdog
+         * thread stays idle) */
+        r->L = NULL;
+        r->sb = NULL;
         if (repllua_open(r) < 0) exit(4);
         r->fail_code = 1;
         return -2;
@@ -1055,7 +745,9 @@ static int protected_call(repl *r, int nargs, int nres) {
     g_running = 1;
     if (g_intr) /* Ctrl-C arrived while compiling: honour it now */
         lua_sethook(L, intr_hook, LUA_MASKCOUNT, 1);
+    sandbox_enter(r->sb);
     int st = lua_pcall(L, nargs, nres, base);
+    sandbox_leave(r->sb);
     g_running = 0;
     g_can_jump = 0;
     lua_sethook(L, NULL, 0, 0);

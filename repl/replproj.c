@@ -32,15 +32,6 @@ typedef struct loaded {
 static loaded g_proj[MAXPROJ];
 static int g_nproj;
 
-static repl *session(lua_State *L) { return lua_touserdata(L, lua_upvalueindex(1)); }
-
-static int fail(lua_State *L, repl *r, const tm_err *e) {
-    r->fail_code = e->code ? e->code : 1;
-    lua_pushinteger(L, r->fail_code);
-    lua_setfield(L, LUA_REGISTRYINDEX, "tm.fail_code");
-    return luaL_error(L, "%s", e->msg[0] ? e->msg : err_code_name(e->code));
-}
-
 static loaded *find(const char *name) {
     for (int i = 0; i < g_nproj; i++)
         if (!strcmp(g_proj[i].name, name)) return &g_proj[i];
@@ -167,7 +158,7 @@ static proj *new_proj(lua_State *L, repl *r, const char *name, const char *src, 
     tm_err e;
     err_clear(&e);
     proj *p = proj_new(name, src, len, file, &o, &e);
-    if (!p) fail(L, r, &e);
+    if (!p) repllua_raise(L, r, &e);
     return p;
 }
 
@@ -179,7 +170,7 @@ static void push_mp(lua_State *L, repl *r, const buf *b) {
     }
     tm_err e;
     err_clear(&e);
-    if (luamp_push(L, b->ptr, b->len, &e) < 0) fail(L, r, &e);
+    if (luamp_push(L, b->ptr, b->len, &e) < 0) repllua_raise(L, r, &e);
 }
 
 static uint64_t count_items(const buf *b) {
@@ -220,11 +211,8 @@ static void push_status(lua_State *L, repl *r, loaded *l) {
     }
     buf_free(&b);
     if (f) {
-        lua_pushfstring(L, "position %d (%s): %s", (int)f->position, f->type, f->message);
-        lua_setfield(L, -2, "errors");
-    } else {
-        lua_pushnumber(L, 0);
-        lua_setfield(L, -2, "errors");
+        lua_pushfstring(L, "position %f (%s): %s", (double)f->position, f->type, f->message);
+        lua_setfield(L, -2, "error");
     }
     if (l->file) {
         lua_pushstring(L, l->file);
@@ -324,7 +312,7 @@ static void add_stored(void *ud, const char *name, size_t len) {
 /* ---- Lua functions (T.proj.*) ---- */
 
 static int l_list(lua_State *L) {
-    repl *r = session(L);
+    repl *r = repllua_session(L);
     lua_newtable(L);
     list_acc a = {L, r, 0};
     for (int i = 0; i < g_nproj; i++) {
@@ -333,7 +321,7 @@ static int l_list(lua_State *L) {
     }
     tm_err e;
     err_clear(&e);
-    if (stored_names(replsrc_store(r->src), add_stored, &a, &e) < 0) return fail(L, r, &e);
+    if (stored_names(replsrc_store(r->src), add_stored, &a, &e) < 0) return repllua_raise(L, r, &e);
     return 1;
 }
 
@@ -343,12 +331,12 @@ static loaded *checked(lua_State *L, repl *r, const char *name) {
     tm_err e;
     err_clear(&e);
     int faulted;
-    if (catch_up(r, l, 1, &e, &faulted) < 0 && !faulted) fail(L, r, &e);
+    if (catch_up(r, l, 1, &e, &faulted) < 0 && !faulted) repllua_raise(L, r, &e);
     return l;
 }
 
 static int l_status(lua_State *L) {
-    repl *r = session(L);
+    repl *r = repllua_session(L);
     const char *name = luaL_checkstring(L, 1);
     loaded *l = checked(L, r, name);
     if (l) {
@@ -361,14 +349,14 @@ static int l_status(lua_State *L) {
     if (a.n == 0) {
         tm_err e;
         err_set(&e, TM_ENOTFOUND, "no projection '%s' (load(file) runs one here)", name);
-        return fail(L, r, &e);
+        return repllua_raise(L, r, &e);
     }
     lua_rawgeti(L, -1, 1);
     return 1;
 }
 
 static int l_state(lua_State *L) {
-    repl *r = session(L);
+    repl *r = repllua_session(L);
     const char *name = luaL_checkstring(L, 1);
     size_t kl = 0;
     const char *key = lua_isnoneornil(L, 2) ? NULL : luaL_checklstring(L, 2, &kl);
@@ -380,7 +368,7 @@ static int l_state(lua_State *L) {
         int rc = key ? proj_get(l->p, key, kl, &b, &e) : proj_state(l->p, &b, &e);
         if (rc < 0) {
             buf_free(&b);
-            return fail(L, r, &e);
+            return repllua_raise(L, r, &e);
         }
         push_mp(L, r, &b);
         buf_free(&b);
@@ -396,7 +384,7 @@ static int l_state(lua_State *L) {
         size_t vl;
         int rc = store_kv_get(s, k.ptr, k.len, &v, &vl, &e);
         buf_free(&k);
-        if (rc < 0) return fail(L, r, &e);
+        if (rc < 0) return repllua_raise(L, r, &e);
         if (rc == 0) return lua_pushnil(L), 1;
         buf_append(&b, v, vl);
         free(v);
@@ -407,7 +395,7 @@ static int l_state(lua_State *L) {
     store_kv_iter *it = store_kv_scan(s, k.ptr, k.len, NULL, 0, &e);
     if (!it) {
         buf_free(&k);
-        return fail(L, r, &e);
+        return repllua_raise(L, r, &e);
     }
     const char *kk, *v;
     size_t kkl, vl;
@@ -430,7 +418,7 @@ static int l_state(lua_State *L) {
     store_kv_iter_free(it);
     buf_free(&k);
     buf_free(&b);
-    if (rc < 0) return fail(L, r, &e);
+    if (rc < 0) return repllua_raise(L, r, &e);
     if (!single && n == 0) {
         lua_pop(L, 1);
         buf cp = BUF_INIT;
@@ -438,7 +426,7 @@ static int l_state(lua_State *L) {
         buf_free(&cp);
         if (found != 1) {
             err_set(&e, TM_ENOTFOUND, "no projection '%s'", name);
-            return fail(L, r, &e);
+            return repllua_raise(L, r, &e);
         }
         lua_pushnil(L);
     }
@@ -446,7 +434,7 @@ static int l_state(lua_State *L) {
 }
 
 static int l_query(lua_State *L) {
-    repl *r = session(L);
+    repl *r = repllua_session(L);
     const char *name = luaL_checkstring(L, 1);
     const char *qname = luaL_checkstring(L, 2);
     loaded *l = checked(L, r, name);
@@ -454,18 +442,18 @@ static int l_query(lua_State *L) {
     err_clear(&e);
     if (!l) {
         err_set(&e, TM_ENOTFOUND, "no projection '%s' loaded here (load(file) first)", name);
-        return fail(L, r, &e);
+        return repllua_raise(L, r, &e);
     }
     buf args = BUF_INIT, out = BUF_INIT;
     if (!lua_isnoneornil(L, 3) && luamp_encode(L, 3, "args", &args, &e) < 0) {
         buf_free(&args);
-        return fail(L, r, &e);
+        return repllua_raise(L, r, &e);
     }
     int rc = proj_query(l->p, qname, args.len ? args.ptr : NULL, args.len, &out, &e);
     buf_free(&args);
     if (rc < 0) {
         buf_free(&out);
-        return fail(L, r, &e);
+        return repllua_raise(L, r, &e);
     }
     push_mp(L, r, &out);
     buf_free(&out);
@@ -474,7 +462,7 @@ static int l_query(lua_State *L) {
 
 /* load(name, src, file) -> status table, after the catch-up over history. */
 static int l_load(lua_State *L) {
-    repl *r = session(L);
+    repl *r = repllua_session(L);
     const char *name = luaL_checkstring(L, 1);
     size_t len;
     const char *src = luaL_checklstring(L, 2, &len);
@@ -499,7 +487,7 @@ static int l_load(lua_State *L) {
     err_clear(&e);
     int faulted;
     int rc = catch_up(r, l, 1, &e, &faulted);
-    if (rc < 0 && !faulted) return fail(L, r, &e);
+    if (rc < 0 && !faulted) return repllua_raise(L, r, &e);
     if (rc < 0) {
         buf t = BUF_INIT;
         fault_text(p, &e, &t);
@@ -513,7 +501,7 @@ static int l_load(lua_State *L) {
 
 /* run(src, file) -> final state of a one-off run over all history. */
 static int l_run(lua_State *L) {
-    repl *r = session(L);
+    repl *r = repllua_session(L);
     size_t len;
     const char *src = luaL_checklstring(L, 1, &len);
     const char *file = luaL_optstring(L, 2, "(run)");
@@ -544,7 +532,7 @@ static int l_run(lua_State *L) {
     if (proj_state(p, &b, &e) < 0) {
         buf_free(&b);
         proj_free(p);
-        return fail(L, r, &e);
+        return repllua_raise(L, r, &e);
     }
     proj_free(p);
     push_mp(L, r, &b);

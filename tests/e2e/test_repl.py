@@ -131,7 +131,10 @@ def test_errors_exit_status(data, tmp_path):
     p = run("-e", "string.rep('x', 2^31 - 1)", data=data)
     assert p.returncode == 1 and "not enough memory" in p.stderr
     p = run("-e", "loadstring('\\27LJ')", data=data, check=0)
-    assert "bytecode" in p.stdout
+    assert "binary chunk" in p.stdout
+    # the CPU limit: a JIT-compiled loop is abandoned with its Lua state
+    p = run("--cpu-limit", "0.5", "-e", "local x = 0 while true do x = x + 1 end", data=data)
+    assert p.returncode == 1 and "CPU limit exceeded" in p.stderr
 
 
 def test_f_file_and_stdin(data, tmp_path):
@@ -296,6 +299,24 @@ def test_example_script(data):
     assert [(r["data.customer"], r["sum"]) for r in got] == want
 
 
+def test_more_examples(data):
+    p = run("-f", os.path.join(ROOT, "scripts/examples/hourly-revenue.lua"), "--format", "json",
+            data=data, check=0)
+    want = defaultdict(lambda: [0, 0])
+    for e in EVENTS:
+        if e["type"] == "PaymentReceived":
+            w = want[e["time"] - e["time"] % 3600000]
+            w[0] += 1
+            w[1] += e["data"].get("amount", 0)
+    got = json.loads(p.stdout)
+    assert [[r["payments"], r["revenue"]] for r in got] == [want[k] for k in sorted(want)]
+    p = run("-f", os.path.join(ROOT, "scripts/examples/order-funnel.lua"), data=data, check=0)
+    lines = p.stdout.splitlines()
+    for line, t in zip(lines, ("OrderPlaced", "PaymentReceived", "OrderShipped")):
+        n = len({e["stream"] for e in EVENTS if e["type"] == t and category(e["stream"]) == "order"})
+        assert line.split()[:2] == [t, str(n)]
+
+
 def test_store_in_use_suggests_url(data):
     child = pexpect.spawn(BIN, ["repl", "--data", data], encoding="utf-8", timeout=10,
                           env=dict(os.environ, TIDEMARK_HISTORY="/dev/null"))
@@ -343,6 +364,9 @@ def test_projections_embedded(data, tmp_path):
     assert got == want
     got = rj(data, 'load("%s") return state("bycustomer", "c07")' % f)
     assert got == want["c07"]
+    q = tmp_path / "withq.lua"
+    q.write_text(PROJ.replace("  on = {", "  queries = { n = function(m, a) local c = 0 for _ in pairs(m) do c = c + 1 end return {count = c, a = a} end },\n  on = {"))
+    assert rj(data, 'load("%s") return query("withq", "n", 5)' % q) == {"count": len(want), "a": 5}
     assert rj(data, 'run("%s")' % f) == want
     st = rj(data, 'load("%s") return status("bycustomer")' % f)
     assert st["name"] == "bycustomer" and st["lag"] == 0 and st["partitions"] == len(want)
@@ -393,7 +417,7 @@ def prompt(c):
 
 
 def spawn(data, hist):
-    env = dict(os.environ, TIDEMARK_HISTORY=str(hist), TERM="xterm")
+    env = dict(os.environ, TIDEMARK_HISTORY=str(hist), TERM="xterm", LANG="C.UTF-8")
     c = pexpect.spawn(BIN, ["repl", "--data", data], encoding="utf-8", timeout=10, env=env,
                       dimensions=(40, 200))
     CHILDREN.append(c)
@@ -417,6 +441,9 @@ def test_interactive_eval_multiline_errors(data, tmp_path):
     c.expect(PROMPT)
     c.sendline("error('oops')")
     c.expect("oops")
+    c.expect(PROMPT)
+    c.sendline('"héllo → ✓", #"é"')  # UTF-8 editing in a UTF-8 locale
+    c.expect("héllo → ✓\t2")
     c.expect(PROMPT)
     c.sendline("nil + 1")
     c.expect("attempt to perform arithmetic")
@@ -471,6 +498,15 @@ def test_completion(data, tmp_path):
     c.expect("eceived")
     c.sendline('"}:count()')
     c.expect("\r\n%d\r\n" % sum(1 for e in EVENTS if e["type"] == "PaymentReceived"))
+    prompt(c)
+    f = tmp_path / "bycustomer.lua"
+    f.write_text(PROJ)
+    c.sendline('load("%s")' % f)
+    prompt(c)
+    c.send(".describe byc\t")
+    c.expect("ustomer")
+    c.sendline("")
+    c.expect("partitions,25")  # .format csv is on
     prompt(c)
     c.sendline("myvariable_xyz = 1")
     prompt(c)
@@ -528,10 +564,11 @@ def test_ctrl_c_cancels_query_not_repl(data, tmp_path):
     c.sendline("x")  # the state is intact
     c.expect("\r\n7\r\n")
     c.expect(PROMPT)
-    # Ctrl-C at the prompt discards the line
-    c.send("12345")
-    c.sendintr()
-    c.expect(PROMPT)
+    # Ctrl-C at the prompt discards the line, however fast it comes
+    for _ in range(10):
+        c.send("12345")
+        c.sendintr()
+        c.expect(PROMPT)
     c.sendline("1+1")
     c.expect("\r\n2\r\n")
     c.expect(PROMPT)
@@ -557,7 +594,12 @@ def test_ctrl_c_cancels_query_not_repl(data, tmp_path):
 def server():
     with tempfile.TemporaryDirectory(prefix="tm-repl-srv-") as top:
         d = _import(os.path.join(top, "data"))
-        proc = subprocess.Popen([BIN, "serve", "--data", d, "--port", "0", "--bind", "127.0.0.1"],
+        pdir = os.path.join(top, "projections")
+        os.mkdir(pdir)
+        with open(os.path.join(pdir, "bycustomer.lua"), "w") as f:
+            f.write(PROJ)
+        proc = subprocess.Popen([BIN, "serve", "--data", d, "--port", "0", "--bind", "127.0.0.1",
+                                 "--projections", pdir],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             line = proc.stdout.readline()
@@ -617,3 +659,29 @@ def test_remote_append_and_tail(server):
     c.expect(PROMPT)
     c.sendeof()
     c.expect(pexpect.EOF)
+
+
+def test_remote_projections(server, tmp_path):
+    deadline = time.time() + 20
+    while True:
+        st = rjr(server, 'status("bycustomer")')
+        if st["status"] == "running" and st["lag"] == 0 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert st["status"] == "running" and st["lag"] == 0, st
+    assert rjr(server, 'state("bycustomer")') == proj_answer()
+    assert rjr(server, 'state("bycustomer", "c03")') == proj_answer()["c03"]
+    names = [r["name"] for r in rjr(server, "projections()")]
+    assert "bycustomer" in names
+    f = tmp_path / "counter.lua"
+    f.write_text('return { from = {all = true}, init = function() return {n = 0} end,'
+                 ' on = { ["$any"] = function(s, e) s.n = s.n + 1 end },'
+                 ' queries = { twice = function(m, a) return {n = m.n * 2, a = a} end } }')
+    st = rjr(server, 'load("%s")' % f)
+    assert st["name"] == "counter"
+    deadline = time.time() + 20
+    while rjr(server, 'status("counter")')["lag"] != 0 and time.time() < deadline:
+        time.sleep(0.2)
+    n = rjr(server, 'state("counter")')["n"]
+    assert n == rjr(server, "last_position()")
+    assert rjr(server, 'query("counter", "twice", {x = 1})') == {"n": 2 * n, "a": {"x": 1}}

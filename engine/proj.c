@@ -13,6 +13,9 @@
  *     batch is being filled); the batch is run before anything else reads
  *     the states (every reader calls proj_flush first).
  *   - The Lua stack is balanced on return from every public function.
+ *   - A slot's fld[] is valid only when slot.fast is 1: then it holds the
+ *     arena offsets of the values of the type's plan keys (locate_keys), and
+ *     the runtime decodes nothing else of that payload.
  */
 #define _GNU_SOURCE
 #include "proj.h"
@@ -43,16 +46,29 @@ __asm__(".section .rodata\n"
         ".previous\n");
 extern const char proj_rt_lua[];
 
+#define PROJ_MAXKEYS 8
+
 typedef struct proj_slot { /* keep in sync with proj_rt.lua */
     double position, version, time;
     uint32_t stream_off, stream_len, data_off, data_len, meta_off, meta_len, id_off, type_idx;
+    int32_t fast;                 /* 1: fld located the type's plan keys (or no data) */
+    uint32_t fld[PROJ_MAXKEYS];   /* arena offset + 1 of key i's value; 0 = absent */
 } proj_slot;
+
+/* The fast path's keys for one type (proj_rt.lua "plans"): the data keys
+ * its partition function and handler read, located by C in each payload. */
+typedef struct type_plan {
+    unsigned n;
+    char *key[PROJ_MAXKEYS];
+    uint32_t len[PROJ_MAXKEYS];
+} type_plan;
 
 typedef struct type_entry {
     char *name;
     size_t len;
     uint32_t idx;
     int handled;
+    type_plan *plan;            /* NULL = general path */
 } type_entry;
 
 typedef struct dead_letter {
@@ -79,6 +95,7 @@ struct proj {
     type_entry *types;          /* open addressing, cap power of two */
     size_t types_cap, ntypes;
     char **type_names;          /* idx -> name */
+    type_entry *last_te;        /* the last type seen (a cheap first check); reset on rehash */
     size_t *type_lens;
     /* batch */
     proj_slot *slots;
@@ -520,7 +537,17 @@ proj *proj_new(const char *name, const char *src, size_t len, const char *filena
         lua_pop(L, 1);
         lua_pushnil(L);
     }
-    if (lua_pcall(L, 6, 1, 0) != 0) {
+    /* jit.util (bytecode inspection for the fast path's analysis) */
+    lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
+    lua_getfield(L, -1, "jit.util");
+    lua_remove(L, -2);
+    if (lua_isfunction(L, -1)) {
+        lua_call(L, 0, 1);
+    } else {
+        lua_pop(L, 1);
+        lua_pushnil(L);
+    }
+    if (lua_pcall(L, 7, 1, 0) != 0) {
         err_set(err, TM_EIO, "runtime: %s", lua_tostring(L, -1));
         goto fail;
     }
@@ -546,7 +573,13 @@ void proj_free(proj *p) {
     for (size_t i = 0; i < p->nfrom; i++) free(p->from_names[i]);
     free(p->from_names);
     free(p->from_lens);
-    for (size_t i = 0; i < p->types_cap; i++) free(p->types[i].name);
+    for (size_t i = 0; i < p->types_cap; i++) {
+        free(p->types[i].name);
+        if (p->types[i].plan) {
+            for (unsigned k = 0; k < p->types[i].plan->n; k++) free(p->types[i].plan->key[k]);
+            free(p->types[i].plan);
+        }
+    }
     free(p->types);
     free(p->type_names);
     free(p->type_lens);
@@ -615,7 +648,24 @@ int proj_selects(const proj *p, const tm_event *ev) {
 
 /* ------------------------------------------------------------ types */
 
-static uint32_t intern_type(proj *p, const char *t, size_t n, int *handled) {
+/* The keys table at the top of the stack -> a plan (NULL if unusable). */
+static type_plan *read_plan(lua_State *L) {
+    size_t n = lua_objlen(L, -1);
+    if (n > PROJ_MAXKEYS) return NULL;
+    type_plan *pl = calloc(1, sizeof *pl);
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, (int)i + 1);
+        size_t kl;
+        const char *k = lua_tolstring(L, -1, &kl);
+        pl->key[pl->n] = malloc(kl + 1);
+        memcpy(pl->key[pl->n], k ? k : "", kl);
+        pl->len[pl->n++] = (uint32_t)kl;
+        lua_pop(L, 1);
+    }
+    return pl;
+}
+
+static type_entry *intern_type(proj *p, const char *t, size_t n) {
     if ((p->ntypes + 1) * 2 > p->types_cap) {
         size_t cap = p->types_cap ? p->types_cap * 2 : 64;
         type_entry *nt = calloc(cap, sizeof *nt);
@@ -627,16 +677,14 @@ static uint32_t intern_type(proj *p, const char *t, size_t n, int *handled) {
         }
         free(p->types);
         p->types = nt;
+        p->last_te = NULL;
         p->types_cap = cap;
         p->type_names = realloc(p->type_names, cap * sizeof *p->type_names);
         p->type_lens = realloc(p->type_lens, cap * sizeof *p->type_lens);
     }
     size_t h = fnv1a(0xcbf29ce484222325ull, t, n) & (p->types_cap - 1);
     while (p->types[h].name) {
-        if (p->types[h].len == n && !memcmp(p->types[h].name, t, n)) {
-            *handled = p->types[h].handled;
-            return p->types[h].idx;
-        }
+        if (p->types[h].len == n && !memcmp(p->types[h].name, t, n)) return &p->types[h];
         h = (h + 1) & (p->types_cap - 1);
     }
     type_entry *e = &p->types[h];
@@ -654,11 +702,52 @@ static uint32_t intern_type(proj *p, const char *t, size_t n, int *handled) {
     lua_pop(L, 1);
     rt_get(p, "handles");
     lua_pushlstring(L, t, n);
-    lua_call(L, 1, 1);
-    e->handled = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    *handled = e->handled;
-    return e->idx;
+    lua_call(L, 1, 2);
+    e->handled = lua_toboolean(L, -2);
+    e->plan = e->handled && lua_istable(L, -1) ? read_plan(L) : NULL;
+    lua_pop(L, 2);
+    return e;
+}
+
+/* Locate the plan's keys in the payload (a map with string keys).  Returns
+ * 1 with s->fld filled, or 0 when the general path must decode it (not a
+ * map, a key that is not a string, an ext value the full decode would
+ * check, malformed bytes): the fast path must observe exactly what the full
+ * decode would. */
+static int locate_keys(const type_plan *pl, const char *d, size_t len, uint32_t base,
+                       proj_slot *s) {
+    for (unsigned i = 0; i < pl->n; i++) s->fld[i] = 0;
+    if (len == 0) return 1;
+    const char *q = d, *end = d + len;
+    mp_item it;
+    if (mp_next(&q, end, &it) < 0 || it.type != MP_MAP) return 0;
+    for (uint32_t e = 0; e < it.v.n; e++) {
+        mp_item k;
+        if (mp_next(&q, end, &k) < 0 || (k.type != MP_STR && k.type != MP_BIN)) return 0;
+        const char *v = q;
+        /* skip the value, refusing ext values anywhere inside it */
+        uint64_t pending = 1;
+        while (pending) {
+            mp_item x;
+            if (mp_next(&q, end, &x) < 0 || x.type == MP_EXT) return 0;
+            pending--;
+            if (x.type == MP_ARRAY) pending += x.v.n;
+            else if (x.type == MP_MAP) pending += 2 * (uint64_t)x.v.n;
+            if (pending > (uint64_t)(end - q)) return 0;
+        }
+        for (unsigned i = 0; i < pl->n; i++)
+            if (pl->len[i] == k.v.s.len && !memcmp(pl->key[i], k.v.s.ptr, k.v.s.len)) {
+                s->fld[i] = base + (uint32_t)(v - d) + 1; /* the last duplicate wins, as in Lua */
+                break;
+            }
+    }
+    return q == end;
+}
+
+int proj_type_fast(proj *p, const char *type, size_t len) {
+    type_entry *te = intern_type(p, type, len);
+    if (!te->handled) return -1;
+    return te->plan != NULL;
 }
 
 /* ------------------------------------------------------------ running */
@@ -773,12 +862,14 @@ int proj_feed(proj *p, const tm_event *ev, tm_err *err) {
         if (p->nslots == 0) p->position = ev->position;
         return 0;
     }
-    int handled;
-    uint32_t ti = intern_type(p, ev->type, ev->type_len, &handled);
-    if (!handled) {
+    type_entry *te = p->last_te; /* runs of one type are common: skip the hash */
+    if (!te || te->len != ev->type_len || memcmp(te->name, ev->type, ev->type_len))
+        te = p->last_te = intern_type(p, ev->type, ev->type_len);
+    if (!te->handled) {
         if (p->nslots == 0) p->position = ev->position;
         return 0;
     }
+    uint32_t ti = te->idx;
     proj_slot *s = &p->slots[p->nslots++];
     buf *a = &p->arena;
     s->position = (double)ev->position;
@@ -791,6 +882,7 @@ int proj_feed(proj *p, const tm_event *ev, tm_err *err) {
     s->data_off = (uint32_t)a->len;
     s->data_len = (uint32_t)ev->data_len;
     buf_append(a, ev->data, ev->data_len);
+    s->fast = te->plan ? locate_keys(te->plan, ev->data, ev->data_len, s->data_off, s) : 0;
     s->meta_off = (uint32_t)a->len;
     s->meta_len = (uint32_t)ev->meta_len;
     buf_append(a, ev->meta, ev->meta_len);
@@ -1167,6 +1259,12 @@ int proj_get(proj *p, const char *key, size_t klen, buf *out, tm_err *err) {
     if (p->nslots && run_batch(p, err) != 0) return -1;
     lua_pushlstring(p->L, key, klen);
     return call_encode(p, "get", 1, "state", out, err);
+}
+
+int proj_peek(proj *p, const char *key, size_t klen, buf *out, tm_err *err) {
+    if (p->nslots && run_batch(p, err) != 0) return -1;
+    lua_pushlstring(p->L, key, klen);
+    return call_encode(p, "peek", 1, "state", out, err);
 }
 
 int proj_partitions(proj *p, buf *out, tm_err *err) {

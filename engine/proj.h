@@ -122,6 +122,10 @@ uint64_t proj_uncommitted(const proj *p);
 const proj_fault *proj_fault_info(const proj *p); /* NULL unless faulted */
 /* During a batch: the event being handled (for the hard-limit message). */
 void proj_current(const proj *p, uint64_t *position, const char **type, size_t *type_len);
+/* Diagnostics: 1 if events of this type take the replay fast path (one
+ * reused event table, payload keys located in C; see proj_rt.lua), 0 the
+ * general path, -1 if no handler runs for the type. */
+int proj_type_fast(proj *p, const char *type, size_t len);
 
 /* ---- checkpoints ---- */
 /* Flush, then write every dirty partition state, the dead letters and the
@@ -150,6 +154,10 @@ int proj_reset(proj *p, tm_err *err);
 int proj_state(proj *p, buf *out, tm_err *err);
 /* One partition's state; 0 ok (nil when absent), -1 error. */
 int proj_get(proj *p, const char *key, size_t klen, buf *out, tm_err *err);
+/* One partition's state as it is live (applied, maybe not yet
+ * checkpointed); nil when the partition does not exist.  Unlike proj_get it
+ * never creates the partition. */
+int proj_peek(proj *p, const char *key, size_t klen, buf *out, tm_err *err);
 /* Sorted partition keys (array). */
 int proj_partitions(proj *p, buf *out, tm_err *err);
 /* [{key=, state=}...] for keys in [from, to) (NULL = open), at most limit (0 = all). */

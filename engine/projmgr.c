@@ -17,8 +17,15 @@
  * Invariants:
  *   - An entry is freed only after it is unlinked, its thread joined and
  *     its reference count is 0.
- *   - Between two cycles a running projection has no uncommitted events
- *     (projhost_catch_up ends with a checkpoint): stored state = live state.
+ *   - Feeding does not commit: the worker's live state (what state,
+ *     partition and query routes read) covers every event up to the
+ *     reported position; the stored read model is the last checkpoint,
+ *     taken at most checkpoint_ms (script option, default
+ *     PROJMGR_CHECKPOINT_MS) after the first event it does not cover, when
+ *     checkpoint_every events are uncommitted, before a partition listing
+ *     (read from the store), and before a worker is stopped.  Each
+ *     checkpoint commits state + position in one atomic store batch, so a
+ *     crash between checkpoints only re-processes events.
  */
 #define _GNU_SOURCE
 #include "projmgr.h"
@@ -37,10 +44,13 @@
 
 #include "json.h"
 #include "mp.h"
+#include "proj.h"
 #include "projhost.h"
 
 #define NAME_MAX_LEN 128
 #define PUB_STATE_MAX (64u << 10)   /* larger states are not pushed live */
+#define PROJMGR_CHECKPOINT_MS 100   /* default checkpoint interval (continuous mode) */
+#define FEED_CHUNK 20000            /* events per feeding call: requests get the lock between */
 
 typedef enum pstatus { PS_RUNNING, PS_FAULTED, PS_STOPPED } pstatus;
 
@@ -64,7 +74,9 @@ typedef struct pentry {
     int from_api;             /* the source came from PUT */
     uint64_t file_hash;       /* hash of NAME.lua in the directory (0 = none) */
     int big_state;            /* state too large to push live */
+    double dirty_since;       /* when the first uncommitted event was applied; 0 = none */
     /* m->wake_mu */
+    double cp_due;            /* when a checkpoint is due; 0 = none */
     double last_pub;
     int pub_pending;
     int quit, kick;
@@ -72,7 +84,8 @@ typedef struct pentry {
     /* e->smu: what listings read without waiting for a cycle */
     pthread_mutex_t smu;
     pstatus status;
-    uint64_t position;        /* every event up to here has been considered */
+    uint64_t position;        /* every event up to here has been considered (applied live) */
+    uint64_t cp_position;     /* the stored checkpoint's position */
     uint64_t events_total;    /* handled in this process */
     uint64_t host_events;     /* projhost's counter at the last look */
     double rate, rate_t;
@@ -337,6 +350,7 @@ static void sync_status(pentry *e) {
         if (st->events >= e->host_events) e->events_total += st->events - e->host_events;
         e->host_events = st->events;
         if (st->position > e->position) e->position = st->position;
+        e->cp_position = st->checkpoint_position;
         if (st->state != PROJHOST_RUNNING && e->status == PS_RUNNING) {
             e->status = PS_FAULTED;
             uint64_t pos = st->fault_position;
@@ -377,6 +391,7 @@ static int entry_launch(pentry *e, tm_err *err) {
         e->status = PS_RUNNING;
         e->host_events = projhost_get_status(ph)->events;
         e->position = projhost_get_status(ph)->position;
+        e->cp_position = projhost_get_status(ph)->checkpoint_position;
         clear_error(e);
     }
     pthread_mutex_unlock(&e->smu);
@@ -388,7 +403,34 @@ static int entry_launch(pentry *e, tm_err *err) {
     return ph ? 0 : -1;
 }
 
-static void entry_halt(pentry *e, pstatus to) {
+/* Commit what the worker applied since its last checkpoint (e->mu held). */
+static int entry_checkpoint(pentry *e, tm_err *err) {
+    int rc = 0;
+    if (e->ph && projhost_get_status(e->ph)->state == PROJHOST_RUNNING &&
+        projhost_uncommitted(e->ph) > 0) {
+        /* a dead letter surfacing at the checkpoint rolls back: re-feed, again */
+        for (int i = 0; i < 100 && (rc = projhost_checkpoint(e->ph, err)) == PROJ_REPLAY; i++)
+            if ((rc = projhost_feed(e->ph, 0, err)) < 0) break;
+        sync_status(e);
+        if (rc != 0 && projhost_get_status(e->ph)->state == PROJHOST_RUNNING) {
+            char q[600];
+            logf_("warn", "msg=\"projection checkpoint failed; will retry\" name=%s error=\"%s\"",
+                  e->name, logq(q, sizeof q, err->msg));
+        }
+    }
+    if (e->ph && projhost_uncommitted(e->ph) == 0) e->dirty_since = 0;
+    return rc == 0 ? 0 : -1;
+}
+
+/* Stop the worker (e->mu held); a running one is checkpointed first when
+ * `save` (its state is kept). */
+static void entry_halt(pentry *e, pstatus to, int save) {
+    if (save) {
+        tm_err err;
+        err_clear(&err);
+        entry_checkpoint(e, &err);
+    }
+    e->dirty_since = 0;
     if (e->ph) {
         projhost_free(e->ph);
         e->ph = NULL;
@@ -410,6 +452,7 @@ static void json_status(pentry *e, uint64_t last, buf *out) {
                (unsigned long long)(last > e->position ? last - e->position : 0),
                (unsigned long long)e->events_total,
                now_s() - e->rate_t > 2.5 ? 0.0 : e->rate);
+    buf_printf(out, ",\"checkpoint\":%llu", (unsigned long long)e->cp_position);
     buf_printf(out, ",\"version\":\"%016llx\",\"origin\":\"%s\",\"file\":",
                (unsigned long long)e->version, e->from_api ? "api" : "dir");
     json_put_string(out, e->file, strlen(e->file));
@@ -491,29 +534,56 @@ static void update_rate(pentry *e, double now) {
     pthread_mutex_unlock(&e->smu);
 }
 
-/* One cycle: feed everything up to `last`, checkpoint, maybe publish. */
-static void entry_cycle(pentry *e, uint64_t last) {
+/* The checkpoint interval in seconds and the event bound (e->mu held). */
+static double cp_secs(pentry *e) {
+    uint64_t ms = e->ph ? projhost_get_status(e->ph)->checkpoint_ms : 0;
+    return (double)(ms ? ms : PROJMGR_CHECKPOINT_MS) / 1000.0;
+}
+
+/* One cycle: feed what was committed up to `last` (at most FEED_CHUNK
+ * events; 1 = more to do), checkpoint when due, maybe publish. */
+static int entry_cycle(pentry *e, uint64_t last) {
+    int more = 0;
     pthread_mutex_lock(&e->mu);
     pthread_mutex_lock(&e->smu);
     int run = e->ph && e->status == PS_RUNNING && last > e->position;
     pstatus before = e->status;
     uint64_t pos_before = e->position;
     pthread_mutex_unlock(&e->smu);
+    tm_err err;
+    err_clear(&err);
     if (run) {
-        tm_err err;
-        err_clear(&err);
-        int rc = projhost_catch_up(e->ph, &err);
+        int rc = projhost_feed(e->ph, FEED_CHUNK, &err);
         sync_status(e);
         pthread_mutex_lock(&e->smu);
+        /* applied live up to the end of the store: every event up to
+         * `last` has been considered (unselected ones included) */
         if (rc == 0 && e->status == PS_RUNNING && last > e->position) e->position = last;
         pthread_mutex_unlock(&e->smu);
-        if (rc != 0 && projhost_get_status(e->ph)->state == PROJHOST_RUNNING) {
+        if (rc == PROJHOST_MORE) more = 1;
+        if (rc < 0 && projhost_get_status(e->ph)->state == PROJHOST_RUNNING) {
             char q[600];
             logf_("warn", "msg=\"projection feed failed; will retry\" name=%s error=\"%s\"",
                   e->name, logq(q, sizeof q, err.msg));
         }
     }
     double now = now_s();
+    double cp_due = 0;
+    if (e->ph && projhost_get_status(e->ph)->state == PROJHOST_RUNNING) {
+        uint64_t unc = projhost_uncommitted(e->ph);
+        if (unc == 0) {
+            e->dirty_since = 0;
+        } else {
+            if (e->dirty_since == 0) e->dirty_since = now;
+            cp_due = e->dirty_since + cp_secs(e);
+            if (now >= cp_due) {
+                err_clear(&err);
+                entry_checkpoint(e, &err); /* on failure dirty_since stays: retried when due */
+                if (e->dirty_since == 0) cp_due = 0;
+                else cp_due = now + cp_secs(e);
+            }
+        }
+    }
     update_rate(e, now);
     pthread_mutex_lock(&e->smu);
     int changed = e->status != before, moved = e->position != pos_before;
@@ -521,6 +591,7 @@ static void entry_cycle(pentry *e, uint64_t last) {
     projmgr *m = e->m;
     double gap = 1.0 / (m->o.publish_hz ? m->o.publish_hz : 10);
     pthread_mutex_lock(&m->wake_mu);
+    e->cp_due = cp_due;
     if (moved) e->pub_pending = 1;
     int due = changed || (e->pub_pending && now - e->last_pub >= gap);
     if (due) {
@@ -530,6 +601,7 @@ static void entry_cycle(pentry *e, uint64_t last) {
     pthread_mutex_unlock(&m->wake_mu);
     if (due) publish(e, last_pos(m));
     pthread_mutex_unlock(&e->mu);
+    return more;
 }
 
 static void *entry_main(void *arg) {
@@ -539,11 +611,10 @@ static void *entry_main(void *arg) {
     for (;;) {
         while (!e->quit && !e->kick && e->seen >= m->last) {
             double gap = 1.0 / (m->o.publish_hz ? m->o.publish_hz : 10);
-            double wait = 1.0;
-            if (e->pub_pending) {
-                wait = e->last_pub + gap - now_s();
-                if (wait < 0.001) wait = 0.001;
-            }
+            double now = now_s(), wait = 1.0;
+            if (e->pub_pending && e->last_pub + gap - now < wait) wait = e->last_pub + gap - now;
+            if (e->cp_due && e->cp_due - now < wait) wait = e->cp_due - now;
+            if (wait < 0.001) wait = 0.001;
             struct timespec ts = abs_in(wait);
             if (pthread_cond_timedwait(&m->wake_cv, &m->wake_mu, &ts) == ETIMEDOUT) break;
         }
@@ -551,9 +622,10 @@ static void *entry_main(void *arg) {
         e->kick = 0;
         uint64_t last = m->last;
         pthread_mutex_unlock(&m->wake_mu);
-        entry_cycle(e, last);
+        int more = entry_cycle(e, last);
         pthread_mutex_lock(&m->wake_mu);
-        if (e->seen < last) e->seen = last;
+        if (more) e->kick = 1;
+        else if (e->seen < last) e->seen = last;
     }
     pthread_mutex_unlock(&m->wake_mu);
     return NULL;
@@ -617,7 +689,7 @@ static void entry_remove(projmgr *m, pentry *e) {
     pthread_mutex_unlock(&m->wake_mu);
     pthread_join(e->th, NULL);
     pthread_mutex_lock(&e->mu);
-    entry_halt(e, PS_STOPPED);
+    entry_halt(e, PS_STOPPED, 1);
     pthread_mutex_unlock(&e->mu);
     pthread_mutex_lock(&m->mu);
     while (e->refs > 0) pthread_cond_wait(&m->refs_cv, &m->mu);
@@ -649,7 +721,7 @@ static void entry_put(projmgr *m, pentry *e) {
 /* Replace the entry's source (e->mu held): stop, reset, restart. */
 static int entry_replace(pentry *e, const char *src, size_t len, const char *file, int from_api,
                          tm_err *err) {
-    entry_halt(e, PS_STOPPED);
+    entry_halt(e, PS_STOPPED, 0);
     free(e->source);
     e->source = malloc(len + 1);
     memcpy(e->source, src, len);
@@ -1060,7 +1132,33 @@ static int need_running(pentry *e, api_reply *rp) {
     return -1;
 }
 
+static void reply_no_partition(pentry *e, const char *key, size_t kl, api_reply *rp) {
+    buf q = BUF_INIT;
+    json_put_string(&q, key, kl);
+    api_error(rp, 404, "no partition %s in projection %s", q.ptr, e->name);
+    buf_free(&q);
+}
+
+/* One partition (e->mu held): a running projection answers from its
+ * worker (the live state, which may be ahead of the last checkpoint); a
+ * stopped or faulted one from the stored checkpoint. */
 static void route_partition(projmgr *m, pentry *e, const char *key, size_t kl, api_reply *rp) {
+    pthread_mutex_lock(&e->smu);
+    int running = e->ph && e->status == PS_RUNNING;
+    pthread_mutex_unlock(&e->smu);
+    if (running) {
+        buf out = BUF_INIT;
+        tm_err err;
+        err_clear(&err);
+        int rc = projhost_partition(e->ph, key, kl, &out, &err);
+        if (rc < 0) sync_status(e);
+        if (rc == 1) reply_mp(rp, &out);
+        else if (rc == 0) reply_no_partition(e, key, kl, rp);
+        else if (projhost_get_status(e->ph)->state == PROJHOST_RUNNING) reply_err(rp, &err);
+        buf_free(&out);
+        if (rc >= 0 || projhost_get_status(e->ph)->state == PROJHOST_RUNNING) return;
+        /* the worker just failed: its stored checkpoint still answers */
+    }
     buf k = BUF_INIT;
     buf_printf(&k, "proj/%s/s/", e->name);
     buf_append(&k, key, kl);
@@ -1072,10 +1170,7 @@ static void route_partition(projmgr *m, pentry *e, const char *key, size_t kl, a
     if (rc < 0) {
         reply_err(rp, &err);
     } else if (rc == 0) {
-        buf q = BUF_INIT;
-        json_put_string(&q, key, kl);
-        api_error(rp, 404, "no partition %s in projection %s", q.ptr, e->name);
-        buf_free(&q);
+        reply_no_partition(e, key, kl, rp);
     } else {
         buf b = {.ptr = v, .len = vl};
         if (mp_validate(v, vl, NULL, &err) < 0) reply_err(rp, &err);
@@ -1093,7 +1188,6 @@ static void route_state(projmgr *m, pentry *e, const api_request *rq, const char
         partlen = p.len;
     }
     if (part) {
-        /* the stored partition equals the live one between cycles */
         if (lock_for_request(e, rp) == 0) {
             route_partition(m, e, part, partlen, rp);
             pthread_mutex_unlock(&e->mu);
@@ -1143,6 +1237,12 @@ static void route_partitions(projmgr *m, pentry *e, const api_request *rq, api_r
     tm_err err;
     err_clear(&err);
     if (lock_for_request(e, rp) < 0) goto out;
+    /* the listing reads the store: commit what the worker applied first */
+    if (entry_checkpoint(e, &err) < 0) {
+        pthread_mutex_unlock(&e->mu);
+        reply_err(rp, &err);
+        goto out;
+    }
     store_kv_iter *it =
         store_kv_scan(m->s, prefix.ptr, prefix.len, has_after ? start.ptr : NULL, start.len, &err);
     pthread_mutex_unlock(&e->mu);
@@ -1349,17 +1449,17 @@ static void route_command(projmgr *m, pentry *e, const char *cmd, api_reply *rp)
     pthread_mutex_lock(&e->mu);
     int rc = 0;
     if (!strcmp(cmd, "stop")) {
-        entry_halt(e, PS_STOPPED);
+        entry_halt(e, PS_STOPPED, 1);
         rc = entry_save(e, 1, 0, &err);
     } else if (!strcmp(cmd, "start")) {
         if (!e->ph || e->status != PS_RUNNING) {
-            entry_halt(e, PS_STOPPED);
+            entry_halt(e, PS_STOPPED, 0);
             rc = state_prepare(m, e->name, e->version, 0, &err);
             if (rc == 0) entry_launch(e, &err);
         }
         if (rc == 0) rc = entry_save(e, 0, 0, &err);
     } else { /* reset */
-        entry_halt(e, PS_STOPPED);
+        entry_halt(e, PS_STOPPED, 0);
         pthread_mutex_lock(&e->smu);
         e->position = 0;
         pthread_mutex_unlock(&e->smu);

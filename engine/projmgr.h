@@ -5,9 +5,11 @@
  * its own thread: the store's commit callback (projmgr_notify) only
  * records the last position and wakes the threads, so neither the store's
  * writer nor the HTTP loop ever waits on Lua.  A thread feeds everything
- * committed since its projection's position, then commits a checkpoint
- * (state + position in one atomic store batch), so between two feeding
- * cycles the stored read model always equals the worker's.
+ * committed since its projection's position to the worker without
+ * committing (reads are served from the worker's live state), and commits
+ * a checkpoint (state + position in one atomic store batch) at most
+ * checkpoint_ms (script option, default 100 ms) after the first event it
+ * does not cover, before a partition listing and before stopping.
  *
  * Sources: every *.lua in the projections directory (name = file name
  * without .lua) plus projections installed with PUT, whose source is kept

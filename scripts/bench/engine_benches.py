@@ -39,7 +39,7 @@ def env_int(name, default):
 # Sizes (environment; defaults in brackets, see docs/benchmarks.md).
 def sizes():
     s = {
-        "replay_events": env_int("BENCH_REPLAY_EVENTS", 2000000),
+        "replay_events": env_int("BENCH_PROJECT_EVENTS", 2000000),
         "customers": env_int("BENCH_CUSTOMERS", 5000),
         "partitions": env_int("BENCH_PARTITIONS", 1000000),
         "lookup_events": env_int("BENCH_LOOKUP_EVENTS", 200000),
@@ -131,7 +131,7 @@ class EngineBenches:
 
     BENCHMARKS_MORE = [
         ("project_rate", "bench_project_rate", 1.0,
-         "tidemark project customers.lua (BENCH_REPLAY_EVENTS events), one core vs 3M events/s",
+         "tidemark project customers.lua (BENCH_PROJECT_EVENTS events), one core vs 3M events/s",
          {"limit_word": "target"}),
         ("project_vs_c", "bench_project_vs_c", 0.6,
          "tidemark project customers.lua vs the same scan + aggregation in C, one core",

@@ -533,6 +533,81 @@ def test_kill9_during_processing_then_restart_equals_rebuild(tmp_path, pdir):
         assert rebuild(data, str(pdir / (n + ".lua"))) == served[n]
 
 
+# A checkpoint only when asked (partition listing, stop): the read model
+# served between checkpoints is the worker's live state.
+PER_STREAM_NO_TIMER = PER_STREAM.replace("return {", "return {\n  checkpoint_ms = 3600000,", 1)
+
+
+def test_state_is_live_between_checkpoints_and_kill9_equals_rebuild(tmp_path, pdir):
+    write(str(pdir / "live.lua"), PER_STREAM_NO_TIMER)
+    write(str(pdir / "timed.lua"), PER_STREAM)  # default: a checkpoint within ~100 ms
+    data = str(tmp_path / "data")
+    s = serve(tmp_path, data, "--projections", str(pdir))
+    expect = defaultdict(lambda: {"events": 0, "total": 0})
+
+    def deposit(h, stream, amount):
+        assert h.append(stream, {"type": "Deposit", "data": {"amount": amount}}).status == 201
+        expect[stream]["events"] += 1
+        expect[stream]["total"] += amount
+
+    try:
+        h = s.http()
+        for i in range(30):
+            deposit(h, "acct-%d" % (i % 4), i)
+        caught_up(h, "live", "timed")
+        # the timed one commits on its own; the live one has committed nothing
+        wait_until(lambda: status(h, "timed")["checkpoint"] == 30, what="timed checkpoint")
+        st = status(h, "live")
+        assert st["position"] == 30 and st["checkpoint"] == 0, st
+        # ... yet every read reflects every applied event
+        assert state(h, "live") == expect
+        assert state(h, "live", "?partition=acct-1") == expect["acct-1"]
+        assert state(h, "live", "?partition=acct-2") == expect["acct-2"]
+        assert h.get("/projections/live/state?partition=acct-9").status == 404
+        assert state(h, "live") == expect  # asking did not create acct-9
+        big = max(expect, key=lambda k: expect[k]["total"])
+        assert h.get("/projections/live/query/biggest").json() == {
+            "stream": big, "total": expect[big]["total"]}
+        assert status(h, "live")["checkpoint"] == 0
+        # a partition listing reads the store: it commits first
+        assert h.get("/projections/live/partitions").json() == {
+            "partitions": ["acct-0", "acct-1", "acct-2", "acct-3"], "next": None}
+        assert status(h, "live")["checkpoint"] == 30
+        for i in range(17):
+            deposit(h, "acct-%d" % (i % 6), 100 + i)
+        caught_up(h, "live", "timed")
+        st = status(h, "live")
+        assert st["position"] == 47 and st["checkpoint"] == 30, st
+        assert state(h, "live") == expect
+        assert state(h, "live", "?partition=acct-5") == expect["acct-5"]  # not stored yet
+        s.proc.kill()  # kill -9 between checkpoints
+        s.proc.wait()
+    finally:
+        s.close()
+    s = serve(tmp_path, data, "--projections", str(pdir))
+    try:
+        h = s.http()
+        st = status(h, "live")
+        # restarted from the last checkpoint, then re-processes the rest
+        assert st["checkpoint"] == 30 and st["events"] in (0, 17), st
+        caught_up(h, "live", "timed")
+        assert status(h, "live")["events"] == 17
+        served = {n: state(h, n) for n in ("live", "timed")}
+        assert served["live"] == served["timed"] == expect
+    finally:
+        assert s.stop() == 0  # SIGTERM checkpoints what was applied
+        s.close()
+    for n in served:
+        assert rebuild(data, str(pdir / (n + ".lua"))) == served[n]
+    s = serve(tmp_path, data, "--projections", str(pdir))
+    try:
+        st = status(s.http(), "live")
+        assert st["position"] == st["checkpoint"] == 47 and st["events"] == 0, st
+    finally:
+        assert s.stop() == 0
+        s.close()
+
+
 def test_put_overrides_file_until_the_file_changes(tmp_path, pdir):
     write(str(pdir / "p.lua"), FIXED)
     data = tmp_path / "data"

@@ -555,6 +555,157 @@ static void test_emit_outside_handler_and_bad_partition(void **st) {
     assert_non_null(strstr(err.msg, "may only be called from a handler"));
 }
 
+
+/* ---- the fast path (reused events) must be unobservable ---- */
+
+/* An event of type X with raw data bytes (may be empty) and metadata. */
+static void mk_raw(tev *t, uint64_t pos, const char *data, size_t len, int meta) {
+    memset(t, 0, sizeof *t);
+    snprintf(t->stream, sizeof t->stream, "order-%llu", (unsigned long long)(pos % 3));
+    snprintf(t->type, sizeof t->type, "X");
+    buf_append(&t->data, data, len);
+    t->ev.stream = t->stream;
+    t->ev.stream_len = strlen(t->stream);
+    t->ev.type = t->type;
+    t->ev.type_len = 1;
+    t->ev.data = len ? t->data.ptr : NULL;
+    t->ev.data_len = len;
+    if (meta) {
+        t->ev.meta = "\x81\xa1k\x07"; /* {k=7} */
+        t->ev.meta_len = 4;
+    }
+    t->ev.position = pos;
+    t->ev.version = pos;
+    t->ev.time_ms = 1700000000000 + (int64_t)pos;
+    for (int i = 0; i < 16; i++) t->ev.id[i] = (uint8_t)(pos * 3 + (uint64_t)i);
+}
+
+/* Payloads chosen to hit every branch of the key locator. */
+#define B(s) {s, sizeof s - 1}
+static const struct { const char *p; size_t n; } PAYLOADS[] = {
+    B("\x82\xa8" "customer" "\xa2" "c1" "\xa6" "amount" "\xcb\x40\x04\x00\x00\x00\x00\x00\x00"),
+    B("\x83\xa6" "amount" "\x01" "\xa8" "customer" "\xa2" "c2" "\xa5" "extra" "\x93\x01\x02\x81\xa1x\x01"),
+    B("\x83\xa8" "customer" "\xa2" "c1" "\xa8" "customer" "\xa2" "c2" "\xa6" "amount" "\x03"), /* dup */
+    B(""),                                                        /* no data */
+    B("\xa3" "abc"),                                              /* a string */
+    B("\x92\x01\x02"),                                            /* an array */
+    B("\x83\x01\xa1" "a" "\xa8" "customer" "\xa2" "c3" "\xa6" "amount" "\x01"), /* int key */
+    B("\x82\xa8" "customer" "\xa2" "c1" "\xc4\x06" "amount" "\x07"),   /* bin key */
+    B("\x83\xa8" "customer" "\xa2" "c1" "\xa6" "amount" "\xd0\xfe" "\xa5" "items"
+      "\x92\x81\xa3" "sku" "\xa1" "a" "\x81\xa3" "sku" "\xa1" "b"),      /* nested */
+    B("\x82\xa8" "customer" "\xa2" "c2" "\xa6" "amount" "\xca\x40\x20\x00\x00"), /* float32 */
+    B("\x81\xa6" "amount" "\x05"),                                /* no customer */
+    B("\x8a\xa1" "a" "\x01\xa1" "b" "\x02\xa1" "c" "\x03\xa1" "d" "\x04\xa1" "e" "\x05\xa1" "f"
+      "\x06\xa1" "g" "\x07\xa1" "h" "\x08\xa8" "customer" "\xa2" "c3" "\xa6" "amount" "\x09"),
+    B("\x82\xa8" "customer" "\x05" "\xa6" "amount" "\x02"),       /* numeric key */
+};
+
+/* Handlers (type X) and whether the analysis must find them safe. */
+static const struct { const char *part, *body; int fast; } PATTERNS[] = {
+    {"function(e) return e.data and e.data.customer end",
+     "s.n = (s.n or 0) + 1; s.sum = (s.sum or 0) + (e.data and e.data.amount or 0); "
+     "s.t = e.type; s.pos = e.position; s.v = e.version; s.time = e.time", 1},
+    {"function(e) return e.data and e.data.customer end",
+     "local d = e.data; if d then s.sum = (s.sum or 0) + (d.amount or 0) end", 1},
+    {"'stream'", "s.str = (s.str or '') .. e.stream .. '|' .. e.category .. ';' s.meta = e.metadata "
+     "s.id = e.id", 1},
+    {"function(e) return e.data and e.data.customer end",
+     "local d = e.data if d then s.items = d.items; s.first = d.items and d.items[1]; "
+     "s.c = d.customer end", 1},
+    {"function(e) return type(e.data) == 'table' and e.data.customer or nil end", "s.n = 1", 0},
+    {"function(e) return e.data and e.data.customer end",
+     "if e.data.customer == 'c1' then s.c1 = (s.c1 or 0) + 1 end if e.data then s.has = true end "
+     "for i = 1, 3 do s[i] = (s[i] or 0) + (e.data.amount or 0) * i end", 1},
+    {"nil", "s.last = e.data", 0},
+    {"nil", "s.events = s.events or {} s.events[#s.events + 1] = e", 0},
+    {"nil", "if type(e.data) == 'table' then for k, v in pairs(e.data) do s[tostring(k)] = v end end", 0},
+    {"nil", "local k = 'amount' s.v = type(e.data) == 'table' and e.data[k] or 0", 0},
+    {"nil", "local g = function() return e.data end s.v = g()", 0},
+    {"nil", "e.seen = (e.seen or 0) + 1 s.v = e.seen", 0},
+    {"nil", "local d = e.data if type(d) == 'table' then d.customer = 'z' end s.v = d", 0},
+};
+
+static int run_pattern(size_t i, int reuse, buf *out, int *fast) {
+    char src[2048];
+    snprintf(src, sizeof src,
+             "return { partition = %s, reuse_events = %s,\n"
+             "  on = { X = function(s, e) %s end } }\n",
+             PATTERNS[i].part, reuse ? "nil" : "false", PATTERNS[i].body);
+    tm_err err;
+    proj *p = load(src, NULL, &err);
+    if (!p) fail_msg("pattern %zu: %s", i, err.msg);
+    *fast = proj_type_fast(p, "X", 1);
+    int rc = 0;
+    size_t np = sizeof PAYLOADS / sizeof *PAYLOADS;
+    for (uint64_t pos = 1; rc == 0 && pos <= 3 * np; pos++) {
+        tev t;
+        size_t k = (size_t)(pos * 7) % np;
+        mk_raw(&t, pos, PAYLOADS[k].p, PAYLOADS[k].n, pos % 4 == 0);
+        rc = proj_feed(p, &t.ev, &err);
+        buf_free(&t.data);
+    }
+    if (rc == 0) rc = proj_flush(p, &err);
+    if (rc == 0) rc = proj_state(p, out, &err);
+    if (rc != 0) buf_append(out, err.msg, strlen(err.msg)); /* a fault must match too */
+    proj_free(p);
+    return rc;
+}
+
+static void test_fast_path_is_unobservable(void **st) {
+    (void)st;
+    for (size_t i = 0; i < sizeof PATTERNS / sizeof *PATTERNS; i++) {
+        buf a = BUF_INIT, b = BUF_INIT;
+        int fa, fb;
+        int ra = run_pattern(i, 1, &a, &fa);
+        int rb = run_pattern(i, 0, &b, &fb);
+        if (fa != PATTERNS[i].fast) fail_msg("pattern %zu: fast path %d, expected %d", i, fa,
+                                             PATTERNS[i].fast);
+        assert_int_equal(fb, 0); /* reuse_events = false */
+        assert_int_equal(ra, rb);
+        if (a.len != b.len || memcmp(a.ptr, b.ptr, a.len))
+            fail_msg("pattern %zu: states differ (%zu vs %zu bytes)", i, a.len, b.len);
+        if (a.len <= 1) fail_msg("pattern %zu: empty state (%.*s)", i, (int)a.len, a.ptr);
+        buf_free(&a);
+        buf_free(&b);
+    }
+}
+
+static void test_fast_path_faults_like_general_path(void **st) {
+    (void)st;
+    /* the example's handlers take the fast path */
+    tm_err err;
+    proj *p = load(EXAMPLE, NULL, &err);
+    assert_non_null(p);
+    assert_int_equal(proj_type_fast(p, "OrderPlaced", 11), 1);
+    assert_int_equal(proj_type_fast(p, "PaymentReceived", 15), 1);
+    assert_int_equal(proj_type_fast(p, "OrderShipped", 12), -1);
+    proj_free(p);
+    /* an unknown ext type in a field nobody reads still faults (the full
+     * decode would), and a missing payload gives the same Lua error */
+    static const char ext[] = "\x82\xa8" "customer" "\xa2" "c1" "\xa1" "z" "\xd4\x63\x00";
+    const char *src = "return { partition = function(e) return e.data.customer end,\n"
+                      "  reuse_events = %s, on = { X = function(s, e) s.n = 1 end } }\n";
+    for (int k = 0; k < 2; k++) {
+        char msg[2][600];
+        for (int reuse = 0; reuse < 2; reuse++) {
+            char s[400];
+            snprintf(s, sizeof s, src, reuse ? "nil" : "false");
+            p = load(s, NULL, &err);
+            assert_non_null(p);
+            assert_int_equal(proj_type_fast(p, "X", 1), reuse);
+            tev t;
+            mk_raw(&t, 1, k ? ext : "", k ? sizeof ext - 1 : 0, 0);
+            int rc = proj_feed(p, &t.ev, &err);
+            if (rc == 0) rc = proj_flush(p, &err);
+            buf_free(&t.data);
+            assert_int_equal(rc, -1);
+            snprintf(msg[reuse], sizeof msg[reuse], "%s", err.msg);
+            proj_free(p);
+        }
+        assert_string_equal(msg[0], msg[1]);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_handlers_and_partitions),
@@ -571,6 +722,8 @@ int main(void) {
         cmocka_unit_test(test_kept_event_reads_back),
         cmocka_unit_test(test_partition_shorthand_numbers_and_init_key),
         cmocka_unit_test(test_emit_outside_handler_and_bad_partition),
+        cmocka_unit_test(test_fast_path_is_unobservable),
+        cmocka_unit_test(test_fast_path_faults_like_general_path),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -117,7 +117,11 @@ unit: $(UNIT_BIN)
 e2e: $(BIN)
 	TIDEMARK_BIN=$(abspath $(BIN)) $(PYTHON) -m pytest -q -p no:cacheprovider tests/e2e
 
+# The peers (Redis, PostgreSQL) are optional: installed here when missing,
+# never by install-deps; a peer still missing makes its benchmark SKIPPED.
 bench: $(BIN) $(BENCH_BIN)
+	@{ command -v redis-server && ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || \
+		scripts/install-bench-deps || echo "bench: peers missing; their benchmarks are SKIPPED" >&2
 	BUILD=$(BUILD) scripts/bench/run
 
 crash: $(BIN)

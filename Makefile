@@ -4,6 +4,8 @@
 #   make test       unit tests (cmocka, TAP under prove) then end-to-end tests (pytest)
 #   make test SAN=1 the same suite built with AddressSanitizer + UndefinedBehaviorSanitizer
 #   make bench      benchmarks, each held against a limit probe in the same run
+#   make crash      kill -9 the server during appends, many times (CRASH_ITERATIONS,
+#                   CRASH_SECONDS, CRASH_SEED; default 1000 iterations / 600 s)
 #   make demo       install deps if missing, build, start a server with demo data
 #   make install    PREFIX=/usr/local DESTDIR=
 #   make fuzz       libFuzzer targets (clang), FUZZ_SECONDS (300) each; fuzz-short: 10 s each
@@ -66,7 +68,7 @@ TESTLIB_OBJ := $(TESTLIB_SRC:%.c=$(BUILD)/%.o)
 BENCH_SRC := $(wildcard scripts/bench/*.c)
 BENCH_BIN := $(BENCH_SRC:scripts/bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all test unit e2e bench demo install clean help fuzz fuzz-short fuzz-build faults corrupt-long
+.PHONY: all test unit e2e bench demo install clean help fuzz fuzz-short fuzz-build faults corrupt-long crash
 all: $(BIN)
 
 $(BUILD)/%.o: %.c
@@ -84,6 +86,13 @@ $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@
 	ar rcs $@ $^
+
+# The REPL's Lua prelude is compiled in: repl/prelude.lua -> a C string.
+$(BUILD)/gen/repl_prelude.h: repl/prelude.lua
+	@mkdir -p $(dir $@)
+	sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/^/"/' -e 's/$$/\\n"/' $< > $@
+$(BUILD)/repl/repllua.o: $(BUILD)/gen/repl_prelude.h
+$(BUILD)/repl/%.o: CFLAGS += -I$(BUILD)/gen
 
 $(BIN): $(BIN_OBJ) $(LIB)
 	$(CC) $(LDFLAGS) -o $@ $(BIN_OBJ) $(LIB) $(LDLIBS)
@@ -110,6 +119,9 @@ e2e: $(BIN)
 
 bench: $(BIN) $(BENCH_BIN)
 	BUILD=$(BUILD) scripts/bench/run
+
+crash: $(BIN)
+	TIDEMARK_BIN=$(abspath $(BIN)) $(PYTHON) tests/crash/crashloop.py
 
 demo: $(BIN)
 	scripts/demo

@@ -23,6 +23,7 @@ int cli_import(int argc, char **argv);
 int cli_export(int argc, char **argv);
 int cli_check(int argc, char **argv);
 int cli_project(int argc, char **argv);   /* cli_project.c */
+int cli_replay(int argc, char **argv);    /* cli_replay.c */
 int cli_serve(int argc, char **argv);     /* cli_serve.c */
 int cli_repl(int argc, char **argv);      /* repl/ */
 

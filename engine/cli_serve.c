@@ -2,7 +2,10 @@
  * print "ready port=N" once it accepts connections, run until SIGTERM/SIGINT.
  *
  * Owns the wiring between modules: the store's commit callback feeds the
- * HTTP server's live delivery (and, later, the projection host).
+ * HTTP server's live delivery and the projection manager (projmgr.h), whose
+ * routes, metrics and SIGHUP reload plug into the server.  Shutdown order:
+ * the loop stops, commits stop being reported, every projection is
+ * checkpointed and stopped, then the server and the store close.
  * Exit status: 0 after a clean shutdown, 1 usage, 2/4 store or socket errors.
  */
 #include <errno.h>
@@ -17,6 +20,7 @@
 #include "cli.h"
 #include "err.h"
 #include "http.h"
+#include "projmgr.h"
 #include "store.h"
 
 static const char serve_usage[] =
@@ -30,6 +34,9 @@ static const char serve_usage[] =
     "  --port N            TCP port; 0 picks a free one (default 8080)\n"
     "  --bind ADDR         address to listen on (default 127.0.0.1)\n"
     "  --projections DIR   load the Lua projections in DIR (*.lua)\n"
+    "  --projection-cpu-limit S  CPU seconds a projection may spend on one batch\n"
+    "                      (default 10); a runaway projection is stopped and faulted\n"
+    "  --projection-memory-limit MB  Lua memory per projection (default 256)\n"
     "  --token-file F      bearer tokens (one per line) required for writes\n"
     "  --max-body BYTES    largest request body (default 8388608); larger: 413\n"
     "  --max-headers BYTES largest request line + headers (default 65536); larger: 431\n"
@@ -44,7 +51,32 @@ static const char serve_usage[] =
     "SIGTERM/SIGINT stop gracefully (in-flight appends finish, SSE clients get\n"
     "`event: close`); SIGHUP reloads projections.  Logs go to stderr as key=value lines.\n";
 
-static void on_store_commit(void *ud, uint64_t last) { http_notify_commit(ud, last); }
+typedef struct serve_ctx {
+    http_server *h;
+    projmgr *pm;
+} serve_ctx;
+
+static void on_store_commit(void *ud, uint64_t last) {
+    serve_ctx *c = ud;
+    http_notify_commit(c->h, last);
+    if (c->pm) projmgr_notify(c->pm, last);
+}
+
+static void pm_publish(void *ud, const char *ch, size_t cl, const char *json, size_t jl) {
+    http_publish(ud, ch, cl, json, jl);
+}
+static void pm_handle(void *ud, const api_request *rq, api_reply *rp) { projmgr_handle(ud, rq, rp); }
+static void pm_metrics(void *ud, buf *out) { projmgr_metrics(ud, out); }
+static void pm_reload(void *ud) { projmgr_reload(ud); }
+
+static int parse_double(const char *s, double lo, double hi, double *out) {
+    char *end = NULL;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= lo && v <= hi)) return -1;
+    *out = v;
+    return 0;
+}
 
 static int parse_size(const char *s, size_t *out) {
     char *end = NULL;
@@ -66,7 +98,7 @@ static int parse_int(const char *s, int lo, int hi, int *out) {
 
 int cli_serve(int argc, char **argv) {
     enum { O_DATA = 1, O_PORT, O_BIND, O_PROJ, O_TOKEN, O_MAXBODY, O_MAXHDR, O_DUR, O_TIMEOUT,
-           O_WORKERS, O_SSEBUF, O_SSEHB, O_HELP };
+           O_WORKERS, O_SSEBUF, O_SSEHB, O_PCPU, O_PMEM, O_HELP };
     static const struct option opts[] = {
         {"data", required_argument, 0, O_DATA},       {"port", required_argument, 0, O_PORT},
         {"bind", required_argument, 0, O_BIND},       {"projections", required_argument, 0, O_PROJ},
@@ -74,6 +106,8 @@ int cli_serve(int argc, char **argv) {
         {"max-headers", required_argument, 0, O_MAXHDR}, {"durability", required_argument, 0, O_DUR},
         {"timeout", required_argument, 0, O_TIMEOUT}, {"workers", required_argument, 0, O_WORKERS},
         {"sse-buffer", required_argument, 0, O_SSEBUF}, {"sse-heartbeat", required_argument, 0, O_SSEHB},
+        {"projection-cpu-limit", required_argument, 0, O_PCPU},
+        {"projection-memory-limit", required_argument, 0, O_PMEM},
         {"help", no_argument, 0, O_HELP},             {0, 0, 0, 0},
     };
     const char *data = NULL, *projections = NULL;
@@ -83,6 +117,7 @@ int cli_serve(int argc, char **argv) {
     store_opts so;
     store_opts_default(&so);
     int workers = 0;
+    double pcpu = 10, pmem = 256;
     optind = 1;
     opterr = 0;
     int c;
@@ -108,6 +143,8 @@ int cli_serve(int argc, char **argv) {
             break;
         case O_SSEBUF: if (parse_size(optarg, &ho.sse_max_pending)) bad = "--sse-buffer"; break;
         case O_SSEHB: if (parse_int(optarg, 1, 3600, &ho.heartbeat_s)) bad = "--sse-heartbeat"; break;
+        case O_PCPU: if (parse_double(optarg, 0.01, 3600, &pcpu)) bad = "--projection-cpu-limit"; break;
+        case O_PMEM: if (parse_double(optarg, 1, 1 << 20, &pmem)) bad = "--projection-memory-limit"; break;
         case 'h':
         case O_HELP: fputs(serve_usage, stdout); return 0;
         default:
@@ -156,14 +193,26 @@ int cli_serve(int argc, char **argv) {
         store_close(st);
         return err.code ? err.code : TM_EIO;
     }
-    if (projections)
-        fprintf(stderr, "level=warn msg=\"projections are not wired into serve yet\" dir=%s\n",
-                projections);
-    store_on_commit(st, on_store_commit, h);
+    projmgr_opts po = {.dir = projections, .exe = "/proc/self/exe",
+                       .memory_limit = (size_t)(pmem * 1024 * 1024), .cpu_limit = pcpu,
+                       .publish = pm_publish, .publish_ud = h};
+    projmgr *pm = projmgr_new(st, &po, &err);
+    if (!pm) {
+        fprintf(stderr, "tidemark serve: %s\n", err.msg);
+        http_free(h);
+        store_close(st);
+        return err.code ? err.code : TM_EIO;
+    }
+    http_projections hp = {pm_handle, pm_metrics, pm_reload, pm};
+    http_set_projections(h, &hp);
+    serve_ctx ctx = {h, pm};
+    store_on_commit(st, on_store_commit, &ctx);
     printf("ready port=%d\n", http_port(h));
     fflush(stdout);
     http_run(h);
     store_on_commit(st, NULL, NULL);
+    projmgr_free(pm); /* every projection checkpointed */
+    http_set_projections(h, NULL);
     http_free(h);
     store_close(st);
     return 0;

@@ -35,6 +35,7 @@
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
+#include <event2/listener.h>
 #include <event2/thread.h>
 
 #include "metrics.h"
@@ -83,6 +84,10 @@ struct http_server {
     pub_msg *pub_head, *pub_tail;
     struct event *sig_ev[3];
     struct event *stop_ev;
+    struct event *accept_ev;   /* resumes accepting after EMFILE & co */
+    unsigned long accept_fails;/* accept errors since the last log line */
+    struct timespec accept_log_t;
+    struct http_server *next_server;   /* the servers list (server_of) */
     int stopping;              /* 0 running, 1 draining jobs, 2 flushing */
     struct timespec stop_t;
     sse_hub *hub;
@@ -131,8 +136,16 @@ static void send_reply(struct evhttp_request *req, int status, const char *ctype
     evhttp_add_header(oh, "Content-Type", ctype);
     if (allow) evhttp_add_header(oh, "Allow", allow);
     if (status == 401) evhttp_add_header(oh, "WWW-Authenticate", "Bearer");
-    struct evbuffer *ob = evhttp_request_get_output_buffer(req);
-    evbuffer_add(ob, body, len);
+    if (evhttp_request_get_command(req) == EVHTTP_REQ_HEAD) {
+        /* libevent 2.1 writes the body of a HEAD reply (without a
+         * Content-Length): a keep-alive client would read it as the start
+         * of the next response.  Send the length only. */
+        char n[32];
+        snprintf(n, sizeof n, "%zu", len);
+        evhttp_add_header(oh, "Content-Length", n);
+    } else {
+        evbuffer_add(evhttp_request_get_output_buffer(req), body, len);
+    }
     metrics_http_response(status);
     if (status >= 400) {
         const char *uri = evhttp_request_get_uri(req);
@@ -693,6 +706,68 @@ static size_t header_bytes(struct evhttp_request *req) {
 
 static int is_get(enum evhttp_cmd_type c) { return c == EVHTTP_REQ_GET || c == EVHTTP_REQ_HEAD; }
 
+/* RFC 9110 token characters (header field names). */
+static int is_tchar(unsigned char c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+/* Message framing that a proxy in front could read differently from
+ * libevent (request smuggling): NULL when the request is unambiguous, else
+ * why not.  libevent itself refuses Content-Length together with
+ * Transfer-Encoding, unknown transfer codings and bad chunk sizes; it does
+ * not refuse, and frames by the first one of: several Content-Length
+ * headers, a signed Content-Length ("+5"), a body declared on a HEAD request
+ * (which it leaves unread, to be parsed as the next request), several
+ * Transfer-Encoding headers, or a field name holding whitespace
+ * ("Transfer-Encoding : chunked" is no header to libevent but may be one to
+ * a lenient proxy), a transfer coding other than "chunked" (libevent then
+ * reads no body and parses it as the next request).  Such requests get 400
+ * and the connection is closed, so bytes after them are never parsed as
+ * another request. */
+static const char *framing_problem(struct evhttp_request *req) {
+    struct evkeyvalq *ih = evhttp_request_get_input_headers(req);
+    int ncl = 0, nte = 0;
+    const char *cl = NULL, *te = NULL;
+    for (struct evkeyval *kv = ih->tqh_first; kv; kv = kv->next.tqe_next) {
+        if (!kv->key[0]) return "empty header name";
+        for (const char *p = kv->key; *p; p++)
+            if (!is_tchar((unsigned char)*p)) return "malformed header name";
+        if (strcasecmp(kv->key, "Content-Length") == 0) {
+            ncl++;
+            cl = kv->value;
+        } else if (strcasecmp(kv->key, "Transfer-Encoding") == 0) {
+            nte++;
+            te = kv->value;
+        }
+    }
+    if (ncl > 1) return "more than one Content-Length header";
+    if (nte > 1) return "more than one Transfer-Encoding header";
+    if (te) {
+        /* libevent reads no body at all for a coding it does not know. */
+        while (*te == ' ' || *te == '\t') te++;
+        size_t n = strlen(te);
+        while (n && (te[n - 1] == ' ' || te[n - 1] == '\t')) n--;
+        if (n != 7 || strncasecmp(te, "chunked", 7) != 0)
+            return "Transfer-Encoding other than chunked is not supported";
+    }
+    if (cl) {
+        const char *p = cl;
+        while (*p == ' ' || *p == '\t') p++;
+        if (!(*p >= '0' && *p <= '9')) return "Content-Length must be a decimal number";
+        errno = 0;
+        char *end = NULL;
+        unsigned long long n = strtoull(p, &end, 10);
+        while (*end == ' ' || *end == '\t') end++;
+        if (errno || *end) return "Content-Length must be a decimal number";
+        /* libevent reads no body for HEAD (and the like): the declared
+         * bytes would become the next request. */
+        if (n != evbuffer_get_length(evhttp_request_get_input_buffer(req)))
+            return "the request body does not match its Content-Length";
+    }
+    return NULL;
+}
+
 static void route_metrics(http_server *h, struct evhttp_request *req) {
     buf b = BUF_INIT;
     metrics_set(METRICS_LAST_POSITION, store_last_position(h->st));
@@ -747,6 +822,12 @@ static void on_request(struct evhttp_request *req, void *arg) {
     if (h->stopping) {
         evhttp_add_header(evhttp_request_get_output_headers(req), "Connection", "close");
         send_error(req, 503, NULL, "server is shutting down");
+        return;
+    }
+    const char *framing = framing_problem(req);
+    if (framing) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Connection", "close");
+        send_error(req, 400, NULL, "%s", framing);
         return;
     }
     if (header_bytes(req) > h->o.max_headers) {
@@ -894,12 +975,13 @@ static void on_request(struct evhttp_request *req, void *arg) {
             buf_free(&spec);
             return;
         }
-        if (!h->proj.handle) {
-            send_error(req, 501, NULL, "projections are not available in this server yet");
-            return;
-        }
+        /* The token first: an unauthenticated write learns nothing else. */
         if (!is_get(cmd) && !authorized(h, req)) {
             send_error(req, 401, NULL, "a valid bearer token is required to change projections");
+            return;
+        }
+        if (!h->proj.handle) {
+            send_error(req, 501, NULL, "projections are not available in this server yet");
             return;
         }
         submit_job(h, req, JOB_PROJ, path, query, NULL, 0);
@@ -907,6 +989,62 @@ static void on_request(struct evhttp_request *req, void *arg) {
     }
     send_error(req, 404, NULL, "no such route: %.200s", path);
 #undef SEG
+}
+
+/* ---- accept errors ----
+ * Out of descriptors (EMFILE, ENFILE) or memory, accept() fails while the
+ * pending connection keeps the listening socket readable: libevent would
+ * retry at once, forever (a busy loop writing a warning per try: tens of MB
+ * of log per second).  Pause accepting for a moment instead; waiting
+ * clients stay in the kernel's backlog until descriptors are free. */
+
+#define ACCEPT_PAUSE_US 100000
+
+static void on_accept_resume(evutil_socket_t fd, short what, void *arg) {
+    (void)fd, (void)what;
+    http_server *h = arg;
+    if (h->sock) evconnlistener_enable(evhttp_bound_socket_get_listener(h->sock));
+}
+
+static double since(const struct timespec *t0);
+
+/* libevent passes the listener's argument, the struct evhttp, to the error
+ * callback: find its server here. */
+static pthread_mutex_t servers_mu = PTHREAD_MUTEX_INITIALIZER;
+static http_server *servers;   /* linked by next_server */
+
+static http_server *server_of(struct evhttp *http) {
+    pthread_mutex_lock(&servers_mu);
+    http_server *h = servers;
+    while (h && h->http != http) h = h->next_server;
+    pthread_mutex_unlock(&servers_mu);
+    return h;
+}
+
+static void servers_del(http_server *h) {
+    pthread_mutex_lock(&servers_mu);
+    for (http_server **pp = &servers; *pp; pp = &(*pp)->next_server)
+        if (*pp == h) {
+            *pp = h->next_server;
+            break;
+        }
+    pthread_mutex_unlock(&servers_mu);
+}
+
+static void on_accept_error(struct evconnlistener *l, void *arg) {
+    int e = EVUTIL_SOCKET_ERROR();
+    http_server *h = server_of(arg);
+    if (!h) return;
+    evconnlistener_disable(l);
+    struct timeval tv = {0, ACCEPT_PAUSE_US};
+    event_add(h->accept_ev, &tv);
+    h->accept_fails++;
+    if (h->accept_log_t.tv_sec == 0 || since(&h->accept_log_t) >= 10.0) {   /* one line per 10 s */
+        log_line("warn", "msg=\"accept failed; pausing new connections\" error=\"%s\" pause_ms=%d failures=%lu",
+                 strerror(e), ACCEPT_PAUSE_US / 1000, h->accept_fails);
+        clock_gettime(CLOCK_MONOTONIC, &h->accept_log_t);
+        h->accept_fails = 0;
+    }
 }
 
 /* ---- signals and shutdown ---- */
@@ -1042,6 +1180,12 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
         goto fail;
     }
     h->port = bound_port(h->sock);
+    h->accept_ev = event_new(h->base, -1, 0, on_accept_resume, h);
+    pthread_mutex_lock(&servers_mu);
+    h->next_server = servers;
+    servers = h;
+    pthread_mutex_unlock(&servers_mu);
+    evconnlistener_set_error_cb(evhttp_bound_socket_get_listener(h->sock), on_accept_error);
     h->wq = workq_new(h->o.workers, wq_notify, h);
     if (!h->wq) {
         err_set(err, TM_EIO, "cannot start worker threads");
@@ -1086,6 +1230,7 @@ int http_run(http_server *h) {
 
 void http_free(http_server *h) {
     if (!h) return;
+    servers_del(h);
     /* Appends the store still holds call back into this server: let them land. */
     while (h->base && h->appends_inflight) event_base_loop(h->base, EVLOOP_ONCE);
     /* Workers first: their done() callbacks may still reply. */
@@ -1093,7 +1238,7 @@ void http_free(http_server *h) {
     if (h->hub) sse_hub_free(h->hub);
     if (h->http) evhttp_free(h->http);
     struct event *evs[] = {h->wq_ev, h->append_ev, h->flush_ev, h->commit_ev, h->sse_run_ev, h->pub_ev, h->hb_ev,
-                           h->stop_ev, h->sig_ev[0], h->sig_ev[1], h->sig_ev[2]};
+                           h->stop_ev, h->accept_ev, h->sig_ev[0], h->sig_ev[1], h->sig_ev[2]};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
         if (evs[i]) event_free(evs[i]);
     pub_msg *m = h->pub_head;

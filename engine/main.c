@@ -28,6 +28,10 @@ static const command commands[] = {
      "serve the HTTP API, live events (SSE) and the dashboard"},
     {"project", cli_project, "--data DIR FILE.lua [--query NAME [ARGS]] [--cpu-limit S]",
      "run a projection over all history once, print its state as JSON"},
+    {"replay", cli_replay, "--data DIR (NAME | FILE.lua) [--workers N] [--persist] [--resume]",
+     "rebuild a projection from position 0 on every core (versioned, resumable)"},
+    {"repl", cli_repl, "[--data DIR | --url URL] [-e CHUNK | -f FILE.lua]",
+     "Lua prompt and ad-hoc queries over events"},
 };
 
 static void overview(FILE *out) {

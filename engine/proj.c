@@ -1261,6 +1261,12 @@ int proj_get(proj *p, const char *key, size_t klen, buf *out, tm_err *err) {
     return call_encode(p, "get", 1, "state", out, err);
 }
 
+int proj_peek(proj *p, const char *key, size_t klen, buf *out, tm_err *err) {
+    if (p->nslots && run_batch(p, err) != 0) return -1;
+    lua_pushlstring(p->L, key, klen);
+    return call_encode(p, "peek", 1, "state", out, err);
+}
+
 int proj_partitions(proj *p, buf *out, tm_err *err) {
     if (prepare_read(p, err) < 0) return -1;
     return call_encode(p, "keys", 0, "keys", out, err);

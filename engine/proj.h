@@ -154,6 +154,10 @@ int proj_reset(proj *p, tm_err *err);
 int proj_state(proj *p, buf *out, tm_err *err);
 /* One partition's state; 0 ok (nil when absent), -1 error. */
 int proj_get(proj *p, const char *key, size_t klen, buf *out, tm_err *err);
+/* One partition's state as it is live (applied, maybe not yet
+ * checkpointed); nil when the partition does not exist.  Unlike proj_get it
+ * never creates the partition. */
+int proj_peek(proj *p, const char *key, size_t klen, buf *out, tm_err *err);
 /* Sorted partition keys (array). */
 int proj_partitions(proj *p, buf *out, tm_err *err);
 /* [{key=, state=}...] for keys in [from, to) (NULL = open), at most limit (0 = all). */

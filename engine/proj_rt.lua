@@ -563,6 +563,17 @@ function M.get(key)
   return s
 end
 
+-- The state of one partition, or nil when it does not exist (neither in
+-- memory nor stored); unlike get, never creates it.
+function M.peek(key)
+  local s = states[key]
+  if s == nil then
+    s = C.load(key, committed[key])
+    if s ~= nil then states[key] = s end
+  end
+  return s
+end
+
 -- Whole read model: the state, or a table keyed by partition.
 function M.view()
   if partitioned then return states end

@@ -345,13 +345,15 @@ static void w_init(worker *w, const buf *f) {
         buf_reset(&w->msg);
         msgpack_packer pk;
         pk_init(&pk, &w->msg);
-        msgpack_pack_map(&pk, 5);
+        msgpack_pack_map(&pk, 6);
         pk_cstr(&pk, "position");
         msgpack_pack_uint64(&pk, proj_position(w->p));
         pk_cstr(&pk, "events");
         msgpack_pack_uint64(&pk, proj_events(w->p));
         pk_cstr(&pk, "checkpoint_every");
         msgpack_pack_uint64(&pk, proj_checkpoint_every(w->p));
+        pk_cstr(&pk, "checkpoint_ms");
+        msgpack_pack_uint64(&pk, proj_checkpoint_ms(w->p));
         pk_cstr(&pk, "from");
         msgpack_pack_int(&pk, (int)proj_from(w->p));
         pk_cstr(&pk, "names");
@@ -493,6 +495,7 @@ int projhost_worker_main(int argc, char **argv) {
             int rc = -1;
             if (!op) err_set(&err, TM_EINVAL, "read without an op");
             else if (!strcmp(op, "get") && a) rc = proj_get(w.p, a, al, &out, &err);
+            else if (!strcmp(op, "peek") && a) rc = proj_peek(w.p, a, al, &out, &err);
             else if (!strcmp(op, "partitions")) rc = proj_partitions(w.p, &out, &err);
             else if (!strcmp(op, "top") && a) rc = proj_top(w.p, a, n, &out, &err);
             else if (!strcmp(op, "range")) rc = proj_range(w.p, a, b, n, &out, &err);
@@ -771,8 +774,10 @@ projhost *projhost_start(store *s, const char *name, const char *src, size_t len
     h->st.state = PROJHOST_RUNNING;
     h->st.position = get_u64(h->frame.ptr, h->frame.len, "position");
     h->st.events = get_u64(h->frame.ptr, h->frame.len, "events");
-    h->checkpoint_every = get_u64(h->frame.ptr, h->frame.len, "checkpoint_every");
-    if (!h->checkpoint_every) h->checkpoint_every = 100000;
+    h->st.checkpoint_position = h->st.position;
+    h->st.checkpoint_every = get_u64(h->frame.ptr, h->frame.len, "checkpoint_every");
+    h->st.checkpoint_ms = get_u64(h->frame.ptr, h->frame.len, "checkpoint_ms");
+    h->checkpoint_every = h->st.checkpoint_every ? h->st.checkpoint_every : 100000;
     h->from_kind = (int)get_u64(h->frame.ptr, h->frame.len, "from");
     const char *v;
     size_t vl;
@@ -869,6 +874,7 @@ int projhost_checkpoint(projhost *h, tm_err *err) {
     k = await(h, err);
     if (k != 'A') return k < 0 ? -1 : err_set(err, TM_EIO, "unexpected answer '%c'", k);
     take_position(h);
+    h->st.checkpoint_position = h->st.position;
     return 0;
 }
 
@@ -907,7 +913,7 @@ static int send_batch(projhost *h, tm_err *err) {
     return err_set(err, TM_EIO, "unexpected answer '%c'", k);
 }
 
-int projhost_catch_up(projhost *h, tm_err *err) {
+int projhost_feed(projhost *h, uint64_t max_events, tm_err *err) {
     if (usable(h, err) < 0) return -1;
     for (;;) {
         store_iter *it = host_reader(h, h->st.position + 1, err);
@@ -915,6 +921,7 @@ int projhost_catch_up(projhost *h, tm_err *err) {
         tm_event ev;
         int r, rc = 0;
         unsigned n = 0;
+        uint64_t sent = 0;
         buf_reset(&h->msg);
         while ((r = store_iter_next(it, &ev, err)) == 1) {
             if (ev.position <= h->st.position) continue;
@@ -926,22 +933,39 @@ int projhost_catch_up(projhost *h, tm_err *err) {
             for (int i = 0; i < 4; i++) hdr[8 + i] = (unsigned char)((uint32_t)rl >> (8 * i));
             buf_append(&h->msg, hdr, 12);
             buf_append(&h->msg, rec, rl);
-            if (++n == h->o.batch) {
+            sent++;
+            if (++n == h->o.batch || sent == max_events) {
                 n = 0;
                 if ((rc = send_batch(h, err)) != 0) break;
                 if (h->uncommitted >= h->checkpoint_every &&
                     (rc = projhost_checkpoint(h, err)) != 0)
                     break;
+                if (sent == max_events) {
+                    rc = PROJHOST_MORE;
+                    break;
+                }
             }
         }
         store_iter_free(it);
         if (r < 0) return -1;
         if (rc == 0 && n) rc = send_batch(h, err);
+        if (rc == 0 && h->uncommitted >= h->checkpoint_every)
+            rc = projhost_checkpoint(h, err);
+        if (rc == PROJ_REPLAY) continue; /* rolled back to the checkpoint: re-feed */
+        return rc;
+    }
+}
+
+int projhost_catch_up(projhost *h, tm_err *err) {
+    for (;;) {
+        int rc = projhost_feed(h, 0, err);
         if (rc == 0) rc = projhost_checkpoint(h, err);
         if (rc == PROJ_REPLAY) continue;
         return rc;
     }
 }
+
+uint64_t projhost_uncommitted(const projhost *h) { return h->uncommitted; }
 
 static int value(projhost *h, char kind, buf *req, buf *out, tm_err *err) {
     if (usable(h, err) < 0) return -1;
@@ -995,6 +1019,27 @@ int projhost_read(projhost *h, const char *op, const char *a, const char *b, uin
     }
     int rc = value(h, 'P', &req, out, err);
     buf_free(&req);
+    return rc;
+}
+
+int projhost_partition(projhost *h, const char *key, size_t klen, buf *out, tm_err *err) {
+    buf req = BUF_INIT, v = BUF_INIT;
+    msgpack_packer pk;
+    pk_init(&pk, &req);
+    msgpack_pack_map(&pk, 3);
+    pk_cstr(&pk, "op");
+    pk_cstr(&pk, "peek");
+    pk_cstr(&pk, "n");
+    msgpack_pack_uint64(&pk, 0);
+    pk_cstr(&pk, "a");
+    pk_str(&pk, key, klen);
+    int rc = value(h, 'P', &req, &v, err);
+    if (rc == 0 && !(v.len == 1 && (unsigned char)v.ptr[0] == 0xc0)) { /* nil = absent */
+        buf_append(out, v.ptr, v.len);
+        rc = 1;
+    }
+    buf_free(&req);
+    buf_free(&v);
     return rc;
 }
 

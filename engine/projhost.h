@@ -10,7 +10,8 @@
  *   frame = u32 little-endian length of (kind + payload), kind (1 byte), payload
  *
  *   host -> worker                     worker -> host
- *   'I' init {name,file,source,        'O' ready {position,events,from,names}
+ *   'I' init {name,file,source,        'O' ready {position,events,from,names,
+ *                                           checkpoint_every,checkpoint_ms}
  *        memory,cpu}                   'E' error {code,message}
  *   'B' batch: (u64 pos, u32 len,      'A' applied {position,events,uncommitted}
  *        record)*                      'R' replay from {position} (dead letter)
@@ -57,7 +58,10 @@ typedef enum projhost_state {
 
 typedef struct projhost_status {
     projhost_state state;
-    uint64_t position, events;
+    uint64_t position, events;  /* applied by the worker (live, maybe uncommitted) */
+    uint64_t checkpoint_position; /* position of the last committed checkpoint */
+    uint64_t checkpoint_every;    /* the script's options; 0 = not set */
+    uint64_t checkpoint_ms;
     uint64_t fault_position;
     char fault_type[257];
     char message[512];
@@ -67,11 +71,23 @@ typedef struct projhost_status {
 /* Start a worker for the projection (restores from the store's checkpoint). */
 projhost *projhost_start(store *s, const char *name, const char *src, size_t len,
                          const char *file, const projhost_opts *o, tm_err *err);
-/* Feed every event after the checkpoint/position, checkpointing every
- * `checkpoint_every` events (script option; default 100000) and at the end.
- * 0 ok; -1 with err (and status FAULTED / DEAD when the projection failed). */
+/* Feed every event after the position (at most max_events when it is not
+ * 0) without committing: the worker's live state covers them at once, the
+ * store only at the next checkpoint.  Checkpoints inside only when
+ * `checkpoint_every` events (script option; default 100000) are
+ * uncommitted; a dead letter's replay (PROJ_REPLAY) is handled inside.
+ * 0 = fed up to the end of the store, PROJHOST_MORE = stopped after
+ * max_events (call again), -1 with err (and status FAULTED / DEAD when the
+ * projection failed). */
+#define PROJHOST_MORE 2
+int projhost_feed(projhost *h, uint64_t max_events, tm_err *err);
+/* Events applied since the last committed checkpoint. */
+uint64_t projhost_uncommitted(const projhost *h);
+/* projhost_feed up to the end, then a checkpoint: 0 ok, -1 with err. */
 int projhost_catch_up(projhost *h, tm_err *err);
-/* Commit a checkpoint now. */
+/* Commit a checkpoint now (emitted events first, then state + position in
+ * one store batch).  0 ok, PROJ_REPLAY (a dead letter surfaced: call
+ * projhost_feed again), -1 with err. */
 int projhost_checkpoint(projhost *h, tm_err *err);
 /* The model (msgpack) / a named query's result (args msgpack or NULL). */
 int projhost_state_mp(projhost *h, buf *out, tm_err *err);
@@ -82,6 +98,9 @@ int projhost_query(projhost *h, const char *name, const char *args, size_t alen,
  * "prefix" (a = prefix, n = limit). */
 int projhost_read(projhost *h, const char *op, const char *a, const char *b, uint64_t n,
                   buf *out, tm_err *err);
+/* One partition's live state (msgpack appended to out): 1 found, 0 no such
+ * partition (never created by asking), -1 with err. */
+int projhost_partition(projhost *h, const char *key, size_t klen, buf *out, tm_err *err);
 const projhost_status *projhost_get_status(const projhost *h);
 /* Stop the worker (SIGKILL if it does not exit on EOF) and free. */
 void projhost_free(projhost *h);

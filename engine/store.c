@@ -614,6 +614,29 @@ static int load_meta(store *s, tm_err *err) {
     return load_journal(s, err);
 }
 
+/* Release everything store_open allocated (LevelDB handles, caches, the
+ * writer's maps); used by store_close and by store_open's failure path. */
+static void store_free_parts(store *s) {
+    if (s->db) leveldb_close(s->db);
+    leveldb_writebatch_destroy(s->wb);
+    leveldb_writeoptions_destroy(s->wo);
+    leveldb_readoptions_destroy(s->ro);
+    leveldb_options_destroy(s->opts);
+    leveldb_cache_destroy(s->cache);
+    leveldb_filterpolicy_destroy(s->bloom);
+    nmap_clear(&s->streams);
+    nmap_clear(&s->cats);
+    nmap_clear(&s->types);
+    free(s->ids.slot);
+    free(s->sv);
+    free(s->jkeys.v);
+    buf_free(&s->rec);
+    buf_free(&s->key);
+    buf_free(&s->val);
+    free(s->dir);
+    free(s);
+}
+
 store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
     store_opts o;
     if (opts) o = *opts;
@@ -678,15 +701,7 @@ store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
     }
     return s;
 fail:
-    if (s->db) leveldb_close(s->db);
-    leveldb_writebatch_destroy(s->wb);
-    leveldb_writeoptions_destroy(s->wo);
-    leveldb_readoptions_destroy(s->ro);
-    leveldb_options_destroy(s->opts);
-    leveldb_cache_destroy(s->cache);
-    leveldb_filterpolicy_destroy(s->bloom);
-    free(s->dir);
-    free(s);
+    store_free_parts(s);
     return NULL;
 }
 
@@ -699,24 +714,7 @@ void store_close(store *s) {
     pthread_join(s->writer, NULL);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->work);
-    leveldb_close(s->db);
-    leveldb_writebatch_destroy(s->wb);
-    leveldb_writeoptions_destroy(s->wo);
-    leveldb_readoptions_destroy(s->ro);
-    leveldb_options_destroy(s->opts);
-    leveldb_cache_destroy(s->cache);
-    leveldb_filterpolicy_destroy(s->bloom);
-    nmap_clear(&s->streams);
-    nmap_clear(&s->cats);
-    nmap_clear(&s->types);
-    free(s->ids.slot);
-    free(s->sv);
-    free(s->jkeys.v);
-    buf_free(&s->rec);
-    buf_free(&s->key);
-    buf_free(&s->val);
-    free(s->dir);
-    free(s);
+    store_free_parts(s);
 }
 
 void store_on_commit(store *s, store_commit_fn fn, void *ud) {

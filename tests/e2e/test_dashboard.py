@@ -201,3 +201,34 @@ def test_dashboard_shows_history_and_live_events(tmp_path, browser):
             ws.close()
         s.stop()
         s.close()
+
+
+def test_dashboard_projections_panel(tmp_path, browser):
+    """The projections panel lists the server's projections (GET /projections)
+    and follows their live updates (position, faulted status)."""
+    s = start_server(str(tmp_path / "d"), log_dir=str(tmp_path))
+    ws = None
+    try:
+        h = s.http()
+        counter = ("return { from = 'all', init = function() return { n = 0 } end,"
+                   " on = { Tick = function(st, e) st.n = st.n + 1 end } }")
+        failing = ("return { from = 'all', init = function() return { n = 0 } end,"
+                   " on = { Tick = function(st, e) if e.data.i == 5 then error('no 5') end end } }")
+        assert h.request("PUT", "/projections/ticks", counter).status == 201
+        assert h.request("PUT", "/projections/fails", failing).status == 201
+        h.append("tick-1", [{"type": "Tick", "data": {"i": i}} for i in range(3)])
+        ws = page_ws(browser)
+        ws.call("Page.enable")
+        ws.call("Page.navigate", url=s.url + "/")
+        row = "[...document.querySelectorAll('#projections tbody tr')].find(r => r.cells[0].textContent == '%s')"
+        wait_for(ws, "!!(%s)" % (row % "ticks"))
+        wait_for(ws, "document.getElementById('conn').textContent == 'live'")
+        assert ws.eval("(%s).cells[1].textContent" % (row % "ticks")) == "running"
+        h.append("tick-1", [{"type": "Tick", "data": {"i": i}} for i in range(3, 8)])
+        wait_for(ws, "(%s).cells[2].textContent == '8'" % (row % "ticks"))
+        wait_for(ws, "(%s).cells[1].textContent == 'faulted'" % (row % "fails"))
+    finally:
+        if ws:
+            ws.close()
+        s.stop()
+        s.close()

@@ -268,10 +268,12 @@ def test_unknown_route_and_wrong_method(server):
     assert h.request("HEAD", "/health").status == 200
 
 
-def test_projection_routes_not_implemented_yet(server):
+def test_projection_routes_are_served(server):
+    # the projection manager answers (tests/e2e/test_projections_http.py covers it)
     h = server.http()
-    assert_error(h.get("/projections"), 501)
-    assert_error(h.get("/projections/revenue"), 501)
+    r = h.get("/projections")
+    assert r.status == 200 and r.json()["projections"] == []
+    assert_error(h.get("/projections/revenue"), 404)
 
 
 def test_body_too_large_413(tmp_path):

@@ -118,6 +118,77 @@ static void test_run_checkpoint_resume(void **st) {
     cleanup(s);
 }
 
+/* projhost_feed applies without committing (bounded by max_events); the
+ * live partition read sees it, the store does not until a checkpoint; a
+ * worker that goes away between checkpoints resumes from the last one. */
+static void test_feed_without_checkpoint(void **st) {
+    (void)st;
+    tm_err err;
+    store *s = filled(60);
+    projhost_opts o = {.cpu_limit = 5, .batch = 16};
+    char *src = malloc(strlen(EXAMPLE) + 64);
+    sprintf(src, "return { checkpoint_ms = 250, checkpoint_every = 1000000,%s",
+            EXAMPLE + strlen("return {"));
+    projhost *h = projhost_start(s, "ex", src, strlen(src), "ex.lua", &o, &err);
+    if (!h) fail_msg("%s", err.msg);
+    const projhost_status *hs = projhost_get_status(h);
+    assert_int_equal(hs->checkpoint_ms, 250);
+    assert_int_equal(hs->checkpoint_every, 1000000);
+    assert_int_equal(projhost_feed(h, 20, &err), PROJHOST_MORE);
+    assert_int_equal(hs->position, 20);
+    assert_int_equal(projhost_uncommitted(h), 20);
+    assert_int_equal(projhost_feed(h, 0, &err), 0);
+    assert_int_equal(hs->position, 60);
+    assert_int_equal(hs->checkpoint_position, 0);
+    assert_int_equal(projhost_uncommitted(h), 60);
+    buf v = BUF_INIT;
+    assert_int_equal(projhost_partition(h, "c0", 2, &v, &err), 1);
+    const char *f;
+    size_t fl;
+    mp_item it;
+    assert_int_equal(mp_map_find(v.ptr, v.len, "orders", 6, &f, &fl), 1);
+    assert_int_equal(mp_next(&f, f + fl, &it), 0);
+    assert_int_equal(it.v.u, 10);
+    buf_reset(&v);
+    assert_int_equal(projhost_partition(h, "nope", 4, &v, &err), 0); /* never created */
+    assert_int_equal(v.len, 0);
+    buf q = BUF_INIT;
+    assert_int_equal(projhost_query(h, "n", NULL, 0, &q, &err), 0);
+    assert_int_equal((unsigned char)q.ptr[0], 3);
+    char *sv = NULL;
+    size_t svl;
+    assert_int_equal(store_kv_get(s, "proj/ex/s/c0", 12, &sv, &svl, &err), 0); /* not stored */
+    projhost_free(h); /* "crash" between checkpoints */
+
+    h = projhost_start(s, "ex", src, strlen(src), "ex.lua", &o, &err);
+    if (!h) fail_msg("%s", err.msg);
+    hs = projhost_get_status(h);
+    assert_int_equal(hs->position, 0);
+    assert_int_equal(projhost_feed(h, 30, &err), PROJHOST_MORE);
+    assert_int_equal(projhost_checkpoint(h, &err), 0);
+    assert_int_equal(hs->checkpoint_position, 30);
+    assert_int_equal(projhost_uncommitted(h), 0);
+    assert_int_equal(store_kv_get(s, "proj/ex/s/c0", 12, &sv, &svl, &err), 1);
+    free(sv);
+    projhost_free(h);
+    h = projhost_start(s, "ex", src, strlen(src), "ex.lua", &o, &err);
+    if (!h) fail_msg("%s", err.msg);
+    assert_int_equal(projhost_get_status(h)->position, 30); /* from the checkpoint */
+    assert_int_equal(projhost_catch_up(h, &err), 0);
+    assert_int_equal(projhost_get_status(h)->checkpoint_position, 60);
+    buf_reset(&q);
+    buf_reset(&v);
+    assert_int_equal(projhost_partition(h, "c1", 2, &v, &err), 1);
+    assert_int_equal(mp_map_find(v.ptr, v.len, "revenue", 7, &f, &fl), 1);
+    assert_int_equal(mp_next(&f, f + fl, &it), 0);
+    assert_int_equal(it.v.u, 20);
+    projhost_free(h);
+    buf_free(&v);
+    buf_free(&q);
+    free(src);
+    cleanup(s);
+}
+
 static void test_fault_reported(void **st) {
     (void)st;
     tm_err err;
@@ -175,6 +246,7 @@ static void test_syntax_error(void **st) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_run_checkpoint_resume),
+        cmocka_unit_test(test_feed_without_checkpoint),
         cmocka_unit_test(test_fault_reported),
         cmocka_unit_test(test_runaway_worker_dies_host_lives),
         cmocka_unit_test(test_syntax_error),

@@ -1,0 +1,80 @@
+/* repl.h — the REPL session shared by the repl/ modules.
+ *
+ *   repl.c       cli_repl: options, modes (-e, -f, stdin, interactive), the loop
+ *   repllua.c    the Lua state (sandbox.h), built-in C functions, the scan
+ *                loop, evaluation, Ctrl-C handling, the prelude (prelude.lua:
+ *                printing, queries, built-ins, dot commands, completion)
+ *   replscan.c   the batched scan behind queries, reads, lazy event fields
+ *   replproj.c   projections in embedded mode (proj.h)
+ *   replline.c   line editing with libedit: history file, completion
+ *   replsrc.c    the event source (embedded store or remote server)
+ *   replhttp.c   the HTTP client for remote mode
+ *   replmp.c     msgpack <-> Lua values
+ *
+ * One session per process.  The struct is a plain value owned by cli_repl.
+ */
+#ifndef TM_REPL_H
+#define TM_REPL_H
+
+#include <lua.h>
+
+#include "replsrc.h"
+#include "sandbox.h"
+
+typedef struct repl {
+    replsrc *src;       /* where events come from (never NULL while running) */
+    lua_State *L;       /* the session's Lua state (replaced after a hard abort) */
+    sandbox *sb;        /* owns L */
+    double cpu_limit;   /* CPU seconds per command, 0 = none */
+    int interactive;    /* reading lines from a terminal with a prompt */
+    int progress;       /* draw progress bars on stderr (stderr is a terminal) */
+    int fail_code;      /* exit status of the last failure (1 = Lua error) */
+    int quit;           /* .quit was asked */
+} repl;
+
+typedef enum repllua_result {
+    REPLLUA_OK = 0,
+    REPLLUA_INCOMPLETE = 1,   /* the chunk needs more lines */
+    REPLLUA_ERROR = 2,        /* printed; r->fail_code says the exit status */
+} repllua_result;
+
+/* Create the Lua state and run the prelude.  0 / -1 (message printed). */
+int repllua_open(repl *r);
+void repllua_close(repl *r);
+/* Evaluate a chunk: first as an expression ("return " .. code), then as
+ * statements; print the results in the current format.  With
+ * allow_incomplete, a chunk that ends too early returns INCOMPLETE and
+ * prints nothing.  Ctrl-C interrupts it. */
+repllua_result repllua_eval(repl *r, const char *code, size_t len, const char *chunkname,
+                            int allow_incomplete);
+/* Run a dot command line (".help", ".format json" ...). */
+repllua_result repllua_dot(repl *r, const char *line);
+/* Names for completion of `word` (a Lua expression prefix like "string.fo"
+ * or a dot command line): calls fn for each candidate full replacement. */
+void repllua_complete(repl *r, const char *line, const char *word,
+                      void (*fn)(void *ud, const char *cand), void *ud);
+
+/* For modules adding C built-ins to the prelude's table T (repllua.c);
+ * their upvalue 1 is the session (a light userdata). */
+repl *repllua_session(lua_State *L);
+/* Raise a Lua error for e and remember its exit status. */
+int repllua_raise(lua_State *L, repl *r, const tm_err *e);
+/* Raise the plain "interrupted" error. */
+int repllua_interrupted(lua_State *L);
+/* Message handler: the message plus a short traceback. */
+int repllua_traceback(lua_State *L);
+
+/* replscan.c: T.scan, T.read, T.extra into the table at the top of the
+ * stack; T.types filled with the session's interned type names. */
+void replscan_register(lua_State *L, repl *r);
+void replscan_publish_types(lua_State *L, int types_idx);
+
+/* Ctrl-C: 1 while an interrupt is pending (polled by long C loops). */
+int repl_cancel_requested(void);
+void repl_cancel_clear(void);
+
+/* replline.c — the prompt (line editing) when r->interactive, else lines
+ * from a pipe; returns the exit status. */
+int replline_run(repl *r);
+
+#endif

@@ -1,0 +1,259 @@
+#!/usr/bin/python3
+"""bench_replay.py — benchmarks of `tidemark replay` (issue #6).
+
+    scripts/bench/bench_replay.py            (standalone)
+    BENCH_ONLY=replay make bench             (from scripts/bench/run)
+
+On BENCH_REPLAY_EVENTS generated events (about 100 bytes each; default
+10,000,000) spread over BENCH_REPLAY_PARTITIONS customers (default
+1,000,000), with the DESIGN.md example projection:
+
+  replay_scaling  tidemark replay --workers 2 vs --workers 1 (wall time of the
+                  whole process, state printed to a file); need >= 1.8.
+                  Both outputs must be byte-identical.
+  replay_vs_pg    tidemark replay (every core) vs PostgreSQL computing the same
+                  read model with GROUP BY over the same events as jsonb; need
+                  >= 2.0.  Uses scripts/bench/peers.py (the PostgreSQL peer of
+                  the benchmark harness) when present, else SKIPPED.
+  replay_rss      peak resident memory of tidemark replay (every core) with
+                  BENCH_REPLAY_PARTITIONS partitions; need <= 1024 MiB.
+
+Each prints "name  ours ..  limit ..  ratio ..  need ..  PASS|FAIL|SKIPPED".
+BENCH_REPEAT (default 3 here: best of) applies to the timed sides.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+NAMES = ["replay_scaling", "replay_vs_pg", "replay_rss"]
+
+EXAMPLE = """
+return {
+  from      = { category = "order" },
+  partition = function(e) return e.data.customer end,
+  init      = function() return { orders = 0, revenue = 0 } end,
+  on = {
+    OrderPlaced     = function(s, e) s.orders = s.orders + 1 end,
+    PaymentReceived = function(s, e) s.revenue = s.revenue + e.data.amount end,
+  },
+}
+"""
+
+PG_QUERY = ("SELECT data->>'customer' AS customer, "
+            "count(*) FILTER (WHERE type = 'OrderPlaced') AS orders, "
+            "coalesce(sum((data->>'amount')::float8) FILTER (WHERE type = 'PaymentReceived'), 0)"
+            " AS revenue FROM events WHERE stream LIKE 'order-%' GROUP BY 1")
+
+
+def env_int(name, default):
+    v = os.environ.get(name, "")
+    return int(v) if v else default
+
+
+EVENTS = env_int("BENCH_REPLAY_EVENTS", 10000000)
+PARTS = env_int("BENCH_REPLAY_PARTITIONS", 1000000)
+REPEAT = env_int("BENCH_REPEAT", 3)
+BUILD = os.environ.get("BUILD", "build")
+if not os.path.isabs(BUILD):
+    BUILD = os.path.join(ROOT, BUILD)
+TIDEMARK = os.path.join(BUILD, "tidemark")
+CORES = os.cpu_count() or 1
+# Lua memory cap per worker (a cap, not a reservation): one Lua state with
+# 1M partitions of the example needs ~300 MiB, past the 256 MiB default,
+# and a cap close to the live size makes the GC thrash.  Both sides get it.
+MEM_MB = env_int("BENCH_REPLAY_MEMORY_MB", 1024)
+
+
+class Skip(Exception):
+    pass
+
+
+def generate(n, parts, jsonl, pgcopy):
+    """Event i: stream order-<i/2>, customer c-<(i/2)*7919 % parts>, OrderPlaced
+    then PaymentReceived (amount (i % 1000)/4)."""
+    chunk = 100000
+    with open(jsonl, "w") as f, open(pgcopy, "w") as g:
+        for start in range(0, n, chunk):
+            a, b = [], []
+            for i in range(start, min(n, start + chunk)):
+                o = i // 2
+                c = "c-%d" % ((o * 7919) % parts)
+                if i % 2 == 0:
+                    t, data = "OrderPlaced", '{"customer":"%s","sku":"sku-%d"}' % (c, o % 100)
+                else:
+                    t, data = "PaymentReceived", '{"customer":"%s","amount":%s}' % (
+                        c, repr((i % 1000) / 4))
+                a.append('{"stream":"order-%d","type":"%s","data":%s}\n' % (o, t, data))
+                b.append("%d\torder-%d\t%s\t%s\n" % (i + 1, o, t, data))
+            f.write("".join(a))
+            g.write("".join(b))
+
+
+def run_timed(argv, out_path):
+    """Run argv with stdout to out_path; (wall seconds, peak RSS MiB, CPU seconds)."""
+    t0 = time.monotonic()
+    with open(out_path, "w") as out:
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE)
+        _, status, ru = os.wait4(p.pid, 0)
+    wall = time.monotonic() - t0
+    err = p.stderr.read().decode(errors="replace")
+    p.stderr.close()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError("%s failed (exit %d): %s" % (argv[1], p.returncode, err[-300:]))
+    return wall, ru.ru_maxrss / 1024.0, ru.ru_utime + ru.ru_stime
+
+
+class Bench:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.results = []
+        self.store = None
+
+    def setup(self):
+        if self.store:
+            return
+        d = os.path.join(self.tmp, "replay-store")
+        jsonl, pgcopy = d + ".jsonl", d + ".pgcopy"
+        print("replay: generating %d events over %d partitions" % (EVENTS, PARTS))
+        sys.stdout.flush()
+        generate(EVENTS, PARTS, jsonl, pgcopy)
+        subprocess.run([TIDEMARK, "import", "--data", d, "--durability", "lose-on-os-crash",
+                        "--quiet", jsonl], check=True, stderr=subprocess.DEVNULL)
+        os.unlink(jsonl)
+        # settle: the first open replays LevelDB's log (not a replay cost)
+        subprocess.run([TIDEMARK, "read", "--data", d, "--all", "--limit", "1"], check=True,
+                       stdout=subprocess.DEVNULL)
+        self.script = os.path.join(self.tmp, "example.lua")
+        with open(self.script, "w") as f:
+            f.write(EXAMPLE)
+        self.store, self.pgcopy = d, pgcopy
+
+    def replay(self, workers, tag):
+        out = os.path.join(self.tmp, "replay-%s.json" % tag)
+        wall, rss, cpu = run_timed([TIDEMARK, "replay", "--data", self.store, self.script,
+                               "--name", "example", "--workers", str(workers), "--quiet",
+                               "--memory-limit", str(MEM_MB)], out)
+        return wall, rss, out, cpu
+
+    def best(self, workers, tag):
+        runs = [self.replay(workers, tag) for _ in range(REPEAT)]
+        return min(runs, key=lambda r: r[0])
+
+    def report(self, name, ours, limit, need, status, note, unit="/s", lower=False):
+        def f(v):
+            if v is None:
+                return "-"
+            return ("{:,.0f}" + unit).format(v) if unit == "/s" else "%.0f %s" % (v, unit)
+        ratio = None
+        if ours is not None and limit:
+            ratio = (limit / ours) if lower else (ours / limit)
+        print("%-18s ours %14s  limit %14s  ratio %5s  need %s %.2f  %s%s" % (
+            name, f(ours), f(limit), "%.2f" % ratio if ratio is not None else "-",
+            "<=" if lower else ">=", need, status, (" (%s)" % note) if note else ""))
+        sys.stdout.flush()
+        self.results.append((name, ours, limit, ratio, need, status, note))
+
+    def scaling(self):
+        self.setup()
+        one = self.best(1, "w1")
+        two = self.best(2, "w2")
+        if open(one[2], "rb").read() != open(two[2], "rb").read():
+            raise RuntimeError("--workers 2 printed other bytes than --workers 1")
+        r1, r2 = EVENTS / one[0], EVENTS / two[0]
+        ratio = r2 / r1
+        load = os.getloadavg()[0]
+        note = ("1 worker %.2f s (%.2f s CPU), 2 workers %.2f s (%.2f s CPU), outputs "
+                "identical, %d cores, load average %.1f" % (one[0], one[3], two[0], two[3],
+                                                           CORES, load))
+        self.report("replay_scaling", r2, r1, 1.8, "PASS" if ratio >= 1.8 else "FAIL", note)
+
+    def vs_pg(self):
+        try:
+            import peers
+        except ImportError:
+            raise Skip("scripts/bench/peers.py (the PostgreSQL peer) is not on this branch")
+        self.setup()
+        pg = peers.Postgres(os.path.join(self.tmp, "pg"), self.tmp,
+                            {"max_parallel_workers_per_gather": CORES,
+                             "shared_buffers": "256MB"})
+        try:
+            pg.start()
+            pg.psql(["-c", "CREATE TABLE events (position bigint PRIMARY KEY, stream text, "
+                           "type text, data jsonb)"])
+            with open(self.pgcopy) as f:
+                pg.psql(["-c", "COPY events FROM STDIN"], stdin=f)
+            pg.psql(["-c", "VACUUM ANALYZE events"])
+            best = None
+            for _ in range(REPEAT):
+                out = os.path.join(self.tmp, "pg.csv")
+                t = pg.psql(["-At", "-F", ",", "-o", out, "-c", "\\timing on", "-c", PG_QUERY])
+                m = re.search(r"Time: ([0-9.]+) ms", t)
+                if not m:
+                    raise RuntimeError("psql printed no timing")
+                s = float(m.group(1)) / 1000
+                best = s if best is None else min(best, s)
+            ours = self.best(CORES, "all")
+            # same read model?
+            want = {}
+            for line in open(os.path.join(self.tmp, "pg.csv")):
+                c, o, r = line.rstrip("\n").split(",")
+                want[c] = (int(o), float(r))
+            got = json.load(open(ours[2]))
+            for c, (o, r) in want.items():
+                g = got.get(c)
+                if not g or g["orders"] != o or abs(g["revenue"] - r) > 1e-6 * max(1, abs(r)):
+                    raise RuntimeError("PostgreSQL and tidemark differ at %s" % c)
+            rp, ro = EVENTS / best, EVENTS / ours[0]
+            note = "PostgreSQL %.2f s, tidemark replay --workers %d %.2f s" % (best, CORES,
+                                                                              ours[0])
+            self.report("replay_vs_pg", ro, rp, 2.0, "PASS" if ro / rp >= 2.0 else "FAIL",
+                        note)
+        finally:
+            pg.stop()
+            shutil.rmtree(os.path.join(self.tmp, "pg"), ignore_errors=True)
+
+    def rss(self):
+        self.setup()
+        wall, rss, _, _ = self.replay(CORES, "rss")
+        note = "%d partitions, %d workers, %.2f s" % (PARTS, CORES, wall)
+        self.report("replay_rss", rss, 1024.0, 1.0, "PASS" if rss <= 1024 else "FAIL", note,
+                    unit="MiB", lower=True)
+
+    def run(self, only=()):
+        for name, fn in (("replay_scaling", self.scaling), ("replay_vs_pg", self.vs_pg),
+                         ("replay_rss", self.rss)):
+            if only and name not in only and "replay" not in only:
+                continue
+            print("\n== %s" % name)
+            sys.stdout.flush()
+            try:
+                fn()
+            except Skip as e:
+                self.report(name, None, None, 0, "SKIPPED", str(e))
+            except Exception as e:  # one failing side must not stop the others
+                self.report(name, None, None, 0, "ERROR", str(e))
+        return self.results
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="tidemark-bench-replay-")
+    try:
+        res = Bench(tmp).run([s for s in os.environ.get("BENCH_ONLY", "").split(",") if s])
+    finally:
+        if os.environ.get("BENCH_KEEP") != "1":
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if all(r[5] in ("PASS", "SKIPPED") for r in res) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -518,9 +518,9 @@ function M.run(sp, ap, n, curp)
       if key ~= nil then
         local st = states[key]
         if st == nil then st = fresh(key) end
+        dirty[key] = true -- before the handler: a failing handler's changes are discarded
         local r = h(st, e)
         if r ~= nil then states[key] = r end
-        dirty[key] = true
       end
     end
   end

@@ -706,6 +706,53 @@ static void test_fast_path_faults_like_general_path(void **st) {
     }
 }
 
+/* A handler that changes its state in place and then fails must leave no
+ * trace, even on the partition's first event since the checkpoint. */
+static void test_failing_handler_changes_are_discarded(void **st) {
+    (void)st;
+    const char *src =
+        "return { partition = function(e) return e.data.customer end, on_error = 'dead_letter',\n"
+        "  on = { X = function(s, e) s.n = (s.n or 0) + 1\n"
+        "    if e.data.amount > 3 then error('too big') end end } }\n";
+    tm_err err;
+    proj *p = load(src, NULL, &err);
+    assert_non_null(p);
+    static const char big[] = "\x82\xa8" "customer" "\xa2" "c1" "\xa6" "amount" "\x07";
+    static const char ok[] = "\x82\xa8" "customer" "\xa2" "c1" "\xa6" "amount" "\x01";
+    int rc = 0;
+    for (uint64_t pos = 1; pos <= 3; pos++) {
+        tev t;
+        mk_raw(&t, pos, pos == 1 ? big : ok, sizeof ok - 1, 0);
+        rc = proj_feed(p, &t.ev, &err);
+        if (rc == PROJ_REPLAY) { /* re-feed from the checkpoint (nothing before) */
+            buf_free(&t.data);
+            pos = proj_position(p);
+            continue;
+        }
+        buf_free(&t.data);
+        assert_int_equal(rc, 0);
+    }
+    rc = proj_flush(p, &err);
+    if (rc == PROJ_REPLAY) {
+        for (uint64_t pos = proj_position(p) + 1; pos <= 3; pos++) {
+            tev t;
+            mk_raw(&t, pos, pos == 1 ? big : ok, sizeof ok - 1, 0);
+            rc = proj_feed(p, &t.ev, &err);
+            buf_free(&t.data);
+            assert_int_equal(rc, 0);
+        }
+        rc = proj_flush(p, &err);
+    }
+    assert_int_equal(rc, 0);
+    buf out = BUF_INIT;
+    assert_int_equal(proj_get(p, "c1", 2, &out, &err), 0);
+    /* {n = 2}: the two good events only */
+    assert_int_equal(out.len, 4);
+    assert_memory_equal(out.ptr, "\x81\xa1n\x02", 4);
+    buf_free(&out);
+    proj_free(p);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_handlers_and_partitions),
@@ -724,6 +771,7 @@ int main(void) {
         cmocka_unit_test(test_emit_outside_handler_and_bad_partition),
         cmocka_unit_test(test_fast_path_is_unobservable),
         cmocka_unit_test(test_fast_path_faults_like_general_path),
+        cmocka_unit_test(test_failing_handler_changes_are_discarded),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -233,6 +233,20 @@ return {
   end },
 }
 """,
+    # Deliberately slow (about 0.1 ms of work per event), so that kills land
+    # while a projection is still behind the log, whatever the machine.
+    "slow": """
+return {
+  from = "all",
+  init = function() return { n = 0, h = 0 } end,
+  on = { ["$any"] = function(s, e)
+    local h = s.h
+    for i = 1, 50000 do h = (h * 31 + i) % 1000003 end
+    s.h = h
+    s.n = s.n + 1
+  end },
+}
+""",
     "per_stream": """
 return {
   from = "all",

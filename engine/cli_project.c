@@ -23,6 +23,7 @@
 #include "progress.h"
 #include "proj.h"
 #include "projhost.h"
+#include "replay.h"
 
 static const char usage[] =
     "usage: tidemark project --data DIR FILE.lua [options]\n"
@@ -43,6 +44,8 @@ static const char usage[] =
     "  --persist            store state and checkpoint in the data directory,\n"
     "                       resume from the last checkpoint, append emitted events\n"
     "  --reset              with --persist: forget stored state first\n"
+    "  --workers N          without --persist: run on N parallel workers (default:\n"
+    "                       the number of cores; see tidemark replay); same output\n"
     "  --isolate            run the Lua in a separate worker process (as the\n"
     "                       server does; implies --persist): a crash or runaway\n"
     "                       script kills the worker, not this process\n"
@@ -119,7 +122,7 @@ static int committed(proj *p, int rc, const tm_err *err) {
 /* Replay everything after the projection's position.  0 / exit status.
  * (A reader thread prefetching chunks was measured slower on this shared
  * 2-core machine: both threads compete with everything else.) */
-static int replay(const char *cmd, store *s, proj *p, const run_opts *ro) {
+static int run_serial(const char *cmd, store *s, proj *p, const run_opts *ro) {
     tm_err err;
     err_clear(&err);
     uint64_t last = store_last_position(s);
@@ -194,6 +197,42 @@ static char *parse_top(const char *top, uint64_t *n) {
     return field;
 }
 
+/* Without --persist: the parallel path (replay.h), the same bytes. */
+static int run_parallel(const char *cmd, store *s, const char *name, const buf *src,
+                        const char *file, double cpu, uint64_t mem_mb, uint64_t workers,
+                        int quiet, const read_req *rq, const buf *args) {
+    tm_err err;
+    err_clear(&err);
+    replay_opts ro = {.workers = (unsigned)workers, .memory_limit = (size_t)mem_mb << 20,
+                      .cpu_limit = cpu, .progress = (quiet || !isatty(2)) ? NULL : stderr};
+    replay *r = replay_new(s, name, src->ptr ? src->ptr : "", src->len, file, &ro, &err);
+    if (!r) return cli_fail(cmd, &err);
+    int status;
+    if (replay_run(r, &err) != 0) {
+        const proj_fault *f = replay_fault(r);
+        fprintf(stderr, "tidemark %s: %s\n", cmd, err.msg);
+        if (f && f->traceback && strchr(f->traceback, '\n'))
+            fprintf(stderr, "%s\n", strchr(f->traceback, '\n') + 1);
+        status = f ? 1 : (err.code ? err.code : 1);
+    } else {
+        buf out = BUF_INIT;
+        int rc;
+        if (rq->query) rc = replay_query(r, rq->query, args->ptr, args->len, &out, &err);
+        else if (rq->get) rc = replay_get(r, rq->get, strlen(rq->get), &out, &err);
+        else if (rq->list) rc = replay_partitions(r, &out, &err);
+        else if (rq->top) {
+            uint64_t n;
+            char *field = parse_top(rq->top, &n);
+            rc = replay_top(r, field, n, &out, &err);
+            free(field);
+        } else rc = replay_state(r, &out, &err);
+        status = rc < 0 ? cli_fail(cmd, &err) : print_json(cmd, &out);
+        buf_free(&out);
+    }
+    replay_free(r);
+    return status;
+}
+
 static int run_isolated(const char *cmd, store *s, const char *name, const buf *src,
                         const char *file, double cpu, uint64_t mem_mb, const read_req *rq,
                         const buf *args, int reset) {
@@ -241,8 +280,8 @@ int cli_project(int argc, char **argv) {
     const char *data = NULL, *name_opt = NULL, *query = NULL, *get = NULL, *top = NULL;
     int persist = 0, reset = 0, quiet = 0, list = 0, isolate = 0;
     double cpu = 10;
-    uint64_t mem_mb = 256;
-    enum { O_NAME = 256, O_QUERY, O_GET, O_TOP, O_CPU, O_MEM, O_PERSIST, O_RESET, O_QUIET,
+    uint64_t mem_mb = 256, workers = 0;
+    enum { O_WORKERS = 300, O_NAME = 256, O_QUERY, O_GET, O_TOP, O_CPU, O_MEM, O_PERSIST, O_RESET, O_QUIET,
            O_PARTS, O_ISOLATE };
     static const struct option opts[] = {
         {"data", required_argument, 0, 'd'},       {"name", required_argument, 0, O_NAME},
@@ -252,6 +291,7 @@ int cli_project(int argc, char **argv) {
         {"persist", no_argument, 0, O_PERSIST},    {"reset", no_argument, 0, O_RESET},
         {"quiet", no_argument, 0, O_QUIET},        {"partitions", no_argument, 0, O_PARTS},
         {"isolate", no_argument, 0, O_ISOLATE},    {"help", no_argument, 0, 'h'},
+        {"workers", required_argument, 0, O_WORKERS},
         {0, 0, 0, 0},
     };
     optind = 1;
@@ -280,6 +320,11 @@ int cli_project(int argc, char **argv) {
         case O_QUIET: quiet = 1; break;
         case O_PARTS: list = 1; break;
         case O_ISOLATE: isolate = persist = 1; break;
+        case O_WORKERS:
+            if (cli_parse_u64(cmd, "--workers", optarg, &workers) < 0) return 1;
+            if (workers < 1 || workers > 64)
+                return cli_usage_error(cmd, "--workers must be 1..64");
+            break;
         case 'h': fputs(usage, stdout); return 0;
         default:
             return cli_usage_error(cmd, "unknown or incomplete option '%s'", argv[optind - 1]);
@@ -323,6 +368,15 @@ int cli_project(int argc, char **argv) {
         buf_free(&args);
         return status;
     }
+    if (!persist && workers != 1) {
+        read_req rq = {.query = query, .get = get, .top = top, .list = list};
+        status = run_parallel(cmd, s, name, &src, file, cpu, mem_mb, workers, quiet, &rq, &args);
+        store_close(s);
+        free(name);
+        buf_free(&src);
+        buf_free(&args);
+        return status;
+    }
     proj_opts po = {.memory_limit = (size_t)mem_mb << 20, .cpu_limit = cpu,
                     .st = persist ? s : NULL, .source = s};
     proj *p = proj_new(name, src.ptr ? src.ptr : "", src.len, file, &po, &err);
@@ -340,7 +394,7 @@ int cli_project(int argc, char **argv) {
         goto out;
     }
     run_opts ro = {.persist = persist, .quiet = quiet};
-    status = replay(cmd, s, p, &ro);
+    status = run_serial(cmd, s, p, &ro);
     if (status) goto out;
 
     buf out = BUF_INIT;

@@ -989,6 +989,9 @@ static void *rebuild_main(void *arg) {
         rb_fail(rb, "", 0, err.msg);
         goto out;
     }
+    logf_("info", "msg=\"projection version building\" name=%s version=%016llx from=%llu",
+          e->name, (unsigned long long)rb->version,
+          (unsigned long long)projhost_get_status(rb->ph)->position);
     double last_cp = now_s();
     for (;;) {
         if (rb_quit(rb)) { /* keep what was built: a restart resumes from it */

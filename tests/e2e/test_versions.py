@@ -218,14 +218,18 @@ def test_restart_mid_rebuild_serves_old_and_resumes(tmp_path):
         # whatever the timing: a whole model answers (v1 before the swap)
         st = state(h)
         assert st["n"] == 40000 and st["v"] in (1, 2)
-        if first["version"] == v1:
-            assert first["rebuilding"]["version"] == v2
+        assert first["version"] == v1 and first["rebuilding"]["version"] == v2, first
         settled(h, v2)
         assert state(h)["n"] == 40000 and state(h)["v"] == 2
     finally:
         s.stop()
         s.close()
-    assert "its new version resumes building" in s.stderr()
+    log = s.stderr()
+    assert "its new version resumes building" in log
+    # the build resumed from its staged checkpoint, not from position 0
+    starts = [int(l.rsplit("from=", 1)[1]) for l in log.splitlines()
+              if "projection version building" in l]
+    assert len(starts) == 1 and starts[0] > 5000, starts
 
 
 def test_emits_are_gated_while_rebuilding(tmp_path):

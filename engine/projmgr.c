@@ -52,6 +52,7 @@
 #define PUB_STATE_MAX (64u << 10)   /* larger states are not pushed live */
 #define PROJMGR_CHECKPOINT_MS 100   /* default checkpoint interval (continuous mode) */
 #define FEED_CHUNK 20000            /* events per feeding call: requests get the lock between */
+#define REBUILD_CHUNK 2000          /* events per call building a new version (quit seen between) */
 
 typedef enum pstatus { PS_RUNNING, PS_FAULTED, PS_STOPPED } pstatus;
 
@@ -1003,7 +1004,7 @@ static void *rebuild_main(void *arg) {
             break;
         }
         uint64_t last = store_last_position(m->s);
-        int rc = projhost_feed(rb->ph, FEED_CHUNK, &err);
+        int rc = projhost_feed(rb->ph, REBUILD_CHUNK, &err);
         if (rc < 0) {
             rb_fail_ph(rb, &err);
             break;

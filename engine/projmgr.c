@@ -842,6 +842,7 @@ static void rb_fail(rebuild *rb, const char *type, uint64_t pos, const char *msg
     e->rb_err_position = pos;
     snprintf(e->rb_err_type, sizeof e->rb_err_type, "%s", type ? type : "");
     snprintf(e->rb_err_message, sizeof e->rb_err_message, "%s", msg);
+    rb->done = 1; /* with the error: no listing shows both */
     pthread_mutex_unlock(&e->smu);
     if (rb->ph) {
         projhost_free(rb->ph);

@@ -5,6 +5,11 @@
  * store's key-value namespace, live-update coalescing, and the HTTP routes
  * under /projections.
  *
+ * Versions (see projmgr.h): an entry's `rb` is the version building; its
+ * thread owns rb->ph until the swap moves it into e->ph under e->mu.  rb is
+ * attached and detached with admin held (rebuild_begin / rebuild_stop,
+ * which joins the thread without holding e->mu).
+ *
  * Locks, in the order they may be taken:
  *   m->admin   serialises everything that changes the set or a version
  *              (PUT, commands, reload); held for long operations.

@@ -1863,7 +1863,13 @@ static void route_put(projmgr *m, const char *name, const api_request *rq, api_r
         entry_save(e, 0, 0, &err);
         pthread_mutex_unlock(&e->mu);
     }
-    if (e && (e->version == want || (e->rb && e->rb->version == want && !e->rb->done))) {
+    int building = 0; /* the version already building (admin held: e->rb stays) */
+    if (e && e->rb) {
+        pthread_mutex_lock(&e->smu);
+        building = e->rb->version == want && !e->rb->done;
+        pthread_mutex_unlock(&e->smu);
+    }
+    if (e && (e->version == want || building)) {
         /* same source (or the version already building): nothing to do */
         route_status(m, e, 200, rp);
         entry_put(m, e);

@@ -257,3 +257,31 @@ def test_emits_are_gated_while_rebuilding(tmp_path):
     finally:
         s.stop()
         s.close()
+
+
+def test_put_while_building_cancels_or_replaces_the_build(tmp_path):
+    data = str(tmp_path / "data")
+    s = start_server(data, log_dir=str(tmp_path))
+    try:
+        h = s.http()
+        ticks(h, 0, 40000)
+        v1 = put(h, V1)["version"]
+        settled(h, v1)
+        # the serving source again while v2 builds: the build is dropped
+        v2 = put(h, V2)["rebuilding"]["version"]
+        st = put(h, V1)
+        assert st["version"] == v1 and st["rebuilding"] is None, st
+        time.sleep(0.5)
+        assert status(h)["version"] == v1 and state(h) == {"v": 1, "n": 40000}
+        # the building source again: a no-op; another source: replaces the build
+        assert put(h, V2)["rebuilding"]["version"] == v2
+        assert put(h, V2)["rebuilding"]["version"] == v2
+        v3_src = V2.replace("v = 2", "v = 3")
+        v3 = put(h, v3_src)["rebuilding"]["version"]
+        assert v3 not in (v1, v2)
+        settled(h, v3)
+        assert state(h)["v"] == 3 and state(h)["n"] == 40000
+    finally:
+        s.stop()
+        s.close()
+    assert s.stderr().count("projection version swapped in") == 1

@@ -11,7 +11,7 @@ import json
 import threading
 import time
 
-from conftest import run_tidemark, start_server
+from conftest import SseClient, run_tidemark, start_server
 
 V1 = """
 return { from = "all", init = function() return { v = 1, n = 0 } end,
@@ -104,6 +104,8 @@ def test_swap_under_live_appends_no_query_sees_a_gap(tmp_path):
         ticks(h, 0, 20000)
         v1 = put(h, V1)["version"]
         settled(h, v1)
+        live = SseClient(s.port, "/projections/p/live")
+        assert live.status == 200
         stop = threading.Event()
         seen, problems = [], []
 
@@ -129,6 +131,7 @@ def test_swap_under_live_appends_no_query_sees_a_gap(tmp_path):
             t.start()
         try:
             time.sleep(0.2)
+            p0 = h.get("/projections").json()["last_position"]
             st = put(h, V2)
             # the old version still serves; the new one builds beside it
             assert st["version"] == v1 and st["rebuilding"] is not None, st
@@ -155,6 +158,23 @@ def test_swap_under_live_appends_no_query_sees_a_gap(tmp_path):
         final = settled(h, v2)
         assert final["rebuild_error"] is None
         served = state(h)
+        # live updates: the old version pushed while the new one built, then the new one
+        ups = []
+        while True:
+            m = live.next(timeout=1)
+            if m is None:
+                break
+            if m["data"]:
+                u = json.loads(m["data"])
+                if "state" in u:
+                    ups.append(u)
+        live.close()
+        uv = [u["state"]["v"] for u in ups]
+        assert uv == sorted(uv) and uv[-1] == 2, uv
+        assert any(u["state"]["v"] == 1 and u["position"] > p0 and u.get("rebuilding")
+                   for u in ups), "no live update from the old version during the build"
+        un = [u["state"]["n"] for u in ups]
+        assert all(b >= a for a, b in zip(un, un[1:]))
     finally:
         s.stop()
         s.close()

@@ -535,7 +535,43 @@ struct projhost {
     size_t *name_lens, nnames;
     buf frame, msg, errtext;
     buf ans;       /* answers to the worker's reads (never the batch being built) */
+    buf pfx_w, pfx_s;  /* "proj/NAME/" (worker's keys) and "proj/STORE/" (stored keys) */
+    buf key;           /* a translated key */
+    uint64_t suppressed;
 };
+
+/* The stored key for a worker's key (h->key or the key itself). */
+static const char *key_in(projhost *h, const char *k, size_t kl, size_t *ol) {
+    *ol = kl;
+    if (!h->pfx_s.len || kl < h->pfx_w.len || memcmp(k, h->pfx_w.ptr, h->pfx_w.len)) return k;
+    buf_reset(&h->key);
+    buf_append(&h->key, h->pfx_s.ptr, h->pfx_s.len);
+    buf_append(&h->key, k + h->pfx_w.len, kl - h->pfx_w.len);
+    *ol = h->key.len;
+    return h->key.ptr;
+}
+
+/* The worker's key for a stored key. */
+static const char *key_out(projhost *h, const char *k, size_t kl, size_t *ol) {
+    *ol = kl;
+    if (!h->pfx_s.len || kl < h->pfx_s.len || memcmp(k, h->pfx_s.ptr, h->pfx_s.len)) return k;
+    buf_reset(&h->key);
+    buf_append(&h->key, h->pfx_w.ptr, h->pfx_w.len);
+    buf_append(&h->key, k + h->pfx_s.len, kl - h->pfx_s.len);
+    *ol = h->key.len;
+    return h->key.ptr;
+}
+
+void projhost_set_store_name(projhost *h, const char *store_name) {
+    buf_reset(&h->pfx_w);
+    buf_reset(&h->pfx_s);
+    if (!store_name || !strcmp(store_name, h->name)) return;
+    buf_printf(&h->pfx_w, "proj/%s/", h->name);
+    buf_printf(&h->pfx_s, "proj/%s/", store_name);
+}
+
+void projhost_set_suppress_emits(projhost *h, int on) { h->o.suppress_emits = on; }
+uint64_t projhost_emits_suppressed(const projhost *h) { return h->suppressed; }
 
 /* Collect what the worker wrote on stderr (non-blocking). */
 static void drain_stderr(projhost *h) {
@@ -605,8 +641,9 @@ static int await(projhost *h, tm_err *err) {
             size_t kl;
             char *k = get_str(h->frame.ptr, h->frame.len, "key", &kl);
             char *v = NULL;
-            size_t vl = 0;
-            int f = k ? store_kv_get(h->s, k, kl, &v, &vl, &e2) : 0;
+            size_t vl = 0, sl = 0;
+            const char *sk = k ? key_in(h, k, kl, &sl) : NULL;
+            int f = k ? store_kv_get(h->s, sk, sl, &v, &vl, &e2) : 0;
             msgpack_pack_array(&pk, 2);
             if (f == 1) {
                 msgpack_pack_true(&pk);
@@ -640,14 +677,18 @@ static int await(projhost *h, tm_err *err) {
             char *prefix = get_str(h->frame.ptr, h->frame.len, "prefix", &pl);
             buf items = BUF_INIT;
             uint32_t n = 0;
-            store_kv_iter *it = prefix ? store_kv_scan(h->s, prefix, pl, NULL, 0, &e2) : NULL;
+            size_t spl = 0;
+            const char *sp = prefix ? key_in(h, prefix, pl, &spl) : NULL;
+            store_kv_iter *it = prefix ? store_kv_scan(h->s, sp, spl, NULL, 0, &e2) : NULL;
             const char *k, *v;
             size_t kl, vl;
             msgpack_packer ik;
             pk_init(&ik, &items);
             while (it && store_kv_next(it, &k, &kl, &v, &vl, &e2) == 1) {
                 msgpack_pack_array(&ik, 2);
-                pk_bin(&ik, k, kl);
+                size_t wl;
+                const char *wk = key_out(h, k, kl, &wl);
+                pk_bin(&ik, wk, wl);
                 pk_bin(&ik, v, vl);
                 n++;
             }
@@ -704,6 +745,8 @@ projhost *projhost_start(store *s, const char *name, const char *src, size_t len
     h->s = s;
     h->name = strdup(name);
     if (o) h->o = *o;
+    h->o.store_name = NULL; /* not kept: see pfx_s */
+    projhost_set_store_name(h, o ? o->store_name : NULL);
     if (h->o.cpu_limit <= 0) h->o.cpu_limit = 10;
     if (h->o.timeout <= 0) h->o.timeout = h->o.cpu_limit * 2 + 5;
     if (!h->o.batch) h->o.batch = 512;
@@ -841,6 +884,10 @@ int projhost_checkpoint(projhost *h, tm_err *err) {
             }
         }
     }
+    if (nev && h->o.suppress_emits) { /* the side-effect gate (a version rebuilding) */
+        h->suppressed += nev;
+        nev = 0;
+    }
     if (nev && store_append(h->s, evs, nev, NULL, 0, err) < 0) {
         if (err->code != TM_ECONFLICT) rc = -1;
         for (uint32_t i = 0; rc == 0 && i < nev; i++)
@@ -856,7 +903,9 @@ int projhost_checkpoint(projhost *h, tm_err *err) {
                 if (mp_next(&q, end, &t) < 0 || t.type != MP_ARRAY || t.v.n != 2 ||
                     mp_next(&q, end, &k2) < 0 || mp_next(&q, end, &v2) < 0)
                     break;
-                store_batch_put(b, k2.v.s.ptr, k2.v.s.len, v2.v.s.ptr, v2.v.s.len);
+                size_t sl;
+                const char *sk = key_in(h, k2.v.s.ptr, k2.v.s.len, &sl);
+                store_batch_put(b, sk, sl, v2.v.s.ptr, v2.v.s.len);
             }
         }
         rc = store_batch_commit(h->s, b, err);
@@ -913,7 +962,7 @@ static int send_batch(projhost *h, tm_err *err) {
     return err_set(err, TM_EIO, "unexpected answer '%c'", k);
 }
 
-int projhost_feed(projhost *h, uint64_t max_events, tm_err *err) {
+static int feed(projhost *h, uint64_t max_events, uint64_t until, tm_err *err) {
     if (usable(h, err) < 0) return -1;
     for (;;) {
         store_iter *it = host_reader(h, h->st.position + 1, err);
@@ -925,6 +974,7 @@ int projhost_feed(projhost *h, uint64_t max_events, tm_err *err) {
         buf_reset(&h->msg);
         while ((r = store_iter_next(it, &ev, err)) == 1) {
             if (ev.position <= h->st.position) continue;
+            if (until && ev.position > until) break;
             const char *rec;
             size_t rl;
             store_iter_record(it, &rec, &rl);
@@ -954,6 +1004,15 @@ int projhost_feed(projhost *h, uint64_t max_events, tm_err *err) {
         if (rc == PROJ_REPLAY) continue; /* rolled back to the checkpoint: re-feed */
         return rc;
     }
+}
+
+int projhost_feed(projhost *h, uint64_t max_events, tm_err *err) {
+    return feed(h, max_events, 0, err);
+}
+
+int projhost_feed_until(projhost *h, uint64_t until, tm_err *err) {
+    if (!until) return usable(h, err);
+    return feed(h, 0, until, err);
 }
 
 int projhost_catch_up(projhost *h, tm_err *err) {
@@ -1070,6 +1129,9 @@ void projhost_free(projhost *h) {
     buf_free(&h->msg);
     buf_free(&h->ans);
     buf_free(&h->errtext);
+    buf_free(&h->pfx_w);
+    buf_free(&h->pfx_s);
+    buf_free(&h->key);
     free(h->name);
     free(h);
 }

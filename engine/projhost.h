@@ -50,6 +50,11 @@ typedef struct projhost_opts {
     double timeout;        /* seconds to wait for an answer; 0 = cpu_limit * 2 + 5 */
     const char *exe;       /* exec this binary with "__proj-worker"; NULL = fork only */
     unsigned batch;        /* events per batch frame; 0 = 512 */
+    /* Keep the state under proj/STORE_NAME/ instead of proj/NAME/ (the
+     * worker still runs as NAME: emitted ids derive from NAME); the host
+     * translates the keys of every read and checkpoint.  NULL = NAME. */
+    const char *store_name;
+    int suppress_emits;    /* drop emitted events at checkpoints (counted) */
 } projhost_opts;
 
 typedef enum projhost_state {
@@ -102,6 +107,12 @@ int projhost_read(projhost *h, const char *op, const char *a, const char *b, uin
  * partition (never created by asking), -1 with err. */
 int projhost_partition(projhost *h, const char *key, size_t klen, buf *out, tm_err *err);
 const projhost_status *projhost_get_status(const projhost *h);
+/* Like projhost_feed (no event bound) but only events with position <= until. */
+int projhost_feed_until(projhost *h, uint64_t until, tm_err *err);
+/* Change where the state is kept (NULL = proj/NAME/) / the emit gate. */
+void projhost_set_store_name(projhost *h, const char *store_name);
+void projhost_set_suppress_emits(projhost *h, int on);
+uint64_t projhost_emits_suppressed(const projhost *h);
 /* Stop the worker (SIGKILL if it does not exit on EOF) and free. */
 void projhost_free(projhost *h);
 

@@ -5,6 +5,11 @@
  * store's key-value namespace, live-update coalescing, and the HTTP routes
  * under /projections.
  *
+ * Versions (see projmgr.h): an entry's `rb` is the version building; its
+ * thread owns rb->ph until the swap moves it into e->ph under e->mu.  rb is
+ * attached and detached with admin held (rebuild_begin / rebuild_stop,
+ * which joins the thread without holding e->mu).
+ *
  * Locks, in the order they may be taken:
  *   m->admin   serialises everything that changes the set or a version
  *              (PUT, commands, reload); held for long operations.
@@ -30,6 +35,7 @@
 #define _GNU_SOURCE
 #include "projmgr.h"
 
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <math.h>
@@ -51,12 +57,15 @@
 #define PUB_STATE_MAX (64u << 10)   /* larger states are not pushed live */
 #define PROJMGR_CHECKPOINT_MS 100   /* default checkpoint interval (continuous mode) */
 #define FEED_CHUNK 20000            /* events per feeding call: requests get the lock between */
+#define REBUILD_CHUNK 2000          /* events per call building a new version (quit seen between) */
 
 typedef enum pstatus { PS_RUNNING, PS_FAULTED, PS_STOPPED } pstatus;
 
 static const char *status_name(pstatus s) {
     return s == PS_RUNNING ? "running" : s == PS_FAULTED ? "faulted" : "stopped";
 }
+
+struct rebuild;
 
 typedef struct pentry {
     struct projmgr *m;
@@ -95,7 +104,36 @@ typedef struct pentry {
     char err_type[257];
     char err_message[512];
     char *err_traceback;
+    /* versions: the new version rebuilding in the background (set and
+     * cleared with admin held, under e->smu; see rebuild_*) */
+    struct rebuild *rb;
+    int has_rb_error;         /* e->smu: the last rebuild failed */
+    uint64_t rb_err_version, rb_err_position;
+    char rb_err_type[257];
+    char rb_err_message[512];
 } pentry;
+
+/* A new version of an entry's source, built by its own worker and thread
+ * under proj/NAME@VERSION/ while the entry's worker keeps serving; the
+ * thread swaps it in when it has caught up (rebuild_swap). */
+typedef struct rebuild {
+    pentry *e;
+    projhost *ph;             /* the rebuild thread's; moved into e->ph by the swap */
+    char *source;
+    size_t srclen;
+    uint64_t version;
+    char *file;
+    int from_api;
+    int emit_mode;            /* the script sets emit_during_rebuild = true */
+    char store_name[NAME_MAX_LEN + 20];
+    pthread_t th;
+    int quit;                 /* m->wake_mu: stop (checkpointed, to resume later) */
+    int done;                 /* e->smu: the thread finished (swapped, failed, or quit) */
+    int swapped;              /* e->smu */
+    uint64_t position;        /* e->smu */
+    double rate, rate_t;
+    uint64_t rate_pos;
+} rebuild;
 
 struct projmgr {
     store *s;
@@ -271,6 +309,10 @@ static int override_save(projmgr *m, const char *name, const char *src, size_t s
 }
 
 static int entry_save(pentry *e, int stopped, int deleted, tm_err *err) {
+    const rebuild *rb = e->rb; /* e->mu held: a swap cannot run meanwhile */
+    if (rb && rb->source) /* a pending version: the desired source is the new one */
+        return override_save(e->m, e->name, rb->from_api ? rb->source : NULL, rb->srclen,
+                             e->file_hash, stopped, deleted, err);
     return override_save(e->m, e->name, e->from_api ? e->source : NULL, e->srclen, e->file_hash,
                          stopped, deleted, err);
 }
@@ -442,6 +484,8 @@ static void entry_halt(pentry *e, pstatus to, int save) {
 
 /* ------------------------------------------------------------ JSON */
 
+static void rebuild_json(pentry *e, uint64_t last, buf *out);
+
 static void json_status(pentry *e, uint64_t last, buf *out) {
     pthread_mutex_lock(&e->smu);
     buf_puts(out, "{\"name\":");
@@ -469,6 +513,7 @@ static void json_status(pentry *e, uint64_t last, buf *out) {
     } else {
         buf_puts(out, "null");
     }
+    rebuild_json(e, last, out);
     buf_putc(out, '}');
     pthread_mutex_unlock(&e->smu);
 }
@@ -663,6 +708,14 @@ static void entry_destroy(pentry *e) {
     free(e);
 }
 
+static int rebuild_stop(pentry *e, char **src, size_t *len, char **file, int *from_api);
+static int rebuild_begin(pentry *e, const char *src, size_t len, const char *file, int from_api,
+                         int fresh, tm_err *err);
+static void rebuild_abandon(pentry *e);
+static int staging_delete(projmgr *m, const char *name, tm_err *err);
+static int kv_put1(projmgr *m, const char *kind, const char *name, const char *v, size_t vl,
+                   tm_err *err);
+
 /* Link and start the thread (admin held). */
 static void entry_register(projmgr *m, pentry *e) {
     pthread_mutex_lock(&m->mu);
@@ -683,6 +736,7 @@ static void entry_remove(projmgr *m, pentry *e) {
             break;
         }
     pthread_mutex_unlock(&m->mu);
+    rebuild_stop(e, NULL, NULL, NULL, NULL);
     pthread_mutex_lock(&m->wake_mu);
     e->quit = 1;
     pthread_cond_broadcast(&m->wake_cv);
@@ -737,6 +791,374 @@ static int entry_replace(pentry *e, const char *src, size_t len, const char *fil
     pthread_mutex_unlock(&e->smu);
     if (state_prepare(e->m, e->name, e->version, 1, err) < 0) return -1;
     return entry_launch(e, err);
+}
+
+/* ------------------------------------------------------------ versions */
+
+/* 1 if the script asks for its emitted events during a rebuild
+ * (`emit_during_rebuild = true`, as replay.h reads it). */
+static int wants_emits(const char *src, size_t n) {
+    const char *k = "emit_during_rebuild";
+    size_t kl = strlen(k);
+    for (size_t i = 0; i + kl <= n; i++) {
+        if (memcmp(src + i, k, kl) || (i && (isalnum((unsigned char)src[i - 1]) || src[i - 1] == '_')))
+            continue;
+        size_t j = i + kl;
+        while (j < n && strchr(" \t\r\n", src[j])) j++;
+        if (j >= n || src[j] != '=' || (j + 1 < n && src[j + 1] == '=')) continue;
+        j++;
+        while (j < n && strchr(" \t\r\n", src[j])) j++;
+        if (j + 4 <= n && !memcmp(src + j, "true", 4)) return 1;
+    }
+    return 0;
+}
+
+static int kv_put1(projmgr *m, const char *kind, const char *name, const char *v, size_t vl,
+                   tm_err *err) {
+    buf k = BUF_INIT;
+    key_of(&k, kind, name);
+    store_batch *b = store_batch_new();
+    if (v) store_batch_put(b, k.ptr, k.len, v, vl);
+    else store_batch_del(b, k.ptr, k.len);
+    int rc = store_batch_commit(m->s, b, err);
+    store_batch_free(b);
+    buf_free(&k);
+    return rc;
+}
+
+/* Delete every staged version of NAME (proj/NAME@.../). */
+static int staging_delete(projmgr *m, const char *name, tm_err *err) {
+    buf k = BUF_INIT;
+    buf_printf(&k, "proj/%s@", name);
+    int rc = store_kv_delete_prefix(m->s, k.ptr, k.len, err);
+    buf_free(&k);
+    return rc;
+}
+
+static void rb_fail(rebuild *rb, const char *type, uint64_t pos, const char *msg) {
+    pentry *e = rb->e;
+    char q[600];
+    logf_("warn", "msg=\"projection rebuild failed; the old version keeps serving\" name=%s "
+          "version=%016llx error=\"%s\"", e->name, (unsigned long long)rb->version,
+          logq(q, sizeof q, msg));
+    pthread_mutex_lock(&e->smu);
+    e->has_rb_error = 1;
+    e->rb_err_version = rb->version;
+    e->rb_err_position = pos;
+    snprintf(e->rb_err_type, sizeof e->rb_err_type, "%s", type ? type : "");
+    snprintf(e->rb_err_message, sizeof e->rb_err_message, "%s", msg);
+    rb->done = 1; /* with the error: no listing shows both */
+    pthread_mutex_unlock(&e->smu);
+    if (rb->ph) {
+        projhost_free(rb->ph);
+        rb->ph = NULL;
+    }
+    tm_err e2;
+    err_clear(&e2);
+    staging_delete(e->m, e->name, &e2);
+}
+
+static void rb_fail_ph(rebuild *rb, const tm_err *err) {
+    const projhost_status *st = rb->ph ? projhost_get_status(rb->ph) : NULL;
+    if (st && st->state != PROJHOST_RUNNING)
+        rb_fail(rb, st->fault_type, st->fault_position, *st->message ? st->message : err->msg);
+    else
+        rb_fail(rb, "", 0, err->msg);
+}
+
+static int rb_quit(rebuild *rb) {
+    projmgr *m = rb->e->m;
+    pthread_mutex_lock(&m->wake_mu);
+    int q = rb->quit;
+    pthread_mutex_unlock(&m->wake_mu);
+    return q;
+}
+
+/* Make the caught-up new version the entry's (runs on the rebuild thread):
+ * under e->mu, bring the old worker and the new one to the same position L
+ * (the old one checkpointed: its emitted events up to L are appended), then
+ * ONE store batch replaces proj/NAME/ by the new version's keys and records
+ * its source hash; then the entry serves from the new worker.  0 swapped,
+ * 1 quit asked, -1 failed (rb_fail called). */
+static int rebuild_swap(rebuild *rb) {
+    pentry *e = rb->e;
+    projmgr *m = e->m;
+    tm_err err;
+    err_clear(&err);
+    pthread_mutex_lock(&e->mu);
+    if (rb_quit(rb)) {
+        pthread_mutex_unlock(&e->mu);
+        return 1;
+    }
+    uint64_t L = store_last_position(m->s);
+    projhost *old = e->ph;
+    if (old && projhost_get_status(old)->state == PROJHOST_RUNNING) {
+        if (projhost_feed_until(old, L, &err) == 0) entry_checkpoint(e, &err);
+        sync_status(e);
+    }
+    int rc;
+    for (int i = 0; i < 100; i++) {
+        if ((rc = projhost_feed_until(rb->ph, L, &err)) != 0) break;
+        if ((rc = projhost_checkpoint(rb->ph, &err)) != PROJ_REPLAY) break;
+    }
+    if (rc != 0) {
+        pthread_mutex_unlock(&e->mu);
+        rb_fail_ph(rb, &err);
+        return -1;
+    }
+    /* one batch: proj/NAME/ := proj/NAME@V/, projmgr/v/NAME := V */
+    store_batch *b = store_batch_new();
+    buf live = BUF_INIT, stage = BUF_INIT, key = BUF_INIT;
+    buf_printf(&live, "proj/%s/", e->name);
+    buf_printf(&stage, "proj/%s/", rb->store_name);
+    const char *k, *v;
+    size_t kl, vl;
+    int r = 0;
+    store_kv_iter *it = store_kv_scan(m->s, live.ptr, live.len, NULL, 0, &err);
+    while (it && (r = store_kv_next(it, &k, &kl, &v, &vl, &err)) == 1) store_batch_del(b, k, kl);
+    int bad = !it || r < 0;
+    store_kv_iter_free(it);
+    it = bad ? NULL : store_kv_scan(m->s, stage.ptr, stage.len, NULL, 0, &err);
+    while (it && (r = store_kv_next(it, &k, &kl, &v, &vl, &err)) == 1) {
+        buf_reset(&key);
+        buf_append(&key, live.ptr, live.len);
+        buf_append(&key, k + stage.len, kl - stage.len);
+        store_batch_put(b, key.ptr, key.len, v, vl);
+        store_batch_del(b, k, kl);
+    }
+    bad = bad || !it || r < 0;
+    store_kv_iter_free(it);
+    char hex[17];
+    snprintf(hex, sizeof hex, "%016llx", (unsigned long long)rb->version);
+    key_of(&key, "v", e->name);
+    store_batch_put(b, key.ptr, key.len, hex, 16);
+    key_of(&key, "s", e->name);
+    store_batch_del(b, key.ptr, key.len);
+    if (!bad && store_batch_commit(m->s, b, &err) < 0) bad = 1;
+    store_batch_free(b);
+    buf_free(&live);
+    buf_free(&stage);
+    buf_free(&key);
+    if (bad) {
+        pthread_mutex_unlock(&e->mu);
+        rb_fail(rb, "", 0, err.msg);
+        return -1;
+    }
+    /* the stored switch is done: now the entry serves the new version */
+    projhost_set_store_name(rb->ph, NULL);
+    if (!rb->emit_mode) projhost_set_suppress_emits(rb->ph, 0);
+    const projhost_status *st = projhost_get_status(rb->ph);
+    e->ph = rb->ph;
+    rb->ph = NULL;
+    free(e->source);
+    e->source = rb->source;
+    e->srclen = rb->srclen;
+    e->version = rb->version;
+    rb->source = NULL;
+    free(e->file);
+    e->file = rb->file;
+    rb->file = NULL;
+    e->from_api = rb->from_api;
+    e->big_state = 0;
+    e->dirty_since = 0;
+    pthread_mutex_lock(&e->smu);
+    e->status = PS_RUNNING;
+    clear_error(e);
+    e->host_events = st->events;
+    e->position = st->position > L ? st->position : L;
+    e->cp_position = st->checkpoint_position;
+    e->has_rb_error = 0;
+    rb->swapped = 1;
+    pthread_mutex_unlock(&e->smu);
+    pthread_mutex_lock(&m->wake_mu);
+    e->kick = 1;
+    e->pub_pending = 1;
+    pthread_cond_broadcast(&m->wake_cv);
+    pthread_mutex_unlock(&m->wake_mu);
+    pthread_mutex_unlock(&e->mu);
+    logf_("info", "msg=\"projection version swapped in\" name=%s version=%s position=%llu",
+          e->name, hex, (unsigned long long)L);
+    projhost_free(old); /* not checkpointed again: its keys are gone */
+    return 0;
+}
+
+static void *rebuild_main(void *arg) {
+    rebuild *rb = arg;
+    pentry *e = rb->e;
+    projmgr *m = e->m;
+    tm_err err;
+    err_clear(&err);
+    projhost_opts ho = {.memory_limit = m->o.memory_limit, .cpu_limit = m->o.cpu_limit,
+                        .exe = m->exe, .store_name = rb->store_name,
+                        .suppress_emits = !rb->emit_mode};
+    rb->ph = projhost_start(m->s, e->name, rb->source, rb->srclen, rb->file, &ho, &err);
+    if (!rb->ph) {
+        rb_fail(rb, "", 0, err.msg);
+        goto out;
+    }
+    logf_("info", "msg=\"projection version building\" name=%s version=%016llx from=%llu",
+          e->name, (unsigned long long)rb->version,
+          (unsigned long long)projhost_get_status(rb->ph)->position);
+    double last_cp = now_s();
+    for (;;) {
+        if (rb_quit(rb)) { /* keep what was built: a restart resumes from it */
+            err_clear(&err);
+            for (int i = 0; i < 100 && projhost_checkpoint(rb->ph, &err) == PROJ_REPLAY; i++)
+                if (projhost_feed(rb->ph, 0, &err) < 0) break;
+            projhost_free(rb->ph);
+            rb->ph = NULL;
+            break;
+        }
+        uint64_t last = store_last_position(m->s);
+        int rc = projhost_feed(rb->ph, REBUILD_CHUNK, &err);
+        if (rc < 0) {
+            rb_fail_ph(rb, &err);
+            break;
+        }
+        double now = now_s();
+        pthread_mutex_lock(&e->smu);
+        uint64_t p = projhost_get_status(rb->ph)->position;
+        if (rc == 0 && last > p) p = last;
+        if (p > rb->position) rb->position = p;
+        if (rb->rate_t == 0) {
+            rb->rate_t = now;
+            rb->rate_pos = rb->position;
+        } else if (now - rb->rate_t >= 0.5) {
+            rb->rate = (double)(rb->position - rb->rate_pos) / (now - rb->rate_t);
+            rb->rate_t = now;
+            rb->rate_pos = rb->position;
+        }
+        pthread_mutex_unlock(&e->smu);
+        if (rc == 0) { /* caught up with the live log */
+            if (rebuild_swap(rb) != 1) break;
+            continue; /* quit asked: handled above */
+        }
+        if (now - last_cp >= 1.0) {
+            for (int i = 0; i < 100 && (rc = projhost_checkpoint(rb->ph, &err)) == PROJ_REPLAY; i++)
+                if ((rc = projhost_feed(rb->ph, 0, &err)) < 0) break;
+            if (rc < 0 && projhost_get_status(rb->ph)->state != PROJHOST_RUNNING) {
+                rb_fail_ph(rb, &err);
+                break;
+            }
+            last_cp = now_s();
+        }
+    }
+out:
+    pthread_mutex_lock(&e->smu);
+    rb->done = 1;
+    pthread_mutex_unlock(&e->smu);
+    return NULL;
+}
+
+/* Start building `src` as the entry's next version (admin and e->mu held,
+ * no rebuild attached, the entry running).  fresh: discard any staged
+ * version first (else a staged checkpoint of the same source resumes). */
+static int rebuild_begin(pentry *e, const char *src, size_t len, const char *file, int from_api,
+                         int fresh, tm_err *err) {
+    projmgr *m = e->m;
+    if (fresh && staging_delete(m, e->name, err) < 0) return -1;
+    /* the source that built proj/NAME/: a restart serves it until the swap */
+    if (kv_put1(m, "s", e->name, e->source, e->srclen, err) < 0) return -1;
+    rebuild *rb = calloc(1, sizeof *rb);
+    if (!rb) abort();
+    rb->e = e;
+    rb->source = malloc(len + 1);
+    memcpy(rb->source, src, len);
+    rb->source[len] = 0;
+    rb->srclen = len;
+    rb->version = fnv64(src, len);
+    rb->file = strdup(file);
+    rb->from_api = from_api;
+    rb->emit_mode = wants_emits(src, len);
+    snprintf(rb->store_name, sizeof rb->store_name, "%s@%016llx", e->name,
+             (unsigned long long)rb->version);
+    pthread_mutex_lock(&e->smu);
+    e->rb = rb;
+    e->has_rb_error = 0;
+    pthread_mutex_unlock(&e->smu);
+    logf_("info", "msg=\"projection source changed: building the new version\" name=%s "
+          "version=%016llx", e->name, (unsigned long long)rb->version);
+    pthread_create(&rb->th, NULL, rebuild_main, rb);
+    return 0;
+}
+
+/* Detach the entry's rebuild (admin held, e->mu NOT held: the thread may
+ * be swapping): stop its thread (a running one checkpoints, so it can
+ * resume), free it.  Returns 1 if a build was still pending (not swapped,
+ * not failed), with *src / *len / *file / *from_api handed over when they
+ * are not NULL. */
+static int rebuild_stop(pentry *e, char **src, size_t *len, char **file, int *from_api) {
+    rebuild *rb = e->rb;
+    if (!rb) return 0;
+    projmgr *m = e->m;
+    pthread_mutex_lock(&m->wake_mu);
+    rb->quit = 1;
+    pthread_mutex_unlock(&m->wake_mu);
+    pthread_join(rb->th, NULL);
+    pthread_mutex_lock(&e->smu);
+    e->rb = NULL;
+    int failed = e->has_rb_error && e->rb_err_version == rb->version;
+    pthread_mutex_unlock(&e->smu);
+    int pending = !rb->swapped && !failed;
+    if (pending && src) {
+        *src = rb->source;
+        *len = rb->srclen;
+        *file = rb->file;
+        *from_api = rb->from_api;
+        rb->source = rb->file = NULL;
+    }
+    free(rb->source);
+    free(rb->file);
+    free(rb);
+    return pending;
+}
+
+/* Give up a pending rebuild (admin held, e->mu not held): the entry takes
+ * the new source as its own (not started: the caller restarts or halts it;
+ * a start rebuilds it in place) and the staged keys go. */
+static void rebuild_abandon(pentry *e) {
+    char *src = NULL, *file = NULL;
+    size_t len = 0;
+    int from_api = 0;
+    if (!rebuild_stop(e, &src, &len, &file, &from_api)) return;
+    tm_err err;
+    err_clear(&err);
+    staging_delete(e->m, e->name, &err);
+    kv_put1(e->m, "s", e->name, NULL, 0, &err);
+    pthread_mutex_lock(&e->mu);
+    free(e->source);
+    e->source = src;
+    e->srclen = len;
+    e->version = fnv64(src, len);
+    free(e->file);
+    e->file = file;
+    e->from_api = from_api;
+    pthread_mutex_unlock(&e->mu);
+}
+
+static void rebuild_json(pentry *e, uint64_t last, buf *out) {
+    rebuild *rb = e->rb;
+    buf_puts(out, ",\"rebuilding\":");
+    if (rb && !rb->done && !rb->swapped) {
+        buf_printf(out, "{\"version\":\"%016llx\",\"position\":%llu,\"lag\":%llu,"
+                   "\"events_per_second\":%.1f}",
+                   (unsigned long long)rb->version, (unsigned long long)rb->position,
+                   (unsigned long long)(last > rb->position ? last - rb->position : 0),
+                   now_s() - rb->rate_t > 2.5 ? 0.0 : rb->rate);
+    } else {
+        buf_puts(out, "null");
+    }
+    buf_puts(out, ",\"rebuild_error\":");
+    if (e->has_rb_error) {
+        buf_printf(out, "{\"version\":\"%016llx\",\"position\":%llu,\"type\":",
+                   (unsigned long long)e->rb_err_version, (unsigned long long)e->rb_err_position);
+        json_put_string(out, e->rb_err_type, strlen(e->rb_err_type));
+        buf_puts(out, ",\"message\":");
+        json_put_string(out, e->rb_err_message, strlen(e->rb_err_message));
+        buf_putc(out, '}');
+    } else {
+        buf_puts(out, "null");
+    }
 }
 
 /* ------------------------------------------------------------ desired set */
@@ -864,6 +1286,38 @@ static int wanted_load(projmgr *m, wanted_list *l, tm_err *err) {
     return r < 0 ? -1 : 0;
 }
 
+/* The stored source of NAME's serving version when a new version
+ * (`want`) was still building at the last stop: projmgr/s/NAME, kept only
+ * while it built proj/NAME/ (its hash is projmgr/v/NAME).  NULL = none. */
+static char *pending_active(projmgr *m, const char *name, uint64_t want, size_t *len) {
+    buf k = BUF_INIT;
+    tm_err err;
+    err_clear(&err);
+    char *src = NULL, *v = NULL;
+    size_t sl = 0, vl = 0;
+    key_of(&k, "s", name);
+    if (store_kv_get(m->s, k.ptr, k.len, &src, &sl, &err) == 1) {
+        key_of(&k, "v", name);
+        uint64_t h = fnv64(src, sl), stored = 0;
+        if (store_kv_get(m->s, k.ptr, k.len, &v, &vl, &err) == 1 && vl == 16)
+            stored = strtoull(strndupa(v, vl), NULL, 16);
+        if (stored != h || h == want) {
+            free(src);
+            src = NULL;
+        }
+    }
+    free(v);
+    buf_free(&k);
+    if (src) { /* NUL-terminate */
+        char *c = realloc(src, sl + 1);
+        if (!c) abort();
+        c[sl] = 0;
+        src = c;
+    }
+    *len = sl;
+    return src;
+}
+
 /* Bring the registry to the wanted set (admin held). */
 static int apply_wanted(projmgr *m, tm_err *err) {
     wanted_list l = {0};
@@ -894,9 +1348,17 @@ static int apply_wanted(projmgr *m, tm_err *err) {
         pthread_mutex_unlock(&m->mu);
         if (e) {
             /* the admin lock keeps e alive */
+            uint64_t want = fnv64(w->source, w->srclen);
+            if (e->rb && e->rb->version == want) continue; /* already building it */
+            if (e->rb) rebuild_stop(e, NULL, NULL, NULL, NULL);
             pthread_mutex_lock(&e->mu);
             e->file_hash = w->file_hash;
-            if (e->version != fnv64(w->source, w->srclen)) {
+            if (e->version == want) {
+                if (kv_put1(m, "s", e->name, NULL, 0, &e2) == 0) staging_delete(m, e->name, &e2);
+            } else if (e->ph && e->status == PS_RUNNING) {
+                /* a new version, built beside the serving one */
+                rebuild_begin(e, w->source, w->srclen, w->file, w->from_api, 1, &e2);
+            } else {
                 logf_("info", "msg=\"projection source changed: rebuilding\" name=%s", e->name);
                 if (entry_replace(e, w->source, w->srclen, w->file, w->from_api, &e2) < 0 &&
                     !e->ph) {
@@ -908,9 +1370,27 @@ static int apply_wanted(projmgr *m, tm_err *err) {
             pthread_mutex_unlock(&e->mu);
             continue;
         }
-        e = entry_new(m, w->name, w->source, w->srclen, w->file, w->from_api, w->file_hash);
+        /* a rebuild pending at the last stop: the old version serves, the new one builds */
+        char *active = NULL;
+        size_t alen = 0;
+        if (!w->stopped) active = pending_active(m, w->name, fnv64(w->source, w->srclen), &alen);
+        if (active)
+            e = entry_new(m, w->name, active, alen, w->file, w->from_api, w->file_hash);
+        else
+            e = entry_new(m, w->name, w->source, w->srclen, w->file, w->from_api, w->file_hash);
         pthread_mutex_lock(&e->mu);
-        if (w->stopped) {
+        if (active && state_prepare(m, e->name, e->version, 0, &e2) == 0 &&
+            entry_launch(e, &e2) == 0) {
+            rebuild_begin(e, w->source, w->srclen, w->file, w->from_api, 0, &e2);
+            logf_("info", "msg=\"projection started; its new version resumes building\" "
+                  "name=%s position=%llu", e->name, (unsigned long long)e->position);
+            free(active);
+        } else if (active) {
+            char q[600];
+            logf_("warn", "msg=\"projection failed to load\" name=%s error=\"%s\"", e->name,
+                  logq(q, sizeof q, e2.msg));
+            free(active);
+        } else if (w->stopped) {
             e->status = PS_STOPPED;
         } else if (state_prepare(m, e->name, e->version, 0, &e2) < 0 || entry_launch(e, &e2) < 0) {
             char q[600];
@@ -1375,7 +1855,22 @@ static void route_put(projmgr *m, const char *name, const api_request *rq, api_r
     tm_err err;
     err_clear(&err);
     pentry *e = entry_get(m, name);
-    if (e && e->version == fnv64(rq->body, rq->body_len)) { /* same source: nothing to do */
+    uint64_t want = fnv64(rq->body, rq->body_len);
+    if (e && e->version == want && e->rb) { /* back to the serving source: drop the build */
+        rebuild_stop(e, NULL, NULL, NULL, NULL);
+        if (kv_put1(m, "s", name, NULL, 0, &err) == 0) staging_delete(m, name, &err);
+        pthread_mutex_lock(&e->mu);
+        entry_save(e, 0, 0, &err);
+        pthread_mutex_unlock(&e->mu);
+    }
+    int building = 0; /* the version already building (admin held: e->rb stays) */
+    if (e && e->rb) {
+        pthread_mutex_lock(&e->smu);
+        building = e->rb->version == want && !e->rb->done;
+        pthread_mutex_unlock(&e->smu);
+    }
+    if (e && (e->version == want || building)) {
+        /* same source (or the version already building): nothing to do */
         route_status(m, e, 200, rp);
         entry_put(m, e);
         buf_free(&file);
@@ -1395,9 +1890,25 @@ static void route_put(projmgr *m, const char *name, const api_request *rq, api_r
     uint64_t fh = dir_file_hash(m, name);
     int created = 0;
     if (e) {
+        rebuild_stop(e, NULL, NULL, NULL, NULL); /* a newer version replaces a building one */
         pthread_mutex_lock(&e->mu);
         e->file_hash = fh;
-        int rc = entry_replace(e, rq->body, rq->body_len, file.ptr, 1, &err);
+        int rc;
+        if (e->ph && e->status == PS_RUNNING) {
+            /* the old version serves until the new one has caught up */
+            rc = override_save(m, name, rq->body, rq->body_len, fh, 0, 0, &err);
+            if (rc == 0) rc = rebuild_begin(e, rq->body, rq->body_len, file.ptr, 1, 1, &err);
+            if (rc < 0) reply_err(rp, &err);
+            pthread_mutex_unlock(&e->mu);
+            if (rc == 0) {
+                route_status(m, e, 200, rp);
+                logf_("info", "msg=\"projection new version building\" name=%s", name);
+            }
+            entry_put(m, e);
+            buf_free(&file);
+            return;
+        }
+        rc = entry_replace(e, rq->body, rq->body_len, file.ptr, 1, &err);
         if (rc == 0 || e->status == PS_FAULTED) rc = entry_save(e, 0, 0, &err);
         pthread_mutex_unlock(&e->mu);
         logf_("info", "msg=\"projection replaced\" name=%s", name);
@@ -1430,6 +1941,8 @@ static void route_command(projmgr *m, pentry *e, const char *cmd, api_reply *rp)
         entry_put(m, e);
         entry_remove(m, e);
         int rc = state_delete(m, name, &err);
+        if (rc == 0) rc = staging_delete(m, name, &err);
+        if (rc == 0) rc = kv_put1(m, "s", name, NULL, 0, &err);
         if (rc == 0) rc = version_delete(m, name, &err);
         /* a file in the directory would bring it back: remember the deletion */
         if (rc == 0) rc = override_save(m, name, NULL, 0, fh, 0, fh != 0, &err);
@@ -1446,6 +1959,7 @@ static void route_command(projmgr *m, pentry *e, const char *cmd, api_reply *rp)
         buf_free(&j);
         return;
     }
+    if (strcmp(cmd, "start")) rebuild_abandon(e); /* stop / reset: the new source in place */
     pthread_mutex_lock(&e->mu);
     int rc = 0;
     if (!strcmp(cmd, "stop")) {

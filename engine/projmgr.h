@@ -22,6 +22,17 @@
  *                    dropped: the most recent change wins.
  *   projmgr/v/NAME   hash of the source that built the proj/NAME/ keys (a changed
  *                    source resets the state and rebuilds from position 0).
+ *   projmgr/s/NAME   while a new version builds: the source that built
+ *                    proj/NAME/ (a restart serves it and resumes the build).
+ *
+ * Versions: a changed source for a running projection is built by a second
+ * worker (the worker runs as NAME; its keys live under proj/NAME@VERSION/,
+ * emitted events suppressed unless the script sets emit_during_rebuild =
+ * true) fed by its own thread while the old worker serves.  Caught up, it
+ * is swapped in under the entry's lock: both brought to the same position
+ * and checkpointed, then ONE store batch moves proj/NAME@VERSION/ to
+ * proj/NAME/ and sets projmgr/v/NAME; the entry then serves the new worker.
+ * A fault in the new version drops it (status rebuild_error).
  *
  * Threads: projmgr_notify may be called from any thread (quick, never
  * blocks on a projection); projmgr_handle from HTTP worker threads (may

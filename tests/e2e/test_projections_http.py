@@ -100,8 +100,11 @@ def caught_up(h, *names):
         assert r.status == 200, r
         body = r.json()
         ps = {p["name"]: p for p in body["projections"]}
+        # a PUT of a changed source builds the new version beside the old one
+        # (versions): caught up also means no version is still building
         return all(n in ps and ps[n]["status"] == "running" and ps[n]["lag"] == 0
-                   and ps[n]["position"] == body["last_position"] for n in names) and ps
+                   and ps[n]["position"] == body["last_position"]
+                   and ps[n].get("rebuilding") is None for n in names) and ps
     return wait_until(ok, what="projections %s caught up" % (names,))
 
 

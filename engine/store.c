@@ -30,7 +30,7 @@
  * runs (versions 0..hf) followed by its entries in the journal keys above
  * the fold mark (versions hf+1..head); readers take both from one
  * snapshot.  The fold deletes the journal keys it folded.
- * The writer keeps the journal's streams in memory (rebuilt on open).
+ * The leader keeps the journal's streams in memory (rebuilt on open).
  *
  * Ids: a client-supplied id (has_id=1) is stored under 'i'.  A generated
  * id is a UUIDv8 that carries its own position: bytes 0-5 = the position
@@ -46,8 +46,9 @@
  *   - each stream's runs then journal entries cover versions 0..head
  *     contiguously; each category/type's runs hold strictly increasing
  *     positions;
- *   - only the writer thread writes to 'e','i','g','s','c','t','m'; the head
- *     cache (streams map) is only touched by the writer thread and holds
+ *   - only the leader (one appending thread at a time, see lead()) writes
+ *     to 'e','i','g','s','c','t','m'; the head cache (streams map) is only
+ *     touched by the leader and holds
  *     committed heads: a group's tentative heads live in node->ghead,
  *     valid only while node->gen == s->gen, and are promoted after the
  *     write succeeds;
@@ -63,7 +64,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <linux/futex.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -340,11 +343,13 @@ typedef struct req {
     const store_expect *exp;
     size_t nexp;
     size_t nid;          /* events with has_id */
-    int done, rc;
+    int rc;
     tm_err err;
-    pthread_cond_t cv;
+    uint32_t state;      /* futex word: REQ_WAIT, REQ_DONE or REQ_LEAD (atomic) */
     struct req *next;
 } req;
+
+enum { REQ_WAIT = 0, REQ_DONE = 1, REQ_LEAD = 2 };
 
 /* The group's id table: client ids appended by earlier requests of the
  * group (open addressing over tm_event pointers; reset per group). */
@@ -364,12 +369,12 @@ struct store {
     char *dir;
 
     pthread_mutex_t mu;
-    pthread_cond_t work;
-    req *qhead, *qtail;
+    pthread_cond_t idle;           /* signalled when leadership ends while stopping */
+    req *qhead, *qtail;            /* requests waiting for the next group */
+    int leading;                   /* a caller is committing groups (the leader) */
     int stopping;
     int failed;
     char failmsg[256];
-    pthread_t writer;
     struct {
         store_commit_fn fn;
         void *ud;
@@ -382,7 +387,8 @@ struct store {
     node *pending;                 /* stream nodes with journal positions */
     u64vec jkeys;                  /* journal keys above the fold mark (their p0) */
 
-    /* writer-thread state */
+    /* leader state: touched only by the current leader (leadership passes
+     * under mu, which orders one leader's writes before the next's reads) */
     nmap streams, cats, types;
     uint64_t gen;
     uint64_t gpos;                 /* last position assigned in the group */
@@ -489,8 +495,6 @@ static int db_stream_head(leveldb_iterator_t *it, buf *kb, buf *pb, const char *
 /* ------------------------------------------------------------------ */
 /* open / close                                                        */
 
-static void *writer_main(void *arg);
-
 static int dir_exists(const char *dir) {
     struct stat st;
     return stat(dir, &st) == 0 && S_ISDIR(st.st_mode);
@@ -518,7 +522,7 @@ static uint64_t read_folded(store *s, const leveldb_readoptions_t *ro, tm_err *e
     return f;
 }
 
-/* Rebuild the writer's journal state (streams above the fold mark). */
+/* Rebuild the leader's journal state (streams above the fold mark). */
 static int load_journal(store *s, tm_err *err) {
     int rc;
     s->folded = read_folded(s, NULL, err, &rc);
@@ -664,13 +668,7 @@ store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
     }
     if (!s->rng[0] && !s->rng[1]) s->rng[0] = 1;
     pthread_mutex_init(&s->mu, NULL);
-    pthread_cond_init(&s->work, NULL);
-    if (pthread_create(&s->writer, NULL, writer_main, s) != 0) {
-        err_set(err, TM_EIO, "cannot start the writer thread");
-        pthread_mutex_destroy(&s->mu);
-        pthread_cond_destroy(&s->work);
-        goto fail;
-    }
+    pthread_cond_init(&s->idle, NULL);
     return s;
 fail:
     if (s->db) leveldb_close(s->db);
@@ -689,11 +687,10 @@ void store_close(store *s) {
     if (!s) return;
     pthread_mutex_lock(&s->mu);
     s->stopping = 1;
-    pthread_cond_signal(&s->work);
+    while (s->leading) pthread_cond_wait(&s->idle, &s->mu); /* drain queued appends */
     pthread_mutex_unlock(&s->mu);
-    pthread_join(s->writer, NULL);
     pthread_mutex_destroy(&s->mu);
-    pthread_cond_destroy(&s->work);
+    pthread_cond_destroy(&s->idle);
     leveldb_close(s->db);
     leveldb_writebatch_destroy(s->wb);
     leveldb_writeoptions_destroy(s->wo);
@@ -739,7 +736,7 @@ static int refusing(tm_err *err) {
 }
 
 /* ------------------------------------------------------------------ */
-/* the writer: group commit                                            */
+/* group commit                                                       */
 
 static uint64_t rng_next(store *s) {
     uint64_t s1 = s->rng[0];
@@ -826,7 +823,7 @@ static leveldb_iterator_t *group_iter(store *s) {
     return s->git;
 }
 
-/* The stream's node with its committed head loaded (writer thread). */
+/* The stream's node with its committed head loaded (leader). */
 static node *stream_node(store *s, const char *name, size_t nl, tm_err *err) {
     uint64_t h = hash_bytes(name, nl);
     node *n = nmap_find(&s->streams, name, nl, h);
@@ -1222,25 +1219,48 @@ out:
     s->gpos = s->last;
 }
 
-static void *writer_main(void *arg) {
-    store *s = arg;
+/* ---- leadership (LevelDB-style group commit) ----
+ * An appending caller enqueues its request; if nobody is committing it
+ * becomes the leader: it takes every queued request as one group, commits
+ * it (group_commit) without holding mu, then hands leadership to the first
+ * request queued meanwhile (or gives it up) and wakes the group's other
+ * callers.  Waiting callers sleep on their request's futex word; wakes are
+ * issued after mu is released, new leader first.  The word is stored
+ * before the wake: the waiter may already have returned, in which case the
+ * wake hits a stale address, which is harmless (futex waits re-check). */
+
+static uint32_t req_wait(req *r) {
+    uint32_t st;
+    while ((st = __atomic_load_n(&r->state, __ATOMIC_ACQUIRE)) == REQ_WAIT)
+        syscall(SYS_futex, &r->state, FUTEX_WAIT_PRIVATE, REQ_WAIT, NULL, NULL, 0);
+    return st;
+}
+
+static void req_wake(req *r, uint32_t st) {
+    uint32_t *w = &r->state; /* r may be gone once the store is seen */
+    __atomic_store_n(w, st, __ATOMIC_RELEASE);
+    syscall(SYS_futex, w, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+/* Called by the leader holding mu; returns with mu released and
+ * leadership given away.  `self` is the leader's own request. */
+static void lead(store *s, req *self) {
+    req *list = s->qhead;
+    s->qhead = s->qtail = NULL;
+    pthread_mutex_unlock(&s->mu);
+    group_commit(s, list);
     pthread_mutex_lock(&s->mu);
-    for (;;) {
-        while (!s->qhead && !s->stopping) pthread_cond_wait(&s->work, &s->mu);
-        if (!s->qhead) break;
-        req *list = s->qhead;
-        s->qhead = s->qtail = NULL;
-        pthread_mutex_unlock(&s->mu);
-        group_commit(s, list);
-        pthread_mutex_lock(&s->mu);
-        for (req *r = list, *nx; r; r = nx) {
-            nx = r->next;
-            r->done = 1;
-            pthread_cond_signal(&r->cv);
-        }
+    req *next = s->qhead; /* queued during the commit: it leads the next group */
+    if (!next) {
+        s->leading = 0;
+        if (s->stopping) pthread_cond_broadcast(&s->idle);
     }
     pthread_mutex_unlock(&s->mu);
-    return NULL;
+    if (next) req_wake(next, REQ_LEAD);
+    for (req *r = list, *nx; r; r = nx) {
+        nx = r->next; /* read before the wake: r may be gone after it */
+        if (r != self) req_wake(r, REQ_DONE);
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -1312,21 +1332,25 @@ int store_append(store *s, tm_event *evs, size_t n, const store_expect *exp, siz
     r.exp = exp;
     r.nexp = nexp;
     err_clear(&r.err);
-    pthread_cond_init(&r.cv, NULL);
     pthread_mutex_lock(&s->mu);
     if (s->failed || s->stopping) {
         pthread_mutex_unlock(&s->mu);
-        pthread_cond_destroy(&r.cv);
         if (s->stopping) return err_set(err, TM_EIO, "store is closing");
         return refusing(err);
     }
     if (s->qtail) s->qtail->next = &r;
     else s->qhead = &r;
     s->qtail = &r;
-    pthread_cond_signal(&s->work);
-    while (!r.done) pthread_cond_wait(&r.cv, &s->mu);
-    pthread_mutex_unlock(&s->mu);
-    pthread_cond_destroy(&r.cv);
+    if (s->leading) {
+        pthread_mutex_unlock(&s->mu);
+        if (req_wait(&r) == REQ_LEAD) {
+            pthread_mutex_lock(&s->mu);
+            lead(s, &r);
+        }
+    } else {
+        s->leading = 1;
+        lead(s, &r);
+    }
     if (r.rc < 0 && err) *err = r.err;
     return r.rc;
 }

@@ -75,8 +75,8 @@ static tm_event mkev(const char *stream, const char *type, const char *data) {
 
 /* msgpack {"n": <fixint>} */
 static const char *num(int n) {
-    static char b[64][4];
-    static int k;
+    static _Thread_local char b[64][4]; /* per thread: test_concurrent */
+    static _Thread_local int k;
     char *p = b[k++ % 64];
     p[0] = (char)0x81;
     p[1] = (char)0xa1;
@@ -985,6 +985,133 @@ static void test_kv(void **state) {
     assert_clean(f->s);
 }
 
+/* Leader commit: 16 threads, one- and two-event requests, some rejected by
+ * expected versions.  Every caller's result is its own (position, version,
+ * id read back match the event it wrote), positions are gapless, each
+ * stream's versions are contiguous in position order, rejected requests
+ * get their own conflict and write nothing. */
+#define LC_THREADS 16
+#define LC_CALLS 150
+
+typedef struct lc_res {
+    uint64_t pos, ver;
+    uint8_t id[16];
+    int ok; /* 1 appended, -1 rejected as expected */
+} lc_res;
+
+typedef struct lc_worker {
+    store *s;
+    int t;
+    lc_res res[LC_CALLS][2];
+    int bad;
+} lc_worker;
+
+/* msgpack [t, i, k] with t < 128, i < 65536, k < 2 */
+static void lc_data(char *b, int t, int i, int k) {
+    b[0] = (char)0x93;
+    b[1] = (char)t;
+    b[2] = (char)0xcd;
+    b[3] = (char)(i >> 8);
+    b[4] = (char)i;
+    b[5] = (char)k;
+}
+
+static void *lc_work(void *arg) {
+    lc_worker *w = arg;
+    char sa[16], sb[16], da[6], db[6];
+    snprintf(sa, sizeof sa, "lc-%d", w->t % 5);
+    snprintf(sb, sizeof sb, "lc-%d", (w->t + 1) % 5);
+    for (int i = 0; i < LC_CALLS; i++) {
+        lc_data(da, w->t, i, 0);
+        lc_data(db, w->t, i, 1);
+        tm_event e[2] = {mkev(sa, "A", ""), mkev(sb, "B", "")};
+        e[0].data = da;
+        e[0].data_len = 6;
+        e[1].data = db;
+        e[1].data_len = 6;
+        size_t n = i % 4 == 1 ? 2 : 1;
+        store_expect x = {sa, strlen(sa), STORE_NO_STREAM};
+        int reject = i > 0 && i % 10 == 0; /* sa exists once this thread wrote to it */
+        tm_err err;
+        int rc = store_append(w->s, e, n, reject ? &x : NULL, reject ? 1 : 0, &err);
+        if (reject) {
+            if (rc != -1 || err.code != TM_ECONFLICT || err.current_version < 0 ||
+                !strstr(err.msg, sa))
+                w->bad++;
+            w->res[i][0].ok = w->res[i][1].ok = -1;
+            continue;
+        }
+        if (rc != 0) {
+            w->bad++;
+            continue;
+        }
+        for (size_t k = 0; k < n; k++) {
+            w->res[i][k].ok = 1;
+            w->res[i][k].pos = e[k].position;
+            w->res[i][k].ver = e[k].version;
+            memcpy(w->res[i][k].id, e[k].id, 16);
+        }
+        if (n == 2 && e[1].position != e[0].position + 1) w->bad++;
+    }
+    return NULL;
+}
+
+static void test_leader_commit(void **state) {
+    fx *f = *state;
+    static lc_worker w[LC_THREADS];
+    pthread_t th[LC_THREADS];
+    for (int t = 0; t < LC_THREADS; t++) {
+        memset(&w[t], 0, sizeof w[t]);
+        w[t].s = f->s;
+        w[t].t = t;
+        assert_int_equal(pthread_create(&th[t], NULL, lc_work, &w[t]), 0);
+    }
+    uint64_t expected = 0;
+    for (int t = 0; t < LC_THREADS; t++) {
+        pthread_join(th[t], NULL);
+        assert_int_equal(w[t].bad, 0);
+        for (int i = 0; i < LC_CALLS; i++)
+            for (int k = 0; k < 2; k++) expected += w[t].res[i][k].ok == 1;
+    }
+    assert_int_equal(store_last_position(f->s), expected);
+    /* every stored event is exactly one caller's, with that caller's result */
+    int64_t next_ver[5] = {0, 0, 0, 0, 0};
+    tm_err err;
+    store_iter *it = store_read_all(f->s, 0, 0, 0, &err);
+    assert_non_null(it);
+    tm_event ev;
+    uint64_t n = 0;
+    int r;
+    while ((r = store_iter_next(it, &ev, &err)) == 1) {
+        n++;
+        assert_int_equal(ev.position, n);
+        assert_int_equal(ev.data_len, 6);
+        const unsigned char *d = (const unsigned char *)ev.data;
+        int t = d[1], i = d[3] << 8 | d[4], k = d[5];
+        assert_true(t < LC_THREADS && i < LC_CALLS && k < 2);
+        lc_res *res = &w[t].res[i][k];
+        assert_int_equal(res->ok, 1);
+        res->ok = 2; /* seen once */
+        assert_int_equal(res->pos, ev.position);
+        assert_int_equal(res->ver, ev.version);
+        assert_memory_equal(res->id, ev.id, 16);
+        int sn = ev.stream[3] - '0';
+        assert_int_equal((int64_t)ev.version, next_ver[sn]);
+        next_ver[sn]++;
+    }
+    assert_int_equal(r, 0);
+    store_iter_free(it);
+    assert_int_equal(n, expected);
+    for (int sn = 0; sn < 5; sn++) {
+        char name[16];
+        snprintf(name, sizeof name, "lc-%d", sn);
+        int64_t head;
+        assert_int_equal(store_stream_version(f->s, name, strlen(name), &head, &err), 1);
+        assert_int_equal(head + 1, next_ver[sn]);
+    }
+    assert_clean(f->s);
+}
+
 /* ---- a failed write ---- */
 
 static void test_failed_write(void **state) {
@@ -1032,6 +1159,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_list_names, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_leader_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fold, setup, teardown),
         cmocka_unit_test_setup_teardown(test_on_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_check_clean, setup, teardown),

@@ -155,10 +155,25 @@ size_t event_category_len(const char *stream, size_t len) {
     return dash ? (size_t)(dash - stream) : len;
 }
 
+/* 1 when s[0..len) is ASCII without NUL (the common name: valid as is). */
+static int ascii_no_nul(const char *s, size_t len) {
+    const uint64_t hi = 0x8080808080808080ull, lo = 0x0101010101010101ull;
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        if ((w & hi) || ((w - lo) & ~w & hi)) return 0;
+    }
+    for (; i < len; i++)
+        if (s[i] == 0 || (unsigned char)s[i] >= 0x80) return 0;
+    return 1;
+}
+
 static int check_name(const char *what, const char *s, size_t len, size_t max, tm_err *err) {
     if (!s || len == 0) return err_set(err, TM_EINVAL, "%s is empty", what);
     if (len > max)
         return err_set(err, TM_EINVAL, "%s is %zu bytes, longer than %zu", what, len, max);
+    if (ascii_no_nul(s, len)) return 0;
     if (memchr(s, '\0', len)) return err_set(err, TM_EINVAL, "%s contains a NUL byte", what);
     if (!json_utf8_valid(s, len)) return err_set(err, TM_EINVAL, "%s is not valid UTF-8", what);
     return 0;

@@ -17,7 +17,6 @@
  */
 #include "record.h"
 
-#include <msgpack/pack.h>
 #include <pthread.h>
 #include <string.h>
 
@@ -96,39 +95,76 @@ uint32_t crc32c(uint32_t crc, const void *p, size_t n) {
     return ~crc_sw(c, p, n);
 }
 
-/* ---- encode ---- */
+/* ---- encode ----
+ * Written directly (no packer callbacks), in the smallest form for each
+ * value, byte for byte what msgpack-c's packer writes (test_store checks). */
 
-static int pack_to_buf(void *data, const char *p, size_t n) {
-    buf_append((buf *)data, p, n);
-    return 0;
+static char *put_u8(char *p, unsigned c) {
+    *p++ = (char)c;
+    return p;
+}
+
+static char *put_be(char *p, uint64_t v, int n) {
+    for (int i = n - 1; i >= 0; i--) p[i] = (char)(v >> (8 * (n - 1 - i)));
+    return p + n;
+}
+
+static char *put_uint(char *p, uint64_t v) {
+    if (v < 128) return put_u8(p, (unsigned)v);
+    if (v < 256) return put_be(put_u8(p, 0xcc), v, 1);
+    if (v < 65536) return put_be(put_u8(p, 0xcd), v, 2);
+    if (v < 4294967296ull) return put_be(put_u8(p, 0xce), v, 4);
+    return put_be(put_u8(p, 0xcf), v, 8);
+}
+
+static char *put_int(char *p, int64_t v) {
+    if (v >= 0) return put_uint(p, (uint64_t)v);
+    if (v >= -32) return put_u8(p, (unsigned)(v & 0xff));
+    if (v >= -128) return put_be(put_u8(p, 0xd0), (uint64_t)v, 1);
+    if (v >= -32768) return put_be(put_u8(p, 0xd1), (uint64_t)v, 2);
+    if (v >= -2147483648ll) return put_be(put_u8(p, 0xd2), (uint64_t)v, 4);
+    return put_be(put_u8(p, 0xd3), (uint64_t)v, 8);
+}
+
+static char *put_str(char *p, const char *s, size_t n) {
+    if (n < 32) p = put_u8(p, 0xa0 | (unsigned)n);
+    else if (n < 256) p = put_be(put_u8(p, 0xd9), n, 1);
+    else if (n < 65536) p = put_be(put_u8(p, 0xda), n, 2);
+    else p = put_be(put_u8(p, 0xdb), n, 4);
+    memcpy(p, s, n);
+    return p + n;
 }
 
 void record_encode(const tm_event *ev, buf *out) {
-    size_t start = out->len;
-    buf_reserve(out, 48 + ev->stream_len + ev->type_len + ev->meta_len + ev->data_len);
-    buf_append(out, "\0\0\0\0", 4);
-    msgpack_packer pk;
-    msgpack_packer_init(&pk, out, pack_to_buf);
-    msgpack_pack_array(&pk, 8);
-    msgpack_pack_uint64(&pk, 1);
-    msgpack_pack_bin(&pk, 16);
-    msgpack_pack_bin_body(&pk, ev->id, 16);
-    msgpack_pack_str(&pk, ev->stream_len);
-    msgpack_pack_str_body(&pk, ev->stream, ev->stream_len);
-    msgpack_pack_str(&pk, ev->type_len);
-    msgpack_pack_str_body(&pk, ev->type, ev->type_len);
-    msgpack_pack_uint64(&pk, ev->version);
-    msgpack_pack_int64(&pk, ev->time_ms);
-    if (ev->meta_len) buf_append(out, ev->meta, ev->meta_len);
-    else msgpack_pack_map(&pk, 0);
-    if (ev->data_len) buf_append(out, ev->data, ev->data_len);
-    else msgpack_pack_nil(&pk);
-    uint32_t c = crc32c(0, out->ptr + start + 4, out->len - start - 4);
-    unsigned char *h = (unsigned char *)out->ptr + start;
-    h[0] = (unsigned char)c;
-    h[1] = (unsigned char)(c >> 8);
-    h[2] = (unsigned char)(c >> 16);
-    h[3] = (unsigned char)(c >> 24);
+    /* 4 crc + 1 array + 1 format + 18 id + 2 x (5 + name) + 9 version
+     * + 9 time + metadata (1 if none) + data (1 if none) */
+    buf_reserve(out, 64 + ev->stream_len + ev->type_len + ev->meta_len + ev->data_len);
+    char *start = out->ptr + out->len, *p = start + 4;
+    p = put_u8(p, 0x98); /* array of 8 */
+    p = put_u8(p, 1);
+    p = put_u8(p, 0xc4); /* bin 8 */
+    p = put_u8(p, 16);
+    memcpy(p, ev->id, 16);
+    p += 16;
+    p = put_str(p, ev->stream, ev->stream_len);
+    p = put_str(p, ev->type, ev->type_len);
+    p = put_uint(p, ev->version);
+    p = put_int(p, ev->time_ms);
+    if (ev->meta_len) {
+        memcpy(p, ev->meta, ev->meta_len);
+        p += ev->meta_len;
+    } else p = put_u8(p, 0x80); /* empty map */
+    if (ev->data_len) {
+        memcpy(p, ev->data, ev->data_len);
+        p += ev->data_len;
+    } else p = put_u8(p, 0xc0); /* nil */
+    uint32_t c = crc32c(0, start + 4, (size_t)(p - start - 4));
+    start[0] = (char)c;
+    start[1] = (char)(c >> 8);
+    start[2] = (char)(c >> 16);
+    start[3] = (char)(c >> 24);
+    out->len = (size_t)(p - out->ptr);
+    out->ptr[out->len] = '\0'; /* buf.h: always NUL-terminated */
 }
 
 /* ---- decode ---- */

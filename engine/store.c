@@ -118,12 +118,32 @@ static void event_key(unsigned char k[9], uint64_t pos) {
     put_be64(k + 1, pos);
 }
 
+/* LEB128 (as buf_put_varint) into room the caller reserved; returns the end. */
+static inline char *put_varint_raw(char *p, uint64_t v) {
+    while (v >= 0x80) {
+        *p++ = (char)(v | 0x80);
+        v >>= 7;
+    }
+    *p++ = (char)v;
+    return p;
+}
+
+static inline void put_varint(buf *b, uint64_t v) {
+    if (b->cap - b->len < 11) buf_reserve(b, 10);
+    b->len = (size_t)(put_varint_raw(b->ptr + b->len, v) - b->ptr);
+    b->ptr[b->len] = '\0';
+}
+
 /* varint(p0) varint(p1-p0) ... */
 static void put_positions(buf *out, const uint64_t *pos, size_t n, uint64_t prev) {
+    buf_reserve(out, n * 10);
+    char *p = out->ptr + out->len;
     for (size_t i = 0; i < n; i++) {
-        buf_put_varint(out, pos[i] - prev);
+        p = put_varint_raw(p, pos[i] - prev);
         prev = pos[i];
     }
+    out->len = (size_t)(p - out->ptr);
+    out->ptr[out->len] = '\0';
 }
 
 static void put_crc_at(buf *out, size_t start) {
@@ -1046,7 +1066,7 @@ static int group_add(store *s, req *r) {
             k[0] = K_ID;
             memcpy(k + 1, ev->id, 16);
             buf_reset(&s->val);
-            buf_put_varint(&s->val, pos);
+            put_varint(&s->val, pos);
             leveldb_writebatch_put(s->wb, (const char *)k, 17, s->val.ptr, s->val.len);
             idtab_add(&s->ids, ev);
         } else {
@@ -1085,10 +1105,10 @@ static void put_journal(store *s) {
     buf_reset(&s->val);
     buf_append(&s->val, "\0\0\0\0", 4);
     for (node *n = s->tstreams; n; n = n->tnext) {
-        buf_put_varint(&s->val, n->klen);
+        put_varint(&s->val, n->klen);
         buf_append(&s->val, n->key, n->klen);
-        buf_put_varint(&s->val, n->first);
-        buf_put_varint(&s->val, n->run.n);
+        put_varint(&s->val, n->first);
+        put_varint(&s->val, n->run.n);
         put_positions(&s->val, n->run.v, n->run.n, 0);
     }
     put_crc_at(&s->val, 0);

@@ -186,6 +186,28 @@ static void test_check_names(void **st) {
     assert_string_equal(e.msg, "stream name is not valid UTF-8");
     assert_int_equal(names("s", 1, "\xed\xa0\x80", 3, &e), -1);
     assert_string_equal(e.msg, "event type is not valid UTF-8");
+    /* a NUL or a bad byte anywhere in longer names (word-at-a-time scan) */
+    for (size_t len = 1; len <= 24; len++)
+        for (size_t at = 0; at < len; at++) {
+            char n[24];
+            memset(n, 'a' + (int)(len % 26), sizeof n);
+            assert_int_equal(names(n, len, n, len, &e), 0);
+            n[at] = '\0';
+            assert_int_equal(names(n, len, "T", 1, &e), -1);
+            assert_string_equal(e.msg, "stream name contains a NUL byte");
+            n[at] = '\xff';
+            assert_int_equal(names("s", 1, n, len, &e), -1);
+            assert_string_equal(e.msg, "event type is not valid UTF-8");
+            n[at] = '\x7f'; /* DEL and 0x01 are ASCII: accepted */
+            assert_int_equal(names(n, len, n, len, &e), 0);
+            n[at] = '\x01';
+            assert_int_equal(names(n, len, n, len, &e), 0);
+            if (at + 1 < len) { /* valid 2-byte UTF-8 through the slow path */
+                n[at] = '\xc3';
+                n[at + 1] = '\xa9';
+                assert_int_equal(names(n, len, n, len, &e), 0);
+            }
+        }
 }
 
 /* ---- event_from_json ---- */

@@ -11,6 +11,7 @@
 
 #include <ftw.h>
 #include <leveldb/c.h>
+#include <msgpack.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -161,6 +162,82 @@ static void test_crc32c_and_record(void **state) {
     }
     assert_int_equal(record_decode(b.ptr, b.len - 1, &d, &err), -1);
     buf_free(&b);
+}
+
+/* record_encode writes the smallest msgpack forms, byte for byte what the
+ * msgpack-c packer writes, at every length / value boundary. */
+static int ref_write(void *data, const char *p, size_t n) {
+    buf_append((buf *)data, p, n);
+    return 0;
+}
+
+static void ref_encode(const tm_event *ev, buf *out) {
+    msgpack_packer pk;
+    buf_append(out, "\0\0\0\0", 4);
+    msgpack_packer_init(&pk, out, ref_write);
+    msgpack_pack_array(&pk, 8);
+    msgpack_pack_uint64(&pk, 1);
+    msgpack_pack_bin(&pk, 16);
+    msgpack_pack_bin_body(&pk, ev->id, 16);
+    msgpack_pack_str(&pk, ev->stream_len);
+    msgpack_pack_str_body(&pk, ev->stream, ev->stream_len);
+    msgpack_pack_str(&pk, ev->type_len);
+    msgpack_pack_str_body(&pk, ev->type, ev->type_len);
+    msgpack_pack_uint64(&pk, ev->version);
+    msgpack_pack_int64(&pk, ev->time_ms);
+    if (ev->meta_len) buf_append(out, ev->meta, ev->meta_len);
+    else msgpack_pack_map(&pk, 0);
+    if (ev->data_len) buf_append(out, ev->data, ev->data_len);
+    else msgpack_pack_nil(&pk);
+    uint32_t c = crc32c(0, out->ptr + 4, out->len - 4);
+    for (int i = 0; i < 4; i++) out->ptr[i] = (char)(c >> (8 * i));
+}
+
+static void test_record_encode_forms(void **state) {
+    (void)state;
+    static const uint64_t vers[] = {0, 1, 127, 128, 255, 256, 65535, 65536, 4294967295ull,
+                                    4294967296ull, UINT64_MAX};
+    static const int64_t times[] = {0, 1, 127, 128, 1700000000123ll, -1, -32, -33, -128, -129,
+                                    -32768, -32769, -2147483648ll, -2147483649ll, INT64_MIN,
+                                    INT64_MAX, 4294967296ll};
+    static const size_t lens[] = {1, 31, 32, 255, 256, 65535, 65536};
+    char *name = malloc(70000);
+    memset(name, 'n', 70000);
+    buf a = BUF_INIT, b = BUF_INIT;
+    for (size_t li = 0; li < sizeof lens / sizeof *lens; li++)
+        for (size_t vi = 0; vi < sizeof vers / sizeof *vers; vi++)
+            for (size_t ti = 0; ti < sizeof times / sizeof *times; ti++) {
+                tm_event e = mkev("s", "T", "");
+                memset(e.id, (int)(li + vi + ti), 16);
+                e.stream = name;
+                e.stream_len = lens[li];
+                e.type_len = lens[(li + vi) % (sizeof lens / sizeof *lens)];
+                e.type = name;
+                e.version = vers[vi];
+                e.time_ms = times[ti];
+                if (ti % 2) {
+                    e.meta = "\x81\xa1k\x01";
+                    e.meta_len = 4;
+                    e.data = "\x92\x01\x02";
+                    e.data_len = 3;
+                }
+                buf_reset(&a);
+                buf_reset(&b);
+                buf_append(&a, "xy", 2); /* appends after existing bytes */
+                record_encode(&e, &a);
+                ref_encode(&e, &b);
+                assert_int_equal(a.len, b.len + 2);
+                assert_memory_equal(a.ptr + 2, b.ptr, b.len);
+                assert_int_equal(a.ptr[a.len], '\0');
+                tm_event d;
+                tm_err err;
+                assert_int_equal(record_decode(a.ptr + 2, a.len - 2, &d, &err), 0);
+                assert_int_equal(d.version, e.version);
+                assert_int_equal(d.time_ms, e.time_ms);
+            }
+    buf_free(&a);
+    buf_free(&b);
+    free(name);
 }
 
 /* ---- append ---- */
@@ -1150,6 +1227,7 @@ static void test_failed_write(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_crc32c_and_record),
+        cmocka_unit_test(test_record_encode_forms),
         cmocka_unit_test_setup_teardown(test_append_single, setup, teardown),
         cmocka_unit_test_setup_teardown(test_append_multi, setup, teardown),
         cmocka_unit_test_setup_teardown(test_expected_versions, setup, teardown),

@@ -350,41 +350,80 @@ int event_from_mp(const char *mp, size_t len, const char *stream, size_t stream_
 
 /* ---- export ---- */
 
-static void put_int(buf *out, uint64_t v, int neg) {
+static const char dec2[] = "00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899";
+
+/* Decimal digits of v (and a leading '-' when neg) at w; returns the end. */
+static char *put_int(char *w, uint64_t v, int neg) {
     char t[24];
     char *p = t + sizeof t;
-    do {
-        *--p = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
+    while (v >= 100) {
+        p -= 2;
+        memcpy(p, dec2 + 2 * (v % 100), 2);
+        v /= 100;
+    }
+    if (v >= 10) {
+        p -= 2;
+        memcpy(p, dec2 + 2 * v, 2);
+    } else *--p = (char)('0' + v);
     if (neg) *--p = '-';
-    buf_append(out, p, (size_t)(t + sizeof t - p));
+    size_t n = (size_t)(t + sizeof t - p);
+    memcpy(w, p, n);
+    return w + n;
+}
+
+static char *put_lit(char *w, const char *s, size_t n) {
+    memcpy(w, s, n);
+    return w + n;
+}
+
+/* buf_append of a short constant, without a call when there is room. */
+static inline void lit(buf *out, const char *s, size_t n) {
+    if (out->cap - out->len > n) {
+        memcpy(out->ptr + out->len, s, n);
+        out->len += n;
+        out->ptr[out->len] = '\0';
+    } else buf_append(out, s, n);
+}
+
+/* The id as 8-4-4-4-12 lowercase hex at w (36 bytes). */
+static char *put_id(char *w, const uint8_t id[16]) {
+    static const char hex2[] = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f606162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9fa0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebfc0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfe0e1e2e3e4e5e6e7e8e9eaebecedeeeff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff";
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10) *w++ = '-';
+        memcpy(w, hex2 + 2 * id[i], 2);
+        w += 2;
+    }
+    return w;
 }
 
 int event_to_json(const tm_event *ev, buf *out, tm_err *err) {
     size_t start = out->len;
-    char id[37];
-    buf_append(out, "{\"stream\":", 10);
+    lit(out, "{\"stream\":", 10);
     json_put_string(out, ev->stream, ev->stream_len);
-    buf_append(out, ",\"type\":", 8);
+    lit(out, ",\"type\":", 8);
     json_put_string(out, ev->type, ev->type_len);
-    buf_append(out, ",\"data\":", 8);
-    if (!ev->data_len) buf_append(out, "null", 4);
+    lit(out, ",\"data\":", 8);
+    if (!ev->data_len) lit(out, "null", 4);
     else if (json_from_mp(ev->data, ev->data_len, out, err) < 0) goto fail;
-    buf_append(out, ",\"metadata\":", 12);
-    if (!ev->meta_len) buf_append(out, "{}", 2);
+    lit(out, ",\"metadata\":", 12);
+    if (!ev->meta_len || (ev->meta_len == 1 && (unsigned char)ev->meta[0] == 0x80))
+        lit(out, "{}", 2); /* none, or the empty map */
     else if (json_from_mp(ev->meta, ev->meta_len, out, err) < 0) goto fail;
-    event_id_format(ev->id, id);
-    buf_append(out, ",\"id\":\"", 7);
-    buf_append(out, id, 36);
-    buf_append(out, "\",\"time\":", 9);
-    put_int(out, ev->time_ms < 0 ? (uint64_t)0 - (uint64_t)ev->time_ms : (uint64_t)ev->time_ms,
-            ev->time_ms < 0);
-    buf_append(out, ",\"position\":", 12);
-    put_int(out, ev->position, 0);
-    buf_append(out, ",\"version\":", 11);
-    put_int(out, ev->version, 0);
-    buf_putc(out, '}');
+    /* the fixed tail, written in one reserved run */
+    buf_reserve(out, 7 + 36 + 9 + 21 + 12 + 20 + 11 + 20 + 1);
+    char *w = out->ptr + out->len;
+    w = put_lit(w, ",\"id\":\"", 7);
+    w = put_id(w, ev->id);
+    w = put_lit(w, "\",\"time\":", 9);
+    w = put_int(w, ev->time_ms < 0 ? (uint64_t)0 - (uint64_t)ev->time_ms : (uint64_t)ev->time_ms,
+                ev->time_ms < 0);
+    w = put_lit(w, ",\"position\":", 12);
+    w = put_int(w, ev->position, 0);
+    w = put_lit(w, ",\"version\":", 11);
+    w = put_int(w, ev->version, 0);
+    *w++ = '}';
+    out->len = (size_t)(w - out->ptr);
+    out->ptr[out->len] = '\0';
     return 0;
 fail:
     err_prefix(err, "event %" PRIu64, ev->position);

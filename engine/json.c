@@ -706,11 +706,19 @@ static const char esc[256] = {
  * \u00XX) once, then write without further checks. */
 static void put_short_string(buf *out, const unsigned char *s, size_t len) {
     static const char hex[] = "0123456789abcdef";
-    buf_reserve(out, 6 * len + 2);
+    if (out->cap - out->len <= 6 * len + 2) buf_reserve(out, 6 * len + 2);
     char *w = out->ptr + out->len;
     const unsigned char *e = s + len;
     *w++ = '"';
     while (s < e) {
+        /* four plain ASCII bytes at a time */
+        while (e - s >= 4 && (s[0] | s[1] | s[2] | s[3]) < 0x80 &&
+               !(esc[s[0]] | esc[s[1]] | esc[s[2]] | esc[s[3]])) {
+            memcpy(w, s, 4);
+            w += 4;
+            s += 4;
+        }
+        if (s >= e) break;
         unsigned c = *s;
         if (c < 0x80) {
             char x = esc[c];
@@ -908,7 +916,20 @@ static void put_base64(buf *out, const unsigned char *s, size_t n) {
 
 static int put_value(const char **p, const char *end, buf *out, int depth, tm_err *err);
 
+/* A fixstr at *p (the commonest key and value): printed without the
+ * general decoder.  1 done, 0 not a (whole) fixstr. */
+static inline int put_fixstr(const char **p, const char *end, buf *out) {
+    const unsigned char *q = (const unsigned char *)*p;
+    if (q >= (const unsigned char *)end || (*q & 0xe0) != 0xa0) return 0;
+    size_t n = *q & 0x1f;
+    if ((size_t)((const unsigned char *)end - q) - 1 < n) return 0;
+    put_short_string(out, q + 1, n);
+    *p += 1 + n;
+    return 1;
+}
+
 static int put_key(const char **p, const char *end, buf *out, int depth, tm_err *err) {
+    if (put_fixstr(p, end, out)) return 0;
     const char *q = *p;
     mp_item it;
     if (mp_next(&q, end, &it) < 0)
@@ -926,6 +947,12 @@ static int put_key(const char **p, const char *end, buf *out, int depth, tm_err 
 }
 
 static int put_value(const char **p, const char *end, buf *out, int depth, tm_err *err) {
+    if (put_fixstr(p, end, out)) return 0;
+    if (*p < end && (unsigned char)**p < 0x80) { /* positive fixint */
+        put_u64(out, (unsigned char)**p, 0);
+        *p += 1;
+        return 0;
+    }
     mp_item it;
     if (mp_next(p, end, &it) < 0) return err_set(err, TM_EINVAL, "msgpack: truncated or invalid");
     switch (it.type) {

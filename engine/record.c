@@ -173,6 +173,65 @@ static int corrupt(tm_err *err, const char *what) {
     return err_set(err, TM_EIO, "corrupt record: %s", what);
 }
 
+/* Big-endian n-byte unsigned at q. */
+static uint64_t get_be(const unsigned char *q, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v = v << 8 | q[i];
+    return v;
+}
+
+/* A non-empty str at *q in the forms record_encode writes for names
+ * (fixstr, str8, str16); 0 = not that (the general decoder decides). */
+static int fast_str(const unsigned char **q, const unsigned char *e, const char **s, size_t *n) {
+    const unsigned char *p = *q;
+    size_t l, h;
+    if (p >= e) return 0;
+    if ((*p & 0xe0) == 0xa0) l = *p & 0x1f, h = 1;
+    else if (*p == 0xd9 && e - p >= 2) l = p[1], h = 2;
+    else if (*p == 0xda && e - p >= 3) l = (size_t)get_be(p + 1, 2), h = 3;
+    else return 0;
+    if (l == 0 || (size_t)(e - p) - h < l) return 0;
+    *s = (const char *)p + h;
+    *n = l;
+    *q = p + h + l;
+    return 1;
+}
+
+/* A uint at *q (positive fixint, uint8..64); 0 = not that. */
+static int fast_uint(const unsigned char **q, const unsigned char *e, uint64_t *v) {
+    const unsigned char *p = *q;
+    if (p >= e) return 0;
+    if (*p < 0x80) {
+        *v = *p;
+        *q = p + 1;
+        return 1;
+    }
+    if (*p < 0xcc || *p > 0xcf) return 0;
+    int n = 1 << (*p - 0xcc);
+    if (e - p - 1 < n) return 0;
+    *v = get_be(p + 1, n);
+    *q = p + 1 + n;
+    return 1;
+}
+
+/* The fixed fields of a record as record_encode writes them (with a
+ * non-negative time); returns the position of the metadata, or NULL when
+ * the record is in any other form (the general decoder then decides). */
+static const char *decode_head_fast(const char *body, const char *end, tm_event *ev) {
+    const unsigned char *q = (const unsigned char *)body, *e = (const unsigned char *)end;
+    if (e - q < 22 || q[0] != 0x98 || q[1] != 1 || q[2] != 0xc4 || q[3] != 16) return NULL;
+    memcpy(ev->id, q + 4, 16);
+    q += 20;
+    uint64_t t;
+    if (!fast_str(&q, e, &ev->stream, &ev->stream_len) ||
+        !fast_str(&q, e, &ev->type, &ev->type_len) || !fast_uint(&q, e, &ev->version) ||
+        !fast_uint(&q, e, &t) || t > (uint64_t)INT64_MAX)
+        return NULL;
+    ev->time_ms = (int64_t)t;
+    ev->has_id = 1;
+    return (const char *)q;
+}
+
 int record_decode(const char *rec, size_t len, tm_event *ev, tm_err *err) {
     if (len < 5) return corrupt(err, "too short");
     const unsigned char *h = (const unsigned char *)rec;
@@ -181,6 +240,13 @@ int record_decode(const char *rec, size_t len, tm_event *ev, tm_err *err) {
     if (crc32c(0, rec + 4, len - 4) != want) return corrupt(err, "checksum mismatch");
     const char *p = rec + 4, *end = rec + len;
     mp_item it;
+    const char *m = decode_head_fast(p, end, ev);
+    if (m) {
+        unsigned char c = m < end ? (unsigned char)*m : 0;
+        if (!((c & 0xf0) == 0x80 || c == 0xde || c == 0xdf)) return corrupt(err, "bad metadata");
+        p = m;
+        goto meta;
+    }
     if (mp_next(&p, end, &it) < 0 || it.type != MP_ARRAY || it.v.n != 8)
         return corrupt(err, "not an 8-element array");
     if (mp_next(&p, end, &it) < 0 || it.type != MP_UINT || it.v.u != 1)
@@ -203,9 +269,10 @@ int record_decode(const char *rec, size_t len, tm_event *ev, tm_err *err) {
     if (it.type == MP_UINT && it.v.u <= (uint64_t)INT64_MAX) ev->time_ms = (int64_t)it.v.u;
     else if (it.type == MP_INT) ev->time_ms = it.v.i;
     else return corrupt(err, "bad time");
-    const char *m = p;
+    m = p;
     if (mp_next(&p, end, &it) < 0 || it.type != MP_MAP) return corrupt(err, "bad metadata");
     p = m;
+meta:
     if (mp_skip(&p, end) < 0) return corrupt(err, "truncated metadata");
     ev->meta = m;
     ev->meta_len = (size_t)(p - m);

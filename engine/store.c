@@ -1424,6 +1424,8 @@ static store_iter *iter_new(store *s, int kind, uint64_t from, int backward, uin
     it->snap = leveldb_create_snapshot(s->db);
     it->ro = leveldb_readoptions_create();
     leveldb_readoptions_set_verify_checksums(it->ro, 1);
+    /* a scan of the log reads each block once: do not churn the cache */
+    leveldb_readoptions_set_fill_cache(it->ro, kind != IT_ALL);
     leveldb_readoptions_set_snapshot(it->ro, it->snap);
     it->it = leveldb_create_iterator(s->db, it->ro);
     if (kind != IT_ALL) it->ix = leveldb_create_iterator(s->db, it->ro);

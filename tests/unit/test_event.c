@@ -500,6 +500,34 @@ static void test_to_json(void **st) {
     buf_puts(&out, "x");
     assert_int_equal(event_to_json(&ev, &out, &e), -1);
     assert_string_equal(out.ptr, "x");
+    /* numbers at every digit-count boundary, ids of every byte value,
+     * an explicit empty metadata map: against snprintf / event_id_format */
+    static const uint64_t nums[] = {0, 1, 9, 10, 11, 99, 100, 101, 999, 1000, 1001, 9999, 10000,
+                                    123456789, 1000000000000ull, 9999999999999999999ull,
+                                    10000000000000000000ull, UINT64_MAX};
+    ev.data = "\xc0";
+    ev.data_len = 1;
+    ev.meta = "\x80";
+    ev.meta_len = 1;
+    ev.stream = "s";
+    ev.stream_len = 1;
+    for (size_t i = 0; i < sizeof nums / sizeof *nums; i++) {
+        for (int k = 0; k < 16; k++) ev.id[k] = (uint8_t)(i * 16 + (size_t)k * 17);
+        ev.position = nums[i];
+        ev.version = nums[(i + 3) % (sizeof nums / sizeof *nums)];
+        ev.time_ms = i % 2 ? -(int64_t)(nums[i] >> 1) : (int64_t)(nums[i] >> 1);
+        if (i == 0) ev.time_ms = INT64_MIN;
+        char id[37], want[400];
+        event_id_format(ev.id, id);
+        snprintf(want, sizeof want,
+                 "{\"stream\":\"s\",\"type\":\"OrderPlaced\",\"data\":null,\"metadata\":{},"
+                 "\"id\":\"%s\",\"time\":%lld,\"position\":%llu,\"version\":%llu}",
+                 id, (long long)ev.time_ms, (unsigned long long)ev.position,
+                 (unsigned long long)ev.version);
+        buf_reset(&out);
+        assert_int_equal(event_to_json(&ev, &out, &e), 0);
+        assert_string_equal(out.ptr, want);
+    }
     buf_free(&data);
     buf_free(&meta);
     buf_free(&out);

@@ -234,6 +234,21 @@ static void test_record_encode_forms(void **state) {
                 assert_int_equal(record_decode(a.ptr + 2, a.len - 2, &d, &err), 0);
                 assert_int_equal(d.version, e.version);
                 assert_int_equal(d.time_ms, e.time_ms);
+                assert_int_equal(d.stream_len, e.stream_len);
+                assert_int_equal(d.type_len, e.type_len);
+                assert_int_equal(d.data_len, e.data_len ? e.data_len : 1);
+                if (a.len > 1024) continue;
+                /* every truncation, with a checksum that matches it, is refused
+                 * (copied to the heap so a read past the end is caught by ASan) */
+                for (size_t l = 5; l < a.len - 2; l++) {
+                    char *t = malloc(l);
+                    memcpy(t, a.ptr + 2, l);
+                    uint32_t c = crc32c(0, t + 4, l - 4);
+                    for (int i = 0; i < 4; i++) t[i] = (char)(c >> (8 * i));
+                    assert_int_equal(record_decode(t, l, &d, &err), -1);
+                    assert_int_equal(err.code, TM_EIO);
+                    free(t);
+                }
             }
     buf_free(&a);
     buf_free(&b);

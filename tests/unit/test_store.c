@@ -944,7 +944,7 @@ static void test_corrupt_record(void **state) {
     buf b = BUF_INIT;
     record_encode(&e, &b);
     b.ptr[b.len - 1] ^= 1;
-    char k[9] = {'e', 0, 0, 0, 0, 0, 0, 0, 5};
+    char k[9] = {0x7f, 0, 0, 0, 0, 0, 0, 0, 5}; /* format 2 event key */
     raw_put(f->dir, k, 9, b.ptr, b.len, 0);
     buf_free(&b);
     reopen(f);
@@ -1004,7 +1004,7 @@ static void test_check_broken_indexes(void **state) {
     leveldb_writeoptions_t *wo = leveldb_writeoptions_create();
     char *e = NULL;
     leveldb_put(db, wo, gk, 9, gv, sizeof gv, &e);
-    char ek[9] = {'e', 0, 0, 0, 0, 0, 0, 0, 11};
+    char ek[9] = {0x7f, 0, 0, 0, 0, 0, 0, 0, 11};
     leveldb_delete(db, wo, ek, 9, &e);
     assert_null(e);
     leveldb_writeoptions_destroy(wo);
@@ -1204,6 +1204,77 @@ static void test_leader_commit(void **state) {
     assert_clean(f->s);
 }
 
+/* The event key prefix per format: a new store is format 2 (events under
+ * 0x7f); a format 1 store (events under 'e') keeps working as one, and an
+ * unknown format is refused. */
+static size_t count_prefix(const char *dir, unsigned char prefix) {
+    leveldb_t *db = raw_open(dir);
+    leveldb_readoptions_t *ro = leveldb_readoptions_create();
+    leveldb_iterator_t *it = leveldb_create_iterator(db, ro);
+    size_t n = 0;
+    for (leveldb_iter_seek_to_first(it); leveldb_iter_valid(it); leveldb_iter_next(it)) {
+        size_t kl;
+        const char *k = leveldb_iter_key(it, &kl);
+        n += kl == 9 && (unsigned char)k[0] == prefix;
+    }
+    leveldb_iter_destroy(it);
+    leveldb_readoptions_destroy(ro);
+    leveldb_close(db);
+    return n;
+}
+
+static void test_formats(void **state) {
+    fx *f = *state;
+    fill(f->s);
+    store_close(f->s);
+    f->s = NULL;
+    assert_int_equal(count_prefix(f->dir, 0x7f), 12);
+    assert_int_equal(count_prefix(f->dir, 'e'), 0);
+    /* a format 1 store */
+    char dir1[64];
+    strcpy(dir1, "/tmp/tm_store1_XXXXXX");
+    assert_non_null(mkdtemp(dir1));
+    leveldb_options_t *o = leveldb_options_create();
+    leveldb_options_set_create_if_missing(o, 1);
+    char *e = NULL;
+    leveldb_t *db = leveldb_open(o, dir1, &e);
+    assert_null(e);
+    leveldb_writeoptions_t *wo = leveldb_writeoptions_create();
+    leveldb_put(db, wo, "mformat", 7, "1", 1, &e);
+    assert_null(e);
+    leveldb_close(db);
+    tm_err err;
+    store *s1 = store_open(dir1, NULL, &err);
+    assert_non_null(s1);
+    fill(s1);
+    CHECK_SEQ(store_read_stream(s1, "order-1", 7, 0, 0, 0, &err), 1, 4, 5, 7, 8, 9, 10);
+    CHECK_SEQ(store_read_all(s1, 11, 0, 0, &err), 11, 12);
+    assert_clean(s1);
+    store_close(s1);
+    s1 = store_open(dir1, NULL, &err); /* reopened: last position found under 'e' */
+    assert_non_null(s1);
+    assert_int_equal(store_last_position(s1), 12);
+    append1(s1, "order-3", "Placed", 13);
+    assert_int_equal(store_last_position(s1), 13);
+    assert_clean(s1);
+    store_close(s1);
+    assert_int_equal(count_prefix(dir1, 'e'), 13);
+    assert_int_equal(count_prefix(dir1, 0x7f), 0);
+    /* an unknown format */
+    db = leveldb_open(o, dir1, &e);
+    assert_null(e);
+    leveldb_put(db, wo, "mformat", 7, "3", 1, &e);
+    leveldb_close(db);
+    assert_null(store_open(dir1, NULL, &err));
+    assert_int_equal(err.code, TM_EIO);
+    assert_non_null(strstr(err.msg, "unsupported store format"));
+    leveldb_writeoptions_destroy(wo);
+    leveldb_options_destroy(o);
+    nftw(dir1, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    reopen(f);
+    assert_int_equal(store_last_position(f->s), 12);
+}
+
 /* ---- a failed write ---- */
 
 static void test_failed_write(void **state) {
@@ -1253,6 +1324,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_leader_commit, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_formats, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fold, setup, teardown),
         cmocka_unit_test_setup_teardown(test_on_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_check_clean, setup, teardown),

@@ -328,11 +328,18 @@ int event_from_json(const char *text, size_t len, const char *stream, size_t str
     if (json_to_mp(text, len, &outer, scratch, err) < 0) return -1;
     const char *mp = scratch->ptr + off;
     if (from_map(mp, scratch->len - off, stream, stream_len, 1, ev, err) < 0) goto fail;
-    if (mp_validate(ev->data, ev->data_len, lim, err) < 0) {
+    /* When the whole object is within lim's size and the outer item limit
+     * is lim's own, the parse has already held data and metadata to lim:
+     * they sit one level down (depth lim+1 overall = lim for them), hold no
+     * more items than the parse allowed, and are no bigger than the whole.
+     * (mp_validate checks nothing else of bytes we just wrote.) */
+    int held = outer.max_items == lim->max_items && scratch->len - off <= lim->max_size &&
+               outer.max_depth == lim->max_depth + 1;
+    if (!held && mp_validate(ev->data, ev->data_len, lim, err) < 0) {
         err_prefix(err, "event data");
         goto fail;
     }
-    if (ev->meta_len && mp_validate(ev->meta, ev->meta_len, lim, err) < 0) {
+    if (!held && ev->meta_len && mp_validate(ev->meta, ev->meta_len, lim, err) < 0) {
         err_prefix(err, "event metadata");
         goto fail;
     }

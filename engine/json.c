@@ -161,6 +161,12 @@ static void put_neg(buf *out, int64_t v) { /* v < 0 */
     else put_be(out, 0xd3, (uint64_t)v, 8);
 }
 
+static void put_double(buf *out, double d) { /* float64, as msgpack_pack_double */
+    uint64_t bits;
+    memcpy(&bits, &d, 8);
+    put_be(out, 0xcb, bits, 8);
+}
+
 static void put_str(buf *out, const void *s, size_t n) {
     buf_reserve(out, 5 + n);
     char *p = out->ptr + out->len;
@@ -264,7 +270,7 @@ static void pack_number(jctx *c, const char *s, size_t n) {
     }
     double d;
     if (fast_strtod(s, n, &d)) {
-        msgpack_pack_double(&c->pk, d);
+        put_double(c->out, d);
         return;
     }
     char small[64];
@@ -274,7 +280,7 @@ static void pack_number(jctx *c, const char *s, size_t n) {
     t[n] = '\0';
     d = strtod_c(t, NULL);
     if (t != small) free(t);
-    msgpack_pack_double(&c->pk, d);
+    put_double(c->out, d);
 }
 
 static int cb_number(void *ctx, const char *s, size_t n) {

@@ -452,6 +452,42 @@ static void test_from_mp(void **st) {
     buf_free(&b);
 }
 
+/* Data and metadata are held to the caller's limits exactly, whether the
+ * check comes from the parse (small objects) or from mp_validate. */
+static void test_from_json_limits(void **st) {
+    for (unsigned lim_d = 1; lim_d <= 4; lim_d++)
+        for (unsigned lim_i = 1; lim_i <= 10; lim_i += 3)
+            for (size_t lim_s = 8; lim_s <= 400; lim_s = lim_s * 2 + 3)
+                for (unsigned d = 0; d <= 5; d++)
+                    for (unsigned n = 0; n <= 11; n += 2)
+                        for (int in_meta = 0; in_meta < 2; in_meta++) {
+                            mp_limits lim = {lim_d, lim_i, lim_s};
+                            /* d nested arrays around an array of n strings */
+                            buf v = BUF_INIT, line = BUF_INIT, mp = BUF_INIT, scratch = BUF_INIT;
+                            buf_puts(&v, in_meta ? "{\"k\":" : "");
+                            for (unsigned i = 0; i < d; i++) buf_putc(&v, '[');
+                            buf_putc(&v, '[');
+                            for (unsigned i = 0; i < n; i++) buf_puts(&v, i ? ",\"abcdefg\"" : "\"abcdefg\"");
+                            buf_putc(&v, ']');
+                            for (unsigned i = 0; i < d; i++) buf_putc(&v, ']');
+                            buf_puts(&v, in_meta ? "}" : "");
+                            buf_printf(&line, "{\"stream\":\"s\",\"type\":\"T\",\"%s\":%s}",
+                                       in_meta ? "metadata" : "data", v.ptr);
+                            tm_err e1, e2;
+                            int want = json_to_mp(v.ptr, v.len, &lim, &mp, &e1);
+                            tm_event ev;
+                            int got = event_from_json(line.ptr, line.len, NULL, 0, &lim, &scratch,
+                                                      &ev, &e2);
+                            if (want != got)
+                                fail_msg("limits %u/%u/%zu: %s: alone %d, in an event %d (%s)", lim_d,
+                                         lim_i, lim_s, line.ptr, want, got, got ? e2.msg : "");
+                            buf_free(&v);
+                            buf_free(&line);
+                            buf_free(&mp);
+                            buf_free(&scratch);
+                        }
+}
+
 /* ---- event_to_json ---- */
 
 static void test_to_json(void **st) {
@@ -569,6 +605,7 @@ int main(void) {
         cmocka_unit_test(test_from_json_errors),
         cmocka_unit_test(test_from_mp),
         cmocka_unit_test(test_to_json),
+        cmocka_unit_test(test_from_json_limits),
         cmocka_unit_test(test_json_roundtrip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -136,6 +136,16 @@ static void test_crc32c_and_record(void **state) {
     char big[1000];
     for (int i = 0; i < 1000; i++) big[i] = (char)(i * 7);
     assert_int_equal(crc32c(crc32c(0, big, 333), big + 333, 667), crc32c(0, big, 1000));
+    /* every alignment and tail length against a bitwise reference */
+    for (size_t off = 0; off < 9; off++)
+        for (size_t n = 0; n < 70; n++) {
+            uint32_t r = 0xffffffffu;
+            for (size_t i = 0; i < n; i++) {
+                r ^= (unsigned char)big[off + i];
+                for (int k = 0; k < 8; k++) r = (r & 1) ? (r >> 1) ^ 0x82F63B78u : r >> 1;
+            }
+            assert_int_equal(crc32c(0, big + off, n), ~r);
+        }
 
     tm_event e = mkev("order-1", "Placed", "\x81\xa1x\x05");
     memset(e.id, 0xab, 16);

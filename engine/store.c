@@ -382,11 +382,12 @@ typedef struct req {
     size_t nid;          /* events with has_id */
     int rc;
     tm_err err;
-    uint32_t state;      /* futex word: REQ_WAIT, REQ_DONE or REQ_LEAD (atomic) */
+    uint32_t state;      /* REQ_WAIT or REQ_DONE (atomic) */
+    uint64_t group;      /* the take (s->taken) that will commit it */
     struct req *next;
 } req;
 
-enum { REQ_WAIT = 0, REQ_DONE = 1, REQ_LEAD = 2 };
+enum { REQ_WAIT = 0, REQ_DONE = 1 };
 
 /* The group's id table: client ids appended by earlier requests of the
  * group (open addressing over tm_event pointers; reset per group). */
@@ -410,6 +411,9 @@ struct store {
     pthread_cond_t idle;           /* signalled when leadership ends while stopping */
     req *qhead, *qtail;            /* requests waiting for the next group */
     int leading;                   /* a caller is committing groups (the leader) */
+    uint64_t taken;                /* groups taken from the queue so far */
+    uint64_t lead_wanted;          /* group whose waiters should supply a leader, 0 = none */
+    uint32_t fword;                /* futex word all waiters sleep on (a wake counter) */
     int stopping;
     int failed;
     char failmsg[256];
@@ -1261,25 +1265,22 @@ out:
 
 /* ---- leadership (LevelDB-style group commit) ----
  * An appending caller enqueues its request; if nobody is committing it
- * becomes the leader: it takes every queued request as one group, commits
- * it (group_commit) without holding mu, then hands leadership to the first
- * request queued meanwhile (or gives it up) and wakes the group's other
- * callers.  Waiting callers sleep on their request's futex word; wakes are
- * issued after mu is released, new leader first.  The word is stored
- * before the wake: the waiter may already have returned, in which case the
- * wake hits a stale address, which is harmless (futex waits re-check). */
+ * becomes the leader: it takes every queued request as one group (take
+ * number s->taken), commits it (group_commit) without holding mu, marks
+ * the group's requests done, and -- if requests queued meanwhile -- asks
+ * that next group for a leader (s->lead_wanted), else gives leadership up.
+ * A request queued while take t is the latest belongs to group t + 1.
+ *   Waiters sleep on one futex word (s->fword, bumped at every wake) with
+ * FUTEX_WAIT_BITSET, their bit being their group number mod 32 (at most
+ * three groups have waiters at once: committing, queued, and the next).
+ * The leader wakes its whole group with one FUTEX_WAKE_BITSET, and one
+ * waiter of the next group, which claims leadership under mu.  A waiter
+ * reads the word before checking its state and the lead request, so a
+ * wake between the check and the sleep is never lost. */
 
-static uint32_t req_wait(req *r) {
-    uint32_t st;
-    while ((st = __atomic_load_n(&r->state, __ATOMIC_ACQUIRE)) == REQ_WAIT)
-        syscall(SYS_futex, &r->state, FUTEX_WAIT_PRIVATE, REQ_WAIT, NULL, NULL, 0);
-    return st;
-}
-
-static void req_wake(req *r, uint32_t st) {
-    uint32_t *w = &r->state; /* r may be gone once the store is seen */
-    __atomic_store_n(w, st, __ATOMIC_RELEASE);
-    syscall(SYS_futex, w, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+static void fword_wake(store *s, uint64_t group, int n) {
+    syscall(SYS_futex, &s->fword, FUTEX_WAKE_BITSET_PRIVATE, n, NULL, NULL,
+            (uint32_t)1 << (group & 31));
 }
 
 /* Called by the leader holding mu; returns with mu released and
@@ -1287,19 +1288,48 @@ static void req_wake(req *r, uint32_t st) {
 static void lead(store *s, req *self) {
     req *list = s->qhead;
     s->qhead = s->qtail = NULL;
+    uint64_t g = ++s->taken;
     pthread_mutex_unlock(&s->mu);
     group_commit(s, list);
+    int others = 0;
+    for (req *r = list, *nx; r; r = nx) {
+        nx = r->next; /* read before the store: r may be gone after it */
+        if (r != self) {
+            others = 1;
+            __atomic_store_n(&r->state, REQ_DONE, __ATOMIC_SEQ_CST);
+        }
+    }
     pthread_mutex_lock(&s->mu);
-    req *next = s->qhead; /* queued during the commit: it leads the next group */
-    if (!next) {
+    int next = s->qhead != NULL; /* queued during the commit: group g + 1 */
+    if (next) __atomic_store_n(&s->lead_wanted, g + 1, __ATOMIC_SEQ_CST);
+    else {
         s->leading = 0;
         if (s->stopping) pthread_cond_broadcast(&s->idle);
     }
     pthread_mutex_unlock(&s->mu);
-    if (next) req_wake(next, REQ_LEAD);
-    for (req *r = list, *nx; r; r = nx) {
-        nx = r->next; /* read before the wake: r may be gone after it */
-        if (r != self) req_wake(r, REQ_DONE);
+    __atomic_add_fetch(&s->fword, 1, __ATOMIC_SEQ_CST);
+    if (next) fword_wake(s, g + 1, 1); /* the next leader first */
+    if (others) fword_wake(s, g, INT32_MAX);
+}
+
+/* A queued caller (mu not held): until its request is done, sleep, or
+ * lead its group when asked. */
+static void wait_or_lead(store *s, req *r) {
+    uint32_t bit = (uint32_t)1 << (r->group & 31);
+    for (;;) {
+        uint32_t seq = __atomic_load_n(&s->fword, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&r->state, __ATOMIC_SEQ_CST) == REQ_DONE) return;
+        if (__atomic_load_n(&s->lead_wanted, __ATOMIC_SEQ_CST) == r->group) {
+            pthread_mutex_lock(&s->mu);
+            if (s->lead_wanted == r->group) { /* r is still queued: its group is not taken */
+                __atomic_store_n(&s->lead_wanted, 0, __ATOMIC_SEQ_CST);
+                lead(s, r);
+                return;
+            }
+            pthread_mutex_unlock(&s->mu);
+            continue;
+        }
+        syscall(SYS_futex, &s->fword, FUTEX_WAIT_BITSET_PRIVATE, seq, NULL, NULL, bit);
     }
 }
 
@@ -1381,12 +1411,10 @@ int store_append(store *s, tm_event *evs, size_t n, const store_expect *exp, siz
     if (s->qtail) s->qtail->next = &r;
     else s->qhead = &r;
     s->qtail = &r;
+    r.group = s->taken + 1;
     if (s->leading) {
         pthread_mutex_unlock(&s->mu);
-        if (req_wait(&r) == REQ_LEAD) {
-            pthread_mutex_lock(&s->mu);
-            lead(s, &r);
-        }
+        wait_or_lead(s, &r);
     } else {
         s->leading = 1;
         lead(s, &r);

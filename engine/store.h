@@ -11,8 +11,8 @@
  * Appends are group-committed, LevelDB-style: concurrent callers enqueue;
  * one of them (the leader) takes everything queued, validates expected
  * versions in arrival order, builds one WriteBatch, writes it with sync (by
- * default), hands leadership to the first request queued meanwhile and
- * wakes the others.  store_append may be called from any number of
+ * default), wakes the group's callers and hands leadership to one of the
+ * callers queued meanwhile.  store_append may be called from any number of
  * threads.  A failed write/sync fails every request in that batch and puts
  * the store into a refusing state (TM_EIO) until it is closed and reopened.
  *

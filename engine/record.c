@@ -114,6 +114,11 @@ static char *put_u8(char *p, unsigned c) {
 }
 
 static char *put_be(char *p, uint64_t v, int n) {
+    if (n == 8) { /* the time: one byte-swapped store */
+        uint64_t b = __builtin_bswap64(v);
+        memcpy(p, &b, 8);
+        return p + 8;
+    }
     for (int i = n - 1; i >= 0; i--) p[i] = (char)(v >> (8 * (n - 1 - i)));
     return p + n;
 }

@@ -794,11 +794,15 @@ static uint64_t rng_next(store *s) {
 /* A generated id carrying its position (see the top of this file). */
 static void gen_id(store *s, uint64_t pos, uint8_t id[16]) {
     uint64_t a = rng_next(s), b = rng_next(s);
-    for (int i = 0; i < 6; i++) id[i] = (uint8_t)(pos >> (40 - 8 * i));
-    id[6] = (uint8_t)(0x80 | (a & 0x0f));
-    id[7] = (uint8_t)(a >> 8);
-    id[8] = (uint8_t)(0x80 | ((a >> 16) & 0x3f));
-    for (int i = 9; i < 16; i++) id[i] = (uint8_t)(b >> (8 * (i - 9)));
+    /* bytes 0-5 the position, 6 = 0x8 | 4 random bits, 7 random (one
+     * big-endian word); 8 = 0b10 | 6 random bits, 9-15 = b's low 7 bytes,
+     * lowest first */
+    uint64_t hi = __builtin_bswap64(pos << 16 | (0x80 | (a & 0x0f)) << 8 | ((a >> 8) & 0xff));
+    uint64_t lo = (b << 8) | (0x80 | ((a >> 16) & 0x3f)); /* little-endian: byte 8 first */
+    if (__BYTE_ORDER__ == __ORDER_BIG_ENDIAN__) lo = __builtin_bswap64(lo);
+    if (__BYTE_ORDER__ == __ORDER_BIG_ENDIAN__) hi = __builtin_bswap64(hi);
+    memcpy(id, &hi, 8);
+    memcpy(id + 8, &lo, 8);
 }
 
 /* The position a generated id claims, or 0 when it is not of that form. */

@@ -1197,6 +1197,12 @@ static void test_leader_commit(void **state) {
         assert_int_equal(res->pos, ev.position);
         assert_int_equal(res->ver, ev.version);
         assert_memory_equal(res->id, ev.id, 16);
+        /* a generated id: the position in bytes 0-5, version 8, variant 10 */
+        uint64_t idpos = 0;
+        for (int k = 0; k < 6; k++) idpos = idpos << 8 | ev.id[k];
+        assert_int_equal(idpos, ev.position);
+        assert_int_equal(ev.id[6] & 0xf0, 0x80);
+        assert_int_equal(ev.id[8] & 0xc0, 0x80);
         int sn = ev.stream[3] - '0';
         assert_int_equal((int64_t)ev.version, next_ver[sn]);
         next_ver[sn]++;

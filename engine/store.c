@@ -108,6 +108,13 @@ static void put_be64(unsigned char *p, uint64_t v) {
     }
 }
 
+/* buf_get_be64 without a call (the read loop's hot path). */
+static inline uint64_t get_be64(const char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? __builtin_bswap64(v) : v;
+}
+
 /* In-memory hash of a name (never stored): 8 bytes per step. */
 static uint64_t hash_bytes(const char *p, size_t n) {
     uint64_t h = 0x9e3779b97f4a7c15ull ^ n;
@@ -1549,14 +1556,14 @@ static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
         size_t kl;
         const char *cur = leveldb_iter_key(it->it, &kl);
         if (kl == 9 && cur[0] == it->s->kev) {
-            uint64_t c = buf_get_be64(cur + 1);
+            uint64_t c = get_be64(cur + 1);
             if (c < pos && pos - c <= 4) {
                 while (c < pos && leveldb_iter_valid(it->it)) {
                     leveldb_iter_next(it->it);
                     if (!leveldb_iter_valid(it->it)) break;
                     cur = leveldb_iter_key(it->it, &kl);
                     if (kl != 9 || cur[0] != it->s->kev) break;
-                    c = buf_get_be64(cur + 1);
+                    c = get_be64(cur + 1);
                 }
                 ok = 1;
             } else if (c > pos && c - pos <= 4) {
@@ -1565,7 +1572,7 @@ static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
                     if (!leveldb_iter_valid(it->it)) break;
                     cur = leveldb_iter_key(it->it, &kl);
                     if (kl != 9 || cur[0] != it->s->kev) break;
-                    c = buf_get_be64(cur + 1);
+                    c = get_be64(cur + 1);
                 }
                 ok = 1;
             } else if (c == pos) ok = 1;

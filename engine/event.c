@@ -361,20 +361,23 @@ static const char dec2[] = "0001020304050607080910111213141516171819202122232425
 
 /* Decimal digits of v (and a leading '-' when neg) at w; returns the end. */
 static char *put_int(char *w, uint64_t v, int neg) {
-    char t[24];
-    char *p = t + sizeof t;
+    if (neg) *w++ = '-';
+    static const uint64_t p10[19] = {10ull, 100ull, 1000ull, 10000ull, 100000ull, 1000000ull,
+                                     10000000ull, 100000000ull, 1000000000ull, 10000000000ull,
+                                     100000000000ull, 1000000000000ull, 10000000000000ull,
+                                     100000000000000ull, 1000000000000000ull,
+                                     10000000000000000ull, 100000000000000000ull,
+                                     1000000000000000000ull, 10000000000000000000ull};
+    int n = 1;
+    while (n < 20 && v >= p10[n - 1]) n++;
+    char *p = w + n;
     while (v >= 100) {
         p -= 2;
         memcpy(p, dec2 + 2 * (v % 100), 2);
         v /= 100;
     }
-    if (v >= 10) {
-        p -= 2;
-        memcpy(p, dec2 + 2 * v, 2);
-    } else *--p = (char)('0' + v);
-    if (neg) *--p = '-';
-    size_t n = (size_t)(t + sizeof t - p);
-    memcpy(w, p, n);
+    if (v >= 10) memcpy(p - 2, dec2 + 2 * v, 2);
+    else p[-1] = (char)('0' + v);
     return w + n;
 }
 
@@ -395,11 +398,13 @@ static inline void lit(buf *out, const char *s, size_t n) {
 /* The id as 8-4-4-4-12 lowercase hex at w (36 bytes). */
 static char *put_id(char *w, const uint8_t id[16]) {
     static const char hex2[] = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f606162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9fa0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebfc0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfe0e1e2e3e4e5e6e7e8e9eaebecedeeeff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff";
-    for (int i = 0; i < 16; i++) {
-        if (i == 4 || i == 6 || i == 8 || i == 10) *w++ = '-';
-        memcpy(w, hex2 + 2 * id[i], 2);
-        w += 2;
-    }
+#define HEX2(i) memcpy(w + 2 * (i) + ((i) >= 4) + ((i) >= 6) + ((i) >= 8) + ((i) >= 10), \
+                       hex2 + 2 * id[i], 2)
+    HEX2(0), HEX2(1), HEX2(2), HEX2(3), HEX2(4), HEX2(5), HEX2(6), HEX2(7);
+    HEX2(8), HEX2(9), HEX2(10), HEX2(11), HEX2(12), HEX2(13), HEX2(14), HEX2(15);
+#undef HEX2
+    w[8] = w[13] = w[18] = w[23] = '-';
+    w += 36;
     return w;
 }
 

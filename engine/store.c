@@ -1593,6 +1593,21 @@ static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
 
 static int next_all(store_iter *it, tm_event *ev, tm_err *err) {
     if (it->backward ? it->next == 0 : it->next > it->hi) return 0;
+    if (!it->backward && it->started) {
+        /* a forward scan: the iterator is on the previous position, the
+         * next key is the next position (anything else: fetch decides) */
+        leveldb_iter_next(it->it);
+        size_t kl;
+        const char *k = leveldb_iter_valid(it->it) ? leveldb_iter_key(it->it, &kl) : NULL;
+        if (k && kl == 9 && k[0] == it->s->kev && get_be64(k + 1) == it->next) {
+            it->rec = leveldb_iter_value(it->it, &it->reclen);
+            if (record_decode(it->rec, it->reclen, ev, err) < 0)
+                return err_prefix(err, "position %llu", (unsigned long long)it->next);
+            ev->position = it->next++;
+            return 1;
+        }
+    }
+    it->started = !it->backward;
     if (fetch(it, it->next, ev, err) < 0) return -1;
     if (it->backward) it->next--;
     else it->next++;

@@ -64,8 +64,8 @@ static int batch_add(ibatch *b, const char *line, size_t len, tm_err *e) {
     }
     tm_event *ev = &b->evs[b->n];
     memset(ev, 0, sizeof *ev);
+    /* event_from_json checks the names too */
     if (event_from_json(line, len, NULL, 0, NULL, &b->scratch, ev, e) < 0) return -1;
-    if (event_check_names(ev, e) < 0) return -1;
     /* stream, type, data, metadata all live in scratch after a JSON parse;
      * a value that does not (e.g. a shared nil) is copied in. */
     const char **ptrs[4] = {&ev->stream, &ev->type, &ev->data, &ev->meta};

@@ -42,14 +42,22 @@ static int want_help(int argc, char **argv) {
     return 0;
 }
 
-/* Write one event as a JSON line to out. */
-static int put_event_line(const tm_event *ev, buf *line, FILE *out, tm_err *e) {
-    buf_reset(line);
-    if (event_to_json(ev, line, e) < 0) return -1;
-    buf_putc(line, '\n');
-    if (fwrite(line->ptr, 1, line->len, out) != line->len)
-        return err_set(e, TM_EIO, "writing output: short write");
-    return 0;
+#define OUT_CHUNK (256u << 10)
+
+/* Write pending to out (and empty it).  0 / -1. */
+static int flush_lines(buf *pending, FILE *out, tm_err *e) {
+    size_t n = pending->len;
+    int ok = !n || fwrite(pending->ptr, 1, n, out) == n;
+    buf_reset(pending);
+    return ok ? 0 : err_set(e, TM_EIO, "writing output: short write");
+}
+
+/* Add one event as a JSON line to pending, written to out in chunks of
+ * OUT_CHUNK bytes (flush_lines writes the rest). */
+static int put_event_line(const tm_event *ev, buf *pending, FILE *out, tm_err *e) {
+    if (event_to_json(ev, pending, e) < 0) return -1;
+    buf_putc(pending, '\n');
+    return pending->len >= OUT_CHUNK ? flush_lines(pending, out, e) : 0;
 }
 
 /* ----------------------------------------------------------------- append */
@@ -212,9 +220,9 @@ static int read_events(const char *cmd, store *s, read_mode mode, const char *na
     case READ_TYPE: it = store_read_type(s, name, nl, from, limit, &e); break;
     }
     if (!it) return cli_fail(cmd, &e);
-    static char obuf[1 << 20];
-    setvbuf(stdout, obuf, _IOFBF, sizeof obuf);
-    buf line = BUF_INIT;
+    buf line = BUF_INIT; /* pending lines, written OUT_CHUNK at a time (stdio passes
+                            a write larger than its buffer straight through) */
+    buf_reserve(&line, OUT_CHUNK + 4096);
     tm_event ev;
     int r, status = 0;
     while ((r = store_iter_next(it, &ev, &e)) == 1) {
@@ -222,6 +230,11 @@ static int read_events(const char *cmd, store *s, read_mode mode, const char *na
             r = -1;
             break;
         }
+    }
+    tm_err fe;
+    if (flush_lines(&line, stdout, &fe) < 0 && r >= 0) { /* the lines before any error */
+        e = fe;
+        r = -1;
     }
     if (r < 0) status = cli_fail(cmd, &e);
     if (fflush(stdout) != 0 && !status) {

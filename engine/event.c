@@ -155,10 +155,25 @@ size_t event_category_len(const char *stream, size_t len) {
     return dash ? (size_t)(dash - stream) : len;
 }
 
+/* 1 when s[0..len) is ASCII without NUL (the common name: valid as is). */
+static int ascii_no_nul(const char *s, size_t len) {
+    const uint64_t hi = 0x8080808080808080ull, lo = 0x0101010101010101ull;
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        if ((w & hi) || ((w - lo) & ~w & hi)) return 0;
+    }
+    for (; i < len; i++)
+        if (s[i] == 0 || (unsigned char)s[i] >= 0x80) return 0;
+    return 1;
+}
+
 static int check_name(const char *what, const char *s, size_t len, size_t max, tm_err *err) {
     if (!s || len == 0) return err_set(err, TM_EINVAL, "%s is empty", what);
     if (len > max)
         return err_set(err, TM_EINVAL, "%s is %zu bytes, longer than %zu", what, len, max);
+    if (ascii_no_nul(s, len)) return 0;
     if (memchr(s, '\0', len)) return err_set(err, TM_EINVAL, "%s contains a NUL byte", what);
     if (!json_utf8_valid(s, len)) return err_set(err, TM_EINVAL, "%s is not valid UTF-8", what);
     return 0;
@@ -313,11 +328,18 @@ int event_from_json(const char *text, size_t len, const char *stream, size_t str
     if (json_to_mp(text, len, &outer, scratch, err) < 0) return -1;
     const char *mp = scratch->ptr + off;
     if (from_map(mp, scratch->len - off, stream, stream_len, 1, ev, err) < 0) goto fail;
-    if (mp_validate(ev->data, ev->data_len, lim, err) < 0) {
+    /* When the whole object is within lim's size and the outer item limit
+     * is lim's own, the parse has already held data and metadata to lim:
+     * they sit one level down (depth lim+1 overall = lim for them), hold no
+     * more items than the parse allowed, and are no bigger than the whole.
+     * (mp_validate checks nothing else of bytes we just wrote.) */
+    int held = outer.max_items == lim->max_items && scratch->len - off <= lim->max_size &&
+               outer.max_depth == lim->max_depth + 1;
+    if (!held && mp_validate(ev->data, ev->data_len, lim, err) < 0) {
         err_prefix(err, "event data");
         goto fail;
     }
-    if (ev->meta_len && mp_validate(ev->meta, ev->meta_len, lim, err) < 0) {
+    if (!held && ev->meta_len && mp_validate(ev->meta, ev->meta_len, lim, err) < 0) {
         err_prefix(err, "event metadata");
         goto fail;
     }
@@ -335,41 +357,85 @@ int event_from_mp(const char *mp, size_t len, const char *stream, size_t stream_
 
 /* ---- export ---- */
 
-static void put_int(buf *out, uint64_t v, int neg) {
-    char t[24];
-    char *p = t + sizeof t;
-    do {
-        *--p = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    if (neg) *--p = '-';
-    buf_append(out, p, (size_t)(t + sizeof t - p));
+static const char dec2[] = "00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899";
+
+/* Decimal digits of v (and a leading '-' when neg) at w; returns the end. */
+static char *put_int(char *w, uint64_t v, int neg) {
+    if (neg) *w++ = '-';
+    static const uint64_t p10[19] = {10ull, 100ull, 1000ull, 10000ull, 100000ull, 1000000ull,
+                                     10000000ull, 100000000ull, 1000000000ull, 10000000000ull,
+                                     100000000000ull, 1000000000000ull, 10000000000000ull,
+                                     100000000000000ull, 1000000000000000ull,
+                                     10000000000000000ull, 100000000000000000ull,
+                                     1000000000000000000ull, 10000000000000000000ull};
+    int n = 1;
+    while (n < 20 && v >= p10[n - 1]) n++;
+    char *p = w + n;
+    while (v >= 100) {
+        p -= 2;
+        memcpy(p, dec2 + 2 * (v % 100), 2);
+        v /= 100;
+    }
+    if (v >= 10) memcpy(p - 2, dec2 + 2 * v, 2);
+    else p[-1] = (char)('0' + v);
+    return w + n;
+}
+
+static char *put_lit(char *w, const char *s, size_t n) {
+    memcpy(w, s, n);
+    return w + n;
+}
+
+/* buf_append of a short constant, without a call when there is room. */
+static inline void lit(buf *out, const char *s, size_t n) {
+    if (out->cap - out->len > n) {
+        memcpy(out->ptr + out->len, s, n);
+        out->len += n;
+        out->ptr[out->len] = '\0';
+    } else buf_append(out, s, n);
+}
+
+/* The id as 8-4-4-4-12 lowercase hex at w (36 bytes). */
+static char *put_id(char *w, const uint8_t id[16]) {
+    static const char hex2[] = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f606162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9fa0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebfc0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfe0e1e2e3e4e5e6e7e8e9eaebecedeeeff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff";
+#define HEX2(i) memcpy(w + 2 * (i) + ((i) >= 4) + ((i) >= 6) + ((i) >= 8) + ((i) >= 10), \
+                       hex2 + 2 * id[i], 2)
+    HEX2(0), HEX2(1), HEX2(2), HEX2(3), HEX2(4), HEX2(5), HEX2(6), HEX2(7);
+    HEX2(8), HEX2(9), HEX2(10), HEX2(11), HEX2(12), HEX2(13), HEX2(14), HEX2(15);
+#undef HEX2
+    w[8] = w[13] = w[18] = w[23] = '-';
+    w += 36;
+    return w;
 }
 
 int event_to_json(const tm_event *ev, buf *out, tm_err *err) {
     size_t start = out->len;
-    char id[37];
-    buf_append(out, "{\"stream\":", 10);
+    lit(out, "{\"stream\":", 10);
     json_put_string(out, ev->stream, ev->stream_len);
-    buf_append(out, ",\"type\":", 8);
+    lit(out, ",\"type\":", 8);
     json_put_string(out, ev->type, ev->type_len);
-    buf_append(out, ",\"data\":", 8);
-    if (!ev->data_len) buf_append(out, "null", 4);
+    lit(out, ",\"data\":", 8);
+    if (!ev->data_len) lit(out, "null", 4);
     else if (json_from_mp(ev->data, ev->data_len, out, err) < 0) goto fail;
-    buf_append(out, ",\"metadata\":", 12);
-    if (!ev->meta_len) buf_append(out, "{}", 2);
+    lit(out, ",\"metadata\":", 12);
+    if (!ev->meta_len || (ev->meta_len == 1 && (unsigned char)ev->meta[0] == 0x80))
+        lit(out, "{}", 2); /* none, or the empty map */
     else if (json_from_mp(ev->meta, ev->meta_len, out, err) < 0) goto fail;
-    event_id_format(ev->id, id);
-    buf_append(out, ",\"id\":\"", 7);
-    buf_append(out, id, 36);
-    buf_append(out, "\",\"time\":", 9);
-    put_int(out, ev->time_ms < 0 ? (uint64_t)0 - (uint64_t)ev->time_ms : (uint64_t)ev->time_ms,
-            ev->time_ms < 0);
-    buf_append(out, ",\"position\":", 12);
-    put_int(out, ev->position, 0);
-    buf_append(out, ",\"version\":", 11);
-    put_int(out, ev->version, 0);
-    buf_putc(out, '}');
+    /* the fixed tail, written in one reserved run */
+    buf_reserve(out, 7 + 36 + 9 + 21 + 12 + 20 + 11 + 20 + 1);
+    char *w = out->ptr + out->len;
+    w = put_lit(w, ",\"id\":\"", 7);
+    w = put_id(w, ev->id);
+    w = put_lit(w, "\",\"time\":", 9);
+    w = put_int(w, ev->time_ms < 0 ? (uint64_t)0 - (uint64_t)ev->time_ms : (uint64_t)ev->time_ms,
+                ev->time_ms < 0);
+    w = put_lit(w, ",\"position\":", 12);
+    w = put_int(w, ev->position, 0);
+    w = put_lit(w, ",\"version\":", 11);
+    w = put_int(w, ev->version, 0);
+    *w++ = '}';
+    out->len = (size_t)(w - out->ptr);
+    out->ptr[out->len] = '\0';
     return 0;
 fail:
     err_prefix(err, "event %" PRIu64, ev->position);

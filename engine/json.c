@@ -134,6 +134,59 @@ static int pk_write(void *data, const char *p, size_t n) {
 
 static size_t hdr_size(uint32_t n) { return n < 16 ? 1 : n < 65536 ? 3 : 5; }
 
+/* Direct writers for the hot scalars: the same bytes as msgpack-c's packer
+ * (smallest form), without a callback per item. */
+static void put_be(buf *out, unsigned char tag, uint64_t v, int n) {
+    buf_reserve(out, 9);
+    char *p = out->ptr + out->len;
+    *p++ = (char)tag;
+    for (int i = n - 1; i >= 0; i--) p[i] = (char)(v >> (8 * (n - 1 - i)));
+    out->len += 1 + (size_t)n;
+    out->ptr[out->len] = '\0';
+}
+
+static void put_uint(buf *out, uint64_t v) {
+    if (v < 128) buf_putc(out, (char)v);
+    else if (v < 256) put_be(out, 0xcc, v, 1);
+    else if (v < 65536) put_be(out, 0xcd, v, 2);
+    else if (v < 4294967296ull) put_be(out, 0xce, v, 4);
+    else put_be(out, 0xcf, v, 8);
+}
+
+static void put_neg(buf *out, int64_t v) { /* v < 0 */
+    if (v >= -32) buf_putc(out, (char)(v & 0xff));
+    else if (v >= -128) put_be(out, 0xd0, (uint64_t)v, 1);
+    else if (v >= -32768) put_be(out, 0xd1, (uint64_t)v, 2);
+    else if (v >= -2147483648ll) put_be(out, 0xd2, (uint64_t)v, 4);
+    else put_be(out, 0xd3, (uint64_t)v, 8);
+}
+
+static void put_double(buf *out, double d) { /* float64, as msgpack_pack_double */
+    uint64_t bits;
+    memcpy(&bits, &d, 8);
+    put_be(out, 0xcb, bits, 8);
+}
+
+static void put_str(buf *out, const void *s, size_t n) {
+    buf_reserve(out, 5 + n);
+    char *p = out->ptr + out->len;
+    if (n < 32) *p++ = (char)(0xa0 | n);
+    else if (n < 256) {
+        *p++ = (char)0xd9;
+        *p++ = (char)n;
+    } else if (n < 65536) {
+        *p++ = (char)0xda;
+        *p++ = (char)(n >> 8);
+        *p++ = (char)n;
+    } else {
+        *p++ = (char)0xdb;
+        for (int i = 3; i >= 0; i--) *p++ = (char)(n >> (8 * i));
+    }
+    memcpy(p, s, n);
+    out->len = (size_t)(p + n - out->ptr);
+    out->ptr[out->len] = '\0';
+}
+
 /* Record a callback's error; returns 0 so yajl stops. */
 static int fail(jctx *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static int fail(jctx *c, const char *fmt, ...) {
@@ -208,18 +261,18 @@ static int pack_number(jctx *c, const char *s, size_t n) {
             }
             v = v * 10 + d;
         }
-        if (!over && !neg) {
-            msgpack_pack_uint64(&c->pk, v);
+        if (!over && (!neg || v == 0)) { /* "-0" is the integer 0 */
+            put_uint(c->out, v);
             return 0;
         }
         if (!over && v <= (uint64_t)INT64_MAX + 1) {
-            msgpack_pack_int64(&c->pk, v == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)v);
+            put_neg(c->out, v == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)v);
             return 0;
         }
     }
     double d;
     if (fast_strtod(s, n, &d)) {
-        msgpack_pack_double(&c->pk, d);
+        put_double(c->out, d);
         return 0;
     }
     char small[64];
@@ -230,7 +283,7 @@ static int pack_number(jctx *c, const char *s, size_t n) {
     d = strtod_c(t, NULL);
     if (t != small) free(t);
     if (!isfinite(d)) return -1;
-    msgpack_pack_double(&c->pk, d);
+    put_double(c->out, d);
     return 0;
 }
 
@@ -264,7 +317,7 @@ static int cb_string(void *ctx, const unsigned char *s, size_t n) {
     if (!add_elem(c)) return 0;
     if (n > UINT32_MAX) return fail(c, "string longer than %u bytes", UINT32_MAX);
     if (bad_utf8(s, n)) return fail(c, "string is not valid UTF-8 (or an unpaired surrogate escape)");
-    msgpack_pack_str_with_body(&c->pk, s, n);
+    put_str(c->out, s, n);
     return check_size(c);
 }
 
@@ -310,7 +363,7 @@ static int cb_map_key(void *ctx, const unsigned char *s, size_t n) {
         return fail(c, "object of more than %u items", c->lim->max_items);
     if (n > UINT32_MAX) return fail(c, "key longer than %u bytes", UINT32_MAX);
     if (bad_utf8(s, n)) return fail(c, "key is not valid UTF-8 (or an unpaired surrogate escape)");
-    msgpack_pack_str_with_body(&c->pk, s, n);
+    put_str(c->out, s, n);
     return check_size(c);
 }
 
@@ -378,6 +431,200 @@ static void set_yajl_error(tm_err *err, yajl_handle h, const char *text, size_t 
     if (m) yajl_free_error(h, m);
 }
 
+/* ---- the fast path ----
+ * A small parser for the common case, driving the same callbacks as yajl
+ * (so the output bytes and the limits are the same by construction).  It
+ * accepts a subset of what yajl accepts: standard JSON with whitespace
+ * ' ', '\t', '\n', '\r'; strings of bytes >= 0x20 other than DEL, strictly
+ * valid UTF-8, with the escapes \" \\ \/ \b \f \n \r \t (no \u).  On
+ * anything else -- including every error and every limit a callback
+ * reports -- it returns 0 and json_to_mp parses the text again with yajl,
+ * which then gives the exact error message or handles the construct.
+ * Returns 1 when the whole text was one value and was delivered. */
+
+static inline const char *skip_ws(const char *p, const char *end) {
+    while (p < end && (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r')) p++;
+    return p;
+}
+
+static const char esc_of[128] = {['"'] = '"', ['\\'] = '\\', ['/'] = '/', ['b'] = '\b',
+                                 ['f'] = '\f', ['n'] = '\n', ['r'] = '\r', ['t'] = '\t'};
+
+/* Byte classes inside a string: 0 plain ASCII, 1 '"', '\\', control or
+ * DEL (stop), 2 >= 0x80 (UTF-8: checked after). */
+static unsigned char str_class[256];
+static pthread_once_t str_class_once = PTHREAD_ONCE_INIT;
+
+static void str_class_init(void) {
+    for (int i = 0; i < 256; i++)
+        str_class[i] = i < 0x20 || i == 0x7f || i == '"' || i == '\\' ? 1 : i >= 0x80 ? 2 : 0;
+}
+
+/* A string at *pp (just after the opening quote).  Sets s, n to its bytes, in
+ * the text or (escapes) in tmp.  0 = not for the fast path. */
+static int fast_string(const char **pp, const char *end, buf *tmp, const char **s, size_t *n) {
+    const unsigned char *p = (const unsigned char *)*pp, *e = (const unsigned char *)end;
+    const unsigned char *start = p;
+    int high = 0;
+    for (;;) { /* plain bytes: class 0 (see str_class) */
+        while (p + 4 <= e && !(str_class[p[0]] | str_class[p[1]] | str_class[p[2]] |
+                                str_class[p[3]]))
+            p += 4;
+        while (p < e && !str_class[*p]) p++;
+        if (p >= e) return 0;
+        unsigned char ch = *p;
+        if (ch == '"') break;
+        if (str_class[ch] != 2) goto slow;
+        high = 1;
+        p++;
+    }
+    *s = (const char *)start;
+    *n = (size_t)(p - start);
+    *pp = (const char *)p + 1;
+    return !high || json_utf8_valid(*s, *n);
+slow: /* escapes: unescape into tmp */
+    buf_reset(tmp);
+    buf_append(tmp, start, (size_t)(p - start));
+    for (;;) {
+        if (p >= e) return 0;
+        unsigned char ch = *p++;
+        if (ch == '"') break;
+        if (ch < 0x20 || ch == 0x7f) return 0;
+        if (ch == '\\') {
+            if (p >= e || *p >= 128 || !esc_of[*p]) return 0; /* incl. \u */
+            ch = (unsigned char)esc_of[*p++];
+        }
+        high |= ch & 0x80;
+        buf_putc(tmp, (char)ch);
+    }
+    *s = tmp->ptr;
+    *n = tmp->len;
+    *pp = (const char *)p;
+    return !high || json_utf8_valid(*s, *n);
+}
+
+/* A number's text per the JSON grammar at *pp; 0 = not one. */
+static int fast_number(const char **pp, const char *end) {
+    const char *p = *pp;
+    if (p < end && *p == '-') p++;
+    if (p >= end) return 0;
+    if (*p == '0') p++;
+    else if (*p >= '1' && *p <= '9')
+        while (p < end && *p >= '0' && *p <= '9') p++;
+    else return 0;
+    if (p < end && *p == '.') {
+        p++;
+        if (p >= end || *p < '0' || *p > '9') return 0;
+        while (p < end && *p >= '0' && *p <= '9') p++;
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < end && (*p == '+' || *p == '-')) p++;
+        if (p >= end || *p < '0' || *p > '9') return 0;
+        while (p < end && *p >= '0' && *p <= '9') p++;
+    }
+    *pp = p;
+    return 1;
+}
+
+static int fast_literal(const char **pp, const char *end, const char *lit, size_t n) {
+    if ((size_t)(end - *pp) < n || memcmp(*pp, lit, n) != 0) return 0;
+    *pp += n;
+    return 1;
+}
+
+static int fast_parse(jctx *c, const char *text, size_t len) {
+    pthread_once(&str_class_once, str_class_init);
+    const char *p = text, *end = text + len, *s;
+    size_t n;
+    buf tmp = BUF_INIT;
+    int ok = 0;
+value:
+    p = skip_ws(p, end);
+    if (p >= end) goto out;
+    switch (*p) {
+    case '{':
+        p++;
+        if (!cb_start_map(c)) goto out;
+        p = skip_ws(p, end);
+        if (p < end && *p == '}') {
+            p++;
+            cb_end(c);
+            goto after;
+        }
+        goto key;
+    case '[':
+        p++;
+        if (!cb_start_array(c)) goto out;
+        p = skip_ws(p, end);
+        if (p < end && *p == ']') {
+            p++;
+            cb_end(c);
+            goto after;
+        }
+        goto value;
+    case '"':
+        p++;
+        if (!fast_string(&p, end, &tmp, &s, &n) || !cb_string(c, (const unsigned char *)s, n))
+            goto out;
+        goto after;
+    case 't':
+        if (!fast_literal(&p, end, "true", 4) || !cb_bool(c, 1)) goto out;
+        goto after;
+    case 'f':
+        if (!fast_literal(&p, end, "false", 5) || !cb_bool(c, 0)) goto out;
+        goto after;
+    case 'n':
+        if (!fast_literal(&p, end, "null", 4) || !cb_null(c)) goto out;
+        goto after;
+    default:
+        s = p;
+        if (!fast_number(&p, end) || !cb_number(c, s, (size_t)(p - s))) goto out;
+        goto after;
+    }
+key:
+    if (p >= end || *p != '"') goto out;
+    p++;
+    if (!fast_string(&p, end, &tmp, &s, &n) || !cb_map_key(c, (const unsigned char *)s, n))
+        goto out;
+    p = skip_ws(p, end);
+    if (p >= end || *p != ':') goto out;
+    p++;
+    goto value;
+after:
+    p = skip_ws(p, end);
+    if (!c->depth) {
+        ok = p == end;
+        goto out;
+    }
+    if (p >= end) goto out;
+    if (*p == ',') {
+        p = skip_ws(p + 1, end);
+        if (c->stack[c->depth - 1].is_map) goto key;
+        goto value;
+    }
+    if (*p != (c->stack[c->depth - 1].is_map ? '}' : ']')) goto out;
+    p++;
+    cb_end(c);
+    goto after;
+out:
+    buf_free(&tmp);
+    return ok && !c->failed;
+}
+
+/* Back to the state before any callback ran (the fast path gave up). */
+static void jctx_rewind(jctx *c) {
+    c->out->len = c->start;
+    if (c->out->ptr) c->out->ptr[c->out->len] = '\0';
+    c->depth = 0;
+    c->saved = 0;
+    c->failed = 0;
+}
+
+static int fast_path_on = 1;
+
+void json_set_fast_path(int on) { fast_path_on = on; }
+
 int json_to_mp(const char *text, size_t len, const mp_limits *lim, buf *out, tm_err *err) {
     jctx c = {0};
     c.out = out;
@@ -385,9 +632,17 @@ int json_to_mp(const char *text, size_t len, const mp_limits *lim, buf *out, tm_
     c.lim = lim ? lim : &mp_default_limits;
     c.err = err;
     msgpack_packer_init(&c.pk, out, pk_write);
+    int rc = -1;
+    if (fast_path_on && fast_parse(&c, text, len)) {
+        if (out->len - c.start - c.saved <= c.lim->max_size) {
+            if (c.saved) compact(out, c.start);
+            free(c.stack);
+            return 0;
+        }
+    }
+    jctx_rewind(&c);
     yajl_handle h = yajl_alloc(&json_callbacks, NULL, &c);
     if (!h) abort();
-    int rc = -1;
     yajl_status st = yajl_parse(h, (const unsigned char *)text, len);
     size_t off = yajl_get_bytes_consumed(h);
     if (st == yajl_status_ok) {
@@ -481,11 +736,19 @@ static const char esc[256] = {
  * \u00XX) once, then write without further checks. */
 static void put_short_string(buf *out, const unsigned char *s, size_t len) {
     static const char hex[] = "0123456789abcdef";
-    buf_reserve(out, 6 * len + 2);
+    if (out->cap - out->len <= 6 * len + 2) buf_reserve(out, 6 * len + 2);
     char *w = out->ptr + out->len;
     const unsigned char *e = s + len;
     *w++ = '"';
     while (s < e) {
+        /* four plain ASCII bytes at a time */
+        while (e - s >= 4 && (s[0] | s[1] | s[2] | s[3]) < 0x80 &&
+               !(esc[s[0]] | esc[s[1]] | esc[s[2]] | esc[s[3]])) {
+            memcpy(w, s, 4);
+            w += 4;
+            s += 4;
+        }
+        if (s >= e) break;
         unsigned c = *s;
         if (c < 0x80) {
             char x = esc[c];
@@ -684,12 +947,25 @@ static void put_base64(buf *out, const unsigned char *s, size_t n) {
 static int put_value(const char **p, const char *end, buf *out, int depth, int in_key,
                      tm_err *err);
 
+/* A fixstr at *p (the commonest key and value): printed without the
+ * general decoder.  1 done, 0 not a (whole) fixstr. */
+static inline int put_fixstr(const char **p, const char *end, buf *out) {
+    const unsigned char *q = (const unsigned char *)*p;
+    if (q >= (const unsigned char *)end || (*q & 0xe0) != 0xa0) return 0;
+    size_t n = *q & 0x1f;
+    if ((size_t)((const unsigned char *)end - q) - 1 < n) return 0;
+    put_short_string(out, q + 1, n);
+    *p += 1 + n;
+    return 1;
+}
+
 /* A map key: a string as itself; any other value as its JSON text in a
  * string.  Inside such a key (in_key) nested non-string keys are written
  * as plain text, so the whole key is escaped once: escaping at every
  * level would double the size per level (64 levels: 2^64 bytes). */
 static int put_key(const char **p, const char *end, buf *out, int depth, int in_key,
                    tm_err *err) {
+    if (put_fixstr(p, end, out)) return 0;
     const char *q = *p;
     mp_item it;
     if (mp_next(&q, end, &it) < 0)
@@ -709,6 +985,12 @@ static int put_key(const char **p, const char *end, buf *out, int depth, int in_
 
 static int put_value(const char **p, const char *end, buf *out, int depth, int in_key,
                      tm_err *err) {
+    if (put_fixstr(p, end, out)) return 0;
+    if (*p < end && (unsigned char)**p < 0x80) { /* positive fixint */
+        put_u64(out, (unsigned char)**p, 0);
+        *p += 1;
+        return 0;
+    }
     mp_item it;
     if (mp_next(p, end, &it) < 0) return err_set(err, TM_EINVAL, "msgpack: truncated or invalid");
     switch (it.type) {

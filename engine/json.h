@@ -24,6 +24,9 @@
  * to out.  Leading/trailing whitespace is allowed; anything else is an error
  * that names the offset.  lim may be NULL (defaults). */
 int json_to_mp(const char *text, size_t len, const mp_limits *lim, buf *out, tm_err *err);
+/* Tests only: 0 makes json_to_mp skip its fast path (always yajl), 1 (the
+ * default) restores it.  Not thread-safe. */
+void json_set_fast_path(int on);
 
 /* Append the JSON text of one msgpack value (already validated) to out. */
 int json_from_mp(const char *mp, size_t len, buf *out, tm_err *err);

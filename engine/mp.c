@@ -438,7 +438,44 @@ out:
     return rc;
 }
 
+/* Total bytes of the fixed-size scalars (positive/negative fixint, nil,
+ * bools, float32/64, uint/int 8..64); 0 = anything else. */
+static const unsigned char scalar_size[256] = {
+    [0x00 ... 0x7f] = 1, [0xe0 ... 0xff] = 1, [0xc0] = 1, [0xc2] = 1, [0xc3] = 1,
+    [0xca] = 5, [0xcb] = 9, [0xcc] = 2, [0xcd] = 3, [0xce] = 5, [0xcf] = 9,
+    [0xd0] = 2, [0xd1] = 3, [0xd2] = 5, [0xd3] = 9,
+};
+
+/* The commonest event data: one fixmap/fixarray of scalars and short
+ * strings (fixstr, str8), exactly filling [buf, buf+len).  1 = valid under
+ * lim (the general walk would accept it too: depth 1, at most 15 items,
+ * every item whole, nothing trailing, len within max_size); 0 = not of
+ * that shape, or not certainly valid: the general walk decides. */
+static int flat_ok(const unsigned char *q, size_t len, const mp_limits *lim) {
+    if (!len || len > lim->max_size || lim->max_depth < 1) return 0;
+    const unsigned char *e = q + len;
+    unsigned c = *q++, n, items;
+    if ((c & 0xf0) == 0x80) items = c & 0x0f, n = 2 * items;
+    else if ((c & 0xf0) == 0x90) items = n = c & 0x0f;
+    else return 0;
+    if (items > lim->max_items) return 0;
+    while (n--) {
+        if (q >= e) return 0;
+        c = *q;
+        size_t sz;
+        if ((c & 0xe0) == 0xa0) sz = 1 + (c & 0x1f);
+        else if (c == 0xd9) {
+            if (e - q < 2) return 0;
+            sz = 2 + (size_t)q[1];
+        } else if (!(sz = scalar_size[c])) return 0;
+        if ((size_t)(e - q) < sz) return 0;
+        q += sz;
+    }
+    return q == e;
+}
+
 int mp_validate(const char *buf, size_t len, const mp_limits *lim, tm_err *err) {
+    if (flat_ok((const unsigned char *)buf, len, lim ? lim : &mp_default_limits)) return 0;
     return validate(buf, len, lim, NULL, 1, err);
 }
 

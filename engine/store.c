@@ -4,7 +4,14 @@
  * The only file that includes leveldb/c.h.
  *
  * ---- Key layout (one LevelDB keyspace, first byte = namespace) ----
- *   'e' be64(pos)                  -> record (record.h: crc32c + msgpack array)
+ *   0x7f be64(pos)                 -> record (record.h: crc32c + msgpack array);
+ *                                     the prefix is 'e' in format 1 stores
+ *                                     (s->kev).  Format 2 puts the log after
+ *                                     every other namespace so that a new
+ *                                     event key is the largest key in the
+ *                                     memtable: LevelDB's skiplist insert then
+ *                                     makes no comparison against a successor
+ *                                     at each level (about 10 per event).
  *   'i' id(16)                     -> varint(pos)   only for client-supplied ids
  *   'g' be64(p0)                   -> stream journal of the commit whose first
  *                                     position is p0 (one key per commit)
@@ -13,7 +20,7 @@
  *   't' type 0x00 be64(p0)         -> run: positions p0 < p1 < ... of the type
  *   'm' "last"                     -> be64(last position)
  *   'm' "folded"                   -> be64(fold mark)
- *   'm' "format"                   -> "1"
+ *   'm' "format"                   -> "2" ("1": the same with 'e' events)
  *   'p' caller key                 -> caller value (projection namespace)
  * A run value is crc32c(payload) (4 bytes LE) then payload = varint(first)
  * varint(delta)...  Each commit writes ONE 'c' run per category and ONE 't'
@@ -30,7 +37,7 @@
  * runs (versions 0..hf) followed by its entries in the journal keys above
  * the fold mark (versions hf+1..head); readers take both from one
  * snapshot.  The fold deletes the journal keys it folded.
- * The writer keeps the journal's streams in memory (rebuilt on open).
+ * The leader keeps the journal's streams in memory (rebuilt on open).
  *
  * Ids: a client-supplied id (has_id=1) is stored under 'i'.  A generated
  * id is a UUIDv8 that carries its own position: bytes 0-5 = the position
@@ -46,8 +53,9 @@
  *   - each stream's runs then journal entries cover versions 0..head
  *     contiguously; each category/type's runs hold strictly increasing
  *     positions;
- *   - only the writer thread writes to 'e','i','g','s','c','t','m'; the head
- *     cache (streams map) is only touched by the writer thread and holds
+ *   - only the leader (one appending thread at a time, see lead()) writes
+ *     to 'e','i','g','s','c','t','m'; the head cache (streams map) is only
+ *     touched by the leader and holds
  *     committed heads: a group's tentative heads live in node->ghead,
  *     valid only while node->gen == s->gen, and are promoted after the
  *     write succeeds;
@@ -63,7 +71,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <linux/futex.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -71,7 +81,8 @@
 #include "mp.h"
 #include "record.h"
 
-#define K_EVENT 'e'
+#define K_EVENT_V1 'e'  /* format 1 stores */
+#define K_EVENT 0x7f    /* format 2: after every other namespace */
 #define K_ID 'i'
 #define K_STREAM 's'
 #define K_CAT 'c'
@@ -97,9 +108,25 @@ static void put_be64(unsigned char *p, uint64_t v) {
     }
 }
 
+/* buf_get_be64 without a call (the read loop's hot path). */
+static inline uint64_t get_be64(const char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? __builtin_bswap64(v) : v;
+}
+
+/* In-memory hash of a name (never stored): 8 bytes per step. */
 static uint64_t hash_bytes(const char *p, size_t n) {
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)p[i]) * 1099511628211ull;
+    uint64_t h = 0x9e3779b97f4a7c15ull ^ n;
+    for (; n >= 8; p += 8, n -= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdull;
+        h ^= h >> 32;
+    }
+    uint64_t w = 0;
+    for (size_t i = 0; i < n; i++) w |= (uint64_t)(unsigned char)p[i] << (8 * i);
+    h = (h ^ w) * 0xc4ceb9fe1a85ec53ull;
     return h ^ (h >> 29);
 }
 
@@ -109,18 +136,38 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Event key 'e'+be64(pos) into k[9]. */
-static void event_key(unsigned char k[9], uint64_t pos) {
-    k[0] = K_EVENT;
+/* Event key kev+be64(pos) into k[9] (kev: the store's event prefix). */
+static void event_key(unsigned char k[9], char kev, uint64_t pos) {
+    k[0] = (unsigned char)kev;
     put_be64(k + 1, pos);
+}
+
+/* LEB128 (as buf_put_varint) into room the caller reserved; returns the end. */
+static inline char *put_varint_raw(char *p, uint64_t v) {
+    while (v >= 0x80) {
+        *p++ = (char)(v | 0x80);
+        v >>= 7;
+    }
+    *p++ = (char)v;
+    return p;
+}
+
+static inline void put_varint(buf *b, uint64_t v) {
+    if (b->cap - b->len < 11) buf_reserve(b, 10);
+    b->len = (size_t)(put_varint_raw(b->ptr + b->len, v) - b->ptr);
+    b->ptr[b->len] = '\0';
 }
 
 /* varint(p0) varint(p1-p0) ... */
 static void put_positions(buf *out, const uint64_t *pos, size_t n, uint64_t prev) {
+    buf_reserve(out, n * 10);
+    char *p = out->ptr + out->len;
     for (size_t i = 0; i < n; i++) {
-        buf_put_varint(out, pos[i] - prev);
+        p = put_varint_raw(p, pos[i] - prev);
         prev = pos[i];
     }
+    out->len = (size_t)(p - out->ptr);
+    out->ptr[out->len] = '\0';
 }
 
 static void put_crc_at(buf *out, size_t start) {
@@ -340,13 +387,17 @@ typedef struct req {
     const store_expect *exp;
     size_t nexp;
     size_t nid;          /* events with has_id */
-    int done, rc;
+    int rc;
     tm_err err;
-    pthread_cond_t cv;
-    store_append_fn fn;  /* async: called on the writer thread, then r is freed */
+    uint32_t state;      /* REQ_WAIT or REQ_DONE (atomic) */
+    uint64_t group;      /* the take (s->taken) that will commit it */
+    store_append_fn fn;  /* async (store_append_async): called by the leader
+                            after the commit, then the request is freed */
     void *ud;
     struct req *next;
 } req;
+
+enum { REQ_WAIT = 0, REQ_DONE = 1 };
 
 /* The group's id table: client ids appended by earlier requests of the
  * group (open addressing over tm_event pointers; reset per group). */
@@ -362,16 +413,24 @@ struct store {
     leveldb_cache_t *cache;
     leveldb_readoptions_t *ro;     /* verify checksums */
     leveldb_writeoptions_t *wo;    /* sync per durability */
+    char kev;                      /* event key prefix: K_EVENT, or K_EVENT_V1 (format 1) */
     store_opts o;
     char *dir;
 
     pthread_mutex_t mu;
-    pthread_cond_t work;
-    req *qhead, *qtail;
+    pthread_cond_t idle;           /* signalled when leadership ends while stopping */
+    req *qhead, *qtail;            /* requests waiting for the next group */
+    int leading;                   /* a caller is committing groups (the leader) */
+    uint64_t taken;                /* groups taken from the queue so far */
+    uint64_t lead_wanted;          /* group whose waiters should supply a leader, 0 = none */
+    uint32_t fword;                /* futex word all waiters sleep on (a wake counter) */
+    unsigned qsync;                /* blocking callers in the queue (they can lead) */
+    pthread_t async_th;            /* leads groups made only of async requests */
+    pthread_cond_t async_cv;       /* wakes async_th: queued work and no leader */
+    int async_started, async_quit;
     int stopping;
     int failed;
     char failmsg[256];
-    pthread_t writer;
     struct {
         store_commit_fn fn;
         void *ud;
@@ -384,7 +443,8 @@ struct store {
     node *pending;                 /* stream nodes with journal positions */
     u64vec jkeys;                  /* journal keys above the fold mark (their p0) */
 
-    /* writer-thread state */
+    /* leader state: touched only by the current leader (leadership passes
+     * under mu, which orders one leader's writes before the next's reads) */
     nmap streams, cats, types;
     uint64_t gen;
     uint64_t gpos;                 /* last position assigned in the group */
@@ -462,8 +522,7 @@ static int run_seek_le(leveldb_iterator_t *it, buf *kb, const char *prefix, size
         if (iter_status(it, err) < 0) return -1;
         leveldb_iter_seek_to_last(it);
     }
-    if (iter_status(it, err) < 0) return -1; /* a skipped unreadable block */
-    if (!leveldb_iter_valid(it)) return 0;
+    if (!leveldb_iter_valid(it)) return iter_status(it, err) < 0 ? -1 : 0;
     k = leveldb_iter_key(it, &kl);
     if (kl != pl + 8 || memcmp(k, prefix, pl) != 0) return 0;
     *first = buf_get_be64(k + pl);
@@ -492,8 +551,6 @@ static int db_stream_head(leveldb_iterator_t *it, buf *kb, buf *pb, const char *
 /* ------------------------------------------------------------------ */
 /* open / close                                                        */
 
-static void *writer_main(void *arg);
-
 static int dir_exists(const char *dir) {
     struct stat st;
     return stat(dir, &st) == 0 && S_ISDIR(st.st_mode);
@@ -521,7 +578,7 @@ static uint64_t read_folded(store *s, const leveldb_readoptions_t *ro, tm_err *e
     return f;
 }
 
-/* Rebuild the writer's journal state (streams above the fold mark). */
+/* Rebuild the leader's journal state (streams above the fold mark). */
 static int load_journal(store *s, tm_err *err) {
     int rc;
     s->folded = read_folded(s, NULL, err, &rc);
@@ -568,13 +625,15 @@ static int load_meta(store *s, tm_err *err) {
     size_t vl;
     int r = db_get(s, NULL, "mformat", 7, &v, &vl, err);
     if (r < 0) return -1;
+    s->kev = K_EVENT;
     if (r == 1) {
-        int ok = vl == 1 && v[0] == '1';
+        int ok = vl == 1 && (v[0] == '1' || v[0] == '2');
+        if (ok && v[0] == '1') s->kev = K_EVENT_V1;
         leveldb_free(v);
         if (!ok) return err_set(err, TM_EIO, "data directory %s: unsupported store format", s->dir);
     } else {
         char *lerr = NULL;
-        leveldb_put(s->db, s->wo, "mformat", 7, "1", 1, &lerr);
+        leveldb_put(s->db, s->wo, "mformat", 7, "2", 1, &lerr);
         if (lerr) return db_err(err, lerr, "write");
     }
     uint64_t last = 0;
@@ -592,19 +651,19 @@ static int load_meta(store *s, tm_err *err) {
      * (store_check reports any mismatch). */
     leveldb_iterator_t *it = leveldb_create_iterator(s->db, s->ro);
     unsigned char k[9];
-    event_key(k, UINT64_MAX);
+    event_key(k, s->kev, UINT64_MAX);
     leveldb_iter_seek(it, (const char *)k, 9);
     if (leveldb_iter_valid(it)) leveldb_iter_prev(it);
     else leveldb_iter_seek_to_last(it);
     while (leveldb_iter_valid(it)) {
         size_t kl;
         const char *kk = leveldb_iter_key(it, &kl);
-        if (kl == 9 && kk[0] == K_EVENT) {
+        if (kl == 9 && kk[0] == s->kev) {
             uint64_t p = buf_get_be64(kk + 1);
             if (p > last) last = p;
             break;
         }
-        if ((unsigned char)kk[0] < K_EVENT) break;
+        if ((unsigned char)kk[0] < (unsigned char)s->kev) break;
         leveldb_iter_prev(it);
     }
     r = iter_status(it, err);
@@ -615,7 +674,7 @@ static int load_meta(store *s, tm_err *err) {
 }
 
 /* Release everything store_open allocated (LevelDB handles, caches, the
- * writer's maps); used by store_close and by store_open's failure path. */
+ * commit path's maps); used by store_close and by store_open's failure path. */
 static void store_free_parts(store *s) {
     if (s->db) leveldb_close(s->db);
     leveldb_writebatch_destroy(s->wb);
@@ -674,9 +733,7 @@ store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
     char *lerr = NULL;
     s->db = leveldb_open(s->opts, dir, &lerr);
     if (lerr) {
-        /* LevelDB says "lock <path>: ..." when the lock is held; an I/O
-         * error opening the LOCK file is just "<path>/LOCK: ..." */
-        if (strstr(lerr, "lock "))
+        if (strstr(lerr, "/LOCK") || strstr(lerr, "lock "))
             err_set(err, TM_EIO, "data directory %s is in use by another process (a running server?)",
                     dir);
         else if (strstr(lerr, "does not exist"))
@@ -692,13 +749,8 @@ store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
     }
     if (!s->rng[0] && !s->rng[1]) s->rng[0] = 1;
     pthread_mutex_init(&s->mu, NULL);
-    pthread_cond_init(&s->work, NULL);
-    if (pthread_create(&s->writer, NULL, writer_main, s) != 0) {
-        err_set(err, TM_EIO, "cannot start the writer thread");
-        pthread_mutex_destroy(&s->mu);
-        pthread_cond_destroy(&s->work);
-        goto fail;
-    }
+    pthread_cond_init(&s->idle, NULL);
+    pthread_cond_init(&s->async_cv, NULL);
     return s;
 fail:
     store_free_parts(s);
@@ -709,11 +761,20 @@ void store_close(store *s) {
     if (!s) return;
     pthread_mutex_lock(&s->mu);
     s->stopping = 1;
-    pthread_cond_signal(&s->work);
+    /* drain queued appends: blocking ones lead themselves, async ones are
+     * led by async_th */
+    while (s->leading || s->qhead) {
+        if (!s->leading) pthread_cond_signal(&s->async_cv);
+        pthread_cond_wait(&s->idle, &s->mu);
+    }
+    s->async_quit = 1;
+    pthread_cond_signal(&s->async_cv);
+    int started = s->async_started;
     pthread_mutex_unlock(&s->mu);
-    pthread_join(s->writer, NULL);
+    if (started) pthread_join(s->async_th, NULL);
     pthread_mutex_destroy(&s->mu);
-    pthread_cond_destroy(&s->work);
+    pthread_cond_destroy(&s->idle);
+    pthread_cond_destroy(&s->async_cv);
     store_free_parts(s);
 }
 
@@ -742,7 +803,7 @@ static int refusing(tm_err *err) {
 }
 
 /* ------------------------------------------------------------------ */
-/* the writer: group commit                                            */
+/* group commit                                                       */
 
 static uint64_t rng_next(store *s) {
     uint64_t s1 = s->rng[0];
@@ -756,11 +817,15 @@ static uint64_t rng_next(store *s) {
 /* A generated id carrying its position (see the top of this file). */
 static void gen_id(store *s, uint64_t pos, uint8_t id[16]) {
     uint64_t a = rng_next(s), b = rng_next(s);
-    for (int i = 0; i < 6; i++) id[i] = (uint8_t)(pos >> (40 - 8 * i));
-    id[6] = (uint8_t)(0x80 | (a & 0x0f));
-    id[7] = (uint8_t)(a >> 8);
-    id[8] = (uint8_t)(0x80 | ((a >> 16) & 0x3f));
-    for (int i = 9; i < 16; i++) id[i] = (uint8_t)(b >> (8 * (i - 9)));
+    /* bytes 0-5 the position, 6 = 0x8 | 4 random bits, 7 random (one
+     * big-endian word); 8 = 0b10 | 6 random bits, 9-15 = b's low 7 bytes,
+     * lowest first */
+    uint64_t hi = __builtin_bswap64(pos << 16 | (0x80 | (a & 0x0f)) << 8 | ((a >> 8) & 0xff));
+    uint64_t lo = (b << 8) | (0x80 | ((a >> 16) & 0x3f)); /* little-endian: byte 8 first */
+    if (__BYTE_ORDER__ == __ORDER_BIG_ENDIAN__) lo = __builtin_bswap64(lo);
+    if (__BYTE_ORDER__ == __ORDER_BIG_ENDIAN__) hi = __builtin_bswap64(hi);
+    memcpy(id, &hi, 8);
+    memcpy(id + 8, &lo, 8);
 }
 
 /* The position a generated id claims, or 0 when it is not of that form. */
@@ -829,7 +894,7 @@ static leveldb_iterator_t *group_iter(store *s) {
     return s->git;
 }
 
-/* The stream's node with its committed head loaded (writer thread). */
+/* The stream's node with its committed head loaded (leader). */
 static node *stream_node(store *s, const char *name, size_t nl, tm_err *err) {
     uint64_t h = hash_bytes(name, nl);
     node *n = nmap_find(&s->streams, name, nl, h);
@@ -867,7 +932,7 @@ static int id_at(store *s, uint64_t pos, const tm_event *ev, tm_event *orig, int
     unsigned char k[9];
     char *v;
     size_t vl;
-    event_key(k, pos);
+    event_key(k, s->kev, pos);
     int r = db_get(s, NULL, (const char *)k, 9, &v, &vl, err);
     if (r <= 0) return r;
     tm_event st;
@@ -1052,7 +1117,7 @@ static int group_add(store *s, req *r) {
             k[0] = K_ID;
             memcpy(k + 1, ev->id, 16);
             buf_reset(&s->val);
-            buf_put_varint(&s->val, pos);
+            put_varint(&s->val, pos);
             leveldb_writebatch_put(s->wb, (const char *)k, 17, s->val.ptr, s->val.len);
             idtab_add(&s->ids, ev);
         } else {
@@ -1060,7 +1125,7 @@ static int group_add(store *s, req *r) {
         }
         buf_reset(&s->rec);
         record_encode(ev, &s->rec);
-        event_key(k, pos);
+        event_key(k, s->kev, pos);
         leveldb_writebatch_put(s->wb, (const char *)k, 9, s->rec.ptr, s->rec.len);
     }
     return 0;
@@ -1091,10 +1156,10 @@ static void put_journal(store *s) {
     buf_reset(&s->val);
     buf_append(&s->val, "\0\0\0\0", 4);
     for (node *n = s->tstreams; n; n = n->tnext) {
-        buf_put_varint(&s->val, n->klen);
+        put_varint(&s->val, n->klen);
         buf_append(&s->val, n->key, n->klen);
-        buf_put_varint(&s->val, n->first);
-        buf_put_varint(&s->val, n->run.n);
+        put_varint(&s->val, n->first);
+        put_varint(&s->val, n->run.n);
         put_positions(&s->val, n->run.v, n->run.n, 0);
     }
     put_crc_at(&s->val, 0);
@@ -1225,40 +1290,104 @@ out:
     s->gpos = s->last;
 }
 
-static void *writer_main(void *arg) {
+/* ---- leadership (LevelDB-style group commit) ----
+ * An appending caller enqueues its request; if nobody is committing it
+ * becomes the leader: it takes every queued request as one group (take
+ * number s->taken), commits it (group_commit) without holding mu, marks
+ * the group's requests done, and -- if requests queued meanwhile -- asks
+ * that next group for a leader (s->lead_wanted), else gives leadership up.
+ * A request queued while take t is the latest belongs to group t + 1.
+ *   Waiters sleep on one futex word (s->fword, bumped at every wake) with
+ * FUTEX_WAIT_BITSET, their bit being their group number mod 32 (at most
+ * three groups have waiters at once: committing, queued, and the next).
+ * The leader wakes its whole group with one FUTEX_WAKE_BITSET, and one
+ * waiter of the next group, which claims leadership under mu.  A waiter
+ * reads the word before checking its state and the lead request, so a
+ * wake between the check and the sleep is never lost. */
+
+static void fword_wake(store *s, uint64_t group, int n) {
+    syscall(SYS_futex, &s->fword, FUTEX_WAKE_BITSET_PRIVATE, n, NULL, NULL,
+            (uint32_t)1 << (group & 31));
+}
+
+/* Called by the leader holding mu; returns with mu released and
+ * leadership given away.  `self` is the leader's own request. */
+static void lead(store *s, req *self) {
+    req *list = s->qhead;
+    s->qhead = s->qtail = NULL;
+    s->qsync = 0;
+    uint64_t g = ++s->taken;
+    pthread_mutex_unlock(&s->mu);
+    group_commit(s, list);
+    int others = 0;
+    req *async = NULL;
+    for (req *r = list, *nx; r; r = nx) {
+        nx = r->next; /* read before the store: r may be gone after it */
+        if (r->fn) {
+            r->next = async;
+            async = r;
+        } else if (r != self) {
+            others = 1;
+            __atomic_store_n(&r->state, REQ_DONE, __ATOMIC_SEQ_CST);
+        }
+    }
+    pthread_mutex_lock(&s->mu);
+    /* Requests queued during the commit form group g + 1.  A blocking one
+     * among them leads it; a group of async requests only goes to async_th. */
+    int next = s->qhead != NULL && s->qsync > 0;
+    if (next) __atomic_store_n(&s->lead_wanted, g + 1, __ATOMIC_SEQ_CST);
+    else {
+        s->leading = 0;
+        if (s->qhead) pthread_cond_signal(&s->async_cv);
+        if (s->stopping) pthread_cond_broadcast(&s->idle);
+    }
+    pthread_mutex_unlock(&s->mu);
+    __atomic_add_fetch(&s->fword, 1, __ATOMIC_SEQ_CST);
+    if (next) fword_wake(s, g + 1, 1); /* the next leader first */
+    if (others) fword_wake(s, g, INT32_MAX);
+    for (req *r = async, *nx; r; r = nx) {
+        nx = r->next;
+        r->fn(r->ud, r->rc, &r->err);
+        free(r);
+    }
+}
+
+/* The async leader: whenever requests are queued and nobody leads (only
+ * async requests are waiting), take the lead for them. */
+static void *async_main(void *arg) {
     store *s = arg;
     pthread_mutex_lock(&s->mu);
     for (;;) {
-        while (!s->qhead && !s->stopping) pthread_cond_wait(&s->work, &s->mu);
-        if (!s->qhead) break;
-        req *list = s->qhead;
-        s->qhead = s->qtail = NULL;
-        pthread_mutex_unlock(&s->mu);
-        group_commit(s, list);
-        req *async = NULL;
+        while (!(s->qhead && !s->leading) && !s->async_quit)
+            pthread_cond_wait(&s->async_cv, &s->mu);
+        if (!(s->qhead && !s->leading)) break; /* quitting with nothing to do */
+        s->leading = 1;
+        lead(s, NULL); /* returns with mu released */
         pthread_mutex_lock(&s->mu);
-        for (req *r = list, *nx; r; r = nx) {
-            nx = r->next;
-            if (r->fn) {
-                r->next = async;
-                async = r;
-                continue;
-            }
-            r->done = 1;
-            pthread_cond_signal(&r->cv);
-        }
-        if (async) {
-            pthread_mutex_unlock(&s->mu);
-            for (req *r = async, *nx; r; r = nx) {
-                nx = r->next;
-                r->fn(r->ud, r->rc, &r->err);
-                free(r);
-            }
-            pthread_mutex_lock(&s->mu);
-        }
     }
     pthread_mutex_unlock(&s->mu);
     return NULL;
+}
+
+/* A queued caller (mu not held): until its request is done, sleep, or
+ * lead its group when asked. */
+static void wait_or_lead(store *s, req *r) {
+    uint32_t bit = (uint32_t)1 << (r->group & 31);
+    for (;;) {
+        uint32_t seq = __atomic_load_n(&s->fword, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&r->state, __ATOMIC_SEQ_CST) == REQ_DONE) return;
+        if (__atomic_load_n(&s->lead_wanted, __ATOMIC_SEQ_CST) == r->group) {
+            pthread_mutex_lock(&s->mu);
+            if (s->lead_wanted == r->group) { /* r is still queued: its group is not taken */
+                __atomic_store_n(&s->lead_wanted, 0, __ATOMIC_SEQ_CST);
+                lead(s, r);
+                return;
+            }
+            pthread_mutex_unlock(&s->mu);
+            continue;
+        }
+        syscall(SYS_futex, &s->fword, FUTEX_WAIT_BITSET_PRIVATE, seq, NULL, NULL, bit);
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -1330,21 +1459,24 @@ int store_append(store *s, tm_event *evs, size_t n, const store_expect *exp, siz
     r.exp = exp;
     r.nexp = nexp;
     err_clear(&r.err);
-    pthread_cond_init(&r.cv, NULL);
     pthread_mutex_lock(&s->mu);
     if (s->failed || s->stopping) {
         pthread_mutex_unlock(&s->mu);
-        pthread_cond_destroy(&r.cv);
         if (s->stopping) return err_set(err, TM_EIO, "store is closing");
         return refusing(err);
     }
     if (s->qtail) s->qtail->next = &r;
     else s->qhead = &r;
     s->qtail = &r;
-    pthread_cond_signal(&s->work);
-    while (!r.done) pthread_cond_wait(&r.cv, &s->mu);
-    pthread_mutex_unlock(&s->mu);
-    pthread_cond_destroy(&r.cv);
+    s->qsync++;
+    r.group = s->taken + 1;
+    if (s->leading) {
+        pthread_mutex_unlock(&s->mu);
+        wait_or_lead(s, &r);
+    } else {
+        s->leading = 1;
+        lead(s, &r);
+    }
     if (r.rc < 0 && err) *err = r.err;
     return r.rc;
 }
@@ -1372,10 +1504,19 @@ int store_append_async(store *s, tm_event *evs, size_t n, const store_expect *ex
         if (stopping) return err_set(err, TM_EIO, "store is closing");
         return refusing(err);
     }
+    if (!s->async_started) {
+        if (pthread_create(&s->async_th, NULL, async_main, s) != 0) {
+            pthread_mutex_unlock(&s->mu);
+            free(r);
+            return err_set(err, TM_EIO, "cannot start the store's async commit thread");
+        }
+        s->async_started = 1;
+    }
     if (s->qtail) s->qtail->next = r;
     else s->qhead = r;
     s->qtail = r;
-    pthread_cond_signal(&s->work);
+    r->group = s->taken + 1;
+    if (!s->leading) pthread_cond_signal(&s->async_cv);
     pthread_mutex_unlock(&s->mu);
     return 0;
 }
@@ -1429,6 +1570,8 @@ static store_iter *iter_new(store *s, int kind, uint64_t from, int backward, uin
     it->snap = leveldb_create_snapshot(s->db);
     it->ro = leveldb_readoptions_create();
     leveldb_readoptions_set_verify_checksums(it->ro, 1);
+    /* a scan of the log reads each block once: do not churn the cache */
+    leveldb_readoptions_set_fill_cache(it->ro, kind != IT_ALL);
     leveldb_readoptions_set_snapshot(it->ro, it->snap);
     it->it = leveldb_create_iterator(s->db, it->ro);
     if (kind != IT_ALL) it->ix = leveldb_create_iterator(s->db, it->ro);
@@ -1493,21 +1636,21 @@ static const char *iter_name(store_iter *it, size_t *len) {
 /* Move the 'e' iterator onto pos and decode the record.  0 / -1. */
 static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
     unsigned char k[9];
-    event_key(k, pos);
+    event_key(k, it->s->kev, pos);
     int ok = 0;
     if (leveldb_iter_valid(it->it)) {
         /* sequential reads: step instead of seeking */
         size_t kl;
         const char *cur = leveldb_iter_key(it->it, &kl);
-        if (kl == 9 && cur[0] == K_EVENT) {
-            uint64_t c = buf_get_be64(cur + 1);
+        if (kl == 9 && cur[0] == it->s->kev) {
+            uint64_t c = get_be64(cur + 1);
             if (c < pos && pos - c <= 4) {
                 while (c < pos && leveldb_iter_valid(it->it)) {
                     leveldb_iter_next(it->it);
                     if (!leveldb_iter_valid(it->it)) break;
                     cur = leveldb_iter_key(it->it, &kl);
-                    if (kl != 9 || cur[0] != K_EVENT) break;
-                    c = buf_get_be64(cur + 1);
+                    if (kl != 9 || cur[0] != it->s->kev) break;
+                    c = get_be64(cur + 1);
                 }
                 ok = 1;
             } else if (c > pos && c - pos <= 4) {
@@ -1515,15 +1658,14 @@ static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
                     leveldb_iter_prev(it->it);
                     if (!leveldb_iter_valid(it->it)) break;
                     cur = leveldb_iter_key(it->it, &kl);
-                    if (kl != 9 || cur[0] != K_EVENT) break;
-                    c = buf_get_be64(cur + 1);
+                    if (kl != 9 || cur[0] != it->s->kev) break;
+                    c = get_be64(cur + 1);
                 }
                 ok = 1;
             } else if (c == pos) ok = 1;
         }
     }
     if (!ok) leveldb_iter_seek(it->it, (const char *)k, 9);
-    if (iter_status(it->it, err) < 0) return -1; /* a skipped unreadable block */
     if (!iter_at(it->it, k, 9)) {
         if (iter_status(it->it, err) < 0) return -1;
         return err_set(err, TM_EIO, "corrupt store: position %llu is missing from the log",
@@ -1538,6 +1680,21 @@ static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
 
 static int next_all(store_iter *it, tm_event *ev, tm_err *err) {
     if (it->backward ? it->next == 0 : it->next > it->hi) return 0;
+    if (!it->backward && it->started) {
+        /* a forward scan: the iterator is on the previous position, the
+         * next key is the next position (anything else: fetch decides) */
+        leveldb_iter_next(it->it);
+        size_t kl;
+        const char *k = leveldb_iter_valid(it->it) ? leveldb_iter_key(it->it, &kl) : NULL;
+        if (k && kl == 9 && k[0] == it->s->kev && get_be64(k + 1) == it->next) {
+            it->rec = leveldb_iter_value(it->it, &it->reclen);
+            if (record_decode(it->rec, it->reclen, ev, err) < 0)
+                return err_prefix(err, "position %llu", (unsigned long long)it->next);
+            ev->position = it->next++;
+            return 1;
+        }
+    }
+    it->started = !it->backward;
     if (fetch(it, it->next, ev, err) < 0) return -1;
     if (it->backward) it->next--;
     else it->next++;
@@ -1555,10 +1712,7 @@ static int bad_run(store_iter *it, tm_err *err) {
 
 /* Load the run under it->ix (must match the prefix): 1 loaded, 0 not ours, -1. */
 static int load_run(store_iter *it, tm_err *err) {
-    /* checked even when valid: LevelDB's iterator steps over a block it
-     * cannot read (recording the error) and lands on a later key */
-    if (iter_status(it->ix, err) < 0) return -1;
-    if (!leveldb_iter_valid(it->ix)) return 0;
+    if (!leveldb_iter_valid(it->ix)) return iter_status(it->ix, err) < 0 ? -1 : 0;
     size_t kl, vl;
     const char *k = leveldb_iter_key(it->ix, &kl);
     if (kl != it->prefix.len + 8 || memcmp(k, it->prefix.ptr, it->prefix.len) != 0) return 0;
@@ -2016,7 +2170,7 @@ static void count_name(nmap *m, const char *k, size_t kl) {
 /* Read the record at pos via c->ev: 1 decoded, 0 missing/corrupt (reported), -1 error. */
 static int check_fetch(check *c, uint64_t pos, tm_event *ev) {
     unsigned char k[9];
-    event_key(k, pos);
+    event_key(k, c->s->kev, pos);
     leveldb_iter_seek(c->ev, (const char *)k, 9);
     if (!iter_at(c->ev, k, 9)) return 0;
     size_t vl;
@@ -2245,13 +2399,13 @@ int store_check(store *s, FILE *out, store_check_report *report, tm_err *err) {
     /* the log */
     leveldb_iterator_t *it = leveldb_create_iterator(s->db, c.ro);
     unsigned char k0[9];
-    event_key(k0, 0);
+    event_key(k0, s->kev, 0);
     leveldb_iter_seek(it, (const char *)k0, 9);
     uint64_t expect = 1;
     for (; leveldb_iter_valid(it); leveldb_iter_next(it)) {
         size_t kl, vl;
         const char *k = leveldb_iter_key(it, &kl);
-        if (k[0] != K_EVENT) break;
+        if (k[0] != s->kev) break;
         if (kl != 9) {
             problem(&c, "log: malformed key");
             continue;
@@ -2306,7 +2460,7 @@ int store_check(store *s, FILE *out, store_check_report *report, tm_err *err) {
             size_t kl;
             const char *k = leveldb_iter_key(it, &kl);
             unsigned char tag = (unsigned char)k[0];
-            if (!tag || !strchr("eisctmpg", tag))
+            if (tag != (unsigned char)s->kev && (!tag || !strchr("isctmpg", tag)))
                 problem(&c, "unknown key namespace 0x%02x", tag);
             if (tag == 0xff) break;
             unsigned char nx = (unsigned char)(tag + 1);
@@ -2432,8 +2586,7 @@ int store_kv_next(store_kv_iter *it, const char **k, size_t *kl, const char **v,
                   tm_err *err) {
     if (it->started) leveldb_iter_next(it->it);
     it->started = 1;
-    if (iter_status(it->it, err) < 0) return -1; /* a skipped unreadable block */
-    if (!leveldb_iter_valid(it->it)) return 0;
+    if (!leveldb_iter_valid(it->it)) return iter_status(it->it, err) < 0 ? -1 : 0;
     size_t n;
     const char *key = leveldb_iter_key(it->it, &n);
     if (n < it->prefix.len || memcmp(key, it->prefix.ptr, it->prefix.len) != 0) return 0;

@@ -8,10 +8,11 @@
  *   - a key-value namespace for projections (state + checkpoint in one
  *     atomic batch, see store_batch_*).
  *
- * Appends go through one writer thread (group commit): concurrent callers
- * enqueue, the writer validates expected versions in arrival order, builds
- * one WriteBatch for everything queued, writes it with sync (by default),
- * then wakes every caller.  store_append may be called from any number of
+ * Appends are group-committed, LevelDB-style: concurrent callers enqueue;
+ * one of them (the leader) takes everything queued, validates expected
+ * versions in arrival order, builds one WriteBatch, writes it with sync (by
+ * default), wakes the group's callers and hands leadership to one of the
+ * callers queued meanwhile.  store_append may be called from any number of
  * threads.  A failed write/sync fails every request in that batch and puts
  * the store into a refusing state (TM_EIO) until it is closed and reopened.
  *
@@ -54,7 +55,8 @@ void store_opts_default(store_opts *o);
  * TM_ENOTFOUND when it does not exist and create_if_missing is 0, or
  * TM_EIO with "locked by another process" when a server holds it. */
 store *store_open(const char *dir, const store_opts *opts, tm_err *err);
-/* Drain pending appends, stop the writer, close LevelDB. */
+/* Wait for pending appends to be committed, close LevelDB.  No append may
+ * start once store_close is called. */
 void store_close(store *s);
 
 /* ---- append ---- */
@@ -85,16 +87,19 @@ int store_append(store *s, tm_event *evs, size_t n, const store_expect *exp, siz
 /* The same as store_append without blocking (for event loops): returns -1
  * with err filled when the request is refused at once (invalid events, a
  * refusing or closing store) and fn is never called; otherwise returns 0
- * and fn(ud, rc, err) is called exactly once on the writer thread after the
- * group commit (rc 0: evs are filled as with store_append; rc -1: err says
- * why, with current_version on a conflict).  evs, their bytes and exp must
- * stay valid until fn runs.  fn must be quick and must not append. */
+ * and fn(ud, rc, err) is called exactly once after the group commit, on the
+ * committing thread (a blocking caller leading the group, or the store's
+ * async commit thread) (rc 0: evs are filled as with store_append; rc -1:
+ * err says why, with current_version on a conflict).  evs, their bytes and
+ * exp must stay valid until fn runs.  fn must be quick and must not append. */
 typedef void (*store_append_fn)(void *ud, int rc, const tm_err *err);
 int store_append_async(store *s, tm_event *evs, size_t n, const store_expect *exp, size_t nexp,
                        store_append_fn fn, void *ud, tm_err *err);
 
-/* Called on the writer thread after each durable commit, with the last
- * position now readable.  Must be quick and must not append. */
+/* Called after each durable commit, with the last position now readable,
+ * on the committing thread (the leader: one of the appending callers'
+ * threads).  Must be quick, must not append and must not take a lock an
+ * appending caller may hold. */
 typedef void (*store_commit_fn)(void *ud, uint64_t last_position);
 void store_on_commit(store *s, store_commit_fn fn, void *ud);
 

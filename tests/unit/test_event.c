@@ -186,6 +186,28 @@ static void test_check_names(void **st) {
     assert_string_equal(e.msg, "stream name is not valid UTF-8");
     assert_int_equal(names("s", 1, "\xed\xa0\x80", 3, &e), -1);
     assert_string_equal(e.msg, "event type is not valid UTF-8");
+    /* a NUL or a bad byte anywhere in longer names (word-at-a-time scan) */
+    for (size_t len = 1; len <= 24; len++)
+        for (size_t at = 0; at < len; at++) {
+            char n[24];
+            memset(n, 'a' + (int)(len % 26), sizeof n);
+            assert_int_equal(names(n, len, n, len, &e), 0);
+            n[at] = '\0';
+            assert_int_equal(names(n, len, "T", 1, &e), -1);
+            assert_string_equal(e.msg, "stream name contains a NUL byte");
+            n[at] = '\xff';
+            assert_int_equal(names("s", 1, n, len, &e), -1);
+            assert_string_equal(e.msg, "event type is not valid UTF-8");
+            n[at] = '\x7f'; /* DEL and 0x01 are ASCII: accepted */
+            assert_int_equal(names(n, len, n, len, &e), 0);
+            n[at] = '\x01';
+            assert_int_equal(names(n, len, n, len, &e), 0);
+            if (at + 1 < len) { /* valid 2-byte UTF-8 through the slow path */
+                n[at] = '\xc3';
+                n[at + 1] = '\xa9';
+                assert_int_equal(names(n, len, n, len, &e), 0);
+            }
+        }
 }
 
 /* ---- event_from_json ---- */
@@ -430,6 +452,42 @@ static void test_from_mp(void **st) {
     buf_free(&b);
 }
 
+/* Data and metadata are held to the caller's limits exactly, whether the
+ * check comes from the parse (small objects) or from mp_validate. */
+static void test_from_json_limits(void **st) {
+    for (unsigned lim_d = 1; lim_d <= 4; lim_d++)
+        for (unsigned lim_i = 1; lim_i <= 10; lim_i += 3)
+            for (size_t lim_s = 8; lim_s <= 400; lim_s = lim_s * 2 + 3)
+                for (unsigned d = 0; d <= 5; d++)
+                    for (unsigned n = 0; n <= 11; n += 2)
+                        for (int in_meta = 0; in_meta < 2; in_meta++) {
+                            mp_limits lim = {lim_d, lim_i, lim_s};
+                            /* d nested arrays around an array of n strings */
+                            buf v = BUF_INIT, line = BUF_INIT, mp = BUF_INIT, scratch = BUF_INIT;
+                            buf_puts(&v, in_meta ? "{\"k\":" : "");
+                            for (unsigned i = 0; i < d; i++) buf_putc(&v, '[');
+                            buf_putc(&v, '[');
+                            for (unsigned i = 0; i < n; i++) buf_puts(&v, i ? ",\"abcdefg\"" : "\"abcdefg\"");
+                            buf_putc(&v, ']');
+                            for (unsigned i = 0; i < d; i++) buf_putc(&v, ']');
+                            buf_puts(&v, in_meta ? "}" : "");
+                            buf_printf(&line, "{\"stream\":\"s\",\"type\":\"T\",\"%s\":%s}",
+                                       in_meta ? "metadata" : "data", v.ptr);
+                            tm_err e1, e2;
+                            int want = json_to_mp(v.ptr, v.len, &lim, &mp, &e1);
+                            tm_event ev;
+                            int got = event_from_json(line.ptr, line.len, NULL, 0, &lim, &scratch,
+                                                      &ev, &e2);
+                            if (want != got)
+                                fail_msg("limits %u/%u/%zu: %s: alone %d, in an event %d (%s)", lim_d,
+                                         lim_i, lim_s, line.ptr, want, got, got ? e2.msg : "");
+                            buf_free(&v);
+                            buf_free(&line);
+                            buf_free(&mp);
+                            buf_free(&scratch);
+                        }
+}
+
 /* ---- event_to_json ---- */
 
 static void test_to_json(void **st) {
@@ -478,6 +536,34 @@ static void test_to_json(void **st) {
     buf_puts(&out, "x");
     assert_int_equal(event_to_json(&ev, &out, &e), -1);
     assert_string_equal(out.ptr, "x");
+    /* numbers at every digit-count boundary, ids of every byte value,
+     * an explicit empty metadata map: against snprintf / event_id_format */
+    static const uint64_t nums[] = {0, 1, 9, 10, 11, 99, 100, 101, 999, 1000, 1001, 9999, 10000,
+                                    123456789, 1000000000000ull, 9999999999999999999ull,
+                                    10000000000000000000ull, UINT64_MAX};
+    ev.data = "\xc0";
+    ev.data_len = 1;
+    ev.meta = "\x80";
+    ev.meta_len = 1;
+    ev.stream = "s";
+    ev.stream_len = 1;
+    for (size_t i = 0; i < sizeof nums / sizeof *nums; i++) {
+        for (int k = 0; k < 16; k++) ev.id[k] = (uint8_t)(i * 16 + (size_t)k * 17);
+        ev.position = nums[i];
+        ev.version = nums[(i + 3) % (sizeof nums / sizeof *nums)];
+        ev.time_ms = i % 2 ? -(int64_t)(nums[i] >> 1) : (int64_t)(nums[i] >> 1);
+        if (i == 0) ev.time_ms = INT64_MIN;
+        char id[37], want[400];
+        event_id_format(ev.id, id);
+        snprintf(want, sizeof want,
+                 "{\"stream\":\"s\",\"type\":\"OrderPlaced\",\"data\":null,\"metadata\":{},"
+                 "\"id\":\"%s\",\"time\":%lld,\"position\":%llu,\"version\":%llu}",
+                 id, (long long)ev.time_ms, (unsigned long long)ev.position,
+                 (unsigned long long)ev.version);
+        buf_reset(&out);
+        assert_int_equal(event_to_json(&ev, &out, &e), 0);
+        assert_string_equal(out.ptr, want);
+    }
     buf_free(&data);
     buf_free(&meta);
     buf_free(&out);
@@ -519,6 +605,7 @@ int main(void) {
         cmocka_unit_test(test_from_json_errors),
         cmocka_unit_test(test_from_mp),
         cmocka_unit_test(test_to_json),
+        cmocka_unit_test(test_from_json_limits),
         cmocka_unit_test(test_json_roundtrip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -599,6 +599,102 @@ static void gen(buf *b, int depth) {
     buf_putc(b, is_map ? '}' : ']');
 }
 
+/* The fast path against yajl alone: for valid JSON, corrupted JSON and
+ * near-misses of every construct, both give the same result, the same
+ * bytes and the same error message. */
+static uint64_t dx_state = 88172645463325252ull;
+static unsigned dx_rand(unsigned n) {
+    dx_state ^= dx_state << 13;
+    dx_state ^= dx_state >> 7;
+    dx_state ^= dx_state << 17;
+    return (unsigned)(dx_state % n);
+}
+
+static void dx_value(buf *b, int depth) {
+    static const char *atoms[] = {"0", "-0", "1", "-1", "12345678901234567890", "-9223372036854775808",
+                                  "1.5", "-0.0", "1e5", "1E-5", "2.5e+300", "0.1", "true", "false",
+                                  "null", "\"\"", "\"abc\"", "\"a\\\"b\\\\c\\/d\\b\\f\\n\\r\\t\"",
+                                  "\"\\u00e9\\ud83d\\ude00\"", "\"h\xc3\xa9llo\"", "\"\xf0\x9f\x98\x80\"",
+                                  "\"x\x7fy\"", "\"\xed\xa0\x80\"", "\"\xc0\xaf\""};
+    unsigned k = dx_rand(depth > 4 ? 10 : 14);
+    if (k < 10) {
+        buf_puts(b, atoms[dx_rand(sizeof atoms / sizeof *atoms)]);
+        return;
+    }
+    int map = k >= 12;
+    unsigned n = dx_rand(5);
+    buf_putc(b, map ? '{' : '[');
+    for (unsigned i = 0; i < n; i++) {
+        if (i) buf_puts(b, dx_rand(4) ? "," : " ,\n");
+        if (dx_rand(3) == 0) buf_puts(b, " \t");
+        if (map) {
+            buf_puts(b, dx_rand(6) ? "\"k\"" : "\"k\\n\"");
+            buf_puts(b, dx_rand(3) ? ":" : " : ");
+        }
+        dx_value(b, depth + 1);
+    }
+    buf_putc(b, map ? '}' : ']');
+}
+
+static void dx_compare(const char *in, size_t len, const mp_limits *lim) {
+    buf a = BUF_INIT, b = BUF_INIT;
+    tm_err ea, eb;
+    err_clear(&ea);
+    err_clear(&eb);
+    buf_puts(&a, "pre");
+    buf_puts(&b, "pre");
+    json_set_fast_path(1);
+    int ra = json_to_mp(in, len, lim, &a, &ea);
+    json_set_fast_path(0);
+    int rb = json_to_mp(in, len, lim, &b, &eb);
+    json_set_fast_path(1);
+    if (ra != rb) fail_msg("fast %d, yajl %d for '%.*s'", ra, rb, (int)len, in);
+    assert_int_equal(a.len, b.len);
+    assert_memory_equal(a.ptr, b.ptr, a.len);
+    if (ra < 0) {
+        assert_int_equal(ea.code, eb.code);
+        assert_string_equal(ea.msg, eb.msg);
+    }
+    buf_free(&a);
+    buf_free(&b);
+}
+
+static void test_fast_path_vs_yajl(void **st) {
+    static const char *fixed[] = {"", " ", "{}", "[]", " {} ", "{\"a\":1,}", "[1,]", "[1 2]", "01",
+                                  "-", "1.", "1e", "1e+", ".5", "+1", "tru", "truex", "nul", "[",
+                                  "{\"a\"}", "{\"a\":}", "{,}", "\"\\u12\"", "\"\\x\"", "\"a\nb\"",
+                                  "\xef\xbb\xbf{}", "{}\f", "\f{}", "[1]x", "1 2", "\"abc",
+                                  "[\"\\", "{\"a\":1}{}", "[-01]", "[1.5.3]", "\v1"};
+    for (size_t i = 0; i < sizeof fixed / sizeof *fixed; i++) dx_compare(fixed[i], strlen(fixed[i]), NULL);
+    mp_limits tight = mp_default_limits;
+    tight.max_depth = 3;
+    tight.max_items = 3;
+    tight.max_size = 40;
+    buf b = BUF_INIT;
+    for (int round = 0; round < 4000; round++) {
+        buf_reset(&b);
+        if (dx_rand(4) == 0) buf_puts(&b, " \r\n");
+        dx_value(&b, 0);
+        dx_compare(b.ptr, b.len, round % 3 ? NULL : &tight);
+        /* a few corruptions of the same text */
+        for (int m = 0; m < 3 && b.len; m++) {
+            char *t = malloc(b.len + 1);
+            memcpy(t, b.ptr, b.len);
+            size_t at = dx_rand((unsigned)b.len);
+            static const char repl[] = "{}[]\",:\\ 0-.eE\x01\x80\xff\n";
+            size_t tl = b.len;
+            switch (dx_rand(3)) {
+            case 0: t[at] = repl[dx_rand(sizeof repl - 1)]; break;
+            case 1: memmove(t + at, t + at + 1, tl - at - 1), tl--; break;
+            default: tl = at; break; /* truncated */
+            }
+            dx_compare(t, tl, round % 3 ? NULL : &tight);
+            free(t);
+        }
+    }
+    buf_free(&b);
+}
+
 static void test_fuzz_fixed_point(void **st) {
     for (int i = 0; i < 2000; i++) {
         buf doc = BUF_INIT;
@@ -647,6 +743,7 @@ int main(void) {
         cmocka_unit_test(test_put_string),
         cmocka_unit_test(test_numbers_vs_libc),
         cmocka_unit_test(test_fuzz_fixed_point),
+        cmocka_unit_test(test_fast_path_vs_yajl),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -688,6 +688,61 @@ static void test_fuzz(void **st) {
     buf_free(&base);
 }
 
+/* mp_validate's shortcut for flat maps/arrays of scalars agrees with the
+ * general walk (mp_validate_prefix takes no shortcut) on such values,
+ * their corruptions and truncations, under tight and default limits. */
+static void test_flat_shortcut(void **st) {
+    static const unsigned char heads[] = {0x00, 0x7f, 0xe0, 0xff, 0xc0, 0xc1, 0xc2, 0xc3, 0xca,
+                                          0xcb, 0xcc, 0xcd, 0xce, 0xcf, 0xd0, 0xd1, 0xd2, 0xd3,
+                                          0xd4, 0xd9, 0xda, 0xa0, 0xa5, 0xbf, 0x80, 0x91, 0xc4};
+    int accepted = 0;
+    for (int iter = 0; iter < 30000; iter++) {
+        unsigned char c[400];
+        size_t n = 0;
+        int is_map = rnd() & 1;
+        unsigned items = (unsigned)(rnd() % 16);
+        c[n++] = (unsigned char)((is_map ? 0x80 : 0x90) | items);
+        for (unsigned i = 0; i < (is_map ? 2 * items : items) && n < 300; i++) {
+            unsigned char h = heads[rnd() % sizeof heads];
+            if (h == 0xa5 || h == 0xbf || h == 0xa0) h = (unsigned char)(0xa0 | (rnd() % 32));
+            c[n++] = h;
+            size_t extra = 0;
+            if ((h & 0xe0) == 0xa0) extra = h & 0x1f;
+            else if (h == 0xd9) {
+                c[n++] = (unsigned char)(rnd() % 40);
+                extra = c[n - 1];
+            } else if (h >= 0xca && h <= 0xd3) {
+                static const unsigned char sz[] = {4, 8, 1, 2, 4, 8, 1, 2, 4, 8};
+                extra = sz[h - 0xca];
+            } else if (h == 0xd4) extra = 2;
+            else if (h == 0xda) extra = 2 + (rnd() % 3);
+            else if (h == 0xc4) extra = 1 + (rnd() % 3);
+            for (size_t k = 0; k < extra; k++) c[n++] = (unsigned char)rnd();
+        }
+        switch (rnd() % 6) {
+        case 0: c[rnd() % n] = (unsigned char)rnd(); break;
+        case 1: n = rnd() % n; break;
+        case 2: c[n++] = (unsigned char)rnd(); break;
+        default: break;
+        }
+        mp_limits lim = mp_default_limits;
+        if (rnd() % 3 == 0) {
+            lim.max_depth = (unsigned)(rnd() % 3);
+            lim.max_items = (uint32_t)(rnd() % 17);
+            lim.max_size = rnd() % 300;
+        }
+        char *t = dup_exact((const char *)c, n);
+        tm_err e;
+        size_t used = 0;
+        int general = mp_validate_prefix(t, n, &lim, &used, &e) == 0 && used == n;
+        int got = mp_validate(t, n, &lim, &e) == 0;
+        if (general != got) fail_msg("iter %d: general %d, mp_validate %d (len %zu)", iter, general, got, n);
+        accepted += got;
+        free(t);
+    }
+    assert_true(accepted > 1000);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_nil_bool),
@@ -708,6 +763,7 @@ int main(void) {
         cmocka_unit_test(test_null_err_ok),
         cmocka_unit_test(test_map_find),
         cmocka_unit_test(test_fuzz),
+        cmocka_unit_test(test_flat_shortcut),
     };
     return cmocka_run_group_tests(tests, NULL, teardown);
 }

@@ -11,6 +11,7 @@
 
 #include <ftw.h>
 #include <leveldb/c.h>
+#include <msgpack.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -75,8 +76,8 @@ static tm_event mkev(const char *stream, const char *type, const char *data) {
 
 /* msgpack {"n": <fixint>} */
 static const char *num(int n) {
-    static char b[64][4];
-    static int k;
+    static _Thread_local char b[64][4]; /* per thread: test_concurrent */
+    static _Thread_local int k;
     char *p = b[k++ % 64];
     p[0] = (char)0x81;
     p[1] = (char)0xa1;
@@ -135,6 +136,16 @@ static void test_crc32c_and_record(void **state) {
     char big[1000];
     for (int i = 0; i < 1000; i++) big[i] = (char)(i * 7);
     assert_int_equal(crc32c(crc32c(0, big, 333), big + 333, 667), crc32c(0, big, 1000));
+    /* every alignment and tail length against a bitwise reference */
+    for (size_t off = 0; off < 9; off++)
+        for (size_t n = 0; n < 70; n++) {
+            uint32_t r = 0xffffffffu;
+            for (size_t i = 0; i < n; i++) {
+                r ^= (unsigned char)big[off + i];
+                for (int k = 0; k < 8; k++) r = (r & 1) ? (r >> 1) ^ 0x82F63B78u : r >> 1;
+            }
+            assert_int_equal(crc32c(0, big + off, n), ~r);
+        }
 
     tm_event e = mkev("order-1", "Placed", "\x81\xa1x\x05");
     memset(e.id, 0xab, 16);
@@ -161,6 +172,97 @@ static void test_crc32c_and_record(void **state) {
     }
     assert_int_equal(record_decode(b.ptr, b.len - 1, &d, &err), -1);
     buf_free(&b);
+}
+
+/* record_encode writes the smallest msgpack forms, byte for byte what the
+ * msgpack-c packer writes, at every length / value boundary. */
+static int ref_write(void *data, const char *p, size_t n) {
+    buf_append((buf *)data, p, n);
+    return 0;
+}
+
+static void ref_encode(const tm_event *ev, buf *out) {
+    msgpack_packer pk;
+    buf_append(out, "\0\0\0\0", 4);
+    msgpack_packer_init(&pk, out, ref_write);
+    msgpack_pack_array(&pk, 8);
+    msgpack_pack_uint64(&pk, 1);
+    msgpack_pack_bin(&pk, 16);
+    msgpack_pack_bin_body(&pk, ev->id, 16);
+    msgpack_pack_str(&pk, ev->stream_len);
+    msgpack_pack_str_body(&pk, ev->stream, ev->stream_len);
+    msgpack_pack_str(&pk, ev->type_len);
+    msgpack_pack_str_body(&pk, ev->type, ev->type_len);
+    msgpack_pack_uint64(&pk, ev->version);
+    msgpack_pack_int64(&pk, ev->time_ms);
+    if (ev->meta_len) buf_append(out, ev->meta, ev->meta_len);
+    else msgpack_pack_map(&pk, 0);
+    if (ev->data_len) buf_append(out, ev->data, ev->data_len);
+    else msgpack_pack_nil(&pk);
+    uint32_t c = crc32c(0, out->ptr + 4, out->len - 4);
+    for (int i = 0; i < 4; i++) out->ptr[i] = (char)(c >> (8 * i));
+}
+
+static void test_record_encode_forms(void **state) {
+    (void)state;
+    static const uint64_t vers[] = {0, 1, 127, 128, 255, 256, 65535, 65536, 4294967295ull,
+                                    4294967296ull, UINT64_MAX};
+    static const int64_t times[] = {0, 1, 127, 128, 1700000000123ll, -1, -32, -33, -128, -129,
+                                    -32768, -32769, -2147483648ll, -2147483649ll, INT64_MIN,
+                                    INT64_MAX, 4294967296ll};
+    static const size_t lens[] = {1, 31, 32, 255, 256, 65535, 65536};
+    char *name = malloc(70000);
+    memset(name, 'n', 70000);
+    buf a = BUF_INIT, b = BUF_INIT;
+    for (size_t li = 0; li < sizeof lens / sizeof *lens; li++)
+        for (size_t vi = 0; vi < sizeof vers / sizeof *vers; vi++)
+            for (size_t ti = 0; ti < sizeof times / sizeof *times; ti++) {
+                tm_event e = mkev("s", "T", "");
+                memset(e.id, (int)(li + vi + ti), 16);
+                e.stream = name;
+                e.stream_len = lens[li];
+                e.type_len = lens[(li + vi) % (sizeof lens / sizeof *lens)];
+                e.type = name;
+                e.version = vers[vi];
+                e.time_ms = times[ti];
+                if (ti % 2) {
+                    e.meta = "\x81\xa1k\x01";
+                    e.meta_len = 4;
+                    e.data = "\x92\x01\x02";
+                    e.data_len = 3;
+                }
+                buf_reset(&a);
+                buf_reset(&b);
+                buf_append(&a, "xy", 2); /* appends after existing bytes */
+                record_encode(&e, &a);
+                ref_encode(&e, &b);
+                assert_int_equal(a.len, b.len + 2);
+                assert_memory_equal(a.ptr + 2, b.ptr, b.len);
+                assert_int_equal(a.ptr[a.len], '\0');
+                tm_event d;
+                tm_err err;
+                assert_int_equal(record_decode(a.ptr + 2, a.len - 2, &d, &err), 0);
+                assert_int_equal(d.version, e.version);
+                assert_int_equal(d.time_ms, e.time_ms);
+                assert_int_equal(d.stream_len, e.stream_len);
+                assert_int_equal(d.type_len, e.type_len);
+                assert_int_equal(d.data_len, e.data_len ? e.data_len : 1);
+                if (a.len > 1024) continue;
+                /* every truncation, with a checksum that matches it, is refused
+                 * (copied to the heap so a read past the end is caught by ASan) */
+                for (size_t l = 5; l < a.len - 2; l++) {
+                    char *t = malloc(l);
+                    memcpy(t, a.ptr + 2, l);
+                    uint32_t c = crc32c(0, t + 4, l - 4);
+                    for (int i = 0; i < 4; i++) t[i] = (char)(c >> (8 * i));
+                    assert_int_equal(record_decode(t, l, &d, &err), -1);
+                    assert_int_equal(err.code, TM_EIO);
+                    free(t);
+                }
+            }
+    buf_free(&a);
+    buf_free(&b);
+    free(name);
 }
 
 /* ---- append ---- */
@@ -852,7 +954,7 @@ static void test_corrupt_record(void **state) {
     buf b = BUF_INIT;
     record_encode(&e, &b);
     b.ptr[b.len - 1] ^= 1;
-    char k[9] = {'e', 0, 0, 0, 0, 0, 0, 0, 5};
+    char k[9] = {0x7f, 0, 0, 0, 0, 0, 0, 0, 5}; /* format 2 event key */
     raw_put(f->dir, k, 9, b.ptr, b.len, 0);
     buf_free(&b);
     reopen(f);
@@ -912,7 +1014,7 @@ static void test_check_broken_indexes(void **state) {
     leveldb_writeoptions_t *wo = leveldb_writeoptions_create();
     char *e = NULL;
     leveldb_put(db, wo, gk, 9, gv, sizeof gv, &e);
-    char ek[9] = {'e', 0, 0, 0, 0, 0, 0, 0, 11};
+    char ek[9] = {0x7f, 0, 0, 0, 0, 0, 0, 0, 11};
     leveldb_delete(db, wo, ek, 9, &e);
     assert_null(e);
     leveldb_writeoptions_destroy(wo);
@@ -985,6 +1087,210 @@ static void test_kv(void **state) {
     assert_clean(f->s);
 }
 
+/* Leader commit: 16 threads, one- and two-event requests, some rejected by
+ * expected versions.  Every caller's result is its own (position, version,
+ * id read back match the event it wrote), positions are gapless, each
+ * stream's versions are contiguous in position order, rejected requests
+ * get their own conflict and write nothing. */
+#define LC_THREADS 16
+#define LC_CALLS 150
+
+typedef struct lc_res {
+    uint64_t pos, ver;
+    uint8_t id[16];
+    int ok; /* 1 appended, -1 rejected as expected */
+} lc_res;
+
+typedef struct lc_worker {
+    store *s;
+    int t;
+    lc_res res[LC_CALLS][2];
+    int bad;
+} lc_worker;
+
+/* msgpack [t, i, k] with t < 128, i < 65536, k < 2 */
+static void lc_data(char *b, int t, int i, int k) {
+    b[0] = (char)0x93;
+    b[1] = (char)t;
+    b[2] = (char)0xcd;
+    b[3] = (char)(i >> 8);
+    b[4] = (char)i;
+    b[5] = (char)k;
+}
+
+static void *lc_work(void *arg) {
+    lc_worker *w = arg;
+    char sa[16], sb[16], da[6], db[6];
+    snprintf(sa, sizeof sa, "lc-%d", w->t % 5);
+    snprintf(sb, sizeof sb, "lc-%d", (w->t + 1) % 5);
+    for (int i = 0; i < LC_CALLS; i++) {
+        lc_data(da, w->t, i, 0);
+        lc_data(db, w->t, i, 1);
+        tm_event e[2] = {mkev(sa, "A", ""), mkev(sb, "B", "")};
+        e[0].data = da;
+        e[0].data_len = 6;
+        e[1].data = db;
+        e[1].data_len = 6;
+        size_t n = i % 4 == 1 ? 2 : 1;
+        store_expect x = {sa, strlen(sa), STORE_NO_STREAM};
+        int reject = i > 0 && i % 10 == 0; /* sa exists once this thread wrote to it */
+        tm_err err;
+        int rc = store_append(w->s, e, n, reject ? &x : NULL, reject ? 1 : 0, &err);
+        if (reject) {
+            if (rc != -1 || err.code != TM_ECONFLICT || err.current_version < 0 ||
+                !strstr(err.msg, sa))
+                w->bad++;
+            w->res[i][0].ok = w->res[i][1].ok = -1;
+            continue;
+        }
+        if (rc != 0) {
+            w->bad++;
+            continue;
+        }
+        for (size_t k = 0; k < n; k++) {
+            w->res[i][k].ok = 1;
+            w->res[i][k].pos = e[k].position;
+            w->res[i][k].ver = e[k].version;
+            memcpy(w->res[i][k].id, e[k].id, 16);
+        }
+        if (n == 2 && e[1].position != e[0].position + 1) w->bad++;
+    }
+    return NULL;
+}
+
+static void test_leader_commit(void **state) {
+    fx *f = *state;
+    static lc_worker w[LC_THREADS];
+    pthread_t th[LC_THREADS];
+    for (int t = 0; t < LC_THREADS; t++) {
+        memset(&w[t], 0, sizeof w[t]);
+        w[t].s = f->s;
+        w[t].t = t;
+        assert_int_equal(pthread_create(&th[t], NULL, lc_work, &w[t]), 0);
+    }
+    uint64_t expected = 0;
+    for (int t = 0; t < LC_THREADS; t++) {
+        pthread_join(th[t], NULL);
+        assert_int_equal(w[t].bad, 0);
+        for (int i = 0; i < LC_CALLS; i++)
+            for (int k = 0; k < 2; k++) expected += w[t].res[i][k].ok == 1;
+    }
+    assert_int_equal(store_last_position(f->s), expected);
+    /* every stored event is exactly one caller's, with that caller's result */
+    int64_t next_ver[5] = {0, 0, 0, 0, 0};
+    tm_err err;
+    store_iter *it = store_read_all(f->s, 0, 0, 0, &err);
+    assert_non_null(it);
+    tm_event ev;
+    uint64_t n = 0;
+    int r;
+    while ((r = store_iter_next(it, &ev, &err)) == 1) {
+        n++;
+        assert_int_equal(ev.position, n);
+        assert_int_equal(ev.data_len, 6);
+        const unsigned char *d = (const unsigned char *)ev.data;
+        int t = d[1], i = d[3] << 8 | d[4], k = d[5];
+        assert_true(t < LC_THREADS && i < LC_CALLS && k < 2);
+        lc_res *res = &w[t].res[i][k];
+        assert_int_equal(res->ok, 1);
+        res->ok = 2; /* seen once */
+        assert_int_equal(res->pos, ev.position);
+        assert_int_equal(res->ver, ev.version);
+        assert_memory_equal(res->id, ev.id, 16);
+        /* a generated id: the position in bytes 0-5, version 8, variant 10 */
+        uint64_t idpos = 0;
+        for (int k = 0; k < 6; k++) idpos = idpos << 8 | ev.id[k];
+        assert_int_equal(idpos, ev.position);
+        assert_int_equal(ev.id[6] & 0xf0, 0x80);
+        assert_int_equal(ev.id[8] & 0xc0, 0x80);
+        int sn = ev.stream[3] - '0';
+        assert_int_equal((int64_t)ev.version, next_ver[sn]);
+        next_ver[sn]++;
+    }
+    assert_int_equal(r, 0);
+    store_iter_free(it);
+    assert_int_equal(n, expected);
+    for (int sn = 0; sn < 5; sn++) {
+        char name[16];
+        snprintf(name, sizeof name, "lc-%d", sn);
+        int64_t head;
+        assert_int_equal(store_stream_version(f->s, name, strlen(name), &head, &err), 1);
+        assert_int_equal(head + 1, next_ver[sn]);
+    }
+    assert_clean(f->s);
+}
+
+/* The event key prefix per format: a new store is format 2 (events under
+ * 0x7f); a format 1 store (events under 'e') keeps working as one, and an
+ * unknown format is refused. */
+static size_t count_prefix(const char *dir, unsigned char prefix) {
+    leveldb_t *db = raw_open(dir);
+    leveldb_readoptions_t *ro = leveldb_readoptions_create();
+    leveldb_iterator_t *it = leveldb_create_iterator(db, ro);
+    size_t n = 0;
+    for (leveldb_iter_seek_to_first(it); leveldb_iter_valid(it); leveldb_iter_next(it)) {
+        size_t kl;
+        const char *k = leveldb_iter_key(it, &kl);
+        n += kl == 9 && (unsigned char)k[0] == prefix;
+    }
+    leveldb_iter_destroy(it);
+    leveldb_readoptions_destroy(ro);
+    leveldb_close(db);
+    return n;
+}
+
+static void test_formats(void **state) {
+    fx *f = *state;
+    fill(f->s);
+    store_close(f->s);
+    f->s = NULL;
+    assert_int_equal(count_prefix(f->dir, 0x7f), 12);
+    assert_int_equal(count_prefix(f->dir, 'e'), 0);
+    /* a format 1 store */
+    char dir1[64];
+    strcpy(dir1, "/tmp/tm_store1_XXXXXX");
+    assert_non_null(mkdtemp(dir1));
+    leveldb_options_t *o = leveldb_options_create();
+    leveldb_options_set_create_if_missing(o, 1);
+    char *e = NULL;
+    leveldb_t *db = leveldb_open(o, dir1, &e);
+    assert_null(e);
+    leveldb_writeoptions_t *wo = leveldb_writeoptions_create();
+    leveldb_put(db, wo, "mformat", 7, "1", 1, &e);
+    assert_null(e);
+    leveldb_close(db);
+    tm_err err;
+    store *s1 = store_open(dir1, NULL, &err);
+    assert_non_null(s1);
+    fill(s1);
+    CHECK_SEQ(store_read_stream(s1, "order-1", 7, 0, 0, 0, &err), 1, 4, 5, 7, 8, 9, 10);
+    CHECK_SEQ(store_read_all(s1, 11, 0, 0, &err), 11, 12);
+    assert_clean(s1);
+    store_close(s1);
+    s1 = store_open(dir1, NULL, &err); /* reopened: last position found under 'e' */
+    assert_non_null(s1);
+    assert_int_equal(store_last_position(s1), 12);
+    append1(s1, "order-3", "Placed", 13);
+    assert_int_equal(store_last_position(s1), 13);
+    assert_clean(s1);
+    store_close(s1);
+    assert_int_equal(count_prefix(dir1, 'e'), 13);
+    assert_int_equal(count_prefix(dir1, 0x7f), 0);
+    /* an unknown format */
+    db = leveldb_open(o, dir1, &e);
+    assert_null(e);
+    leveldb_put(db, wo, "mformat", 7, "3", 1, &e);
+    leveldb_close(db);
+    assert_null(store_open(dir1, NULL, &err));
+    assert_int_equal(err.code, TM_EIO);
+    assert_non_null(strstr(err.msg, "unsupported store format"));
+    leveldb_writeoptions_destroy(wo);
+    leveldb_options_destroy(o);
+    nftw(dir1, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    reopen(f);
+    assert_int_equal(store_last_position(f->s), 12);
+}
+
 /* ---- a failed write ---- */
 
 static void test_failed_write(void **state) {
@@ -1023,6 +1329,7 @@ static void test_failed_write(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_crc32c_and_record),
+        cmocka_unit_test(test_record_encode_forms),
         cmocka_unit_test_setup_teardown(test_append_single, setup, teardown),
         cmocka_unit_test_setup_teardown(test_append_multi, setup, teardown),
         cmocka_unit_test_setup_teardown(test_expected_versions, setup, teardown),
@@ -1032,6 +1339,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_list_names, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_leader_commit, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_formats, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fold, setup, teardown),
         cmocka_unit_test_setup_teardown(test_on_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_check_clean, setup, teardown),

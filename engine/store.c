@@ -522,7 +522,8 @@ static int run_seek_le(leveldb_iterator_t *it, buf *kb, const char *prefix, size
         if (iter_status(it, err) < 0) return -1;
         leveldb_iter_seek_to_last(it);
     }
-    if (!leveldb_iter_valid(it)) return iter_status(it, err) < 0 ? -1 : 0;
+    if (iter_status(it, err) < 0) return -1; /* a skipped unreadable block */
+    if (!leveldb_iter_valid(it)) return 0;
     k = leveldb_iter_key(it, &kl);
     if (kl != pl + 8 || memcmp(k, prefix, pl) != 0) return 0;
     *first = buf_get_be64(k + pl);
@@ -733,7 +734,9 @@ store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
     char *lerr = NULL;
     s->db = leveldb_open(s->opts, dir, &lerr);
     if (lerr) {
-        if (strstr(lerr, "/LOCK") || strstr(lerr, "lock "))
+        /* LevelDB says "lock <path>: ..." when the lock is held; an I/O
+         * error opening the LOCK file is just "<path>/LOCK: ..." */
+        if (strstr(lerr, "lock "))
             err_set(err, TM_EIO, "data directory %s is in use by another process (a running server?)",
                     dir);
         else if (strstr(lerr, "does not exist"))
@@ -1666,6 +1669,7 @@ static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
         }
     }
     if (!ok) leveldb_iter_seek(it->it, (const char *)k, 9);
+    if (iter_status(it->it, err) < 0) return -1; /* a skipped unreadable block */
     if (!iter_at(it->it, k, 9)) {
         if (iter_status(it->it, err) < 0) return -1;
         return err_set(err, TM_EIO, "corrupt store: position %llu is missing from the log",
@@ -1712,7 +1716,10 @@ static int bad_run(store_iter *it, tm_err *err) {
 
 /* Load the run under it->ix (must match the prefix): 1 loaded, 0 not ours, -1. */
 static int load_run(store_iter *it, tm_err *err) {
-    if (!leveldb_iter_valid(it->ix)) return iter_status(it->ix, err) < 0 ? -1 : 0;
+    /* checked even when valid: LevelDB's iterator steps over a block it
+     * cannot read (recording the error) and lands on a later key */
+    if (iter_status(it->ix, err) < 0) return -1;
+    if (!leveldb_iter_valid(it->ix)) return 0;
     size_t kl, vl;
     const char *k = leveldb_iter_key(it->ix, &kl);
     if (kl != it->prefix.len + 8 || memcmp(k, it->prefix.ptr, it->prefix.len) != 0) return 0;
@@ -2586,7 +2593,8 @@ int store_kv_next(store_kv_iter *it, const char **k, size_t *kl, const char **v,
                   tm_err *err) {
     if (it->started) leveldb_iter_next(it->it);
     it->started = 1;
-    if (!leveldb_iter_valid(it->it)) return iter_status(it->it, err) < 0 ? -1 : 0;
+    if (iter_status(it->it, err) < 0) return -1; /* a skipped unreadable block */
+    if (!leveldb_iter_valid(it->it)) return 0;
     size_t n;
     const char *key = leveldb_iter_key(it->it, &n);
     if (n < it->prefix.len || memcmp(key, it->prefix.ptr, it->prefix.len) != 0) return 0;

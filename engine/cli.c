@@ -56,6 +56,7 @@ store *cli_open_store(const char *cmd, const char *dir, int create, const store_
     if (opts) o = *opts;
     else store_opts_default(&o);
     o.create_if_missing = create;
+    o.use_reserve = !create; /* read, export, check: keep working on a full disk */
     tm_err e;
     err_clear(&e);
     store *s = store_open(dir, &o, &e);

@@ -65,6 +65,8 @@
 #include "store.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <leveldb/c.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -468,6 +470,7 @@ void store_opts_default(store_opts *o) {
     o->max_event_size = 1u << 20;
     o->create_if_missing = 1;
     o->cache_bytes = 64u << 20;
+    o->use_reserve = 0;
 }
 
 static int db_err(tm_err *err, char *lerr, const char *what) {
@@ -674,6 +677,40 @@ static int load_meta(store *s, tm_err *err) {
     return load_journal(s, err);
 }
 
+/* ---- disk-full reserve ----
+ * RESERVE in the data directory holds STORE_RESERVE_BYTES of allocated
+ * space.  When the disk is full, opening the store (which LevelDB cannot
+ * do without writing) releases it, so reads, export and check still work;
+ * it is re-created at the next open that has room. */
+#define STORE_RESERVE_BYTES (256u << 10)
+
+static void reserve_path(const char *dir, char *out, size_t n) {
+    snprintf(out, n, "%s/RESERVE", dir);
+}
+
+static void reserve_make(const char *dir) {
+    char path[4096];
+    reserve_path(dir, path, sizeof path);
+    struct stat st;
+    if (stat(path, &st) == 0 && st.st_size >= (off_t)STORE_RESERVE_BYTES) return;
+    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) return;
+    if (posix_fallocate(fd, 0, STORE_RESERVE_BYTES) != 0) {
+        close(fd);
+        unlink(path); /* no room: no reserve this time */
+        return;
+    }
+    fsync(fd);
+    close(fd);
+}
+
+/* 1 when a reserve existed and was released. */
+static int reserve_release(const char *dir) {
+    char path[4096];
+    reserve_path(dir, path, sizeof path);
+    return unlink(path) == 0;
+}
+
 /* Release everything store_open allocated (LevelDB handles, caches, the
  * commit path's maps); used by store_close and by store_open's failure path. */
 static void store_free_parts(store *s) {
@@ -733,6 +770,13 @@ store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
     }
     char *lerr = NULL;
     s->db = leveldb_open(s->opts, dir, &lerr);
+    if (lerr && o.use_reserve && strstr(lerr, "No space left") && reserve_release(dir)) {
+        /* A full disk: LevelDB writes at every open (log recovery, a new
+         * MANIFEST).  Give it the reserved space so reads keep working. */
+        leveldb_free(lerr);
+        lerr = NULL;
+        s->db = leveldb_open(s->opts, dir, &lerr);
+    }
     if (lerr) {
         /* LevelDB says "lock <path>: ..." when the lock is held; an I/O
          * error opening the LOCK file is just "<path>/LOCK: ..." */
@@ -746,6 +790,7 @@ store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
         goto fail;
     }
     if (load_meta(s, err) < 0) goto fail;
+    reserve_make(dir);
     if (getrandom(s->rng, sizeof s->rng, 0) != sizeof s->rng) {
         s->rng[0] = (uint64_t)now_ms() ^ (uint64_t)getpid() << 32;
         s->rng[1] = (uint64_t)(uintptr_t)s ^ 0x9e3779b97f4a7c15ull;

@@ -47,6 +47,9 @@ typedef struct store_opts {
     size_t max_event_size;       /* bytes of data+metadata per event; default 1 MiB */
     int create_if_missing;       /* default 1 when opts is NULL */
     size_t cache_bytes;          /* LevelDB block cache; default 64 MiB */
+    int use_reserve;             /* a reader: on a full disk, release the data
+                                    directory's RESERVE space so the store can
+                                    open (LevelDB writes at every open) */
 } store_opts;
 
 void store_opts_default(store_opts *o);

@@ -292,7 +292,12 @@ static int push_container(lua_State *L, const mp_item *it, const char **p, const
             lua_pop(L, 2);
             return -1;
         }
-        if (lua_isnil(L, -2)) lua_pop(L, 2); /* a nil key cannot be stored */
+        /* nil and NaN cannot be Lua table keys (rawset would raise outside
+         * any protected call and abort the process): such pairs are dropped,
+         * as Lua itself cannot represent them */
+        if (lua_isnil(L, -2) ||
+            (lua_type(L, -2) == LUA_TNUMBER && lua_tonumber(L, -2) != lua_tonumber(L, -2)))
+            lua_pop(L, 2);
         else lua_rawset(L, -3);
     }
     return 0;

@@ -1,6 +1,8 @@
 /* cli.c — helpers shared by the command-line commands (see cli.h). */
 #include "cli.h"
 
+#include "buf.h"
+
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -62,4 +64,25 @@ store *cli_open_store(const char *cmd, const char *dir, int create, const store_
     store *s = store_open(dir, &o, &e);
     if (!s) *status = cli_fail(cmd, &e);
     return s;
+}
+
+int cli_read_file(const char *path, buf *out, tm_err *err) {
+    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+    if (!f) return err_set(err, TM_EINVAL, "cannot open %s", path);
+    char tmp[65536];
+    size_t n;
+    while ((n = fread(tmp, 1, sizeof tmp, f)) > 0) buf_append(out, tmp, n);
+    int bad = ferror(f);
+    if (f != stdin) fclose(f);
+    if (bad) return err_set(err, TM_EIO, "cannot read %s", path);
+    return 0;
+}
+
+char *cli_projection_name(const char *path) {
+    const char *b = strrchr(path, '/');
+    b = b ? b + 1 : path;
+    size_t n = strlen(b);
+    if (n > 4 && !strcmp(b + n - 4, ".lua")) n -= 4;
+    if (n == 0 || !strcmp(path, "-")) return strdup("projection");
+    return strndup(b, n);
 }

@@ -13,6 +13,7 @@
 
 #include <stdint.h>
 
+#include "buf.h"
 #include "err.h"
 #include "store.h"
 
@@ -40,5 +41,11 @@ int cli_parse_durability(const char *cmd, const char *s, store_durability *out);
  * NULL after printing the error; *status gets the exit status. */
 store *cli_open_store(const char *cmd, const char *dir, int create, const store_opts *opts,
                       int *status);
+
+/* Append the whole file at path ("-" = stdin) to out. */
+int cli_read_file(const char *path, buf *out, tm_err *err);
+/* A projection's default name: the file's base name less ".lua"
+ * ("projection" for stdin); malloc'd. */
+char *cli_projection_name(const char *path);
 
 #endif

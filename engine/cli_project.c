@@ -54,26 +54,6 @@ static const char usage[] =
     "Exit status: 0 ok, 1 bad script, usage or projection fault, 2 no such data\n"
     "directory, 4 I/O error.\n";
 
-static int read_file(const char *path, buf *out, tm_err *err) {
-    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
-    if (!f) return err_set(err, TM_EINVAL, "cannot open %s", path);
-    char tmp[65536];
-    size_t n;
-    while ((n = fread(tmp, 1, sizeof tmp, f)) > 0) buf_append(out, tmp, n);
-    int bad = ferror(f);
-    if (f != stdin) fclose(f);
-    if (bad) return err_set(err, TM_EIO, "cannot read %s", path);
-    return 0;
-}
-
-static char *default_name(const char *path) {
-    const char *b = strrchr(path, '/');
-    b = b ? b + 1 : path;
-    size_t n = strlen(b);
-    if (n > 4 && !strcmp(b + n - 4, ".lua")) n -= 4;
-    if (n == 0 || !strcmp(path, "-")) return strdup("projection");
-    return strndup(b, n);
-}
 
 /* The narrowest index read that covers the projection's selector. */
 static store_iter *open_reader(store *s, proj *p, uint64_t from, tm_err *err) {
@@ -342,7 +322,7 @@ int cli_project(int argc, char **argv) {
     tm_err err;
     err_clear(&err);
     buf src = BUF_INIT, args = BUF_INIT;
-    if (read_file(file, &src, &err) < 0) {
+    if (cli_read_file(file, &src, &err) < 0) {
         buf_free(&src);
         return cli_fail(cmd, &err);
     }
@@ -358,7 +338,7 @@ int cli_project(int argc, char **argv) {
         buf_free(&args);
         return status;
     }
-    char *name = name_opt ? strdup(name_opt) : default_name(file);
+    char *name = name_opt ? strdup(name_opt) : cli_projection_name(file);
     if (isolate) {
         read_req rq = {.query = query, .get = get, .top = top, .list = list};
         status = run_isolated(cmd, s, name, &src, file, cpu, mem_mb, &rq, &args, reset);

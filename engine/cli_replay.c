@@ -64,26 +64,6 @@ static void on_sigint(int sig) {
     cancel_flag = 1;
 }
 
-static int read_file(const char *path, buf *out, tm_err *err) {
-    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
-    if (!f) return err_set(err, TM_EINVAL, "cannot open %s", path);
-    char tmp[65536];
-    size_t n;
-    while ((n = fread(tmp, 1, sizeof tmp, f)) > 0) buf_append(out, tmp, n);
-    int bad = ferror(f);
-    if (f != stdin) fclose(f);
-    if (bad) return err_set(err, TM_EIO, "cannot read %s", path);
-    return 0;
-}
-
-static char *default_name(const char *path) {
-    const char *b = strrchr(path, '/');
-    b = b ? b + 1 : path;
-    size_t n = strlen(b);
-    if (n > 4 && !strcmp(b + n - 4, ".lua")) n -= 4;
-    if (n == 0 || !strcmp(path, "-")) return strdup("projection");
-    return strndup(b, n);
-}
 
 /* The source of a projection installed with PUT (projmgr.h: projmgr/o/NAME). */
 static int stored_source(store *s, const char *name, buf *out, tm_err *err) {
@@ -302,8 +282,8 @@ int cli_replay(int argc, char **argv) {
     int is_file = !strcmp(target, "-") || stat(target, &sb) == 0 ||
                   (strlen(target) > 4 && !strcmp(target + strlen(target) - 4, ".lua"));
     if (is_file) {
-        if (read_file(target, &src, &err) < 0) status = cli_fail(cmd, &err);
-        name = name_opt ? strdup(name_opt) : default_name(target);
+        if (cli_read_file(target, &src, &err) < 0) status = cli_fail(cmd, &err);
+        name = name_opt ? strdup(name_opt) : cli_projection_name(target);
     } else {
         int rc = stored_source(s, target, &src, &err);
         if (rc < 0) status = cli_fail(cmd, &err);

@@ -66,6 +66,10 @@ static void pm_publish(void *ud, const char *ch, size_t cl, const char *json, si
     http_publish(ud, ch, cl, json, jl);
 }
 static void pm_handle(void *ud, const api_request *rq, api_reply *rp) { projmgr_handle(ud, rq, rp); }
+static void pm_handle_many(void *ud, const api_request *const *rqs, api_reply *const *rps,
+                           size_t n) {
+    projmgr_handle_many(ud, rqs, rps, n);
+}
 static void pm_metrics(void *ud, buf *out) { projmgr_metrics(ud, out); }
 static void pm_reload(void *ud) { projmgr_reload(ud); }
 
@@ -203,7 +207,7 @@ int cli_serve(int argc, char **argv) {
         store_close(st);
         return err.code ? err.code : TM_EIO;
     }
-    http_projections hp = {pm_handle, pm_metrics, pm_reload, pm};
+    http_projections hp = {pm_handle, pm_handle_many, pm_metrics, pm_reload, pm};
     http_set_projections(h, &hp);
     serve_ctx ctx = {h, pm};
     store_on_commit(st, on_store_commit, &ctx);

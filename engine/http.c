@@ -93,6 +93,8 @@ struct http_server {
     sse_hub *hub;
     struct sse_conn *dirty;    /* SSE connections with staged bytes */
     struct event *flush_ev;
+    struct lookup_lane *lanes;  /* partition lookups by projection (loop thread) */
+    int freeing;               /* http_free has begun: start no more batches */
     http_projections proj;
     char *tokens[MAX_TOKENS];
     int ntokens;
@@ -192,6 +194,7 @@ typedef struct http_job {
     char *strs;                   /* one allocation holding the request's strings */
     buf body;
     api_reply rp;
+    struct http_job *lnext;       /* on a lookup lane's queue */
 } http_job;
 
 static void job_run(workq_job *j) {
@@ -246,9 +249,11 @@ static const char *pack_str(char **cur, const char *s, size_t n) {
     return d;
 }
 
-static void submit_job(http_server *h, struct evhttp_request *req, job_kind kind,
-                       const char *path, const char *query, const char *stream,
-                       size_t stream_len) {
+/* A job holding a copy of the request (the connection's close callback
+ * detaches it); the caller submits it. */
+static http_job *job_new(http_server *h, struct evhttp_request *req, job_kind kind,
+                         const char *path, const char *query, const char *stream,
+                         size_t stream_len) {
     struct evkeyvalq *ih = evhttp_request_get_input_headers(req);
     const char *ctype = evhttp_find_header(ih, "Content-Type");
     const char *expv = evhttp_find_header(ih, "Expected-Version");
@@ -286,7 +291,121 @@ static void submit_job(http_server *h, struct evhttp_request *req, job_kind kind
     jb->rq.body_len = jb->body.len;
     struct evhttp_connection *evcon = evhttp_request_get_connection(req);
     evhttp_connection_set_closecb(evcon, job_conn_closed, jb);
+    return jb;
+}
+
+static void submit_job(http_server *h, struct evhttp_request *req, job_kind kind,
+                       const char *path, const char *query, const char *stream,
+                       size_t stream_len) {
+    http_job *jb = job_new(h, req, kind, path, query, stream, stream_len);
     workq_submit(h->wq, &jb->job);
+}
+
+/* ---- partition lookups: batched per projection ----
+ * One partition's state is the hot read (dashboards, read models); alone,
+ * each lookup would cost a hop to a worker thread and a round trip to the
+ * projection's worker process.  Lookups of one projection queue on a lane;
+ * a lane has at most one batch on a worker at a time, and a batch takes
+ * every lookup queued on the lane (up to LOOKUP_BATCH_MAX), like a group
+ * commit: under load many lookups share one hop and one round trip, and
+ * a lone lookup waits for nothing.  A lane exists only while it has work. */
+
+#define LOOKUP_BATCH_MAX 256
+
+typedef struct lookup_lane {
+    struct lookup_lane *next;
+    http_job *head, *tail;     /* queued lookups, in arrival order */
+    int busy;                  /* a batch of this lane is on a worker */
+    size_t name_len;
+    char name[];               /* the projection's name as in the path */
+} lookup_lane;
+
+typedef struct lookup_batch {
+    workq_job job;
+    http_server *h;
+    lookup_lane *lane;
+    size_t n;
+    http_job *jobs[LOOKUP_BATCH_MAX];
+    const api_request *rqs[LOOKUP_BATCH_MAX];
+    api_reply *rps[LOOKUP_BATCH_MAX];
+} lookup_batch;
+
+static void lookup_run(workq_job *j) {
+    lookup_batch *b = (lookup_batch *)j;
+    http_server *h = b->h;
+    if (h->proj.handle_many) {
+        h->proj.handle_many(h->proj.ud, b->rqs, b->rps, b->n);
+        return;
+    }
+    for (size_t i = 0; i < b->n; i++) job_run(&b->jobs[i]->job);
+}
+
+static void lane_kick(http_server *h, lookup_lane *ln);
+
+static void lookup_done(workq_job *j) {
+    lookup_batch *b = (lookup_batch *)j;
+    for (size_t i = 0; i < b->n; i++) job_done(&b->jobs[i]->job);
+    b->lane->busy = 0;
+    lane_kick(b->h, b->lane);
+    free(b);
+}
+
+/* Loop thread: start the lane's next batch if it can; drop an idle lane. */
+static void lane_kick(http_server *h, lookup_lane *ln) {
+    if (ln->busy) return;
+    if (!ln->head || h->freeing) {
+        while (ln->head) { /* the server is going away: nothing runs these */
+            http_job *jb = ln->head;
+            ln->head = jb->lnext;
+            api_error(&jb->rp, 503, "server is shutting down");
+            job_done(&jb->job);
+        }
+        for (lookup_lane **pp = &h->lanes; *pp; pp = &(*pp)->next)
+            if (*pp == ln) {
+                *pp = ln->next;
+                break;
+            }
+        free(ln);
+        return;
+    }
+    lookup_batch *b = malloc(sizeof *b);
+    if (!b) abort();
+    b->job.run = lookup_run;
+    b->job.done = lookup_done;
+    b->h = h;
+    b->lane = ln;
+    b->n = 0;
+    while (ln->head && b->n < LOOKUP_BATCH_MAX) {
+        http_job *jb = ln->head;
+        ln->head = jb->lnext;
+        b->jobs[b->n] = jb;
+        b->rqs[b->n] = &jb->rq;
+        b->rps[b->n] = &jb->rp;
+        b->n++;
+    }
+    if (!ln->head) ln->tail = NULL;
+    ln->busy = 1;
+    workq_submit(h->wq, &b->job);
+}
+
+static void submit_lookup(http_server *h, struct evhttp_request *req, const char *path,
+                          const char *query, const char *name, size_t name_len) {
+    lookup_lane *ln = h->lanes;
+    while (ln && !(ln->name_len == name_len && memcmp(ln->name, name, name_len) == 0))
+        ln = ln->next;
+    if (!ln) {
+        ln = calloc(1, sizeof *ln + name_len + 1);
+        if (!ln) abort();
+        memcpy(ln->name, name, name_len);
+        ln->name_len = name_len;
+        ln->next = h->lanes;
+        h->lanes = ln;
+    }
+    http_job *jb = job_new(h, req, JOB_PROJ, path, query, NULL, 0);
+    if (ln->tail) ln->tail->lnext = jb;
+    else ln->head = jb;
+    ln->tail = jb;
+    lane_kick(h, ln);
 }
 
 static void wq_notify(void *ud) {
@@ -811,6 +930,14 @@ static void route_live(http_server *h, struct evhttp_request *req, const char *q
     for (int i = 0; i < n; i++) free(specs[i]);
 }
 
+/* Does the query name a partition (`partition=` present)? */
+static int is_partition_query(const char *query) {
+    buf v = BUF_INIT;
+    int has = query && api_query_get(query, "partition", &v) == 1;
+    buf_free(&v);
+    return has;
+}
+
 static void on_request(struct evhttp_request *req, void *arg) {
     http_server *h = arg;
     enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
@@ -982,6 +1109,11 @@ static void on_request(struct evhttp_request *req, void *arg) {
         }
         if (!h->proj.handle) {
             send_error(req, 501, NULL, "projections are not available in this server yet");
+            return;
+        }
+        if (is_get(cmd) && nseg >= 3 && nseg <= 4 && SEG(2, "state") &&
+            (nseg == 4 || is_partition_query(query))) {
+            submit_lookup(h, req, path, query, sp[1], sl[1]);
             return;
         }
         submit_job(h, req, JOB_PROJ, path, query, NULL, 0);
@@ -1231,6 +1363,7 @@ int http_run(http_server *h) {
 void http_free(http_server *h) {
     if (!h) return;
     servers_del(h);
+    h->freeing = 1;
     /* Appends the store still holds call back into this server: let them land. */
     while (h->base && h->appends_inflight) event_base_loop(h->base, EVLOOP_ONCE);
     /* Workers first: their done() callbacks may still reply. */

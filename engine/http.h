@@ -51,6 +51,9 @@ void http_opts_default(http_opts *o);
  * carry "status" and "position" (plus anything else, e.g. the state). */
 typedef struct http_projections {
     void (*handle)(void *ud, const api_request *rq, api_reply *rp);
+    /* Optional: n partition lookups of one projection at once (worker
+     * thread); NULL = handle each. */
+    void (*handle_many)(void *ud, const api_request *const *rqs, api_reply *const *rps, size_t n);
     void (*metrics)(void *ud, buf *out);
     void (*reload)(void *ud);
     void *ud;

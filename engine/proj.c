@@ -1267,6 +1267,23 @@ int proj_peek(proj *p, const char *key, size_t klen, buf *out, tm_err *err) {
     return call_encode(p, "peek", 1, "state", out, err);
 }
 
+int proj_peek_many(proj *p, const char *const *keys, const size_t *klens, size_t n, buf *out,
+                   tm_err *err) {
+    if (p->nslots && run_batch(p, err) != 0) return -1;
+    size_t len0 = out->len;
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, out, wr);
+    msgpack_pack_array(&pk, (uint32_t)n);
+    for (size_t i = 0; i < n; i++) {
+        lua_pushlstring(p->L, keys[i], klens[i]);
+        if (call_encode(p, "peek", 1, "state", out, err) < 0) {
+            out->len = len0;
+            return -1;
+        }
+    }
+    return 0;
+}
+
 int proj_partitions(proj *p, buf *out, tm_err *err) {
     if (prepare_read(p, err) < 0) return -1;
     return call_encode(p, "keys", 0, "keys", out, err);

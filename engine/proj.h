@@ -158,6 +158,10 @@ int proj_get(proj *p, const char *key, size_t klen, buf *out, tm_err *err);
  * checkpointed); nil when the partition does not exist.  Unlike proj_get it
  * never creates the partition. */
 int proj_peek(proj *p, const char *key, size_t klen, buf *out, tm_err *err);
+/* proj_peek of n partitions at once: a msgpack array of n states (nil for
+ * each absent one) appended to out.  On error nothing is appended. */
+int proj_peek_many(proj *p, const char *const *keys, const size_t *klens, size_t n, buf *out,
+                   tm_err *err);
 /* Sorted partition keys (array). */
 int proj_partitions(proj *p, buf *out, tm_err *err);
 /* [{key=, state=}...] for keys in [from, to) (NULL = open), at most limit (0 = all). */

@@ -447,6 +447,36 @@ static void w_value(worker *w, int rc, const buf *out, const tm_err *err) {
     else send_frame(w->out, 'V', out->ptr, out->len);
 }
 
+/* 'M': the frame is a msgpack array of partition keys (strings); the
+ * answer is a 'V' frame holding the array of their states. */
+static void w_peek_many(worker *w, buf *out, tm_err *err) {
+    const char *p = w->frame.ptr, *end = w->frame.ptr + w->frame.len;
+    mp_item it;
+    if (mp_validate(p, w->frame.len, NULL, err) < 0 || mp_next(&p, end, &it) < 0 ||
+        it.type != MP_ARRAY) {
+        if (!err->code) err_set(err, TM_EINVAL, "peek-many: not an array of keys");
+        w_error(w, err);
+        return;
+    }
+    size_t n = it.v.n;
+    const char **keys = malloc((n ? n : 1) * sizeof *keys);
+    size_t *lens = malloc((n ? n : 1) * sizeof *lens);
+    if (!keys || !lens) abort();
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        if (mp_next(&p, end, &it) < 0 || it.type != MP_STR) {
+            rc = err_set(err, TM_EINVAL, "peek-many: key %zu is not a string", i);
+            break;
+        }
+        keys[i] = it.v.s.ptr;
+        lens[i] = it.v.s.len;
+    }
+    if (rc == 0) rc = proj_peek_many(w->p, keys, lens, n, out, err);
+    w_value(w, rc, out, err);
+    free(keys);
+    free(lens);
+}
+
 int projhost_worker_main(int argc, char **argv) {
     (void)argc;
     (void)argv;
@@ -486,6 +516,7 @@ int projhost_worker_main(int argc, char **argv) {
             free(args);
             break;
         }
+        case 'M': w_peek_many(&w, &out, &err); break;
         case 'P': {
             char *op = get_str(w.frame.ptr, w.frame.len, "op", NULL);
             size_t al = 0;
@@ -1099,6 +1130,18 @@ int projhost_partition(projhost *h, const char *key, size_t klen, buf *out, tm_e
     }
     buf_free(&req);
     buf_free(&v);
+    return rc;
+}
+
+int projhost_partitions(projhost *h, const char *const *keys, const size_t *klens, size_t n,
+                        buf *out, tm_err *err) {
+    buf req = BUF_INIT;
+    msgpack_packer pk;
+    pk_init(&pk, &req);
+    msgpack_pack_array(&pk, (uint32_t)n);
+    for (size_t i = 0; i < n; i++) pk_str(&pk, keys[i], klens[i]);
+    int rc = value(h, 'M', &req, out, err);
+    buf_free(&req);
     return rc;
 }
 

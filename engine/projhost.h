@@ -106,6 +106,10 @@ int projhost_read(projhost *h, const char *op, const char *a, const char *b, uin
 /* One partition's live state (msgpack appended to out): 1 found, 0 no such
  * partition (never created by asking), -1 with err. */
 int projhost_partition(projhost *h, const char *key, size_t klen, buf *out, tm_err *err);
+/* n partitions in one round trip: a msgpack array of n live states (nil =
+ * no such partition) appended to out.  0, or -1 with err. */
+int projhost_partitions(projhost *h, const char *const *keys, const size_t *klens, size_t n,
+                        buf *out, tm_err *err);
 const projhost_status *projhost_get_status(const projhost *h);
 /* Like projhost_feed (no event bound) but only events with position <= until. */
 int projhost_feed_until(projhost *h, uint64_t until, tm_err *err);

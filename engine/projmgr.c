@@ -2114,3 +2114,118 @@ out:
     buf_free(&what);
     buf_free(&arg);
 }
+
+/* ---- batched partition lookups (projmgr_handle_many) ---- */
+
+/* Is rq a partition lookup?  Then 1, with the decoded projection name
+ * and partition key. */
+static int parse_lookup(const api_request *rq, buf *name, buf *key) {
+    if (strcmp(rq->method, "GET") && strcmp(rq->method, "HEAD")) return 0;
+    const char *sp[MAX_SEGS];
+    size_t sl[MAX_SEGS];
+    int nseg = 0;
+    for (const char *p = rq->path; *p;) {
+        while (*p == '/') p++;
+        if (!*p) break;
+        const char *st = p;
+        while (*p && *p != '/') p++;
+        if (nseg == MAX_SEGS) return 0;
+        sp[nseg] = st;
+        sl[nseg++] = (size_t)(p - st);
+    }
+    if ((nseg != 3 && nseg != 4) || sl[2] != 5 || memcmp(sp[2], "state", 5)) return 0;
+    name->len = key->len = 0;
+    if (api_url_decode(name, sp[1], sl[1], 0) != 0 || !valid_name(name->ptr, name->len)) return 0;
+    if (nseg == 4) return api_url_decode(key, sp[3], sl[3], 0) == 0;
+    return api_query_get(rq->query, "partition", key) == 1;
+}
+
+/* One projection's lookups: rps[i] answers keys[i]. */
+static void lookup_batch(projmgr *m, const char *name, const char *const *keys,
+                         const size_t *lens, api_reply *const *rps, size_t n) {
+    pentry *e = entry_get(m, name);
+    if (!e) {
+        for (size_t i = 0; i < n; i++) api_error(rps[i], 404, "no projection '%s'", name);
+        return;
+    }
+    if (lock_for_request(e, rps[0]) < 0) {
+        for (size_t i = 1; i < n; i++)
+            api_error(rps[i], 503, "projection %s is busy (catching up); try again", e->name);
+        entry_put(m, e);
+        return;
+    }
+    pthread_mutex_lock(&e->smu);
+    int running = e->ph && e->status == PS_RUNNING;
+    pthread_mutex_unlock(&e->smu);
+    buf out = BUF_INIT;
+    tm_err err;
+    err_clear(&err);
+    int done = 0;
+    if (running && projhost_partitions(e->ph, keys, lens, n, &out, &err) == 0) {
+        const char *p = out.ptr, *end = out.ptr + out.len;
+        mp_item it;
+        if (mp_next(&p, end, &it) == 0 && it.type == MP_ARRAY && it.v.n == n) {
+            done = 1;
+            for (size_t i = 0; i < n; i++) {
+                const char *v = p;
+                if (mp_skip(&p, end) < 0) { /* the worker's own encoding: cannot be short */
+                    api_error(rps[i], 500, "bad answer from the projection worker");
+                    continue;
+                }
+                if (p - v == 1 && (unsigned char)*v == 0xc0) {
+                    reply_no_partition(e, keys[i], lens[i], rps[i]);
+                } else {
+                    buf b = {.ptr = (char *)v, .len = (size_t)(p - v)};
+                    reply_mp(rps[i], &b);
+                }
+            }
+        }
+    } else if (running) {
+        sync_status(e);
+    }
+    /* Not running, or the batch failed: one by one (a failed worker's
+     * stored checkpoint still answers, errors are reported per request). */
+    if (!done)
+        for (size_t i = 0; i < n; i++) route_partition(m, e, keys[i], lens[i], rps[i]);
+    buf_free(&out);
+    pthread_mutex_unlock(&e->mu);
+    entry_put(m, e);
+}
+
+void projmgr_handle_many(projmgr *m, const api_request *const *rqs, api_reply *const *rps,
+                         size_t n) {
+    buf *names = calloc(n ? n : 1, sizeof *names), *keys = calloc(n ? n : 1, sizeof *keys);
+    char *is = calloc(n ? n : 1, 1);
+    const char **kp = malloc((n ? n : 1) * sizeof *kp);
+    size_t *kl = malloc((n ? n : 1) * sizeof *kl);
+    api_reply **rp = malloc((n ? n : 1) * sizeof *rp);
+    if (!names || !keys || !is || !kp || !kl || !rp) abort();
+    for (size_t i = 0; i < n; i++) {
+        is[i] = (char)parse_lookup(rqs[i], &names[i], &keys[i]);
+        if (!is[i]) projmgr_handle(m, rqs[i], rps[i]);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (is[i] != 1) continue;
+        size_t k = 0;
+        for (size_t j = i; j < n; j++) {
+            if (is[j] != 1 || names[j].len != names[i].len ||
+                memcmp(names[j].ptr, names[i].ptr, names[i].len))
+                continue;
+            is[j] = 2;
+            kp[k] = keys[j].ptr ? keys[j].ptr : "";
+            kl[k] = keys[j].len;
+            rp[k++] = rps[j];
+        }
+        lookup_batch(m, names[i].ptr, kp, kl, rp, k);
+    }
+    for (size_t i = 0; i < n; i++) {
+        buf_free(&names[i]);
+        buf_free(&keys[i]);
+    }
+    free(names);
+    free(keys);
+    free(is);
+    free(kp);
+    free(kl);
+    free(rp);
+}

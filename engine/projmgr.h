@@ -74,6 +74,12 @@ projmgr *projmgr_new(store *s, const projmgr_opts *o, tm_err *err);
 void projmgr_notify(projmgr *m, uint64_t last);
 /* Every /projections request except .../live (http.h http_projections). */
 void projmgr_handle(projmgr *m, const api_request *rq, api_reply *rp);
+/* n requests at once (worker thread), each answered as projmgr_handle
+ * would: partition lookups of one projection (GET .../state/KEY or
+ * .../state?partition=KEY) share one lock and one round trip to its
+ * worker process; any other request is handled on its own. */
+void projmgr_handle_many(projmgr *m, const api_request *const *rqs, api_reply *const *rps,
+                         size_t n);
 /* Prometheus lines: position, lag, events_total, faulted per projection. */
 void projmgr_metrics(projmgr *m, buf *out);
 /* Re-read the directory (SIGHUP): new files start, changed sources reset

@@ -10,6 +10,8 @@
  *   redis-xadd   XADD order-<c> * type OrderPlaced data <the same JSON>
  *   http-get     GET /projections/customers/state?partition=cust-<k>  (200)
  *   redis-hget   HGET customers cust-<k>                     (a value, not nil)
+ * With LOAD_PATH=/some/path in the environment, http-get asks for that
+ * path instead (e.g. /health: the server's HTTP floor, for profiling).
  * where c is the connection number and k is uniform in [0, KEYS) (default
  * 5000).  One thread, epoll, CONNS connections on 127.0.0.1:PORT, each
  * with exactly one request in flight (like redis-benchmark -c CONNS
@@ -95,11 +97,17 @@ static void build(conn *c)
                                sl, stream, bl, body);
         }
         break;
-    case HTTP_GET:
-        c->olen = snprintf(c->out, sizeof c->out,
-                           "GET /projections/customers/state?partition=cust-%d HTTP/1.1\r\n"
-                           "Host: x\r\n\r\n", next_key());
+    case HTTP_GET: {
+        /* LOAD_PATH (e.g. /health) replaces the lookup: the HTTP floor */
+        const char *lp = getenv("LOAD_PATH");
+        if (lp)
+            c->olen = snprintf(c->out, sizeof c->out, "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", lp);
+        else
+            c->olen = snprintf(c->out, sizeof c->out,
+                               "GET /projections/customers/state?partition=cust-%d HTTP/1.1\r\n"
+                               "Host: x\r\n\r\n", next_key());
         break;
+    }
     case REDIS_HGET: {
         int kl = snprintf(key, sizeof key, "cust-%d", next_key());
         c->olen = snprintf(c->out, sizeof c->out,

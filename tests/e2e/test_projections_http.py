@@ -637,3 +637,72 @@ def test_put_overrides_file_until_the_file_changes(tmp_path, pdir):
     finally:
         s.stop()
         s.close()
+
+
+# ---------------------------------------------------------------- batched lookups
+
+def test_concurrent_partition_lookups_each_get_their_own_answer(tmp_path):
+    """Lookups of one projection arriving together share one worker hop and
+    one round trip to the projection's process (http.c lanes,
+    projmgr_handle_many): under 32 concurrent connections every answer must
+    still be the asked partition's own state, a missing partition its own
+    404, another projection's lookups their own states, and a stopped
+    projection's lookups the stored checkpoint."""
+    data = tmp_path / "data"
+    s = serve(tmp_path, data)
+    try:
+        h = s.http()
+        assert h.request("PUT", "/projections/per", PER_STREAM).status == 201
+        assert h.request("PUT", "/projections/all", COUNT_BY_TYPE).status == 201
+        expect = {}
+        for i in range(40):
+            stream = "acct-%d" % i
+            n = 1 + i % 5
+            r = h.append(stream, [{"type": "Dep", "data": {"amount": i * 10 + k}} for k in range(n)])
+            assert r.status == 201, r
+            expect[stream] = {"events": n, "total": sum(i * 10 + k for k in range(n))}
+        caught_up(h, "per", "all")
+        total = sum(e["events"] for e in expect.values())
+        errors = []
+
+        def client(c):
+            from conftest import Http
+            hc = Http(s.port)
+            try:
+                for j in range(60):
+                    i = (c * 7 + j) % 45  # 40..44 do not exist
+                    stream = "acct-%d" % i
+                    if j % 3 == 0:
+                        r = hc.get("/projections/per/state/" + stream)
+                    else:
+                        r = hc.get("/projections/per/state?partition=" + stream)
+                    if stream in expect:
+                        if r.status != 200 or r.json() != expect[stream]:
+                            errors.append((stream, r.status, r.body[:200]))
+                    elif r.status != 404 or stream not in r.json()["error"]:
+                        errors.append((stream, r.status, r.body[:200]))
+                    if j % 10 == 0:
+                        r = hc.get("/projections/all/state?partition=")
+                        if r.status != 200 or r.json()["n"] != total:
+                            errors.append(("all", r.status, r.body[:200]))
+                    if j % 20 == 0:
+                        r = hc.get("/projections/nosuch/state?partition=x")
+                        if r.status != 404:
+                            errors.append(("nosuch", r.status, r.body[:200]))
+            finally:
+                hc.close()
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        # stopped: lookups answer from the stored checkpoint, batched or not
+        assert h.post("/projections/per/command", {"command": "stop"}).status == 200
+        for stream in ("acct-3", "acct-17"):
+            assert h.get("/projections/per/state/" + stream).json() == expect[stream]
+        assert h.get("/projections/per/state/acct-99").status == 404
+    finally:
+        assert s.stop() == 0
+        s.close()

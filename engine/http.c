@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -1312,6 +1313,11 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
         goto fail;
     }
     h->port = bound_port(h->sock);
+    /* No Nagle: an SSE message or a reply is written whole and must leave
+     * at once, not wait for the ACK of the previous one (with the peer's
+     * delayed ACK that was up to 40 ms).  Accepted sockets inherit it. */
+    int one = 1;
+    setsockopt(evhttp_bound_socket_get_fd(h->sock), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     h->accept_ev = event_new(h->base, -1, 0, on_accept_resume, h);
     pthread_mutex_lock(&servers_mu);
     h->next_server = servers;

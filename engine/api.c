@@ -259,7 +259,7 @@ static int parse_events(const api_request *rq, buf *mp, tm_event **evs, size_t *
     if (it.type == MP_MAP) {
         *n = 1;
         *evs = calloc(1, sizeof **evs);
-        if (!*evs) abort();
+        if (!*evs) tm_oom();
         if (event_from_mp(m, ml, rq->stream, rq->stream_len, &(*evs)[0], err) != 0) return -1;
         return 0;
     }
@@ -271,7 +271,7 @@ static int parse_events(const api_request *rq, buf *mp, tm_event **evs, size_t *
                        API_MAX_EVENTS_PER_APPEND);
     *n = it.v.n;
     *evs = calloc(*n, sizeof **evs);
-    if (!*evs) abort();
+    if (!*evs) tm_oom();
     for (size_t i = 0; i < *n; i++) {
         const char *start = p;
         if (mp_skip(&p, end) != 0) return err_set(err, TM_EINVAL, "event %zu: truncated", i);
@@ -329,7 +329,7 @@ void api_append_free(api_append_op *op) {
 
 api_append_op *api_append_parse(const api_request *rq, api_reply *rp) {
     api_append_op *op = calloc(1, sizeof *op);
-    if (!op) abort();
+    if (!op) tm_oom();
     err_clear(&op->err);
     int64_t expv;
     if (parse_expected(rq->expected_version, &expv) != 0) {
@@ -337,7 +337,7 @@ api_append_op *api_append_parse(const api_request *rq, api_reply *rp) {
         goto fail;
     }
     op->stream = malloc(rq->stream_len + 1);
-    if (!op->stream) abort();
+    if (!op->stream) tm_oom();
     memcpy(op->stream, rq->stream, rq->stream_len);
     op->stream[rq->stream_len] = '\0';
     op->exp = (store_expect){op->stream, rq->stream_len, expv};
@@ -346,7 +346,7 @@ api_append_op *api_append_parse(const api_request *rq, api_reply *rp) {
     if (is_msgpack(rq->content_type)) {
         /* Event views point into the body: keep a copy. */
         op->body = malloc(rq->body_len + 1);
-        if (!op->body) abort();
+        if (!op->body) tm_oom();
         memcpy(op->body, rq->body, rq->body_len);
         op->body_len = rq->body_len;
         r.body = op->body;

@@ -1,5 +1,6 @@
 /* buf.c — growable byte buffer (see buf.h). */
 #include "buf.h"
+#include "err.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -13,8 +14,7 @@ void buf_reserve(buf *b, size_t extra) {
     while (cap < need) cap *= 2;
     char *p = realloc(b->ptr, cap);
     if (!p) {
-        fprintf(stderr, "tidemark: out of memory\n");
-        abort();
+        tm_oom();
     }
     b->ptr = p;
     b->cap = cap;

@@ -11,6 +11,7 @@
  */
 #include <getopt.h>
 #include <pthread.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,7 +61,7 @@ static int batch_add(ibatch *b, const char *line, size_t len, tm_err *e) {
     if (b->n == b->cap) {
         b->cap = b->cap ? b->cap * 2 : 1024;
         b->evs = realloc(b->evs, b->cap * sizeof *b->evs);
-        if (!b->evs) abort();
+        if (!b->evs) tm_oom();
     }
     tm_event *ev = &b->evs[b->n];
     memset(ev, 0, sizeof *ev);
@@ -211,8 +212,9 @@ int cli_import(int argc, char **argv) {
 
     FILE *in = strcmp(o.file, "-") ? fopen(o.file, "r") : stdin;
     if (!in) {
+        int missing = errno == ENOENT || errno == ENOTDIR;
         fprintf(stderr, "tidemark import: cannot open '%s': %m\n", o.file);
-        return TM_ENOTFOUND;
+        return missing ? TM_ENOTFOUND : errno == EACCES || errno == EISDIR ? TM_EINVAL : TM_EIO;
     }
     struct stat st;
     uint64_t total = (fstat(fileno(in), &st) == 0 && S_ISREG(st.st_mode)) ? (uint64_t)st.st_size : 0;
@@ -230,7 +232,14 @@ int cli_import(int argc, char **argv) {
     c.s = s;
     pthread_mutex_init(&c.mu, NULL);
     pthread_cond_init(&c.cv, NULL);
-    pthread_create(&c.th, NULL, committer_main, &c);
+    int terr = pthread_create(&c.th, NULL, committer_main, &c);
+    if (terr) {
+        fprintf(stderr, "tidemark import: cannot start the commit thread: %s; nothing was stored\n",
+                strerror(terr));
+        store_close(s);
+        if (in != stdin) fclose(in);
+        return TM_EIO;
+    }
 
     ibatch batches[2];
     memset(batches, 0, sizeof batches);
@@ -272,9 +281,11 @@ int cli_import(int argc, char **argv) {
         }
         progress_update(pg, bytes, parsed);
     }
-    if (!bad && ferror(in)) {
-        err_set(&e, TM_EIO, "reading '%s' failed after line %llu", o.file,
-                (unsigned long long)lineno);
+    /* When getline ended the loop: its -1 is the end only at EOF (out of
+     * memory leaves no error flag on the stream; errno says ENOMEM). */
+    if (!bad && len == -1 && (ferror(in) || !feof(in))) {
+        err_set(&e, TM_EIO, "reading '%s' failed after line %llu: %s", o.file,
+                (unsigned long long)lineno, strerror(errno));
         bad = 1;
     }
     /* The final partial batch is committed only when the input was good. */

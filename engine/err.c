@@ -3,7 +3,9 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 void err_clear(tm_err *e) {
     if (!e) return;
@@ -54,4 +56,18 @@ const char *err_code_name(int code) {
     case TM_EIO: return "i/o error";
     default: return "error";
     }
+}
+
+void tm_oom(void) {
+    static const char msg[] = "tidemark: out of memory\n"; /* no allocation on the way out */
+    ssize_t w = write(2, msg, sizeof msg - 1);
+    (void)w;
+    abort();
+}
+
+void tm_thread(pthread_t *th, void *(*fn)(void *), void *arg, const char *what) {
+    int e = pthread_create(th, NULL, fn, arg);
+    if (e == 0) return;
+    fprintf(stderr, "tidemark: cannot start the %s thread: %s\n", what, strerror(e));
+    abort();
 }

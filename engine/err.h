@@ -9,6 +9,7 @@
 #ifndef TM_ERR_H
 #define TM_ERR_H
 
+#include <pthread.h>
 #include <stdint.h>
 
 enum {
@@ -32,5 +33,15 @@ int err_set(tm_err *e, int code, const char *fmt, ...)
 /* Prefix the existing message with "what: " (adds context on the way up). */
 int err_prefix(tm_err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 const char *err_code_name(int code);
+
+/* Out of memory: the engine's one answer.  Says so on stderr in one line
+ * and aborts (fail-stop, as Redis's zmalloc does): every path that could
+ * be mid-change is either not yet acknowledged or already in one atomic
+ * LevelDB write, so a restart finds the store as the last acknowledged
+ * commit left it (tests/e2e/test_failio.py fails every malloc in turn). */
+void tm_oom(void) __attribute__((noreturn, cold));
+/* pthread_create, or fail-stop like tm_oom when no thread can be had
+ * (EAGAIN: out of memory or of the thread limit), naming what it was for. */
+void tm_thread(pthread_t *th, void *(*fn)(void *), void *arg, const char *what);
 
 #endif

@@ -55,7 +55,7 @@ struct hll {
 
 static void *xmalloc(size_t n) {
     void *p = calloc(1, n ? n : 1);
-    if (!p) abort();
+    if (!p) tm_oom();
     return p;
 }
 
@@ -131,7 +131,7 @@ static int set_max(hll *h, unsigned reg, unsigned v) {
     if (h->n == h->cap) {
         h->cap = h->cap ? h->cap * 2 : 16;
         h->sparse = realloc(h->sparse, h->cap * sizeof(uint32_t));
-        if (!h->sparse) abort();
+        if (!h->sparse) tm_oom();
     }
     memmove(h->sparse + i + 1, h->sparse + i, (h->n - i) * sizeof(uint32_t));
     h->sparse[i] = reg << 6 | v;

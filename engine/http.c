@@ -263,9 +263,9 @@ static http_job *job_new(http_server *h, struct evhttp_request *req, job_kind ki
                   (ctype ? strlen(ctype) + 1 : 0) + (expv ? strlen(expv) + 1 : 0) +
                   strlen(method) + 1;
     http_job *jb = calloc(1, sizeof *jb);
-    if (!jb) abort();
+    if (!jb) tm_oom();
     jb->strs = malloc(need);
-    if (!jb->strs) abort();
+    if (!jb->strs) tm_oom();
     char *cur = jb->strs;
     jb->h = h;
     jb->req = req;
@@ -370,7 +370,7 @@ static void lane_kick(http_server *h, lookup_lane *ln) {
         return;
     }
     lookup_batch *b = malloc(sizeof *b);
-    if (!b) abort();
+    if (!b) tm_oom();
     b->job.run = lookup_run;
     b->job.done = lookup_done;
     b->h = h;
@@ -396,7 +396,7 @@ static void submit_lookup(http_server *h, struct evhttp_request *req, const char
         ln = ln->next;
     if (!ln) {
         ln = calloc(1, sizeof *ln + name_len + 1);
-        if (!ln) abort();
+        if (!ln) tm_oom();
         memcpy(ln->name, name, name_len);
         ln->name_len = name_len;
         ln->next = h->lanes;
@@ -506,7 +506,7 @@ static void start_append(http_server *h, struct evhttp_request *req, const char 
         return;
     }
     append_ctx *ac = calloc(1, sizeof *ac);
-    if (!ac) abort();
+    if (!ac) tm_oom();
     ac->h = h;
     ac->req = req;
     ac->op = op;
@@ -652,7 +652,7 @@ void http_notify_commit(http_server *h, uint64_t last) {
 void http_publish(http_server *h, const char *channel, size_t clen, const char *json,
                   size_t jlen) {
     pub_msg *m = malloc(sizeof *m + clen + jlen);
-    if (!m) abort();
+    if (!m) tm_oom();
     m->next = NULL;
     m->clen = clen;
     m->jlen = jlen;
@@ -720,7 +720,7 @@ static void start_sse(http_server *h, struct evhttp_request *req, const char *qu
     buf_free(&v);
 
     sse_conn *sc = calloc(1, sizeof *sc);
-    if (!sc) abort();
+    if (!sc) tm_oom();
     sc->stage = evbuffer_new();
     sc->h = h;
     sc->req = req;
@@ -1268,7 +1268,7 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
         threads_on = 1;
     }
     http_server *h = calloc(1, sizeof *h);
-    if (!h) abort();
+    if (!h) tm_oom();
     h->st = st;
     if (o) h->o = *o;
     else http_opts_default(&h->o);

@@ -277,7 +277,7 @@ static int pack_number(jctx *c, const char *s, size_t n) {
     }
     char small[64];
     char *t = n < sizeof small ? small : malloc(n + 1);
-    if (!t) abort();
+    if (!t) tm_oom();
     memcpy(t, s, n);
     t[n] = '\0';
     d = strtod_c(t, NULL);
@@ -328,7 +328,7 @@ static int open_container(jctx *c, int is_map) {
     if (c->depth == c->cap) {
         unsigned cap = c->cap ? c->cap * 2 : 16;
         frame *s = realloc(c->stack, sizeof *s * cap);
-        if (!s) abort();
+        if (!s) tm_oom();
         c->stack = s;
         c->cap = cap;
     }
@@ -642,7 +642,7 @@ int json_to_mp(const char *text, size_t len, const mp_limits *lim, buf *out, tm_
     }
     jctx_rewind(&c);
     yajl_handle h = yajl_alloc(&json_callbacks, NULL, &c);
-    if (!h) abort();
+    if (!h) tm_oom();
     yajl_status st = yajl_parse(h, (const unsigned char *)text, len);
     size_t off = yajl_get_bytes_consumed(h);
     if (st == yajl_status_ok) {

@@ -70,7 +70,7 @@ struct kll {
 
 static void *xcalloc(size_t n, size_t sz) {
     void *p = calloc(n ? n : 1, sz);
-    if (!p) abort();
+    if (!p) tm_oom();
     return p;
 }
 
@@ -94,7 +94,7 @@ static void level_push(level *l, double x) {
     if (l->len == l->cap) {
         l->cap = l->cap ? l->cap * 2 : 8;
         l->v = realloc(l->v, l->cap * sizeof(double));
-        if (!l->v) abort();
+        if (!l->v) tm_oom();
     }
     l->v[l->len++] = x;
 }

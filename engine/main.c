@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "crash.h"
 #include "projhost.h"
 
 #ifndef TIDEMARK_VERSION
@@ -55,6 +56,7 @@ static const command *find(const char *name) {
 }
 
 int main(int argc, char **argv) {
+    crash_install();
     if (argc < 2) {
         overview(stderr);
         return 1;

@@ -1,6 +1,8 @@
 /* progress.c — throttled progress line with rate and ETA (see progress.h). */
 #include "progress.h"
 
+#include "err.h"
+
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
@@ -22,7 +24,7 @@ static double now_s(void) {
 
 progress *progress_new(FILE *out, const char *what, uint64_t total, const char *unit, int quiet) {
     progress *p = calloc(1, sizeof *p);
-    if (!p) return NULL;
+    if (!p) tm_oom();
     p->out = out;
     p->what = what;
     p->unit = unit;

@@ -461,7 +461,7 @@ static void w_peek_many(worker *w, buf *out, tm_err *err) {
     size_t n = it.v.n;
     const char **keys = malloc((n ? n : 1) * sizeof *keys);
     size_t *lens = malloc((n ? n : 1) * sizeof *lens);
-    if (!keys || !lens) abort();
+    if (!keys || !lens) tm_oom();
     int rc = 0;
     for (size_t i = 0; i < n && rc == 0; i++) {
         if (mp_next(&p, end, &it) < 0 || it.type != MP_STR) {

@@ -681,7 +681,7 @@ static void *entry_main(void *arg) {
 static pentry *entry_new(projmgr *m, const char *name, const char *src, size_t len,
                          const char *file, int from_api, uint64_t file_hash) {
     pentry *e = calloc(1, sizeof *e);
-    if (!e) abort();
+    if (!e) tm_oom();
     e->m = m;
     snprintf(e->name, sizeof e->name, "%s", name);
     pthread_mutex_init(&e->mu, NULL);
@@ -724,7 +724,7 @@ static void entry_register(projmgr *m, pentry *e) {
     e->next = *pp;
     *pp = e;
     pthread_mutex_unlock(&m->mu);
-    pthread_create(&e->th, NULL, entry_main, e);
+    tm_thread(&e->th, entry_main, e, "projection");
 }
 
 /* Unlink, stop the thread and the worker, free once unused (admin held). */
@@ -1060,7 +1060,7 @@ static int rebuild_begin(pentry *e, const char *src, size_t len, const char *fil
     /* the source that built proj/NAME/: a restart serves it until the swap */
     if (kv_put1(m, "s", e->name, e->source, e->srclen, err) < 0) return -1;
     rebuild *rb = calloc(1, sizeof *rb);
-    if (!rb) abort();
+    if (!rb) tm_oom();
     rb->e = e;
     rb->source = malloc(len + 1);
     memcpy(rb->source, src, len);
@@ -1078,7 +1078,7 @@ static int rebuild_begin(pentry *e, const char *src, size_t len, const char *fil
     pthread_mutex_unlock(&e->smu);
     logf_("info", "msg=\"projection source changed: building the new version\" name=%s "
           "version=%016llx", e->name, (unsigned long long)rb->version);
-    pthread_create(&rb->th, NULL, rebuild_main, rb);
+    tm_thread(&rb->th, rebuild_main, rb, "projection rebuild");
     return 0;
 }
 
@@ -1188,7 +1188,7 @@ static wanted *wanted_add(wanted_list *l, const char *name) {
     if (l->n == l->cap) {
         l->cap = l->cap ? l->cap * 2 : 16;
         l->v = realloc(l->v, l->cap * sizeof *l->v);
-        if (!l->v) abort();
+        if (!l->v) tm_oom();
     }
     wanted *w = &l->v[l->n++];
     memset(w, 0, sizeof *w);
@@ -1310,7 +1310,7 @@ static char *pending_active(projmgr *m, const char *name, uint64_t want, size_t 
     buf_free(&k);
     if (src) { /* NUL-terminate */
         char *c = realloc(src, sl + 1);
-        if (!c) abort();
+        if (!c) tm_oom();
         c[sl] = 0;
         src = c;
     }
@@ -1442,7 +1442,7 @@ static void *admin_main(void *arg) {
 
 projmgr *projmgr_new(store *s, const projmgr_opts *o, tm_err *err) {
     projmgr *m = calloc(1, sizeof *m);
-    if (!m) abort();
+    if (!m) tm_oom();
     m->s = s;
     if (o) m->o = *o;
     m->dir = m->o.dir ? strdup(m->o.dir) : NULL;
@@ -1467,7 +1467,7 @@ projmgr *projmgr_new(store *s, const projmgr_opts *o, tm_err *err) {
         projmgr_free(m);
         return NULL;
     }
-    pthread_create(&m->admin_th, NULL, admin_main, m);
+    tm_thread(&m->admin_th, admin_main, m, "projection admin");
     return m;
 }
 
@@ -2199,7 +2199,7 @@ void projmgr_handle_many(projmgr *m, const api_request *const *rqs, api_reply *c
     const char **kp = malloc((n ? n : 1) * sizeof *kp);
     size_t *kl = malloc((n ? n : 1) * sizeof *kl);
     api_reply **rp = malloc((n ? n : 1) * sizeof *rp);
-    if (!names || !keys || !is || !kp || !kl || !rp) abort();
+    if (!names || !keys || !is || !kp || !kl || !rp) tm_oom();
     for (size_t i = 0; i < n; i++) {
         is[i] = (char)parse_lookup(rqs[i], &names[i], &keys[i]);
         if (!is[i]) projmgr_handle(m, rqs[i], rps[i]);

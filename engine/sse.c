@@ -190,7 +190,7 @@ sse_client *sse_client_new(sse_hub *h, void *conn, uint64_t after, int named) {
 
 static char *dup_n(const char *s, size_t n) {
     char *d = malloc(n + 1);
-    if (!d) abort();
+    if (!d) tm_oom();
     memcpy(d, s, n);
     d[n] = '\0';
     return d;
@@ -241,7 +241,7 @@ int sse_client_subscribe(sse_client *c, const char *spec, size_t len, const char
         s.channel_len = len;
     }
     sse_sub *n = realloc(c->subs, (size_t)(c->nsubs + 1) * sizeof *n);
-    if (!n) abort();
+    if (!n) tm_oom();
     c->subs = n;
     c->subs[c->nsubs++] = s;
     return 0;

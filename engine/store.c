@@ -207,7 +207,7 @@ static void u64vec_push(u64vec *a, uint64_t x) {
     if (a->n == a->cap) {
         size_t cap = a->cap ? a->cap * 2 : 8;
         uint64_t *v = realloc(a->v, cap * sizeof *v);
-        if (!v) abort();
+        if (!v) tm_oom();
         a->v = v;
         a->cap = cap;
     }
@@ -321,7 +321,7 @@ static node *nmap_add(nmap *m, const char *k, size_t kl, uint64_t h) {
     if (m->count + 1 > m->cap) {
         size_t cap = m->cap ? m->cap * 2 : 64;
         node **tab = calloc(cap, sizeof *tab);
-        if (!tab) abort();
+        if (!tab) tm_oom();
         for (size_t i = 0; i < m->cap; i++) {
             node *n = m->tab[i];
             while (n) {
@@ -336,7 +336,7 @@ static node *nmap_add(nmap *m, const char *k, size_t kl, uint64_t h) {
         m->cap = cap;
     }
     node *n = calloc(1, sizeof *n + kl + 1);
-    if (!n) abort();
+    if (!n) tm_oom();
     n->hash = h;
     n->klen = kl;
     memcpy(n->key, k, kl);
@@ -745,7 +745,7 @@ store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
         return NULL;
     }
     store *s = calloc(1, sizeof *s);
-    if (!s) abort();
+    if (!s) tm_oom();
     s->o = o;
     s->dir = strdup(dir);
     s->opts = leveldb_options_create();
@@ -914,7 +914,7 @@ static void idtab_add(idtab *t, tm_event *ev) {
     if ((t->count + 1) * 2 > t->cap) {
         size_t cap = t->cap ? t->cap * 2 : 64;
         tm_event **slot = calloc(cap, sizeof *slot);
-        if (!slot) abort();
+        if (!slot) tm_oom();
         for (size_t i = 0; i < t->cap; i++) {
             tm_event *e = t->slot[i];
             if (!e) continue;
@@ -1118,7 +1118,7 @@ static int group_add(store *s, req *r) {
         free(s->sv);
         s->svcap = r->n;
         s->sv = malloc(r->n * sizeof *s->sv);
-        if (!s->sv) abort();
+        if (!s->sv) tm_oom();
     }
     node *prev = NULL;
     for (size_t i = 0; i < r->n; i++) {
@@ -1480,7 +1480,7 @@ static int validate(store *s, tm_event *evs, size_t n, const store_expect *exp, 
     }
     if (*nid > 1) {
         uint8_t(*ids)[16] = malloc(*nid * 16), (*p)[16] = NULL;
-        if (!ids) abort();
+        if (!ids) tm_oom();
         p = ids;
         for (size_t i = 0; i < n; i++)
             if (evs[i].has_id) memcpy(*p++, evs[i].id, 16);
@@ -1532,7 +1532,7 @@ int store_append(store *s, tm_event *evs, size_t n, const store_expect *exp, siz
 int store_append_async(store *s, tm_event *evs, size_t n, const store_expect *exp, size_t nexp,
                        store_append_fn fn, void *ud, tm_err *err) {
     req *r = calloc(1, sizeof *r);
-    if (!r) abort();
+    if (!r) tm_oom();
     if (validate(s, evs, n, exp, nexp, &r->nid, err) < 0) {
         free(r);
         return -1;
@@ -1608,7 +1608,7 @@ struct store_iter {
 
 static store_iter *iter_new(store *s, int kind, uint64_t from, int backward, uint64_t limit) {
     store_iter *it = calloc(1, sizeof *it);
-    if (!it) abort();
+    if (!it) tm_oom();
     it->s = s;
     it->kind = kind;
     it->from = from;
@@ -2094,7 +2094,7 @@ static node **journal_names(store *s, const leveldb_readoptions_t *ro, nmap *m, 
     leveldb_iter_destroy(it);
     if (rc < 0) return NULL;
     node **arr = malloc((m->count + 1) * sizeof *arr);
-    if (!arr) abort();
+    if (!arr) tm_oom();
     *n = 0;
     for (size_t b = 0; b < m->cap; b++)
         for (node *nd = m->tab[b]; nd; nd = nd->next) arr[(*n)++] = nd;
@@ -2556,7 +2556,7 @@ static const char *pkey(buf *b, const char *k, size_t kl) {
 
 store_batch *store_batch_new(void) {
     store_batch *b = calloc(1, sizeof *b);
-    if (!b) abort();
+    if (!b) tm_oom();
     b->wb = leveldb_writebatch_create();
     return b;
 }
@@ -2607,7 +2607,7 @@ int store_kv_get(store *s, const char *k, size_t kl, char **val, size_t *vl, tm_
     if (r <= 0) return r;
     /* hand over a malloc'd copy (LevelDB's buffer is freed with leveldb_free) */
     *val = malloc(*vl ? *vl : 1);
-    if (!*val) abort();
+    if (!*val) tm_oom();
     memcpy(*val, v, *vl);
     leveldb_free(v);
     return 1;
@@ -2616,7 +2616,7 @@ int store_kv_get(store *s, const char *k, size_t kl, char **val, size_t *vl, tm_
 store_kv_iter *store_kv_scan(store *s, const char *prefix, size_t pl, const char *start,
                              size_t sl, tm_err *err) {
     store_kv_iter *it = calloc(1, sizeof *it);
-    if (!it) abort();
+    if (!it) tm_oom();
     it->s = s;
     it->snap = leveldb_create_snapshot(s->db);
     it->ro = leveldb_readoptions_create();

@@ -53,7 +53,7 @@ struct topk {
 
 static void *xcalloc(size_t n, size_t sz) {
     void *p = calloc(n ? n : 1, sz);
-    if (!p) abort();
+    if (!p) tm_oom();
     return p;
 }
 

@@ -54,7 +54,7 @@ struct window {
 
 static void *xcalloc(size_t n, size_t sz) {
     void *p = calloc(n ? n : 1, sz);
-    if (!p) abort();
+    if (!p) tm_oom();
     return p;
 }
 
@@ -173,7 +173,7 @@ static void insert_at(window *w, size_t i, int64_t s, int64_t end, double v) {
     if (w->nopen == w->capopen) {
         w->capopen = w->capopen ? w->capopen * 2 : 8;
         w->open = realloc(w->open, w->capopen * sizeof *w->open);
-        if (!w->open) abort();
+        if (!w->open) tm_oom();
     }
     memmove(w->open + i + 1, w->open + i, (w->nopen - i) * sizeof *w->open);
     w->open[i] = (window_agg){s, end, 1, v, v, v, 0};

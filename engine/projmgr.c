@@ -2018,23 +2018,30 @@ static int is_command(const char *s) {
 
 #define MAX_SEGS 5
 
-void projmgr_handle(projmgr *m, const api_request *rq, api_reply *rp) {
-    /* split the path: /projections/{name}/{what}/{arg} */
-    const char *sp[MAX_SEGS];
-    size_t sl[MAX_SEGS];
+/* The path's segments (empty ones skipped): their count, -1 if more than
+ * MAX_SEGS. */
+static int split_path(const char *p, const char **sp, size_t *sl) {
     int nseg = 0;
-    const char *p = rq->path;
     while (*p) {
         while (*p == '/') p++;
         if (!*p) break;
         const char *s = p;
         while (*p && *p != '/') p++;
-        if (nseg == MAX_SEGS) {
-            api_error(rp, 404, "no such route");
-            return;
-        }
+        if (nseg == MAX_SEGS) return -1;
         sp[nseg] = s;
         sl[nseg++] = (size_t)(p - s);
+    }
+    return nseg;
+}
+
+void projmgr_handle(projmgr *m, const api_request *rq, api_reply *rp) {
+    /* split the path: /projections/{name}/{what}/{arg} */
+    const char *sp[MAX_SEGS];
+    size_t sl[MAX_SEGS];
+    int nseg = split_path(rq->path, sp, sl);
+    if (nseg < 0) {
+        api_error(rp, 404, "no such route");
+        return;
     }
     const char *method = rq->method;
     int get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
@@ -2123,16 +2130,7 @@ static int parse_lookup(const api_request *rq, buf *name, buf *key) {
     if (strcmp(rq->method, "GET") && strcmp(rq->method, "HEAD")) return 0;
     const char *sp[MAX_SEGS];
     size_t sl[MAX_SEGS];
-    int nseg = 0;
-    for (const char *p = rq->path; *p;) {
-        while (*p == '/') p++;
-        if (!*p) break;
-        const char *st = p;
-        while (*p && *p != '/') p++;
-        if (nseg == MAX_SEGS) return 0;
-        sp[nseg] = st;
-        sl[nseg++] = (size_t)(p - st);
-    }
+    int nseg = split_path(rq->path, sp, sl);
     if ((nseg != 3 && nseg != 4) || sl[2] != 5 || memcmp(sp[2], "state", 5)) return 0;
     name->len = key->len = 0;
     if (api_url_decode(name, sp[1], sl[1], 0) != 0 || !valid_name(name->ptr, name->len)) return 0;

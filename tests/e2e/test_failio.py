@@ -95,6 +95,12 @@ def test_import_under_failed_io(tmp_path, kind, mode, err):
     assert failures > 0, "no injected failure made the import fail"
 
 
+def append_args(e, data):
+    """`tidemark append` of event e (with its id, metadata and time) into data."""
+    return ["append", "--data", data, e["stream"], e["type"], json.dumps(e["data"]),
+            "--id", e["id"], "--metadata", json.dumps(e["metadata"]), "--time", str(e["time"])]
+
+
 @pytest.mark.parametrize("kind", ["sync", "write"])
 def test_append_under_failed_io(tmp_path, kind):
     pre = events(3, "pre", streams=1)
@@ -103,10 +109,6 @@ def test_append_under_failed_io(tmp_path, kind):
     ok(tm("import", "--data", template, "-", input=jsonl(pre)))
     new = events(3, "app", streams=1)
     known.update({e["id"]: e for e in new})
-
-    def append_args(e, data):
-        return ["append", "--data", data, e["stream"], e["type"], json.dumps(e["data"]),
-                "--id", e["id"], "--metadata", json.dumps(e["metadata"]), "--time", str(e["time"])]
 
     calls = count_calls(tmp_path, template, kind, append_args(new[0], "@DATA@"))
     d = str(tmp_path / "d")
@@ -186,10 +188,6 @@ def test_append_and_import_under_failed_malloc(tmp_path, mode):
     known.update({e["id"]: e for e in new + imp})
     src = tmp_path / "in.jsonl"
     src.write_text(jsonl(imp))
-
-    def append_args(e, data):
-        return ["append", "--data", data, e["stream"], e["type"], json.dumps(e["data"]),
-                "--id", e["id"], "--metadata", json.dumps(e["metadata"]), "--time", str(e["time"])]
 
     workloads = [
         ("append", lambda d: append_args(new[0], d), lambda p: [new[0]] if p.returncode == 0 else []),

@@ -145,6 +145,10 @@ class EngineBenches:
         ("http_lookup", "bench_http_lookup", 1.0,
          "GET /projections/customers/state?partition=K, BENCH_CLIENTS connections vs Redis HGET",
          {"unit": "req/s", "limit_word": "peer"}),
+        ("http_floor", "bench_http_floor", None,
+         "GET /health (evhttp's own cost per request, no work) vs Redis HGET: the ceiling of "
+         "http_lookup's and http_append's ratios (info)",
+         {"unit": "req/s", "limit_word": "peer", "info": True}),
         ("sse_latency", "bench_sse_latency", 1.0,
          "append -> SSE delivery, BENCH_SSE_RATE events/s to BENCH_SSE_CLIENTS clients: p99 vs 2 ms",
          {"unit": "ms", "lower": True, "limit_word": "target"}),
@@ -322,6 +326,50 @@ class EngineBenches:
                 srv.stop()
                 self.drop(d)
             return rate, "POST /streams/order-C, durable, " + note
+
+        return limit, ours
+
+    # -- 4x. the HTTP floor: what evhttp alone costs per request --
+
+    def bench_http_floor(self):
+        secs, conns, keys = self.sz["seconds"], self.sz["clients"], self.sz["customers"]
+
+        def load(mode, port, path=None):
+            env = dict(os.environ)
+            if path:
+                env["LOAD_PATH"] = path
+            argv = [self.exe("load_client"), mode, str(port), str(conns), str(secs), str(keys), mode]
+            H.need_exe(argv[0])
+            p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, env=env)
+            r = [dict(kv.split("=", 1) for kv in l.split()[1:])
+                 for l in p.stdout.splitlines() if l.startswith("BENCH ")]
+            if p.returncode != 0 or not r or int(r[0]["bad"]):
+                raise H.BenchError("load_client %s: %s" % (mode, H.last_line(p.stderr)))
+            return float(r[0]["rate"]), "%d conns, p50 %s ms, p99 %s ms" % (
+                conns, r[0]["p50_ms"], r[0]["p99_ms"])
+
+        def limit():
+            red = peers.Redis(self.fresh("redis-floor"))
+            try:
+                red.start()
+                red.hset_many("customers", [("cust-%d" % k, '{"orders":1}') for k in range(keys)])
+                rate, note = load("redis-hget", red.port)
+            finally:
+                red.stop()
+                self.drop(red.dir)
+            return rate, "HGET customers KEY, " + note
+
+        def ours():
+            d = self.fresh("serve-floor")
+            srv = peers.TidemarkServer(H.TIDEMARK, d)
+            try:
+                srv.start()
+                rate, note = load("http-get", srv.port, "/health")
+            finally:
+                srv.stop()
+                self.drop(d)
+            return rate, "GET /health (answered on the loop, no store, no worker), " + note
 
         return limit, ours
 

@@ -187,5 +187,6 @@ corrupt-long: $(BIN)
 -include $(FUZZ_OBJ:.o=.d)
 -include $(LIB_OBJ:.o=.d) $(BIN_OBJ:.o=.d) $(TESTLIB_OBJ:.o=.d) $(UNIT_BIN:=.d) $(BENCH_BIN:=.d)
 
-# proj.c embeds the projection runtime's Lua source with .incbin.
-$(BUILD)/engine/proj.o: engine/proj_rt.lua
+# proj.c and proj_mp.c embed the projection runtime's Lua sources with .incbin.
+$(BUILD)/engine/proj.o build/fuzz/obj/engine/proj.o: engine/proj_rt.lua
+$(BUILD)/engine/proj_mp.o build/fuzz/obj/engine/proj_mp.o: engine/proj_mp.lua

@@ -9,7 +9,8 @@
  *   - the built-in C functions the prelude (prelude.lua, compiled in) uses
  *     (scans and reads are in replscan.c, projections in replproj.c):
  *     listing, append, tail over SSE, HTTP, JSON encoding, output; the
- *     prelude also gets the ffi module (never reachable from user code);
+ *     prelude also gets the ffi module and the projection runtime's
+ *     msgpack decoder (proj_mp.h), never reachable from user code;
  *   - evaluation with the lua.c rules (expression first, "<eof>" means
  *     incomplete), tracebacks, and Ctrl-C.
  *
@@ -36,6 +37,7 @@
 
 #include "json.h"
 #include "lsketch.h"
+#include "proj_mp.h"
 #include "repl.h"
 #include "replhttp.h"
 #include "replmp.h"
@@ -604,12 +606,11 @@ static int open_state(lua_State *L) {
     if (luaL_loadbuffer(L, prelude_src, sizeof prelude_src - 1, "=tidemark")) return lua_error(L);
     lua_pushvalue(L, tidx);
     sandbox_push_ffi(r->sb); /* for the prelude only; never a global */
-    /* table.new (preloaded by LuaJIT's table library): sized tables */
-    lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
-    lua_getfield(L, -1, "table.new");
-    lua_remove(L, -2);
-    if (lua_isfunction(L, -1)) lua_call(L, 0, 1);
-    else lua_pop(L, 1), lua_pushnil(L);
+    /* the projection runtime's msgpack decoder: ext values as their payload
+     * strings (the REPL shows foreign data), NaN map keys dropped */
+    tm_err e;
+    err_clear(&e);
+    if (proj_mp_push(r->sb, NULL, PROJ_MP_DROP_NAN_KEYS, &e) < 0) return luaL_error(L, "%s", e.msg);
     lua_call(L, 3, 1); /* the prelude returns its show(...) function */
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.show");
     lua_getfield(L, tidx, "dot");

@@ -9,7 +9,8 @@
  *   replline.c   line editing with libedit: history file, completion
  *   replsrc.c    the event source (embedded store or remote server)
  *   replhttp.c   the HTTP client for remote mode
- *   replmp.c     msgpack <-> Lua values
+ * msgpack <-> Lua values are engine/luamp.h's (LUAMP_RAW_EXT for events,
+ * LUAMP_NAN for JSON and appends); scans decode with engine/proj_mp.h.
  *
  * One session per process.  The struct is a plain value owned by cli_repl.
  */

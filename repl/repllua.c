@@ -37,10 +37,10 @@
 
 #include "json.h"
 #include "lsketch.h"
+#include "luamp.h"
 #include "proj_mp.h"
 #include "repl.h"
 #include "replhttp.h"
-#include "replmp.h"
 #include "replproj.h"
 
 static const char prelude_src[] =
@@ -179,10 +179,10 @@ static int t_json(lua_State *L) {
     tm_err e;
     err_clear(&e);
     lua_settop(L, 1);
-    if (replmp_from_lua(L, 1, &mp) < 0) {
+    if (luamp_encode_opt(L, 1, "value", LUAMP_NAN, &mp, &e) < 0) { /* NaN prints as null */
         buf_free(&mp);
         lua_pushnil(L);
-        lua_pushstring(L, "value cannot be encoded as JSON");
+        lua_pushstring(L, e.msg);
         return 2;
     }
     if (json_from_mp(mp.ptr, mp.len, &out, &e) < 0) {
@@ -211,10 +211,9 @@ static int t_json_decode(lua_State *L) {
         lua_pushstring(L, e.msg);
         return 2;
     }
-    const char *p = mp.ptr;
-    int rc = replmp_push(L, &p, mp.ptr + mp.len);
+    int rc = luamp_push(L, mp.ptr, mp.len, &e);
     buf_free(&mp);
-    if (rc < 0) return luaL_error(L, "bad JSON value");
+    if (rc < 0) return luaL_error(L, "bad JSON value: %s", e.msg);
     return 1;
 }
 
@@ -442,11 +441,11 @@ static int t_append(lua_State *L) {
     tm_err e;
     err_clear(&e);
     buf data = BUF_INIT, meta = BUF_INIT;
-    if (replmp_from_lua(L, 3, &data) < 0 ||
-        (!lua_isnoneornil(L, 4) && replmp_from_lua(L, 4, &meta) < 0)) {
+    if (luamp_encode_opt(L, 3, "data", LUAMP_NAN, &data, &e) < 0 ||
+        (!lua_isnoneornil(L, 4) && luamp_encode_opt(L, 4, "metadata", LUAMP_NAN, &meta, &e) < 0)) {
         buf_free(&data);
         buf_free(&meta);
-        return luaL_error(L, "append: data and metadata must be plain values (tables, strings, numbers, booleans)");
+        return luaL_error(L, "append: %s", e.msg);
     }
     uint64_t pos = 0, ver = 0;
     int rc;

@@ -266,6 +266,25 @@ def test_read_and_listing(data):
     assert [r["position"] for r in got] == want
 
 
+def test_values_json_append_and_ext(tmp_path):
+    d = str(tmp_path / "data")
+    subprocess.run([BIN, "append", "--data", d, "init-1", "Init", "{}"], check=True,
+                   capture_output=True, timeout=60)
+    # json(): sorted keys, NaN and infinities as null, sketches as $ext
+    out = run("-e", "json({b = 0/0, a = {1, 1/0}, c = 's'})", data=d, check=0).stdout
+    assert out == '{"a":[1,null],"b":null,"c":"s"}\n'
+    # append(): values that cannot be stored name their path
+    p = run("-e", 'append("s-1", "T", {x = {f = print}})', data=d)
+    assert p.returncode == 1 and "append: data.x.f: cannot store a function value" in p.stderr
+    # an ext value (here a sketch) in event data reads back as its payload
+    # string, the same in read() and in a scan; read() events have category
+    chunk = ('append("s-1", "T", {h = tm.hll(), n = 1}, {m = "x"}) '
+             'local e = read("s-1")[1] '
+             'local q = from{stream="s-1"}:map(function(e) return {t = type(e.data.h)} end) '
+             'return e.category, type(e.data.h), e.data.n, e.metadata.m, q.rows[1][1]')
+    assert run("-e", chunk, data=d, check=0).stdout == "s\tstring\t1\tx\tstring\n"
+
+
 def test_formats(data):
     q = 'from{}:group_by("data.region"):count()'
     want = Counter(e["data"]["region"] for e in EVENTS)

@@ -587,6 +587,23 @@ const char *proj_from_name(const proj *p, size_t i, size_t *len) {
     if (len) *len = p->from_lens[i];
     return p->from_names[i];
 }
+
+store_iter *proj_open_reader(store *s, const proj *p, uint64_t from, tm_err *err) {
+    if (p->nfrom == 1) {
+        const char *name = p->from_names[0];
+        size_t len = p->from_lens[0];
+        switch (p->from) {
+        case PROJ_FROM_CATEGORY: return store_read_category(s, name, len, from, 0, err);
+        case PROJ_FROM_TYPES: return store_read_type(s, name, len, from, 0, err);
+        case PROJ_FROM_STREAM:
+        case PROJ_FROM_STREAMS:
+            /* versions, not positions: proj_feed skips what it has seen */
+            return store_read_stream(s, name, len, 0, 0, 0, err);
+        default: break;
+        }
+    }
+    return store_read_all(s, from, 0, 0, err);
+}
 int proj_partitioned(const proj *p) { return p->partitioned; }
 int proj_dead_letter_mode(const proj *p) { return p->dead_letter_mode; }
 uint64_t proj_checkpoint_every(const proj *p) { return p->checkpoint_every; }

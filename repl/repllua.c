@@ -198,22 +198,26 @@ static int t_json(lua_State *L) {
     return 1;
 }
 
-/* T.json_decode(text) -> value (for replies and projection states). */
+int repllua_push_json(lua_State *L, const char *text, size_t len, tm_err *err) {
+    buf mp = BUF_INIT;
+    int rc = json_to_mp(text, len, NULL, &mp, err);
+    if (rc == 0) rc = luamp_push(L, mp.ptr, mp.len, err);
+    buf_free(&mp);
+    return rc;
+}
+
+/* T.json_decode(text) -> value, or nil + message (replies, projection
+ * states: the server's text is untrusted). */
 static int t_json_decode(lua_State *L) {
     size_t n;
     const char *s = luaL_checklstring(L, 1, &n);
-    buf mp = BUF_INIT;
     tm_err e;
     err_clear(&e);
-    if (json_to_mp(s, n, NULL, &mp, &e) < 0) {
-        buf_free(&mp);
+    if (repllua_push_json(L, s, n, &e) < 0) {
         lua_pushnil(L);
         lua_pushstring(L, e.msg);
         return 2;
     }
-    int rc = luamp_push(L, mp.ptr, mp.len, &e);
-    buf_free(&mp);
-    if (rc < 0) return luaL_error(L, "bad JSON value: %s", e.msg);
     return 1;
 }
 
@@ -336,49 +340,20 @@ static int t_sse(lua_State *L) {
         replhttp_close(h);
         return luaL_error(L, "GET %s: HTTP %d", path, st);
     }
-    buf in = BUF_INIT, data = BUF_INIT;
-    size_t off = 0;
-    int failed = 0;
+    buf data = BUF_INIT;
+    int failed = 0, rc;
     lua_pushcfunction(L, repllua_traceback);
     int msgh = lua_gettop(L);
-    for (;;) {
-        char *nl = in.ptr ? memchr(in.ptr + off, '\n', in.len - off) : NULL;
-        if (!nl) {
-            if (off) {
-                memmove(in.ptr, in.ptr + off, in.len - off);
-                in.len -= off;
-                off = 0;
-            }
-            long got = replhttp_read(h, &in, &e);
-            if (got <= 0) {
-                if (got < 0 && !g_intr) failed = 2;
-                break;
-            }
-            continue;
-        }
-        size_t ll = (size_t)(nl - (in.ptr + off));
-        const char *line = in.ptr + off;
-        off += ll + 1;
-        if (ll && line[ll - 1] == '\r') ll--;
-        if (ll == 0) { /* end of message */
-            if (data.len) {
-                lua_pushvalue(L, 2);
-                lua_pushcfunction(L, t_json_decode);
-                lua_pushlstring(L, data.ptr, data.len);
-                lua_call(L, 1, 1);
-                buf_reset(&data);
-                if (lua_pcall(L, 1, 0, msgh)) {
-                    failed = 1;
-                    break;
-                }
-            }
-        } else if (ll >= 5 && !memcmp(line, "data:", 5)) {
-            size_t skip = ll > 5 && line[5] == ' ' ? 6 : 5;
-            if (data.len) buf_putc(&data, '\n');
-            buf_append(&data, line + skip, ll - skip);
+    while ((rc = replhttp_sse_next(h, &data, &e)) == 1) {
+        lua_pushvalue(L, 2);
+        tm_err je; /* a message that is not JSON reaches fn as nil */
+        if (repllua_push_json(L, data.ptr, data.len, &je) < 0) lua_pushnil(L);
+        if (lua_pcall(L, 1, 0, msgh)) {
+            failed = 1;
+            break;
         }
     }
-    buf_free(&in);
+    if (rc < 0 && !g_intr) failed = 2;
     buf_free(&data);
     replhttp_close(h);
     if (failed == 1) return lua_error(L);

@@ -200,7 +200,7 @@ static int t_json(lua_State *L) {
 
 int repllua_push_json(lua_State *L, const char *text, size_t len, tm_err *err) {
     buf mp = BUF_INIT;
-    int rc = json_to_mp(text, len, NULL, &mp, err);
+    int rc = json_to_mp(text ? text : "", len, NULL, &mp, err);
     if (rc == 0) rc = luamp_push(L, mp.ptr, mp.len, err);
     buf_free(&mp);
     return rc;
@@ -467,7 +467,7 @@ static int t_append(lua_State *L) {
             rc = err_set(&e, status == 409 ? TM_ECONFLICT : status >= 500 ? TM_EIO : TM_EINVAL,
                          "POST %s: HTTP %d: %.200s", path.ptr, status, reply.ptr ? reply.ptr : "");
         } else if (rc == 0) {
-            if (json_to_mp(reply.ptr, reply.len, NULL, &mp, &e) < 0 ||
+            if (json_to_mp(reply.ptr ? reply.ptr : "", reply.len, NULL, &mp, &e) < 0 ||
                 first_uint(&mp, "positions", &pos) < 0 || first_uint(&mp, "versions", &ver) < 0)
                 rc = err_set(&e, TM_EIO, "POST %s: unexpected reply", path.ptr);
         }

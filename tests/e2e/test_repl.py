@@ -657,6 +657,59 @@ def test_remote_same_answers(server):
     assert p.returncode == 4 and "cannot connect" in p.stderr
 
 
+class _StuckServer:
+    """A tidemark look-alike that ignores from= and after=: every GET /all
+    answers the same page, every GET /streams the same names with a next
+    link.  The REPL must stop with an error, not read that page forever
+    (found by tests/fuzz/fuzz_repl_remote)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                if path == "/health":
+                    body = {"status": "ok", "last_position": 2}
+                elif path == "/streams":
+                    body = {"streams": [{"stream": "a", "version": 0}], "next": "/streams?after=a"}
+                else:
+                    body = {"events": [{"stream": "order-1", "type": "T", "position": p,
+                                        "version": p - 1, "data": {}} for p in (1, 2)],
+                            "next": "/all?from=3", "last_position": 2}
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_remote_server_that_does_not_page_forward():
+    srv = _StuckServer()
+    try:
+        for chunk, want in (("from{}:count()", "position 1 out of order"),
+                            ('from{category="order"}:count()', "position 1 out of order"),
+                            ("streams()", "names out of order")):
+            p = subprocess.run([BIN, "repl", "--url", srv.url, "-e", chunk], capture_output=True,
+                               text=True, timeout=30)
+            assert p.returncode == 4 and want in p.stderr, (chunk, p.returncode, p.stderr)
+    finally:
+        srv.close()
+
+
 def test_remote_append_and_tail(server):
     env = dict(os.environ, TIDEMARK_HISTORY="/dev/null", TERM="xterm")
     c = pexpect.spawn(BIN, ["repl", "--url", server["url"]], encoding="utf-8", timeout=10, env=env,

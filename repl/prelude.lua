@@ -1194,10 +1194,12 @@ local dot_names = {}
 for k in pairs(dots) do dot_names[#dot_names + 1] = "." .. k end
 sort(dot_names)
 
+-- A dot command line: the REPL sends any line whose first non-blank
+-- character is '.' followed by a letter (repl/replline.c).
 function T.dot(line)
-  local cmd, arg = line:match("^%.(%S+)%s*(.-)%s*$")
+  local cmd, arg = line:match("^%s*%.(%S+)%s*(.-)%s*$")
   local f = cmd and dots[cmd]
-  if not f then error("unknown command '" .. line:match("^%S+") .. "'; try .help", 0) end
+  if not f then error("unknown command '" .. (line:match("^%s*(%S+)") or "") .. "'; try .help", 0) end
   return f(arg or "")
 end
 

@@ -409,6 +409,10 @@ def test_piped_lines_and_dot_commands(data):
     assert lines[4:] == ["1", "2"]
     p = run(data=data, input="1\nerror('stop here')\nprint('not reached')\n")
     assert p.returncode == 1 and "not reached" not in p.stdout and "stop here" in p.stderr
+    # a dot command may start with blanks, like at the prompt (it failed with
+    # "attempt to concatenate a nil value"; found by tests/fuzz/fuzz_repl_line)
+    p = run(data=data, input="  .format json\n\t.timing\n{1}\n  .nosuch\n", check=1)
+    assert p.stdout == "off\n[1]\n" and "unknown command '.nosuch'" in p.stderr
 
 
 # ---------------------------------------------------------------- the prompt

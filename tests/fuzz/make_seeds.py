@@ -151,6 +151,16 @@ def repl_remote_seeds():
     return seeds
 
 
+REPL_LINES = [
+    ".help", ".streams\n.categories\n.projections", ".describe nope", ".describe",
+    ".format json\n.format\n.format bogus", ".timing on\n.timing\n.timing maybe", ".quit",
+    ".nosuch arg", "from{category=\"or", "string.fo", "x = tm.", "s:up", ".format j", ".des",
+    "read('order-1'", "'", "math.",
+    # blanks before a dot command: T.dot raised "attempt to concatenate a nil value"
+    "\t.help", "  .streams",
+]
+
+
 def record(stream, typ, version, time, meta, data, ident=bytes(range(16))):
     # metadata and data are raw msgpack appended verbatim, as record_encode does
     body = b"\x98" + mp(1) + mp(ident) + mp(stream) + mp(typ) + mp(version) + mp(time) + mp(meta) + mp(data)
@@ -180,6 +190,7 @@ def main():
     # mode byte: 0 = as is, 1 = the fuzz target fixes the checksum
     write("fuzz_record", [bytes([m]) + r for r in recs for m in (0, 1)])
     write("fuzz_repl_remote", repl_remote_seeds())
+    write("fuzz_repl_line", [l.encode() for l in REPL_LINES])
 
 
 if __name__ == "__main__":

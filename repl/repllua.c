@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "json.h"
+#include "mp.h"
 #include "lsketch.h"
 #include "luamp.h"
 #include "proj_mp.h"
@@ -200,7 +201,9 @@ static int t_json(lua_State *L) {
 
 int repllua_push_json(lua_State *L, const char *text, size_t len, tm_err *err) {
     buf mp = BUF_INIT;
-    int rc = json_to_mp(text ? text : "", len, NULL, &mp, err);
+    mp_limits lim = mp_default_limits; /* a state may exceed 1 MiB: the reply bounds it */
+    lim.max_size = len * 4 + 64;       /* (msgpack is at most 3 times the JSON) */
+    int rc = json_to_mp(text ? text : "", len, &lim, &mp, err);
     if (rc == 0) rc = luamp_push(L, mp.ptr, mp.len, err);
     buf_free(&mp);
     return rc;

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "json.h"
+#include "mp.h"
 #include "repl.h"
 #include "replhttp.h"
 
@@ -108,12 +109,18 @@ static int get_json(replsrc *s, const char *path, buf *out, tm_err *err) {
         return -1;
     }
     int r = 0;
+    /* A page holds up to PAGE events of up to 1 MiB each, 3 levels down
+     * ({"events":[{"data":...}]}): the size limit follows the reply (msgpack
+     * is at most 3 times the JSON), the depth lets any stored event through. */
+    mp_limits lim = mp_default_limits;
+    lim.max_size = body.len * 4 + 64;
+    lim.max_depth += 3;
     if (status == 404) {
         r = 0;
     } else if (status != 200) {
         r = err_set(err, status >= 500 ? TM_EIO : TM_EINVAL, "GET %s: HTTP %d: %.200s", path,
                     status, body.ptr ? body.ptr : "");
-    } else if (json_to_mp(body.ptr ? body.ptr : "", body.len, NULL, out, err) < 0) {
+    } else if (json_to_mp(body.ptr ? body.ptr : "", body.len, &lim, out, err) < 0) {
         /* (an empty body has no buffer: never pass NULL) */
         err_prefix(err, "GET %s: bad JSON reply", path);
         r = -1;

@@ -3,6 +3,7 @@ query results checked against answers computed here in Python from the
 same generated events, output formats, and the interactive prompt in a
 real terminal (pexpect): evaluation, multi-line input, error recovery,
 completion, history across sessions, Ctrl-C."""
+import contextlib
 import csv
 import io
 import json
@@ -613,6 +614,20 @@ def test_ctrl_c_cancels_query_not_repl(data, tmp_path):
 
 # ---------------------------------------------------------------- remote mode
 
+@contextlib.contextmanager
+def _serve(d, *args):
+    proc = subprocess.Popen([BIN, "serve", "--data", d, "--port", "0", "--bind", "127.0.0.1"] +
+                            list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready port="), (line, proc.stderr.read() if proc.poll() is not None else "")
+        port = int(line.split("=")[1])
+        yield {"url": "http://127.0.0.1:%d" % port, "data": d}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def server():
     with tempfile.TemporaryDirectory(prefix="tm-repl-srv-") as top:
@@ -621,17 +636,8 @@ def server():
         os.mkdir(pdir)
         with open(os.path.join(pdir, "bycustomer.lua"), "w") as f:
             f.write(PROJ)
-        proc = subprocess.Popen([BIN, "serve", "--data", d, "--port", "0", "--bind", "127.0.0.1",
-                                 "--projections", pdir],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            line = proc.stdout.readline()
-            assert line.startswith("ready port="), (line, proc.stderr.read() if proc.poll() is not None else "")
-            port = int(line.split("=")[1])
-            yield {"url": "http://127.0.0.1:%d" % port, "data": d}
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+        with _serve(d, "--projections", pdir) as s:
+            yield s
 
 
 def rjr(server, chunk):
@@ -699,6 +705,22 @@ class _StuckServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def test_remote_pages_over_one_mib(tmp_path):
+    # a page of 1000 events of 2 KB is 2 MB of JSON: it used to fail with
+    # "value exceeds size limit of 1048576 bytes"
+    d = str(tmp_path / "data")
+    text = "".join(json.dumps({"stream": "big-%d" % (i % 3), "type": "T",
+                               "data": {"blob": "x" * 2000, "i": i}}) + "\n" for i in range(1100))
+    subprocess.run([BIN, "import", "--data", d, "-"], input=text, capture_output=True, text=True,
+                   timeout=60, check=True)
+    with _serve(d) as s:
+        p = subprocess.run([BIN, "repl", "--url", s["url"], "-e",
+                            'from{}:count(), from{category="big"}:sum("data.i"), #read("big-1", {limit=500})'],
+                           capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "1100\t%d\t367\n" % sum(range(1100))
 
 
 def test_remote_server_that_does_not_page_forward():

@@ -78,11 +78,13 @@ static int fake_connect(const char *host, const char *port, tm_err *err) {
 /* The checks every event from replsrc_next must pass. */
 static void check_event(const tm_event *ev) {
     tm_err e;
+    mp_limits lim = mp_default_limits; /* the store's depth; any size */
+    lim.max_size = SIZE_MAX;
     fuzz_assert(ev->stream && ev->type, "event without stream or type");
     if (ev->data_len)
-        fuzz_assert(mp_validate(ev->data, ev->data_len, NULL, &e) == 0, "event data: %s", e.msg);
+        fuzz_assert(mp_validate(ev->data, ev->data_len, &lim, &e) == 0, "event data: %s", e.msg);
     if (ev->meta_len)
-        fuzz_assert(mp_validate(ev->meta, ev->meta_len, NULL, &e) == 0, "event metadata: %s", e.msg);
+        fuzz_assert(mp_validate(ev->meta, ev->meta_len, &lim, &e) == 0, "event metadata: %s", e.msg);
     int top = lua_gettop(L);
     fuzz_assert(luamp_push_event_opt(L, ev, LUAMP_RAW_EXT, &e) == 0, "read() event: %s", e.msg);
     lua_settop(L, top);

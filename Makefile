@@ -88,7 +88,7 @@ $(LIB): $(LIB_OBJ)
 	ar rcs $@ $^
 
 # The REPL's Lua prelude is compiled in: repl/prelude.lua -> a C string.
-$(BUILD)/gen/repl_prelude.h: repl/prelude.lua
+$(BUILD)/gen/repl_prelude.h build/fuzz/gen/repl_prelude.h: repl/prelude.lua
 	@mkdir -p $(dir $@)
 	sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/^/"/' -e 's/$$/\\n"/' $< > $@
 $(BUILD)/repl/repllua.o: $(BUILD)/gen/repl_prelude.h
@@ -142,12 +142,15 @@ help:
 
 # ---- hardening: fuzzing (clang + libFuzzer), fault injection ----
 # The fuzz targets link the engine sources compiled again by clang with
-# coverage, ASan and UBSan (build/fuzz/obj), not the gcc library.
+# coverage, ASan and UBSan (build/fuzz/obj), not the gcc library; the
+# REPL's targets (fuzz_repl_*) also link the repl/ sources compiled the
+# same way (build/fuzz/librepl.a: the linker takes the objects they use).
 FUZZ_CC ?= clang
 FUZZ_SECONDS ?= 300
 FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
-FUZZ_CFLAGS := -O1 -g -std=gnu11 -Wall -Wextra -Wno-unused-parameter -pthread -Iengine $(PKG_CFLAGS) $(FUZZ_SAN)
+FUZZ_CFLAGS := -O1 -g -std=gnu11 -Wall -Wextra -Wno-unused-parameter -pthread -Iengine -Irepl $(PKG_CFLAGS) $(FUZZ_SAN)
 FUZZ_OBJ := $(LIB_SRC:%.c=build/fuzz/obj/%.o)
+FUZZ_REPL_OBJ := $(patsubst %.c,build/fuzz/obj/%.o,$(wildcard repl/*.c))
 FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=build/fuzz/%)
 
@@ -159,8 +162,19 @@ build/fuzz/libtidemark.a: $(FUZZ_OBJ)
 	rm -f $@
 	ar rcs $@ $^
 
+build/fuzz/librepl.a: $(FUZZ_REPL_OBJ)
+	rm -f $@
+	ar rcs $@ $^
+
+build/fuzz/obj/repl/repllua.o: build/fuzz/gen/repl_prelude.h
+build/fuzz/obj/repl/%.o: FUZZ_CFLAGS += -Ibuild/fuzz/gen
+
 build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_common.h build/fuzz/libtidemark.a
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< build/fuzz/libtidemark.a $(LDLIBS)
+
+# (the shorter stem wins: REPL targets take this rule)
+build/fuzz/fuzz_repl_%: tests/fuzz/fuzz_repl_%.c tests/fuzz/fuzz_common.h build/fuzz/librepl.a build/fuzz/libtidemark.a
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< build/fuzz/librepl.a build/fuzz/libtidemark.a $(LDLIBS)
 
 fuzz-build: $(FUZZ_BIN)
 
@@ -184,8 +198,9 @@ corrupt-long: $(BIN)
 	TIDEMARK_BIN=$(abspath $(BIN)) TIDEMARK_CORRUPT_SEEDS=$${TIDEMARK_CORRUPT_SEEDS:-2000} \
 		$(PYTHON) -m pytest -q -p no:cacheprovider tests/e2e/test_corruption.py
 
--include $(FUZZ_OBJ:.o=.d)
+-include $(FUZZ_OBJ:.o=.d) $(FUZZ_REPL_OBJ:.o=.d)
 -include $(LIB_OBJ:.o=.d) $(BIN_OBJ:.o=.d) $(TESTLIB_OBJ:.o=.d) $(UNIT_BIN:=.d) $(BENCH_BIN:=.d)
 
-# proj.c embeds the projection runtime's Lua source with .incbin.
-$(BUILD)/engine/proj.o: engine/proj_rt.lua
+# proj.c and proj_mp.c embed the projection runtime's Lua sources with .incbin.
+$(BUILD)/engine/proj.o build/fuzz/obj/engine/proj.o: engine/proj_rt.lua
+$(BUILD)/engine/proj_mp.o build/fuzz/obj/engine/proj_mp.o: engine/proj_mp.lua

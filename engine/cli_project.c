@@ -55,24 +55,6 @@ static const char usage[] =
     "directory, 4 I/O error.\n";
 
 
-/* The narrowest index read that covers the projection's selector. */
-static store_iter *open_reader(store *s, proj *p, uint64_t from, tm_err *err) {
-    size_t len;
-    const char *name = proj_from_name(p, 0, &len);
-    if (proj_from_count(p) == 1) {
-        switch (proj_from(p)) {
-        case PROJ_FROM_CATEGORY: return store_read_category(s, name, len, from, 0, err);
-        case PROJ_FROM_TYPES: return store_read_type(s, name, len, from, 0, err);
-        case PROJ_FROM_STREAM:
-        case PROJ_FROM_STREAMS:
-            /* versions, not positions: proj_feed skips what it has seen */
-            return store_read_stream(s, name, len, 0, 0, 0, err);
-        default: break;
-        }
-    }
-    return store_read_all(s, from, 0, 0, err);
-}
-
 typedef struct run_opts {
     int persist;
     int quiet;
@@ -113,7 +95,7 @@ static int run_serial(const char *cmd, store *s, proj *p, const run_opts *ro) {
     uint64_t seen = 0;
     int rc = 0;
     for (;;) {
-        store_iter *it = open_reader(s, p, proj_position(p) + 1, &err);
+        store_iter *it = proj_open_reader(s, p, proj_position(p) + 1, &err);
         if (!it) {
             rc = -1;
             break;

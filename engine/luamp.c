@@ -32,6 +32,7 @@ typedef struct enc {
     buf *out;
     tm_err *err;
     const char *what;
+    unsigned flags; /* LUAMP_NAN */
     /* path of keys from the root, for error messages: stack indexes */
     int path[LUAMP_MAX_DEPTH + 1];
     int depth;
@@ -219,7 +220,7 @@ static int enc_value(enc *e, int idx) {
         return 0;
     case LUA_TNUMBER: {
         double d = lua_tonumber(L, idx);
-        if (isnan(d)) return fail(e, "%s", "cannot store NaN");
+        if (isnan(d) && !(e->flags & LUAMP_NAN)) return fail(e, "%s", "cannot store NaN");
         pack_number(e, d);
         return 0;
     }
@@ -251,8 +252,13 @@ static int enc_value(enc *e, int idx) {
 }
 
 int luamp_encode(lua_State *L, int idx, const char *what, buf *out, tm_err *err) {
+    return luamp_encode_opt(L, idx, what, 0, out, err);
+}
+
+int luamp_encode_opt(lua_State *L, int idx, const char *what, unsigned flags, buf *out,
+                     tm_err *err) {
     if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = lua_gettop(L) + idx + 1;
-    enc e = {.L = L, .out = out, .err = err, .what = what ? what : "value"};
+    enc e = {.L = L, .out = out, .err = err, .what = what ? what : "value", .flags = flags};
     msgpack_packer_init(&e.pk, out, wr);
     size_t len0 = out->len;
     int top = lua_gettop(L);
@@ -264,17 +270,18 @@ int luamp_encode(lua_State *L, int idx, const char *what, buf *out, tm_err *err)
 
 /* ------------------------------------------------------------ decode */
 
-static int push_item(lua_State *L, const char **p, const char *end, int depth, tm_err *err);
+static int push_item(lua_State *L, const char **p, const char *end, int depth, unsigned flags,
+                     tm_err *err);
 
 static int push_container(lua_State *L, const mp_item *it, const char **p, const char *end,
-                          int depth, tm_err *err) {
+                          int depth, unsigned flags, tm_err *err) {
     if (depth >= LUAMP_MAX_DEPTH) return err_set(err, TM_EINVAL, "msgpack nested too deep");
     if (!lua_checkstack(L, 4)) return err_set(err, TM_EINVAL, "Lua stack exhausted");
     uint32_t n = it->v.n;
     if (it->type == MP_ARRAY) {
         lua_createtable(L, (int)(n < 1u << 20 ? n : 0), 0);
         for (uint32_t i = 0; i < n; i++) {
-            if (push_item(L, p, end, depth + 1, err) < 0) {
+            if (push_item(L, p, end, depth + 1, flags, err) < 0) {
                 lua_pop(L, 1);
                 return -1;
             }
@@ -284,11 +291,11 @@ static int push_container(lua_State *L, const mp_item *it, const char **p, const
     }
     lua_createtable(L, 0, (int)(n < 1u << 20 ? n : 0));
     for (uint32_t i = 0; i < n; i++) {
-        if (push_item(L, p, end, depth + 1, err) < 0) {
+        if (push_item(L, p, end, depth + 1, flags, err) < 0) {
             lua_pop(L, 1);
             return -1;
         }
-        if (push_item(L, p, end, depth + 1, err) < 0) {
+        if (push_item(L, p, end, depth + 1, flags, err) < 0) {
             lua_pop(L, 2);
             return -1;
         }
@@ -303,7 +310,8 @@ static int push_container(lua_State *L, const mp_item *it, const char **p, const
     return 0;
 }
 
-static int push_item(lua_State *L, const char **p, const char *end, int depth, tm_err *err) {
+static int push_item(lua_State *L, const char **p, const char *end, int depth, unsigned flags,
+                     tm_err *err) {
     mp_item it;
     if (mp_next(p, end, &it) < 0) return err_set(err, TM_EINVAL, "truncated or malformed msgpack");
     switch (it.type) {
@@ -316,8 +324,12 @@ static int push_item(lua_State *L, const char **p, const char *end, int depth, t
     case MP_STR:
     case MP_BIN: lua_pushlstring(L, it.v.s.ptr, it.v.s.len); return 0;
     case MP_ARRAY:
-    case MP_MAP: return push_container(L, &it, p, end, depth, err);
+    case MP_MAP: return push_container(L, &it, p, end, depth, flags, err);
     case MP_EXT:
+        if (flags & LUAMP_RAW_EXT) {
+            lua_pushlstring(L, it.v.s.ptr, it.v.s.len);
+            return 0;
+        }
         if (lsketch_push_decoded(L, it.v.s.ext, it.v.s.ptr, it.v.s.len) == 0)
             return 0;
         return err_set(err, TM_EINVAL, "unknown or invalid msgpack ext type %d", it.v.s.ext);
@@ -326,9 +338,13 @@ static int push_item(lua_State *L, const char **p, const char *end, int depth, t
 }
 
 int luamp_push(lua_State *L, const char *p, size_t n, tm_err *err) {
+    return luamp_push_opt(L, p, n, 0, err);
+}
+
+int luamp_push_opt(lua_State *L, const char *p, size_t n, unsigned flags, tm_err *err) {
     const char *q = p;
     int top = lua_gettop(L);
-    if (push_item(L, &q, p + n, 0, err) < 0) {
+    if (push_item(L, &q, p + n, 0, flags, err) < 0) {
         lua_settop(L, top);
         return -1;
     }
@@ -338,6 +354,10 @@ int luamp_push(lua_State *L, const char *p, size_t n, tm_err *err) {
 /* ------------------------------------------------------------ events */
 
 int luamp_push_event(lua_State *L, const tm_event *ev, tm_err *err) {
+    return luamp_push_event_opt(L, ev, 0, err);
+}
+
+int luamp_push_event_opt(lua_State *L, const tm_event *ev, unsigned flags, tm_err *err) {
     int top = lua_gettop(L);
     lua_createtable(L, 0, 9);
     char id[37];
@@ -351,13 +371,13 @@ int luamp_push_event(lua_State *L, const tm_event *ev, tm_err *err) {
     lua_pushlstring(L, ev->type, ev->type_len);
     lua_setfield(L, -2, "type");
     if (ev->data_len) {
-        if (luamp_push(L, ev->data, ev->data_len, err) < 0) goto fail;
+        if (luamp_push_opt(L, ev->data, ev->data_len, flags, err) < 0) goto fail;
     } else {
         lua_pushnil(L);
     }
     lua_setfield(L, -2, "data");
     if (ev->meta_len) {
-        if (luamp_push(L, ev->meta, ev->meta_len, err) < 0) goto fail;
+        if (luamp_push_opt(L, ev->meta, ev->meta_len, flags, err) < 0) goto fail;
     } else {
         lua_newtable(L);
     }

@@ -32,6 +32,7 @@
 #include "luamp.h"
 #include "lsketch.h"
 #include "mp.h"
+#include "proj_mp.h"
 #include "record.h"
 #include "sandbox.h"
 
@@ -288,7 +289,7 @@ static int c_fetch(lua_State *L) {
     return 3;
 }
 
-/* C.ext(type, bytes) -> sketch */
+/* ext(type, bytes) -> sketch (the decoder's ext values) */
 static int c_ext(lua_State *L) {
     int t = (int)luaL_checkinteger(L, 1);
     size_t n;
@@ -521,32 +522,13 @@ proj *proj_new(const char *name, const char *src, size_t len, const char *filena
     lua_setfield(L, -2, "load");
     lua_pushcfunction(L, c_pack);
     lua_setfield(L, -2, "pack");
-    lua_pushcfunction(L, c_ext);
-    lua_setfield(L, -2, "ext");
     lua_pushlightuserdata(L, p);
     lua_pushcclosure(L, c_fetch, 1);
     lua_setfield(L, -2, "fetch");
-    /* table.new (LuaJIT extension, preloaded by the table library): lets
-     * the decoder size tables up front */
-    lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
-    lua_getfield(L, -1, "table.new");
-    lua_remove(L, -2);
-    if (lua_isfunction(L, -1)) {
-        lua_call(L, 0, 1);
-    } else {
-        lua_pop(L, 1);
-        lua_pushnil(L);
-    }
+    /* the msgpack decoder (proj_mp.h); ext values are sketches */
+    if (proj_mp_push(p->sb, c_ext, 0, err) < 0) goto fail;
     /* jit.util (bytecode inspection for the fast path's analysis) */
-    lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
-    lua_getfield(L, -1, "jit.util");
-    lua_remove(L, -2);
-    if (lua_isfunction(L, -1)) {
-        lua_call(L, 0, 1);
-    } else {
-        lua_pop(L, 1);
-        lua_pushnil(L);
-    }
+    sandbox_push_preloaded(p->sb, "jit.util");
     if (lua_pcall(L, 7, 1, 0) != 0) {
         err_set(err, TM_EIO, "runtime: %s", lua_tostring(L, -1));
         goto fail;
@@ -604,6 +586,23 @@ const char *proj_from_name(const proj *p, size_t i, size_t *len) {
     if (i >= p->nfrom) return NULL;
     if (len) *len = p->from_lens[i];
     return p->from_names[i];
+}
+
+store_iter *proj_open_reader(store *s, const proj *p, uint64_t from, tm_err *err) {
+    if (p->nfrom == 1) {
+        const char *name = p->from_names[0];
+        size_t len = p->from_lens[0];
+        switch (p->from) {
+        case PROJ_FROM_CATEGORY: return store_read_category(s, name, len, from, 0, err);
+        case PROJ_FROM_TYPES: return store_read_type(s, name, len, from, 0, err);
+        case PROJ_FROM_STREAM:
+        case PROJ_FROM_STREAMS:
+            /* versions, not positions: proj_feed skips what it has seen */
+            return store_read_stream(s, name, len, 0, 0, 0, err);
+        default: break;
+        }
+    }
+    return store_read_all(s, from, 0, 0, err);
 }
 int proj_partitioned(const proj *p) { return p->partitioned; }
 int proj_dead_letter_mode(const proj *p) { return p->dead_letter_mode; }
@@ -778,7 +777,8 @@ static void trim_trace(buf *t) {
     while (line < end) {
         char *nl = memchr(line, '\n', (size_t)(end - line));
         size_t n = nl ? (size_t)(nl - line) + 1 : (size_t)(end - line);
-        if (!memmem(line, n, "proj_rt:", 8) && !memmem(line, n, "[C]: in function 'error'", 24)) {
+        if (!memmem(line, n, "proj_rt:", 8) && !memmem(line, n, "proj_mp:", 8) &&
+            !memmem(line, n, "[C]: in function 'error'", 24)) {
             memmove(t->ptr + w, line, n);
             w += n;
         }

@@ -99,6 +99,10 @@ const char *proj_name(const proj *p);
 proj_from_kind proj_from(const proj *p);
 size_t proj_from_count(const proj *p);        /* names in `from` (0 for all) */
 const char *proj_from_name(const proj *p, size_t i, size_t *len);
+/* The narrowest read of s that covers the selector, from position `from`
+ * on (a stream selector reads its whole stream: proj_feed skips events it
+ * has seen).  Iterator to free with store_iter_free, or NULL (err set). */
+store_iter *proj_open_reader(store *s, const proj *p, uint64_t from, tm_err *err);
 int proj_partitioned(const proj *p);
 int proj_dead_letter_mode(const proj *p);
 uint64_t proj_checkpoint_every(const proj *p); /* events; 0 = not set */

@@ -1,8 +1,9 @@
 -- proj_rt.lua — the projection runtime's Lua half (trusted; embedded in
 -- proj.c as a string at build time and run once per projection state).
 --
--- It receives (ffi, bit, def, seedtab, C, table.new, jit.util) and returns the table M of
--- entry points proj.c calls.  The script never sees this chunk's locals:
+-- It receives (ffi, bit, def, seedtab, C, decode, jit.util) and returns the table M of
+-- entry points proj.c calls; decode is the runtime's msgpack decoder
+-- (proj_mp.lua, shared with the REPL's scans; ext values become sketches).  The script never sees this chunk's locals:
 -- there is no debug library, and events' metatables are protected.
 --
 -- Replay path: proj.c fills a batch of fixed-size slots (ffi struct
@@ -27,7 +28,7 @@
 -- prove (`e` passed to a function, stored, returned, captured by a
 -- closure, indexed with a variable key...) keeps the general path.
 -- `reuse_events = false` in the definition turns the fast path off.
-local ffi, bit, def, seedtab, C, tnew, jutil = ...
+local ffi, bit, def, seedtab, C, decode, jutil = ...
 
 ffi.cdef [[
 typedef struct proj_slot {
@@ -48,111 +49,6 @@ local type, error, pairs, rawget, rawset, setmetatable, tostring, select =
 local floor, huge = math.floor, math.huge
 local sformat, sfind, ssub, concat, sort = string.format, string.find, string.sub, table.concat,
     table.sort
-
------------------------------------------------------------------ msgpack in Lua
-local conv = ffi.new("union { double d; float f; uint32_t w[2]; }")
-local decode
-
-local function be16(p, i) return p[i] * 256 + p[i + 1] end
-local function be32(p, i) return ((p[i] * 256 + p[i + 1]) * 256 + p[i + 2]) * 256 + p[i + 3] end
-
--- One key/value pair into t.
-local function pair(p, i, t)
-  local k, v
-  k, i = decode(p, i)
-  v, i = decode(p, i)
-  if k ~= nil then t[k] = v end
-  return i
-end
-
--- Small maps (the usual event payload) are decoded without a loop: a loop
--- here would be an inner loop of the replay loop, which LuaJIT does not
--- compile into the caller's trace (measured: 3x slower replay).
-local function dmap(p, i, n)
-  local t = tnew(0, n)
-  if n <= 8 then
-    if n > 0 then i = pair(p, i, t)
-    if n > 1 then i = pair(p, i, t)
-    if n > 2 then i = pair(p, i, t)
-    if n > 3 then i = pair(p, i, t)
-    if n > 4 then i = pair(p, i, t)
-    if n > 5 then i = pair(p, i, t)
-    if n > 6 then i = pair(p, i, t)
-    if n > 7 then i = pair(p, i, t)
-    end end end end end end end end
-    return t, i
-  end
-  for _ = 1, n do i = pair(p, i, t) end
-  return t, i
-end
-
-local function darr(p, i, n)
-  local t = tnew(n, 0)
-  for j = 1, n do
-    local v
-    v, i = decode(p, i)
-    t[j] = v
-  end
-  return t, i
-end
-
-local function dext(p, i, n, hdr)
-  local ty = p[i + hdr - 1]
-  if ty >= 128 then ty = ty - 256 end
-  local v = C.ext(ty, fstr(p + i + hdr, n))
-  return v, i + hdr + n
-end
-
-decode = function(p, i)
-  local b = p[i]
-  if b < 0x80 then return b, i + 1 end
-  if b >= 0xa0 and b < 0xc0 then
-    local n = b - 0xa0
-    return fstr(p + i + 1, n), i + 1 + n
-  end
-  if b < 0x90 then return dmap(p, i + 1, b - 0x80) end
-  if b < 0xa0 then return darr(p, i + 1, b - 0x90) end
-  if b >= 0xe0 then return b - 256, i + 1 end
-  if b == 0xcb then
-    conv.w[1] = be32(p, i + 1); conv.w[0] = be32(p, i + 5)
-    return conv.d, i + 9
-  end
-  if b == 0xc0 then return nil, i + 1 end
-  if b == 0xc2 then return false, i + 1 end
-  if b == 0xc3 then return true, i + 1 end
-  if b == 0xcc then return p[i + 1], i + 2 end
-  if b == 0xcd then return be16(p, i + 1), i + 3 end
-  if b == 0xce then return be32(p, i + 1), i + 5 end
-  if b == 0xcf then return be32(p, i + 1) * 4294967296 + be32(p, i + 5), i + 9 end
-  if b == 0xd0 then local v = p[i + 1]; if v >= 128 then v = v - 256 end; return v, i + 2 end
-  if b == 0xd1 then local v = be16(p, i + 1); if v >= 32768 then v = v - 65536 end; return v, i + 3 end
-  if b == 0xd2 then
-    local v = be32(p, i + 1); if v >= 2147483648 then v = v - 4294967296 end
-    return v, i + 5
-  end
-  if b == 0xd3 then
-    local hi = be32(p, i + 1); if hi >= 2147483648 then hi = hi - 4294967296 end
-    return hi * 4294967296 + be32(p, i + 5), i + 9
-  end
-  if b == 0xca then conv.w[0] = be32(p, i + 1); return conv.f, i + 5 end
-  if b == 0xd9 or b == 0xc4 then local n = p[i + 1]; return fstr(p + i + 2, n), i + 2 + n end
-  if b == 0xda or b == 0xc5 then local n = be16(p, i + 1); return fstr(p + i + 3, n), i + 3 + n end
-  if b == 0xdb or b == 0xc6 then local n = be32(p, i + 1); return fstr(p + i + 5, n), i + 5 + n end
-  if b == 0xdc then return darr(p, i + 3, be16(p, i + 1)) end
-  if b == 0xdd then return darr(p, i + 5, be32(p, i + 1)) end
-  if b == 0xde then return dmap(p, i + 3, be16(p, i + 1)) end
-  if b == 0xdf then return dmap(p, i + 5, be32(p, i + 1)) end
-  if b == 0xd4 then return dext(p, i, 1, 2) end
-  if b == 0xd5 then return dext(p, i, 2, 2) end
-  if b == 0xd6 then return dext(p, i, 4, 2) end
-  if b == 0xd7 then return dext(p, i, 8, 2) end
-  if b == 0xd8 then return dext(p, i, 16, 2) end
-  if b == 0xc7 then return dext(p, i, p[i + 1], 3) end
-  if b == 0xc8 then return dext(p, i, be16(p, i + 1), 4) end
-  if b == 0xc9 then return dext(p, i, be32(p, i + 1), 6) end
-  error("malformed msgpack in event")
-end
-
 
 ----------------------------------------------------------------- escape analysis
 -- A conservative, flow-sensitive pass over a function's bytecode (via

@@ -835,22 +835,6 @@ static int checkpoint_inline(replay *r, tm_err *err) {
 
 /* ------------------------------------------------------------ reading the log */
 
-static store_iter *open_reader(replay *r, uint64_t from, tm_err *err) {
-    proj *p = r->defp;
-    size_t len;
-    const char *name = proj_from_name(p, 0, &len);
-    if (proj_from_count(p) == 1) {
-        switch (proj_from(p)) {
-        case PROJ_FROM_CATEGORY: return store_read_category(r->st, name, len, from, 0, err);
-        case PROJ_FROM_TYPES: return store_read_type(r->st, name, len, from, 0, err);
-        case PROJ_FROM_STREAM:
-        case PROJ_FROM_STREAMS: return store_read_stream(r->st, name, len, 0, 0, 0, err);
-        default: break;
-        }
-    }
-    return store_read_all(r->st, from, 0, 0, err);
-}
-
 static int cancelled(const replay *r) { return r->o.cancel && *r->o.cancel; }
 
 static uint64_t every_events(replay *r) {
@@ -868,7 +852,7 @@ static int run_inline(replay *r, uint64_t from, progress *pg, tm_err *err) {
     for (;;) {
         uint64_t start = proj_position(w->p) + 1;
         if (start < from) start = from;
-        store_iter *it = open_reader(r, start, err);
+        store_iter *it = proj_open_reader(r->st, r->defp, start, err);
         if (!it) return -1;
         tm_event ev;
         int n = 0;
@@ -918,7 +902,7 @@ static int run_threaded(replay *r, uint64_t from, progress *pg, tm_err *err) {
     for (unsigned i = 0; i < r->nw; i++) cur[i] = chunk_get(r, CH_EVENTS);
     int rc = 0, stop = 0;
     uint64_t seen = 0, since = 0;
-    store_iter *it = open_reader(r, from, err);
+    store_iter *it = proj_open_reader(r->st, r->defp, from, err);
     if (!it) rc = -1;
     tm_event ev;
     int n = 0;

@@ -593,6 +593,19 @@ void sandbox_push_ffi(sandbox *sb) {
     lua_getfield(sb->L, LUA_REGISTRYINDEX, "tidemark.ffi");
 }
 
+void sandbox_push_preloaded(sandbox *sb, const char *name) {
+    lua_State *L = sb->L;
+    lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
+    lua_getfield(L, -1, name);
+    lua_remove(L, -2);
+    if (lua_isfunction(L, -1)) {
+        lua_call(L, 0, 1);
+    } else {
+        lua_pop(L, 1);
+        lua_pushnil(L);
+    }
+}
+
 void sandbox_seed(sandbox *sb, uint64_t seed) {
     lua_getfield(sb->L, LUA_REGISTRYINDEX, SEED_KEY);
     lua_pushnumber(sb->L, (lua_Number)seed);

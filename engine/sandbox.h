@@ -85,6 +85,9 @@ int sandbox_take_oom(sandbox *sb);
 
 /* Push the ffi module (trusted host code only). */
 void sandbox_push_ffi(sandbox *sb);
+/* Push a module LuaJIT preloads but the script never sees ("table.new",
+ * "jit.util"), or nil when this LuaJIT has none (trusted host code only). */
+void sandbox_push_preloaded(sandbox *sb, const char *name);
 
 /* Reseed math.random (deterministic xorshift; the host seeds per event). */
 void sandbox_seed(sandbox *sb, uint64_t seed);

@@ -3,8 +3,10 @@
 --
 -- Compiled into the binary (Makefile: build/gen/repl_prelude.h) and run
 -- once per Lua state (the sandbox of sandbox.h) with T, the table of C
--- built-ins (repllua.c), the ffi module and table.new; none of the three is
--- reachable from user code (they live in this chunk's locals).  Returns show(...), the printer
+-- built-ins (repllua.c), the ffi module and the projection runtime's msgpack
+-- decoder (engine/proj_mp.lua: ext values as their payload strings, NaN map
+-- keys dropped); none of the three is reachable from user code (they live
+-- in this chunk's locals).  Returns show(...), the printer
 -- of evaluation results; T.dot and T.complete are set for the C side.
 --
 -- Queries run as transient projections over history: one scan (T.scan, C)
@@ -13,7 +15,7 @@
 -- Per-group state lives in a flat table keyed by the group key (or a
 -- composite string key for several keys); nothing per event is kept.
 
-local T, ffi, tnew = ...
+local T, ffi, decode = ...
 local type, pairs, ipairs, tostring, tonumber, select = type, pairs, ipairs, tostring, tonumber, select
 local setmetatable, getmetatable, rawget, error, pcall = setmetatable, getmetatable, rawget, error, pcall
 local fmt, concat, sort, insert, floor, huge = string.format, table.concat, table.sort, table.insert, math.floor, math.huge
@@ -149,7 +151,8 @@ local function event_list(list) return setmetatable(list, EV) end
 -- The scan loop's Lua half.  T.scan (C) fills a batch of slots (struct
 -- below, same layout as repllua.c) and an arena holding each event's
 -- stream and data bytes, then calls T.runner once per batch.  The runner
--- decodes data (msgpack, validated by the store) with the FFI and calls
+-- decodes data (msgpack, validated by the store) with the projection
+-- runtime's decoder (decode, engine/proj_mp.lua: FFI reads) and calls
 -- the query's handler; LuaJIT compiles the loop with the decoder and the
 -- handler inlined.  Type names are interned by C into T.types.
 -- The Ctrl-C flag is read per event through the FFI (a volatile load that
@@ -157,7 +160,6 @@ local function event_list(list) return setmetatable(list, EV) end
 -- ends the scan.
 local STOP = setmetatable({}, { __tostring = function() return "stop" end })
 T.STOP = STOP
-local bit = bit
 ffi.cdef [[
 typedef struct replscan_slot {
     double position, version, time;
@@ -168,93 +170,8 @@ local intr = ffi.cast("volatile int *", T.intr_addr())
 local slotp = ffi.typeof("const replscan_slot *")
 local u8p = ffi.typeof("const uint8_t *")
 local fstr, fcast = ffi.string, ffi.cast
-local conv = ffi.new("union { double d; float f; uint32_t w[2]; }")
-tnew = tnew or function() return {} end
 local types = {}
 T.types = types
-
-local decode
-local function be16(p, i) return p[i] * 256 + p[i + 1] end
-local function be32(p, i) return ((p[i] * 256 + p[i + 1]) * 256 + p[i + 2]) * 256 + p[i + 3] end
-
-local function pair(p, i, t)
-  local k, v
-  k, i = decode(p, i)
-  v, i = decode(p, i)
-  if k ~= nil and v ~= nil and k == k then t[k] = v end
-  return i
-end
-
--- Small maps (the usual payload) without an inner loop, so the JIT keeps
--- them in the runner's trace.
-local function dmap(p, i, n)
-  local t = tnew(0, n)
-  if n <= 8 then
-    if n > 0 then i = pair(p, i, t)
-    if n > 1 then i = pair(p, i, t)
-    if n > 2 then i = pair(p, i, t)
-    if n > 3 then i = pair(p, i, t)
-    if n > 4 then i = pair(p, i, t)
-    if n > 5 then i = pair(p, i, t)
-    if n > 6 then i = pair(p, i, t)
-    if n > 7 then i = pair(p, i, t)
-    end end end end end end end end
-    return t, i
-  end
-  for _ = 1, n do i = pair(p, i, t) end
-  return t, i
-end
-
-local function darr(p, i, n)
-  local t = tnew(n, 0)
-  for j = 1, n do
-    local v
-    v, i = decode(p, i)
-    t[j] = v
-  end
-  return t, i
-end
-
-decode = function(p, i)
-  local b = p[i]
-  if b < 0x80 then return b, i + 1 end
-  if b >= 0xa0 and b < 0xc0 then local n = b - 0xa0; return fstr(p + i + 1, n), i + 1 + n end
-  if b < 0x90 then return dmap(p, i + 1, b - 0x80) end
-  if b < 0xa0 then return darr(p, i + 1, b - 0x90) end
-  if b >= 0xe0 then return b - 256, i + 1 end
-  if b == 0xcb then
-    conv.w[1] = be32(p, i + 1); conv.w[0] = be32(p, i + 5)
-    return conv.d, i + 9
-  end
-  if b == 0xc0 then return nil, i + 1 end
-  if b == 0xc2 then return false, i + 1 end
-  if b == 0xc3 then return true, i + 1 end
-  if b == 0xcc then return p[i + 1], i + 2 end
-  if b == 0xcd then return be16(p, i + 1), i + 3 end
-  if b == 0xce then return be32(p, i + 1), i + 5 end
-  if b == 0xcf then return be32(p, i + 1) * 4294967296 + be32(p, i + 5), i + 9 end
-  if b == 0xd0 then local v = p[i + 1]; if v >= 128 then v = v - 256 end; return v, i + 2 end
-  if b == 0xd1 then local v = be16(p, i + 1); if v >= 32768 then v = v - 65536 end; return v, i + 3 end
-  if b == 0xd2 then local v = be32(p, i + 1); if v >= 2147483648 then v = v - 4294967296 end; return v, i + 5 end
-  if b == 0xd3 then
-    local hi = be32(p, i + 1); if hi >= 2147483648 then hi = hi - 4294967296 end
-    return hi * 4294967296 + be32(p, i + 5), i + 9
-  end
-  if b == 0xca then conv.w[0] = be32(p, i + 1); return conv.f, i + 5 end
-  if b == 0xd9 or b == 0xc4 then local n = p[i + 1]; return fstr(p + i + 2, n), i + 2 + n end
-  if b == 0xda or b == 0xc5 then local n = be16(p, i + 1); return fstr(p + i + 3, n), i + 3 + n end
-  if b == 0xdb or b == 0xc6 then local n = be32(p, i + 1); return fstr(p + i + 5, n), i + 5 + n end
-  if b == 0xdc then return darr(p, i + 3, be16(p, i + 1)) end
-  if b == 0xdd then return darr(p, i + 5, be32(p, i + 1)) end
-  if b == 0xde then return dmap(p, i + 3, be16(p, i + 1)) end
-  if b == 0xdf then return dmap(p, i + 5, be32(p, i + 1)) end
-  -- ext: its payload as a string
-  if b >= 0xd4 and b <= 0xd8 then local n = bit.lshift(1, b - 0xd4); return fstr(p + i + 2, n), i + 2 + n end
-  if b == 0xc7 then local n = p[i + 1]; return fstr(p + i + 3, n), i + 3 + n end
-  if b == 0xc8 then local n = be16(p, i + 1); return fstr(p + i + 4, n), i + 4 + n end
-  if b == 0xc9 then local n = be32(p, i + 1); return fstr(p + i + 6, n), i + 6 + n end
-  error("malformed msgpack in event data")
-end
 
 -- Events carry stream, id and metadata lazily.  While its batch is being
 -- run, an event's stream is read from the batch (a binary search on
@@ -1277,10 +1194,12 @@ local dot_names = {}
 for k in pairs(dots) do dot_names[#dot_names + 1] = "." .. k end
 sort(dot_names)
 
+-- A dot command line: the REPL sends any line whose first non-blank
+-- character is '.' followed by a letter (repl/replline.c).
 function T.dot(line)
-  local cmd, arg = line:match("^%.(%S+)%s*(.-)%s*$")
+  local cmd, arg = line:match("^%s*%.(%S+)%s*(.-)%s*$")
   local f = cmd and dots[cmd]
-  if not f then error("unknown command '" .. line:match("^%S+") .. "'; try .help", 0) end
+  if not f then error("unknown command '" .. (line:match("^%s*(%S+)") or "") .. "'; try .help", 0) end
   return f(arg or "")
 end
 

@@ -9,7 +9,8 @@
  *   replline.c   line editing with libedit: history file, completion
  *   replsrc.c    the event source (embedded store or remote server)
  *   replhttp.c   the HTTP client for remote mode
- *   replmp.c     msgpack <-> Lua values
+ * msgpack <-> Lua values are engine/luamp.h's (LUAMP_RAW_EXT for events,
+ * LUAMP_NAN for JSON and appends); scans decode with engine/proj_mp.h.
  *
  * One session per process.  The struct is a plain value owned by cli_repl.
  */
@@ -59,6 +60,9 @@ void repllua_complete(repl *r, const char *line, const char *word,
 repl *repllua_session(lua_State *L);
 /* Raise a Lua error for e and remember its exit status. */
 int repllua_raise(lua_State *L, repl *r, const tm_err *e);
+/* Push the Lua value of JSON text (a server's reply: untrusted); -1 with
+ * nothing pushed and e set when it is not JSON or nests too deep. */
+int repllua_push_json(lua_State *L, const char *text, size_t len, tm_err *e);
 /* Raise the plain "interrupted" error. */
 int repllua_interrupted(lua_State *L);
 /* Message handler: the message plus a short traceback. */

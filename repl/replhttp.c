@@ -1,9 +1,11 @@
 /* replhttp.c — minimal HTTP/1.1 client (see replhttp.h).
  *
- * Owns one socket per request.  Invariants: the header block is bounded
- * (64 KiB), chunk sizes are parsed strictly, and every blocking wait goes
- * through poll() with a 200 ms tick so a cancel callback (Ctrl-C) is
- * honoured promptly.  Nothing here knows the tidemark API.
+ * Owns one socket per request and the framing of Server-Sent Events.
+ * Invariants: the header block is bounded (64 KiB), so are an SSE line
+ * and a message's data (SSE_MAX), chunk sizes are parsed strictly, and
+ * every blocking wait goes through poll() with a 200 ms tick so a cancel
+ * callback (Ctrl-C) is honoured promptly.  Nothing here knows the
+ * tidemark API.
  */
 #define _GNU_SOURCE
 #include "replhttp.h"
@@ -28,6 +30,8 @@ struct replhttp {
     long long remaining; /* content-length left, or bytes left in chunk; -1 = until EOF */
     int done, eof;
     int (*cancel)(void);
+    buf sse;           /* SSE: body bytes not yet split into lines */
+    size_t sse_off;
 };
 
 int replhttp_parse_url(const char *url, char host[256], char port[16], char prefix[512],
@@ -69,6 +73,11 @@ static int wait_fd(replhttp *h, int fd, short ev, tm_err *err) {
         if (r < 0 && errno != EINTR) return err_set(err, TM_EIO, "poll: %s", strerror(errno));
     }
 }
+
+static int connect_to(const char *host, const char *port, tm_err *err);
+static replhttp_connect_fn g_connect = connect_to;
+
+void replhttp_set_connect(replhttp_connect_fn fn) { g_connect = fn ? fn : connect_to; }
 
 static int connect_to(const char *host, const char *port, tm_err *err) {
     struct addrinfo hints = {0}, *res, *a;
@@ -148,7 +157,7 @@ replhttp *replhttp_open(const char *base_url, const char *method, const char *pa
     if (replhttp_parse_url(base_url, host, port, prefix, err) < 0) return NULL;
     replhttp *h = calloc(1, sizeof *h);
     h->cancel = cancel;
-    h->fd = connect_to(host, port, err);
+    h->fd = g_connect(host, port, err);
     if (h->fd < 0) return free(h), NULL;
     buf req = BUF_INIT;
     buf_printf(&req, "%s %s%s HTTP/1.1\r\nHost: %s:%s\r\nConnection: close\r\n"
@@ -262,11 +271,48 @@ fail:
     return -1;
 }
 
+/* A line or a message's data beyond this is refused (an event is at most
+ * 1 MiB of msgpack; its JSON is a few times that). */
+#define SSE_MAX ((size_t)32 << 20)
+
+int replhttp_sse_next(replhttp *h, buf *data, tm_err *err) {
+    buf_reset(data);
+    for (;;) {
+        char *s = h->sse.ptr ? h->sse.ptr + h->sse_off : NULL;
+        char *nl = s ? memchr(s, '\n', h->sse.len - h->sse_off) : NULL;
+        if (!nl) {
+            if (h->sse_off) { /* keep only the partial line */
+                memmove(h->sse.ptr, h->sse.ptr + h->sse_off, h->sse.len - h->sse_off);
+                h->sse.len -= h->sse_off;
+                h->sse_off = 0;
+            }
+            if (h->sse.len > SSE_MAX)
+                return err_set(err, TM_EIO, "server-sent event line too long");
+            long got = replhttp_read(h, &h->sse, err);
+            if (got < 0) return -1;
+            if (got == 0) return 0;
+            continue;
+        }
+        size_t ll = (size_t)(nl - s);
+        h->sse_off += ll + 1;
+        if (ll && s[ll - 1] == '\r') ll--;
+        if (ll == 0) { /* end of a message */
+            if (data->len) return 1;
+        } else if (ll >= 5 && !memcmp(s, "data:", 5)) {
+            size_t skip = ll > 5 && s[5] == ' ' ? 6 : 5;
+            if (data->len) buf_putc(data, '\n');
+            buf_append(data, s + skip, ll - skip);
+            if (data->len > SSE_MAX) return err_set(err, TM_EIO, "server-sent event too large");
+        }
+    }
+}
+
 void replhttp_close(replhttp *h) {
     if (!h) return;
     if (h->fd >= 0) close(h->fd);
     buf_free(&h->head);
     buf_free(&h->in);
+    buf_free(&h->sse);
     free(h);
 }
 

@@ -9,7 +9,8 @@
  *   - the built-in C functions the prelude (prelude.lua, compiled in) uses
  *     (scans and reads are in replscan.c, projections in replproj.c):
  *     listing, append, tail over SSE, HTTP, JSON encoding, output; the
- *     prelude also gets the ffi module (never reachable from user code);
+ *     prelude also gets the ffi module and the projection runtime's
+ *     msgpack decoder (proj_mp.h), never reachable from user code;
  *   - evaluation with the lua.c rules (expression first, "<eof>" means
  *     incomplete), tracebacks, and Ctrl-C.
  *
@@ -35,10 +36,12 @@
 #include <unistd.h>
 
 #include "json.h"
+#include "mp.h"
 #include "lsketch.h"
+#include "luamp.h"
+#include "proj_mp.h"
 #include "repl.h"
 #include "replhttp.h"
-#include "replmp.h"
 #include "replproj.h"
 
 static const char prelude_src[] =
@@ -177,10 +180,10 @@ static int t_json(lua_State *L) {
     tm_err e;
     err_clear(&e);
     lua_settop(L, 1);
-    if (replmp_from_lua(L, 1, &mp) < 0) {
+    if (luamp_encode_opt(L, 1, "value", LUAMP_NAN, &mp, &e) < 0) { /* NaN prints as null */
         buf_free(&mp);
         lua_pushnil(L);
-        lua_pushstring(L, "value cannot be encoded as JSON");
+        lua_pushstring(L, e.msg);
         return 2;
     }
     if (json_from_mp(mp.ptr, mp.len, &out, &e) < 0) {
@@ -196,23 +199,28 @@ static int t_json(lua_State *L) {
     return 1;
 }
 
-/* T.json_decode(text) -> value (for replies and projection states). */
+int repllua_push_json(lua_State *L, const char *text, size_t len, tm_err *err) {
+    buf mp = BUF_INIT;
+    mp_limits lim = mp_default_limits; /* a state may exceed 1 MiB: the reply bounds it */
+    lim.max_size = len * 4 + 64;       /* (msgpack is at most 3 times the JSON) */
+    int rc = json_to_mp(text ? text : "", len, &lim, &mp, err);
+    if (rc == 0) rc = luamp_push(L, mp.ptr, mp.len, err);
+    buf_free(&mp);
+    return rc;
+}
+
+/* T.json_decode(text) -> value, or nil + message (replies, projection
+ * states: the server's text is untrusted). */
 static int t_json_decode(lua_State *L) {
     size_t n;
     const char *s = luaL_checklstring(L, 1, &n);
-    buf mp = BUF_INIT;
     tm_err e;
     err_clear(&e);
-    if (json_to_mp(s, n, NULL, &mp, &e) < 0) {
-        buf_free(&mp);
+    if (repllua_push_json(L, s, n, &e) < 0) {
         lua_pushnil(L);
         lua_pushstring(L, e.msg);
         return 2;
     }
-    const char *p = mp.ptr;
-    int rc = replmp_push(L, &p, mp.ptr + mp.len);
-    buf_free(&mp);
-    if (rc < 0) return luaL_error(L, "bad JSON value");
     return 1;
 }
 
@@ -335,49 +343,20 @@ static int t_sse(lua_State *L) {
         replhttp_close(h);
         return luaL_error(L, "GET %s: HTTP %d", path, st);
     }
-    buf in = BUF_INIT, data = BUF_INIT;
-    size_t off = 0;
-    int failed = 0;
+    buf data = BUF_INIT;
+    int failed = 0, rc;
     lua_pushcfunction(L, repllua_traceback);
     int msgh = lua_gettop(L);
-    for (;;) {
-        char *nl = in.ptr ? memchr(in.ptr + off, '\n', in.len - off) : NULL;
-        if (!nl) {
-            if (off) {
-                memmove(in.ptr, in.ptr + off, in.len - off);
-                in.len -= off;
-                off = 0;
-            }
-            long got = replhttp_read(h, &in, &e);
-            if (got <= 0) {
-                if (got < 0 && !g_intr) failed = 2;
-                break;
-            }
-            continue;
-        }
-        size_t ll = (size_t)(nl - (in.ptr + off));
-        const char *line = in.ptr + off;
-        off += ll + 1;
-        if (ll && line[ll - 1] == '\r') ll--;
-        if (ll == 0) { /* end of message */
-            if (data.len) {
-                lua_pushvalue(L, 2);
-                lua_pushcfunction(L, t_json_decode);
-                lua_pushlstring(L, data.ptr, data.len);
-                lua_call(L, 1, 1);
-                buf_reset(&data);
-                if (lua_pcall(L, 1, 0, msgh)) {
-                    failed = 1;
-                    break;
-                }
-            }
-        } else if (ll >= 5 && !memcmp(line, "data:", 5)) {
-            size_t skip = ll > 5 && line[5] == ' ' ? 6 : 5;
-            if (data.len) buf_putc(&data, '\n');
-            buf_append(&data, line + skip, ll - skip);
+    while ((rc = replhttp_sse_next(h, &data, &e)) == 1) {
+        lua_pushvalue(L, 2);
+        tm_err je; /* a message that is not JSON reaches fn as nil */
+        if (repllua_push_json(L, data.ptr, data.len, &je) < 0) lua_pushnil(L);
+        if (lua_pcall(L, 1, 0, msgh)) {
+            failed = 1;
+            break;
         }
     }
-    buf_free(&in);
+    if (rc < 0 && !g_intr) failed = 2;
     buf_free(&data);
     replhttp_close(h);
     if (failed == 1) return lua_error(L);
@@ -440,11 +419,11 @@ static int t_append(lua_State *L) {
     tm_err e;
     err_clear(&e);
     buf data = BUF_INIT, meta = BUF_INIT;
-    if (replmp_from_lua(L, 3, &data) < 0 ||
-        (!lua_isnoneornil(L, 4) && replmp_from_lua(L, 4, &meta) < 0)) {
+    if (luamp_encode_opt(L, 3, "data", LUAMP_NAN, &data, &e) < 0 ||
+        (!lua_isnoneornil(L, 4) && luamp_encode_opt(L, 4, "metadata", LUAMP_NAN, &meta, &e) < 0)) {
         buf_free(&data);
         buf_free(&meta);
-        return luaL_error(L, "append: data and metadata must be plain values (tables, strings, numbers, booleans)");
+        return luaL_error(L, "append: %s", e.msg);
     }
     uint64_t pos = 0, ver = 0;
     int rc;
@@ -491,7 +470,7 @@ static int t_append(lua_State *L) {
             rc = err_set(&e, status == 409 ? TM_ECONFLICT : status >= 500 ? TM_EIO : TM_EINVAL,
                          "POST %s: HTTP %d: %.200s", path.ptr, status, reply.ptr ? reply.ptr : "");
         } else if (rc == 0) {
-            if (json_to_mp(reply.ptr, reply.len, NULL, &mp, &e) < 0 ||
+            if (json_to_mp(reply.ptr ? reply.ptr : "", reply.len, NULL, &mp, &e) < 0 ||
                 first_uint(&mp, "positions", &pos) < 0 || first_uint(&mp, "versions", &ver) < 0)
                 rc = err_set(&e, TM_EIO, "POST %s: unexpected reply", path.ptr);
         }
@@ -604,12 +583,11 @@ static int open_state(lua_State *L) {
     if (luaL_loadbuffer(L, prelude_src, sizeof prelude_src - 1, "=tidemark")) return lua_error(L);
     lua_pushvalue(L, tidx);
     sandbox_push_ffi(r->sb); /* for the prelude only; never a global */
-    /* table.new (preloaded by LuaJIT's table library): sized tables */
-    lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
-    lua_getfield(L, -1, "table.new");
-    lua_remove(L, -2);
-    if (lua_isfunction(L, -1)) lua_call(L, 0, 1);
-    else lua_pop(L, 1), lua_pushnil(L);
+    /* the projection runtime's msgpack decoder: ext values as their payload
+     * strings (the REPL shows foreign data), NaN map keys dropped */
+    tm_err e;
+    err_clear(&e);
+    if (proj_mp_push(r->sb, NULL, PROJ_MP_DROP_NAN_KEYS, &e) < 0) return luaL_error(L, "%s", e.msg);
     lua_call(L, 3, 1); /* the prelude returns its show(...) function */
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.show");
     lua_getfield(L, tidx, "dot");

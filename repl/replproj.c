@@ -2,8 +2,8 @@
  *
  * Owns the session's loaded projections (a small array; one session per
  * process).  Each is a proj (proj.h) with its own sandbox, fed from the
- * store with the same narrowest-read rule as `tidemark project`, in
- * memory (opts.st = NULL).  Before status/state/query a loaded projection
+ * store with the same narrowest read as `tidemark project`
+ * (proj_open_reader), in memory (opts.st = NULL).  Before status/state/query a loaded projection
  * catches up with events appended since (none, unless the REPL appended).
  * Ctrl-C stops a catch-up; the projection keeps what it has applied.
  * Values cross into the REPL's Lua state as msgpack (luamp_push, which
@@ -38,21 +38,6 @@ static loaded *find(const char *name) {
     return NULL;
 }
 
-static store_iter *open_reader(store *s, proj *p, uint64_t from, tm_err *err) {
-    size_t len;
-    const char *name = proj_from_name(p, 0, &len);
-    if (proj_from_count(p) == 1) {
-        switch (proj_from(p)) {
-        case PROJ_FROM_CATEGORY: return store_read_category(s, name, len, from, 0, err);
-        case PROJ_FROM_TYPES: return store_read_type(s, name, len, from, 0, err);
-        case PROJ_FROM_STREAM:
-        case PROJ_FROM_STREAMS: return store_read_stream(s, name, len, 0, 0, 0, err);
-        default: break;
-        }
-    }
-    return store_read_all(s, from, 0, 0, err);
-}
-
 static void fault_text(const proj *p, const tm_err *e, buf *out) {
     const proj_fault *f = proj_fault_info(p);
     buf_puts(out, e->msg);
@@ -74,7 +59,7 @@ static int catch_up(repl *r, loaded *l, int show_progress, tm_err *err, int *fau
     int status = 0;
     uint64_t seen = 0;
     for (;;) {
-        store_iter *it = open_reader(s, p, proj_position(p) + 1, err);
+        store_iter *it = proj_open_reader(s, p, proj_position(p) + 1, err);
         if (!it) {
             status = -1;
             break;

@@ -15,7 +15,7 @@
 
 #include "progress.h"
 #include "repl.h"
-#include "replmp.h"
+#include "luamp.h"
 
 static const char *opt_str(lua_State *L, int t, const char *k, size_t *len) {
     lua_getfield(L, t, k);
@@ -261,8 +261,10 @@ static int t_read(lua_State *L) {
     while ((rc = replsrc_next(it, &ev, &e)) == 1) {
         if (repl_cancel_requested()) break;
         if (!sel_match(L, &s, &ev)) continue;
-        if (replmp_push_event(L, &ev) < 0) {
-            err_set(&e, TM_EIO, "malformed event at position %llu", (unsigned long long)ev.position);
+        tm_err de;
+        if (luamp_push_event_opt(L, &ev, LUAMP_RAW_EXT, &de) < 0) {
+            err_set(&e, TM_EIO, "malformed event at position %llu: %s",
+                    (unsigned long long)ev.position, de.msg);
             rc = -1;
             break;
         }
@@ -297,9 +299,8 @@ static int t_extra(lua_State *L) {
     char id[37];
     event_id_format(ev.id, id);
     lua_pushstring(L, id);
-    const char *p = ev.meta;
     if (ev.meta_len == 0) lua_newtable(L);
-    else if (replmp_push(L, &p, ev.meta + ev.meta_len) < 0) lua_newtable(L);
+    else if (luamp_push_opt(L, ev.meta, ev.meta_len, LUAMP_RAW_EXT, &e) < 0) lua_newtable(L);
     lua_pushlstring(L, ev.stream, ev.stream_len);
     replsrc_iter_free(it);
     return 3;

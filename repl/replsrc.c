@@ -5,8 +5,14 @@
  * API (docs/http-api.md): GET /streams/{s} for one stream, GET /all (with
  * ?category= / ?type= filters) for everything else, 1000 events a page,
  * so the same selector returns the same events in the same order in both
- * modes.  A page's JSON body is transcoded to msgpack once (json_to_mp) and
- * the events are borrowed views into that buffer.
+ * modes.  A page's JSON body is transcoded to msgpack once (json_to_mp)
+ * and the events are borrowed views into that buffer.
+ *
+ * Replies are untrusted (tests/fuzz/fuzz_repl_remote.c): every event must
+ * move a read on (positions, or a stream's versions, strictly increase,
+ * or decrease backwards) and stream names must come in order, so a server
+ * that ignores from= or after= ends a read with an error instead of
+ * repeating a page forever.
  */
 #include "replsrc.h"
 
@@ -14,6 +20,7 @@
 #include <string.h>
 
 #include "json.h"
+#include "mp.h"
 #include "repl.h"
 #include "replhttp.h"
 
@@ -102,12 +109,19 @@ static int get_json(replsrc *s, const char *path, buf *out, tm_err *err) {
         return -1;
     }
     int r = 0;
+    /* A page holds up to PAGE events of up to 1 MiB each, 3 levels down
+     * ({"events":[{"data":...}]}): the size limit follows the reply (msgpack
+     * is at most 3 times the JSON), the depth lets any stored event through. */
+    mp_limits lim = mp_default_limits;
+    lim.max_size = body.len * 4 + 64;
+    lim.max_depth += 3;
     if (status == 404) {
         r = 0;
     } else if (status != 200) {
         r = err_set(err, status >= 500 ? TM_EIO : TM_EINVAL, "GET %s: HTTP %d: %.200s", path,
                     status, body.ptr ? body.ptr : "");
-    } else if (json_to_mp(body.ptr, body.len, NULL, out, err) < 0) {
+    } else if (json_to_mp(body.ptr ? body.ptr : "", body.len, &lim, out, err) < 0) {
+        /* (an empty body has no buffer: never pass NULL) */
         err_prefix(err, "GET %s: bad JSON reply", path);
         r = -1;
     }
@@ -212,11 +226,20 @@ static int remote_next(replsrc_iter *it, tm_event *ev, tm_err *err) {
         }
         it->left--;
         if (parse_event(&it->p, it->end, ev, err) < 0) return -1;
-        uint64_t cur = it->sel.kind == REPLSRC_STREAM ? ev->version : ev->position;
+        int stream = it->sel.kind == REPLSRC_STREAM;
+        uint64_t cur = stream ? ev->version : ev->position;
+        /* every event must move the read on (a server that ignored from=
+         * would otherwise have it return the same page forever) */
+        if (it->sel.backward ? cur > it->next_from : cur < it->next_from)
+            return err_set(err, TM_EIO, "bad reply from %s: %s %llu out of order (wanted %s %llu)",
+                           it->src->where, stream ? "version" : "position",
+                           (unsigned long long)cur, it->sel.backward ? "at most" : "at least",
+                           (unsigned long long)it->next_from);
         if (it->sel.backward) {
             if (cur == 0) it->last_page = 1, it->left = 0;
             it->next_from = cur ? cur - 1 : 0;
         } else {
+            if (cur == UINT64_MAX) it->last_page = 1, it->left = 0;
             it->next_from = cur + 1;
         }
         if (!selected(&it->sel, ev)) continue;
@@ -299,14 +322,22 @@ void replsrc_iter_free(replsrc_iter *it) {
 
 /* ---- names ---- */
 
+/* 1 when name sorts strictly after prev (bytewise, as the store orders). */
+static int name_after(const char *name, size_t len, const buf *prev) {
+    size_t m = len < prev->len ? len : prev->len;
+    int c = memcmp(name, prev->ptr, m);
+    return c > 0 || (c == 0 && len > prev->len);
+}
+
 /* Remote listing: GET /streams (pages of {"stream":name,"version":N},
  * continued with ?after=NAME while "next" is not null) or GET /categories. */
 static int remote_names(replsrc *s, int categories, store_name_fn fn, void *ud, tm_err *err) {
     buf page = BUF_INIT, path = BUF_INIT, after = BUF_INIT;
     const char *key = categories ? "categories" : "streams";
     const char *field = categories ? "category" : "stream";
-    int r = 0, more = 1, stop = 0;
+    int r = 0, more = 1, stop = 0, have_after = 0;
     while (more && !stop) {
+        int advanced = 0;
         buf_reset(&path);
         buf_printf(&path, "/%s?limit=1000", key);
         if (after.len) {
@@ -341,10 +372,20 @@ static int remote_names(replsrc *s, int categories, store_name_fn fn, void *ud, 
             if (!categories && mp_map_find(start, (size_t)(p - start), "version", 7, &vv, &vl) == 1 &&
                 mp_next(&vv, vv + vl, &v) == 0 && v.type == MP_UINT)
                 version = (int64_t)v.v.u;
+            if (!categories && have_after && !name_after(x.v.s.ptr, x.v.s.len, &after)) {
+                /* pages continue after the last name: a name that does
+                 * not sort after it means the server ignored after= */
+                r = err_set(err, TM_EIO, "bad reply from GET /%s: names out of order", key);
+                stop = 1;
+                break;
+            }
             buf_reset(&after);
             buf_append(&after, x.v.s.ptr, x.v.s.len);
+            have_after = advanced = 1;
             if (fn(ud, x.v.s.ptr, x.v.s.len, version)) stop = 1;
         }
+        if (more && !stop && !advanced) /* "next" without a name to go on from */
+            r = err_set(err, TM_EIO, "bad reply from GET /%s: a page without names", key), stop = 1;
     }
     buf_free(&page);
     buf_free(&path);

@@ -3,6 +3,7 @@ query results checked against answers computed here in Python from the
 same generated events, output formats, and the interactive prompt in a
 real terminal (pexpect): evaluation, multi-line input, error recovery,
 completion, history across sessions, Ctrl-C."""
+import contextlib
 import csv
 import io
 import json
@@ -266,6 +267,25 @@ def test_read_and_listing(data):
     assert [r["position"] for r in got] == want
 
 
+def test_values_json_append_and_ext(tmp_path):
+    d = str(tmp_path / "data")
+    subprocess.run([BIN, "append", "--data", d, "init-1", "Init", "{}"], check=True,
+                   capture_output=True, timeout=60)
+    # json(): sorted keys, NaN and infinities as null, sketches as $ext
+    out = run("-e", "json({b = 0/0, a = {1, 1/0}, c = 's'})", data=d, check=0).stdout
+    assert out == '{"a":[1,null],"b":null,"c":"s"}\n'
+    # append(): values that cannot be stored name their path
+    p = run("-e", 'append("s-1", "T", {x = {f = print}})', data=d)
+    assert p.returncode == 1 and "append: data.x.f: cannot store a function value" in p.stderr
+    # an ext value (here a sketch) in event data reads back as its payload
+    # string, the same in read() and in a scan; read() events have category
+    chunk = ('append("s-1", "T", {h = tm.hll(), n = 1}, {m = "x"}) '
+             'local e = read("s-1")[1] '
+             'local q = from{stream="s-1"}:map(function(e) return {t = type(e.data.h)} end) '
+             'return e.category, type(e.data.h), e.data.n, e.metadata.m, q.rows[1][1]')
+    assert run("-e", chunk, data=d, check=0).stdout == "s\tstring\t1\tx\tstring\n"
+
+
 def test_formats(data):
     q = 'from{}:group_by("data.region"):count()'
     want = Counter(e["data"]["region"] for e in EVENTS)
@@ -390,6 +410,10 @@ def test_piped_lines_and_dot_commands(data):
     assert lines[4:] == ["1", "2"]
     p = run(data=data, input="1\nerror('stop here')\nprint('not reached')\n")
     assert p.returncode == 1 and "not reached" not in p.stdout and "stop here" in p.stderr
+    # a dot command may start with blanks, like at the prompt (it failed with
+    # "attempt to concatenate a nil value"; found by tests/fuzz/fuzz_repl_line)
+    p = run(data=data, input="  .format json\n\t.timing\n{1}\n  .nosuch\n", check=1)
+    assert p.stdout == "off\n[1]\n" and "unknown command '.nosuch'" in p.stderr
 
 
 # ---------------------------------------------------------------- the prompt
@@ -590,6 +614,20 @@ def test_ctrl_c_cancels_query_not_repl(data, tmp_path):
 
 # ---------------------------------------------------------------- remote mode
 
+@contextlib.contextmanager
+def _serve(d, *args):
+    proc = subprocess.Popen([BIN, "serve", "--data", d, "--port", "0", "--bind", "127.0.0.1"] +
+                            list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready port="), (line, proc.stderr.read() if proc.poll() is not None else "")
+        port = int(line.split("=")[1])
+        yield {"url": "http://127.0.0.1:%d" % port, "data": d}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def server():
     with tempfile.TemporaryDirectory(prefix="tm-repl-srv-") as top:
@@ -598,17 +636,8 @@ def server():
         os.mkdir(pdir)
         with open(os.path.join(pdir, "bycustomer.lua"), "w") as f:
             f.write(PROJ)
-        proc = subprocess.Popen([BIN, "serve", "--data", d, "--port", "0", "--bind", "127.0.0.1",
-                                 "--projections", pdir],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            line = proc.stdout.readline()
-            assert line.startswith("ready port="), (line, proc.stderr.read() if proc.poll() is not None else "")
-            port = int(line.split("=")[1])
-            yield {"url": "http://127.0.0.1:%d" % port, "data": d}
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+        with _serve(d, "--projections", pdir) as s:
+            yield s
 
 
 def rjr(server, chunk):
@@ -636,6 +665,75 @@ def test_remote_same_answers(server):
     assert p.returncode == 4 and "--url" in p.stderr
     p = subprocess.run([BIN, "repl", "--url", "http://127.0.0.1:1", "-e", "1"], capture_output=True, text=True)
     assert p.returncode == 4 and "cannot connect" in p.stderr
+
+
+class _StuckServer:
+    """A tidemark look-alike that ignores from= and after=: every GET /all
+    answers the same page, every GET /streams the same names with a next
+    link.  The REPL must stop with an error, not read that page forever
+    (found by tests/fuzz/fuzz_repl_remote)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                if path == "/health":
+                    body = {"status": "ok", "last_position": 2}
+                elif path == "/streams":
+                    body = {"streams": [{"stream": "a", "version": 0}], "next": "/streams?after=a"}
+                else:
+                    body = {"events": [{"stream": "order-1", "type": "T", "position": p,
+                                        "version": p - 1, "data": {}} for p in (1, 2)],
+                            "next": "/all?from=3", "last_position": 2}
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_remote_pages_over_one_mib(tmp_path):
+    # a page of 1000 events of 2 KB is 2 MB of JSON: it used to fail with
+    # "value exceeds size limit of 1048576 bytes"
+    d = str(tmp_path / "data")
+    text = "".join(json.dumps({"stream": "big-%d" % (i % 3), "type": "T",
+                               "data": {"blob": "x" * 2000, "i": i}}) + "\n" for i in range(1100))
+    subprocess.run([BIN, "import", "--data", d, "-"], input=text, capture_output=True, text=True,
+                   timeout=60, check=True)
+    with _serve(d) as s:
+        p = subprocess.run([BIN, "repl", "--url", s["url"], "-e",
+                            'from{}:count(), from{category="big"}:sum("data.i"), #read("big-1", {limit=500})'],
+                           capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "1100\t%d\t367\n" % sum(range(1100))
+
+
+def test_remote_server_that_does_not_page_forward():
+    srv = _StuckServer()
+    try:
+        for chunk, want in (("from{}:count()", "position 1 out of order"),
+                            ('from{category="order"}:count()', "position 1 out of order"),
+                            ("streams()", "names out of order")):
+            p = subprocess.run([BIN, "repl", "--url", srv.url, "-e", chunk], capture_output=True,
+                               text=True, timeout=30)
+            assert p.returncode == 4 and want in p.stderr, (chunk, p.returncode, p.stderr)
+    finally:
+        srv.close()
 
 
 def test_remote_append_and_tail(server):

@@ -83,6 +83,84 @@ EVENTS = [
 ]
 
 
+def http(body, status=200, mode="length", ctype="application/json"):
+    """One HTTP/1.1 reply as a server sends it: Content-Length, chunked
+    (two chunks, one with an extension) or until EOF."""
+    body = body.encode() if isinstance(body, str) else body
+    head = "HTTP/1.1 %d X\r\nContent-Type: %s\r\nConnection: close\r\n" % (status, ctype)
+    if mode == "length":
+        return (head + "Content-Length: %d\r\n\r\n" % len(body)).encode() + body
+    if mode == "chunked":
+        h = len(body) // 2
+        return ((head + "Transfer-Encoding: chunked\r\n\r\n").encode() +
+                b"%x\r\n" % h + body[:h] + b"\r\n" +
+                b"%x;ext=1\r\n" % (len(body) - h) + body[h:] + b"\r\n0\r\n\r\n")
+    return (head + "\r\n").encode() + body
+
+
+def page(events, nxt=None):
+    return json.dumps({"events": events, "next": nxt, "last_position": 9})
+
+
+def ev(pos, stream="order-1", typ="T", version=0, data=None, meta=None):
+    e = {"stream": stream, "type": typ, "position": pos, "version": version,
+         "id": "9b0c6a1e-2f4d-4c1a-8f1e-%012x" % pos, "time": 1700000000000 + pos,
+         "data": data if data is not None else {"n": pos, "tags": ["a", 1.5, None]}}
+    if meta is not None:
+        e["metadata"] = meta
+    return e
+
+
+def repl_remote_seeds():
+    """fuzz_repl_remote: byte 0 = operation (| 8: limit 3), then the
+    server's replies separated by NUL (ops 0-5 start with GET /health)."""
+    health = http(json.dumps({"status": "ok", "last_position": 9}))
+    end = http(page([]))
+    seeds = [
+        bytes([0]) + b"\0".join([health, http(page([ev(1), ev(2, meta={"correlation_id": "k"})])),
+                                  http(page([ev(3, "customer-2", "U")]), mode="chunked"), end]),
+        bytes([8]) + b"\0".join([health, http(page([ev(1), ev(2), ev(3), ev(4)]))]),
+        bytes([1]) + b"\0".join([health, http(page([ev(5, version=1), ev(2, version=0)]))]),
+        bytes([2]) + b"\0".join([health, http(page([ev(1), ev(4, "orderly-1"), ev(6, "order")]),
+                                               mode="eof")]),
+        bytes([3]) + b"\0".join([health, http(page([ev(2, typ="T", data=[1, {"x": {}}])])), end]),
+        bytes([4]) + b"\0".join([health,
+                                  http(json.dumps({"streams": [{"stream": "a-1", "version": 0},
+                                                               {"stream": "b", "version": 3}],
+                                                   "next": "/streams?after=b"})),
+                                  http(json.dumps({"streams": [{"stream": "c", "version": 1}],
+                                                   "next": None}))]),
+        bytes([5]) + b"\0".join([health, http(json.dumps({"categories": [
+            {"category": "order", "version": 1}, {"category": "user"}]}), mode="chunked")]),
+        bytes([6]) + http("id: 1\ndata: " + json.dumps(ev(1)) + "\n\n: comment\r\n"
+                          "event: all\r\ndata: {\"a\":\r\ndata: [1,2]}\r\n\r\ndata: nope\n\n",
+                          ctype="text/event-stream", mode="chunked"),
+        bytes([7]) + http(json.dumps({"name": "p", "status": "running", "position": 3,
+                                      "state": {"n": [1, 2, {"deep": [[[]]]}], "s": "\u00e9"}})),
+        bytes([7]) + http('{"error":"no such projection","code":404}', status=404, mode="eof"),
+        # a server that ignores from= keeps sending the same page: the read
+        # must end (with an error), not return the same events again
+        bytes([0]) + b"\0".join([health, http(page([ev(1), ev(2)]))]),
+        # ... and one that ignores after= on /streams
+        bytes([4]) + b"\0".join([health, http(json.dumps(
+            {"streams": [{"stream": "a", "version": 0}], "next": "/streams?after=a"}))]),
+        # an empty body (Content-Length: 0) has no buffer: it reached
+        # json_to_mp as NULL (UBSan: zero offset applied to a null pointer)
+        bytes([0]) + http(""),
+    ]
+    return seeds
+
+
+REPL_LINES = [
+    ".help", ".streams\n.categories\n.projections", ".describe nope", ".describe",
+    ".format json\n.format\n.format bogus", ".timing on\n.timing\n.timing maybe", ".quit",
+    ".nosuch arg", "from{category=\"or", "string.fo", "x = tm.", "s:up", ".format j", ".des",
+    "read('order-1'", "'", "math.",
+    # blanks before a dot command: T.dot raised "attempt to concatenate a nil value"
+    "\t.help", "  .streams",
+]
+
+
 def record(stream, typ, version, time, meta, data, ident=bytes(range(16))):
     # metadata and data are raw msgpack appended verbatim, as record_encode does
     body = b"\x98" + mp(1) + mp(ident) + mp(stream) + mp(typ) + mp(version) + mp(time) + mp(meta) + mp(data)
@@ -111,6 +189,8 @@ def main():
     ]
     # mode byte: 0 = as is, 1 = the fuzz target fixes the checksum
     write("fuzz_record", [bytes([m]) + r for r in recs for m in (0, 1)])
+    write("fuzz_repl_remote", repl_remote_seeds())
+    write("fuzz_repl_line", [l.encode() for l in REPL_LINES])
 
 
 if __name__ == "__main__":

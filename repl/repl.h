@@ -17,6 +17,8 @@
 #ifndef TM_REPL_H
 #define TM_REPL_H
 
+#include <signal.h>
+
 #include <lua.h>
 
 #include "replsrc.h"
@@ -76,6 +78,13 @@ void replscan_publish_types(lua_State *L, int types_idx);
 /* Ctrl-C: 1 while an interrupt is pending (polled by long C loops). */
 int repl_cancel_requested(void);
 void repl_cancel_clear(void);
+/* The flag itself, for C loops that take one (replay_opts.cancel). */
+volatile sig_atomic_t *repl_cancel_flag(void);
+/* Around C work that owns threads or resources (a parallel run): a second
+ * Ctrl-C must not jump out of it (it would leave them behind), only the
+ * first one's cancel counts.  repl_jump_hold returns what to pass back. */
+int repl_jump_hold(void);
+void repl_jump_release(int held);
 
 /* replline.c — the prompt (line editing) when r->interactive, else lines
  * from a pipe; returns the exit status. */

@@ -62,6 +62,13 @@ static sigjmp_buf g_jmp;
 
 int repl_cancel_requested(void) { return g_intr; }
 void repl_cancel_clear(void) { g_intr = 0; }
+volatile sig_atomic_t *repl_cancel_flag(void) { return &g_intr; }
+int repl_jump_hold(void) {
+    int was = g_can_jump;
+    g_can_jump = 0;
+    return was;
+}
+void repl_jump_release(int held) { g_can_jump = held; }
 
 static double mono(void) {
     struct timespec ts;

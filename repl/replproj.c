@@ -19,6 +19,7 @@
 #include "mp.h"
 #include "progress.h"
 #include "proj.h"
+#include "replay.h"
 
 #define MAXPROJ 64
 
@@ -484,29 +485,40 @@ static int l_load(lua_State *L) {
     return 1;
 }
 
-/* run(src, file) -> final state of a one-off run over all history. */
+/* run(src, file) -> final state of a one-off run over all history, on
+ * the parallel replay path of `tidemark project` (replay.h: one reader,
+ * a worker per core routed by partition; the same bytes as one worker). */
 static int l_run(lua_State *L) {
     repl *r = repllua_session(L);
     size_t len;
     const char *src = luaL_checklstring(L, 1, &len);
     const char *file = luaL_optstring(L, 2, "(run)");
-    proj *p = new_proj(L, r, "run", src, len, file);
-    loaded l = {(char *)"run", NULL, p, 0};
+    replay_opts ro;
+    memset(&ro, 0, sizeof ro);
+    ro.memory_limit = (size_t)1 << 30; /* per worker, as a loaded projection's */
+    ro.cpu_limit = 0;                  /* the REPL's Ctrl-C is the control */
+    ro.cancel = repl_cancel_flag();
+    ro.progress = r->progress ? stderr : NULL;
     tm_err e;
     err_clear(&e);
-    int faulted;
-    int rc = catch_up(r, &l, 1, &e, &faulted);
-    if (rc == 1) {
-        proj_free(p);
+    replay *rp = replay_new(replsrc_store(r->src), "run", src, len, file, &ro, &e);
+    if (!rp) return repllua_raise(L, r, &e);
+    int held = repl_jump_hold(); /* worker threads: no longjmp out of replay_run */
+    int rc = replay_run(rp, &e);
+    repl_jump_release(held);
+    if (rc == REPLAY_CANCELLED) {
+        replay_free(rp);
         lua_pushstring(L, "interrupted");
         return lua_error(L);
     }
     if (rc < 0) {
+        const proj_fault *f = replay_fault(rp);
         buf t = BUF_INIT;
-        if (faulted) fault_text(p, &e, &t);
-        else buf_puts(&t, e.msg);
-        proj_free(p);
-        r->fail_code = faulted ? 1 : (e.code ? e.code : 1);
+        buf_puts(&t, e.msg);
+        if (f && f->traceback && strchr(f->traceback, '\n'))
+            buf_printf(&t, "\n%s", strchr(f->traceback, '\n') + 1);
+        replay_free(rp);
+        r->fail_code = f ? 1 : (e.code ? e.code : 1);
         lua_pushinteger(L, r->fail_code);
         lua_setfield(L, LUA_REGISTRYINDEX, "tm.fail_code");
         lua_pushlstring(L, t.ptr, t.len);
@@ -514,12 +526,12 @@ static int l_run(lua_State *L) {
         return lua_error(L);
     }
     buf b = BUF_INIT;
-    if (proj_state(p, &b, &e) < 0) {
+    if (replay_state(rp, &b, &e) < 0) {
         buf_free(&b);
-        proj_free(p);
+        replay_free(rp);
         return repllua_raise(L, r, &e);
     }
-    proj_free(p);
+    replay_free(rp);
     push_mp(L, r, &b);
     buf_free(&b);
     return 1;

@@ -612,6 +612,50 @@ def test_ctrl_c_cancels_query_not_repl(data, tmp_path):
     c.expect(pexpect.EOF)
 
 
+SLOW_RUN = """
+-- every event costs ~2 ms of Lua; partitioned, so run() takes the parallel
+-- path with a worker per core
+return {
+  from = "all",
+  partition = function(e) return e.stream end,
+  init = function() return { n = 0 } end,
+  on = { ["$any"] = function(s, e) local x = 0 for i = 1, 2e6 do x = x + i end s.n = s.n + 1 end },
+}
+"""
+
+
+def test_ctrl_c_cancels_a_parallel_run(data, tmp_path):
+    """run() is the parallel replay path (replay.h): its worker threads stop
+    on the first Ctrl-C, and a second one soon after does not jump out of
+    it (which would leave the threads behind): the session goes on."""
+    f = tmp_path / "slow.lua"
+    f.write_text(SLOW_RUN)
+    c = spawn(data, tmp_path / "h")
+    c.sendline("x = 7")
+    c.expect(PROMPT)
+    c.sendline("print('running') return run('%s')" % f)
+    c.expect("\r\nrunning")
+    time.sleep(0.8)
+    t0 = time.time()
+    c.sendintr()
+    time.sleep(0.2)
+    c.sendintr()
+    c.expect("interrupted")
+    c.expect(PROMPT)
+    assert time.time() - t0 < 3
+    c.sendline("x, 1+1")
+    c.expect("7\t2")
+    c.expect(PROMPT)
+    # and a fast run afterwards still answers, on the same path
+    g = tmp_path / "count.lua"
+    g.write_text(SLOW_RUN.replace("local x = 0 for i = 1, 2e6 do x = x + i end ", ""))
+    c.sendline("local m = run('%s') local t = 0 for _, v in pairs(m) do t = t + v.n end return t" % g)
+    c.expect("\r\n%d\r\n" % len(EVENTS))
+    c.expect(PROMPT)
+    c.sendeof()
+    c.expect(pexpect.EOF)
+
+
 # ---------------------------------------------------------------- remote mode
 
 @contextlib.contextmanager

@@ -365,6 +365,12 @@ int cli_project(int argc, char **argv) {
         status = cli_fail(cmd, &err);
         goto out;
     }
+    /* a dry run that never checkpoints keeps no dirty set (proj.h) */
+    if (!persist && !proj_dead_letter_mode(p) && !proj_checkpoint_every(p) &&
+        proj_set_one_shot(p, &err) < 0) {
+        status = cli_fail(cmd, &err);
+        goto out;
+    }
     if (persist && reset && proj_reset(p, &err) < 0) {
         status = cli_fail(cmd, &err);
         goto out;

@@ -106,6 +106,7 @@ struct proj {
     volatile int32_t cur_index;         /* written by the runtime per event, read by the watchdog */
     /* faults */
     int faulted;
+    int one_shot;               /* proj_set_one_shot: no dirty set, no checkpoints */
     proj_fault fault;
     dead_letter *dls;
     size_t ndl, capdl;
@@ -853,6 +854,19 @@ static int run_batch(proj *p, tm_err *err) {
 
 int proj_flush(proj *p, tm_err *err) { return run_batch(p, err); }
 
+int proj_set_one_shot(proj *p, tm_err *err) {
+    if (p->dead_letter_mode)
+        return err_set(err, TM_EINVAL, "projection %s: dead-letter mode needs checkpoints",
+                       p->name);
+    if (p->events || p->position || p->nslots)
+        return err_set(err, TM_EINVAL, "projection %s: one-shot must be set before events",
+                       p->name);
+    rt_get(p, "one_shot");
+    lua_call(p->L, 0, 0);
+    p->one_shot = 1;
+    return 0;
+}
+
 int proj_feed(proj *p, const tm_event *ev, tm_err *err) {
     if (p->faulted) return err_set(err, TM_EINVAL, "projection %s is faulted", p->name);
     if (ev->position <= p->position) return 0; /* already applied */
@@ -1059,6 +1073,9 @@ int proj_checkpoint(proj *p, store_batch *b, tm_event **emits, size_t *nemits, t
 
 int proj_checkpoint_to(proj *p, proj_put_fn put, void *ud, tm_event **emits, size_t *nemits,
                        tm_err *err) {
+    if (p->one_shot)
+        return err_set(err, TM_EINVAL, "projection %s: a one-shot run keeps no checkpoints",
+                       p->name);
     int rc = run_batch(p, err);
     if (rc != 0) return rc;
     if (write_states(p, put, ud, err) < 0) return -1;

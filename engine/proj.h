@@ -127,6 +127,14 @@ void proj_current(const proj *p, uint64_t *position, const char **type, size_t *
  * general path, -1 if no handler runs for the type. */
 int proj_type_fast(proj *p, const char *type, size_t len);
 
+/* One-shot runs (never checkpointed: `tidemark project` without --persist,
+ * a replay that is not persisted): no dirty set is kept, so a partition
+ * costs its state and its key only; proj_checkpoint* refuse (TM_EINVAL);
+ * a fault rolls back to the only checkpoint there is, the empty model.
+ * Call before the first event.  -1 (TM_EINVAL) after events were fed or in
+ * dead-letter mode (which needs checkpoints). */
+int proj_set_one_shot(proj *p, tm_err *err);
+
 /* ---- checkpoints ---- */
 /* Flush, then write every dirty partition state, the dead letters and the
  * checkpoint record into b; append the emitted events' records (in

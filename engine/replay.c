@@ -503,6 +503,9 @@ static int make_workers(replay *r, unsigned n, tm_err *err) {
                         .backing = &w->bk};
         w->p = proj_new(r->name, r->src, r->srclen, r->filename, &po, err);
         if (!w->p) return -1;
+        /* not persisted, no dead letters: never checkpointed (no dirty set) */
+        if (!r->o.persist && !proj_dead_letter_mode(w->p) && proj_set_one_shot(w->p, err) < 0)
+            return -1;
     }
     return 0;
 }

@@ -25,6 +25,8 @@
 #include "projhost.h"
 #include "replay.h"
 
+#define PROJECT_CACHE_BYTES (8u << 20) /* LevelDB block cache of the one-shot run */
+
 static const char usage[] =
     "usage: tidemark project --data DIR FILE.lua [options]\n"
     "Run a Lua projection over all stored events once and print its final state\n"
@@ -332,7 +334,12 @@ int cli_project(int argc, char **argv) {
         return cli_fail(cmd, &err);
     }
     int status = 0;
-    store *s = cli_open_store(cmd, data, 0, NULL, &status);
+    /* One pass over history reads each block once: a small block cache
+     * (the default 64 MiB would fill up and stay resident for nothing). */
+    store_opts so;
+    store_opts_default(&so);
+    so.cache_bytes = PROJECT_CACHE_BYTES;
+    store *s = cli_open_store(cmd, data, 0, &so, &status);
     if (!s) {
         buf_free(&src);
         buf_free(&args);

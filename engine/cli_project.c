@@ -161,6 +161,64 @@ static int print_json(const char *cmd, const buf *mp) {
     return fflush(stdout) == 0 ? 0 : 4;
 }
 
+/* A partitioned model printed pair by pair: the same bytes as print_json
+ * of the whole map, without holding its JSON text (1M partitions: ~40 MB)
+ * or a merged copy of its msgpack.  Nothing reaches stdout before the
+ * first pair (the states are all encoded by then: proj_state_pairs). */
+typedef struct json_out {
+    buf b;
+    size_t n;
+    int io;             /* a write failed */
+    int bad;            /* a state did not transcode (err) */
+    tm_err *err;
+} json_out;
+
+#define JSON_OUT_CHUNK (64 * 1024)
+
+static void json_out_flush(json_out *o) {
+    if (o->b.len && fwrite(o->b.ptr, 1, o->b.len, stdout) != o->b.len) o->io = 1;
+    buf_reset(&o->b);
+}
+
+static int json_out_pair(void *ctx, const char *k, size_t kl, const char *v, size_t vl) {
+    json_out *o = ctx;
+    buf_putc(&o->b, o->n++ ? ',' : '{');
+    json_put_string(&o->b, k, kl);
+    buf_putc(&o->b, ':');
+    if (json_from_mp(v, vl, &o->b, o->err) < 0) {
+        o->bad = 1;
+        return 1;
+    }
+    if (o->b.len >= JSON_OUT_CHUNK) json_out_flush(o);
+    return o->io;
+}
+
+typedef int (*pairs_fn)(void *src, proj_kv_fn each, void *ctx, tm_err *err);
+
+static int print_pairs(const char *cmd, pairs_fn pairs, void *src) {
+    tm_err err;
+    err_clear(&err);
+    json_out o = {.b = BUF_INIT, .err = &err};
+    int rc = pairs(src, json_out_pair, &o, &err);
+    if (rc < 0 || o.bad) {
+        buf_free(&o.b);
+        return cli_fail(cmd, &err);
+    }
+    buf_puts(&o.b, o.n ? "}\n" : "{}\n");
+    json_out_flush(&o);
+    buf_free(&o.b);
+    if (o.io || fflush(stdout) != 0) return 4;
+    return 0;
+}
+
+static int proj_pairs(void *src, proj_kv_fn each, void *ctx, tm_err *err) {
+    return proj_state_pairs(src, each, ctx, err);
+}
+
+static int replay_pairs(void *src, proj_kv_fn each, void *ctx, tm_err *err) {
+    return replay_state_pairs(src, each, ctx, err);
+}
+
 /* --isolate: the projection runs in a worker process (projhost.h). */
 typedef struct read_req {
     const char *query, *get, *top;
@@ -196,6 +254,8 @@ static int run_parallel(const char *cmd, store *s, const char *name, const buf *
         if (f && f->traceback && strchr(f->traceback, '\n'))
             fprintf(stderr, "%s\n", strchr(f->traceback, '\n') + 1);
         status = f ? 1 : (err.code ? err.code : 1);
+    } else if (!rq->query && !rq->get && !rq->list && !rq->top && replay_partitioned(r)) {
+        status = print_pairs(cmd, replay_pairs, r);
     } else {
         buf out = BUF_INIT;
         int rc;
@@ -390,6 +450,10 @@ int cli_project(int argc, char **argv) {
     status = run_serial(cmd, s, p, &ro);
     if (status) goto out;
 
+    if (!query && !get && !list && !top && proj_partitioned(p)) {
+        status = print_pairs(cmd, proj_pairs, p);
+        goto out;
+    }
     buf out = BUF_INIT;
     int rc;
     if (query) rc = proj_query(p, query, args.ptr, args.len, &out, &err);

@@ -1272,6 +1272,32 @@ int proj_state(proj *p, buf *out, tm_err *err) {
     return call_encode(p, "view", 0, "state", out, err);
 }
 
+int proj_state_pairs(proj *p, proj_kv_fn each, void *ctx, tm_err *err) {
+    if (!p->partitioned)
+        return err_set(err, TM_EINVAL, "projection %s is not partitioned", p->name);
+    buf b = BUF_INIT;
+    if (proj_state(p, &b, err) < 0) {
+        buf_free(&b);
+        return -1;
+    }
+    const char *q = b.ptr, *end = b.ptr + b.len;
+    mp_item it;
+    int rc = mp_next(&q, end, &it) == 0 && it.type == MP_MAP ? 0 : -1;
+    for (uint32_t i = 0; rc == 0 && i < it.v.n; i++) {
+        mp_item k;
+        if (mp_next(&q, end, &k) < 0 || k.type != MP_STR) {
+            rc = -1;
+            break;
+        }
+        const char *v = q;
+        if (mp_skip(&q, end) < 0) rc = -1;
+        else if (each(ctx, k.v.s.ptr, k.v.s.len, v, (size_t)(q - v))) break;
+    }
+    buf_free(&b);
+    if (rc < 0) return err_set(err, TM_EIO, "projection %s: unreadable state map", p->name);
+    return 0;
+}
+
 int proj_get(proj *p, const char *key, size_t klen, buf *out, tm_err *err) {
     if (p->nslots && run_batch(p, err) != 0) return -1;
     lua_pushlstring(p->L, key, klen);

@@ -160,6 +160,12 @@ int proj_reset(proj *p, tm_err *err);
 /* ---- reading the model (msgpack appended to out) ---- */
 /* The state (unpartitioned) or a map partition -> state, keys sorted. */
 int proj_state(proj *p, buf *out, tm_err *err);
+/* A partitioned model pair by pair: each(ctx, key, klen, state msgpack,
+ * vlen) in key order, what proj_state's map holds, for callers that print
+ * the model without holding it twice.  Every state is encoded before the
+ * first call, so an unstorable state fails before anything is handed out.
+ * each returns non-zero to stop.  TM_EINVAL when not partitioned. */
+int proj_state_pairs(proj *p, proj_kv_fn each, void *ctx, tm_err *err);
 /* One partition's state; 0 ok (nil when absent), -1 error. */
 int proj_get(proj *p, const char *key, size_t klen, buf *out, tm_err *err);
 /* One partition's state as it is live (applied, maybe not yet

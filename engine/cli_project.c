@@ -25,8 +25,6 @@
 #include "projhost.h"
 #include "replay.h"
 
-#define PROJECT_CACHE_BYTES (8u << 20) /* LevelDB block cache of the one-shot run */
-
 static const char usage[] =
     "usage: tidemark project --data DIR FILE.lua [options]\n"
     "Run a Lua projection over all stored events once and print its final state\n"
@@ -148,69 +146,6 @@ static int run_serial(const char *cmd, store *s, proj *p, const run_opts *ro) {
     return 0;
 }
 
-static int print_json(const char *cmd, const buf *mp) {
-    buf out = BUF_INIT;
-    tm_err err;
-    if (json_from_mp(mp->ptr, mp->len, &out, &err) < 0) {
-        buf_free(&out);
-        return cli_fail(cmd, &err);
-    }
-    buf_putc(&out, '\n');
-    fwrite(out.ptr, 1, out.len, stdout);
-    buf_free(&out);
-    return fflush(stdout) == 0 ? 0 : 4;
-}
-
-/* A partitioned model printed pair by pair: the same bytes as print_json
- * of the whole map, without holding its JSON text (1M partitions: ~40 MB)
- * or a merged copy of its msgpack.  Nothing reaches stdout before the
- * first pair (the states are all encoded by then: proj_state_pairs). */
-typedef struct json_out {
-    buf b;
-    size_t n;
-    int io;             /* a write failed */
-    int bad;            /* a state did not transcode (err) */
-    tm_err *err;
-} json_out;
-
-#define JSON_OUT_CHUNK (64 * 1024)
-
-static void json_out_flush(json_out *o) {
-    if (o->b.len && fwrite(o->b.ptr, 1, o->b.len, stdout) != o->b.len) o->io = 1;
-    buf_reset(&o->b);
-}
-
-static int json_out_pair(void *ctx, const char *k, size_t kl, const char *v, size_t vl) {
-    json_out *o = ctx;
-    buf_putc(&o->b, o->n++ ? ',' : '{');
-    json_put_string(&o->b, k, kl);
-    buf_putc(&o->b, ':');
-    if (json_from_mp(v, vl, &o->b, o->err) < 0) {
-        o->bad = 1;
-        return 1;
-    }
-    if (o->b.len >= JSON_OUT_CHUNK) json_out_flush(o);
-    return o->io;
-}
-
-typedef int (*pairs_fn)(void *src, proj_kv_fn each, void *ctx, tm_err *err);
-
-static int print_pairs(const char *cmd, pairs_fn pairs, void *src) {
-    tm_err err;
-    err_clear(&err);
-    json_out o = {.b = BUF_INIT, .err = &err};
-    int rc = pairs(src, json_out_pair, &o, &err);
-    if (rc < 0 || o.bad) {
-        buf_free(&o.b);
-        return cli_fail(cmd, &err);
-    }
-    buf_puts(&o.b, o.n ? "}\n" : "{}\n");
-    json_out_flush(&o);
-    buf_free(&o.b);
-    if (o.io || fflush(stdout) != 0) return 4;
-    return 0;
-}
-
 static int proj_pairs(void *src, proj_kv_fn each, void *ctx, tm_err *err) {
     return proj_state_pairs(src, each, ctx, err);
 }
@@ -255,7 +190,7 @@ static int run_parallel(const char *cmd, store *s, const char *name, const buf *
             fprintf(stderr, "%s\n", strchr(f->traceback, '\n') + 1);
         status = f ? 1 : (err.code ? err.code : 1);
     } else if (!rq->query && !rq->get && !rq->list && !rq->top && replay_partitioned(r)) {
-        status = print_pairs(cmd, replay_pairs, r);
+        status = cli_print_pairs(cmd, replay_pairs, r);
     } else {
         buf out = BUF_INIT;
         int rc;
@@ -268,7 +203,7 @@ static int run_parallel(const char *cmd, store *s, const char *name, const buf *
             rc = replay_top(r, field, n, &out, &err);
             free(field);
         } else rc = replay_state(r, &out, &err);
-        status = rc < 0 ? cli_fail(cmd, &err) : print_json(cmd, &out);
+        status = rc < 0 ? cli_fail(cmd, &err) : cli_print_json(cmd, &out);
         buf_free(&out);
     }
     replay_free(r);
@@ -310,7 +245,7 @@ static int run_isolated(const char *cmd, store *s, const char *name, const buf *
             rc = projhost_read(h, "top", field, NULL, n, &out, &err);
             free(field);
         } else rc = projhost_state_mp(h, &out, &err);
-        status = rc < 0 ? cli_fail(cmd, &err) : print_json(cmd, &out);
+        status = rc < 0 ? cli_fail(cmd, &err) : cli_print_json(cmd, &out);
     }
     buf_free(&out);
     projhost_free(h);
@@ -394,11 +329,9 @@ int cli_project(int argc, char **argv) {
         return cli_fail(cmd, &err);
     }
     int status = 0;
-    /* One pass over history reads each block once: a small block cache
-     * (the default 64 MiB would fill up and stay resident for nothing). */
     store_opts so;
     store_opts_default(&so);
-    so.cache_bytes = PROJECT_CACHE_BYTES;
+    so.cache_bytes = CLI_SCAN_CACHE_BYTES;
     store *s = cli_open_store(cmd, data, 0, &so, &status);
     if (!s) {
         buf_free(&src);
@@ -451,7 +384,7 @@ int cli_project(int argc, char **argv) {
     if (status) goto out;
 
     if (!query && !get && !list && !top && proj_partitioned(p)) {
-        status = print_pairs(cmd, proj_pairs, p);
+        status = cli_print_pairs(cmd, proj_pairs, p);
         goto out;
     }
     buf out = BUF_INIT;
@@ -466,7 +399,7 @@ int cli_project(int argc, char **argv) {
         free(field);
     } else rc = proj_state(p, &out, &err);
     if (rc < 0) status = cli_fail(cmd, &err);
-    else status = print_json(cmd, &out);
+    else status = cli_print_json(cmd, &out);
     buf_free(&out);
 out:
     proj_free(p);

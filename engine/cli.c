@@ -2,6 +2,7 @@
 #include "cli.h"
 
 #include "buf.h"
+#include "json.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -88,4 +89,63 @@ char *cli_projection_name(const char *path) {
     if (n > 4 && !strcmp(b + n - 4, ".lua")) n -= 4;
     if (n == 0 || !strcmp(path, "-")) return strdup("projection");
     return strndup(b, n);
+}
+
+int cli_print_json(const char *cmd, const buf *mp) {
+    buf out = BUF_INIT;
+    tm_err err;
+    if (json_from_mp(mp->ptr, mp->len, &out, &err) < 0) {
+        buf_free(&out);
+        return cli_fail(cmd, &err);
+    }
+    buf_putc(&out, '\n');
+    fwrite(out.ptr, 1, out.len, stdout);
+    buf_free(&out);
+    return fflush(stdout) == 0 ? 0 : 4;
+}
+
+/* cli_print_pairs: the text goes out in chunks (1M partitions are ~40 MB
+ * of JSON); '{' is only written with the first chunk. */
+typedef struct json_out {
+    buf b;
+    size_t n;
+    int io;             /* a write failed */
+    int bad;            /* a state did not transcode (err) */
+    tm_err *err;
+} json_out;
+
+#define JSON_OUT_CHUNK (64 * 1024)
+
+static void json_out_flush(json_out *o) {
+    if (o->b.len && fwrite(o->b.ptr, 1, o->b.len, stdout) != o->b.len) o->io = 1;
+    buf_reset(&o->b);
+}
+
+static int json_out_pair(void *ctx, const char *k, size_t kl, const char *v, size_t vl) {
+    json_out *o = ctx;
+    buf_putc(&o->b, o->n++ ? ',' : '{');
+    json_put_string(&o->b, k, kl);
+    buf_putc(&o->b, ':');
+    if (json_from_mp(v, vl, &o->b, o->err) < 0) {
+        o->bad = 1;
+        return 1;
+    }
+    if (o->b.len >= JSON_OUT_CHUNK) json_out_flush(o);
+    return o->io;
+}
+
+int cli_print_pairs(const char *cmd, cli_pairs_fn pairs, void *src) {
+    tm_err err;
+    err_clear(&err);
+    json_out o = {.b = BUF_INIT, .err = &err};
+    int rc = pairs(src, json_out_pair, &o, &err);
+    if (rc < 0 || o.bad) {
+        buf_free(&o.b);
+        return cli_fail(cmd, &err);
+    }
+    buf_puts(&o.b, o.n ? "}\n" : "{}\n");
+    json_out_flush(&o);
+    buf_free(&o.b);
+    if (o.io || fflush(stdout) != 0) return 4;
+    return 0;
 }

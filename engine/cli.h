@@ -15,6 +15,7 @@
 
 #include "buf.h"
 #include "err.h"
+#include "proj.h"
 #include "store.h"
 
 /* Commands (cli_store.c unless noted). */
@@ -41,6 +42,21 @@ int cli_parse_durability(const char *cmd, const char *s, store_durability *out);
  * NULL after printing the error; *status gets the exit status. */
 store *cli_open_store(const char *cmd, const char *dir, int create, const store_opts *opts,
                       int *status);
+
+/* One-shot commands that scan history once (project, replay): the LevelDB
+ * block cache they open the store with (each block is read once; the
+ * default 64 MiB would fill up and stay resident for nothing). */
+#define CLI_SCAN_CACHE_BYTES (8u << 20)
+
+/* Print one msgpack value as JSON and a newline on stdout; the exit status. */
+int cli_print_json(const char *cmd, const buf *mp);
+/* Print a partitioned model as one JSON object, pair by pair as pairs(src,
+ * each, ctx, err) hands them out (proj_state_pairs, replay_state_pairs):
+ * the same bytes as cli_print_json of the whole map, without holding its
+ * JSON text.  Nothing reaches stdout when pairs fails before the first
+ * pair.  The exit status. */
+typedef int (*cli_pairs_fn)(void *src, proj_kv_fn each, void *ctx, tm_err *err);
+int cli_print_pairs(const char *cmd, cli_pairs_fn pairs, void *src);
 
 /* Append the whole file at path ("-" = stdin) to out. */
 int cli_read_file(const char *path, buf *out, tm_err *err);

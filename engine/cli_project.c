@@ -128,17 +128,12 @@ static int run_serial(const char *cmd, store *s, proj *p, const run_opts *ro) {
     return 0;
 }
 
-static int print_json(const char *cmd, const buf *mp) {
-    buf out = BUF_INIT;
-    tm_err err;
-    if (json_from_mp(mp->ptr, mp->len, &out, &err) < 0) {
-        buf_free(&out);
-        return cli_fail(cmd, &err);
-    }
-    buf_putc(&out, '\n');
-    fwrite(out.ptr, 1, out.len, stdout);
-    buf_free(&out);
-    return fflush(stdout) == 0 ? 0 : 4;
+static int proj_pairs(void *src, proj_kv_fn each, void *ctx, tm_err *err) {
+    return proj_state_pairs(src, each, ctx, err);
+}
+
+static int replay_pairs(void *src, proj_kv_fn each, void *ctx, tm_err *err) {
+    return replay_state_pairs(src, each, ctx, err);
 }
 
 /* --isolate: the projection runs in a worker process (projhost.h). */
@@ -176,6 +171,8 @@ static int run_parallel(const char *cmd, store *s, const char *name, const buf *
         if (f && f->traceback && strchr(f->traceback, '\n'))
             fprintf(stderr, "%s\n", strchr(f->traceback, '\n') + 1);
         status = f ? 1 : (err.code ? err.code : 1);
+    } else if (!rq->query && !rq->get && !rq->list && !rq->top && replay_partitioned(r)) {
+        status = cli_print_pairs(cmd, replay_pairs, r);
     } else {
         buf out = BUF_INIT;
         int rc;
@@ -188,7 +185,7 @@ static int run_parallel(const char *cmd, store *s, const char *name, const buf *
             rc = replay_top(r, field, n, &out, &err);
             free(field);
         } else rc = replay_state(r, &out, &err);
-        status = rc < 0 ? cli_fail(cmd, &err) : print_json(cmd, &out);
+        status = rc < 0 ? cli_fail(cmd, &err) : cli_print_json(cmd, &out);
         buf_free(&out);
     }
     replay_free(r);
@@ -230,7 +227,7 @@ static int run_isolated(const char *cmd, store *s, const char *name, const buf *
             rc = projhost_read(h, "top", field, NULL, n, &out, &err);
             free(field);
         } else rc = projhost_state_mp(h, &out, &err);
-        status = rc < 0 ? cli_fail(cmd, &err) : print_json(cmd, &out);
+        status = rc < 0 ? cli_fail(cmd, &err) : cli_print_json(cmd, &out);
     }
     buf_free(&out);
     projhost_free(h);
@@ -314,7 +311,10 @@ int cli_project(int argc, char **argv) {
         return cli_fail(cmd, &err);
     }
     int status = 0;
-    store *s = cli_open_store(cmd, data, 0, NULL, &status);
+    store_opts so;
+    store_opts_default(&so);
+    so.cache_bytes = CLI_SCAN_CACHE_BYTES;
+    store *s = cli_open_store(cmd, data, 0, &so, &status);
     if (!s) {
         buf_free(&src);
         buf_free(&args);
@@ -347,6 +347,12 @@ int cli_project(int argc, char **argv) {
         status = cli_fail(cmd, &err);
         goto out;
     }
+    /* a dry run that never checkpoints keeps no dirty set (proj.h) */
+    if (!persist && !proj_dead_letter_mode(p) && !proj_checkpoint_every(p) &&
+        proj_set_one_shot(p, &err) < 0) {
+        status = cli_fail(cmd, &err);
+        goto out;
+    }
     if (persist && reset && proj_reset(p, &err) < 0) {
         status = cli_fail(cmd, &err);
         goto out;
@@ -359,6 +365,10 @@ int cli_project(int argc, char **argv) {
     status = run_serial(cmd, s, p, &ro);
     if (status) goto out;
 
+    if (!query && !get && !list && !top && proj_partitioned(p)) {
+        status = cli_print_pairs(cmd, proj_pairs, p);
+        goto out;
+    }
     buf out = BUF_INIT;
     int rc;
     if (query) rc = proj_query(p, query, args.ptr, args.len, &out, &err);
@@ -371,7 +381,7 @@ int cli_project(int argc, char **argv) {
         free(field);
     } else rc = proj_state(p, &out, &err);
     if (rc < 0) status = cli_fail(cmd, &err);
-    else status = print_json(cmd, &out);
+    else status = cli_print_json(cmd, &out);
     buf_free(&out);
 out:
     proj_free(p);

@@ -87,19 +87,6 @@ static int stored_source(store *s, const char *name, buf *out, tm_err *err) {
     return rc;
 }
 
-static int print_json(const char *cmd, const buf *mp) {
-    buf out = BUF_INIT;
-    tm_err err;
-    if (json_from_mp(mp->ptr, mp->len, &out, &err) < 0) {
-        buf_free(&out);
-        return cli_fail(cmd, &err);
-    }
-    buf_putc(&out, '\n');
-    fwrite(out.ptr, 1, out.len, stdout);
-    buf_free(&out);
-    return fflush(stdout) == 0 ? 0 : 4;
-}
-
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -111,6 +98,10 @@ typedef struct req {
     int list, summary;
     buf args;
 } req;
+
+static int replay_pairs(void *src, proj_kv_fn each, void *ctx, tm_err *err) {
+    return replay_state_pairs(src, each, ctx, err);
+}
 
 static int output(const char *cmd, replay *r, const req *q, double secs) {
     tm_err err;
@@ -136,10 +127,12 @@ static int output(const char *cmd, replay *r, const req *q, double secs) {
         }
         rc = replay_top(r, field, n, &out, &err);
         free(field);
+    } else if (replay_partitioned(r)) {
+        return cli_print_pairs(cmd, replay_pairs, r);
     } else {
         rc = replay_state(r, &out, &err);
     }
-    int status = rc < 0 ? cli_fail(cmd, &err) : print_json(cmd, &out);
+    int status = rc < 0 ? cli_fail(cmd, &err) : cli_print_json(cmd, &out);
     buf_free(&out);
     return status;
 }
@@ -271,7 +264,10 @@ int cli_replay(int argc, char **argv) {
         return cli_fail(cmd, &err);
     }
     int status = 0;
-    store *s = cli_open_store(cmd, data, 0, NULL, &status);
+    store_opts so;
+    store_opts_default(&so);
+    so.cache_bytes = CLI_SCAN_CACHE_BYTES;
+    store *s = cli_open_store(cmd, data, 0, &so, &status);
     if (!s) {
         buf_free(&q.args);
         return status;

@@ -6,7 +6,9 @@
  *
  * Invariants:
  *   - Encoding never depends on pairs() order: map keys are gathered into
- *     an array, sorted with a total order, then written.
+ *     an array, sorted with a total order, then written.  The keys stay
+ *     pinned while their bytes are compared (on the Lua stack for small
+ *     maps, in a key table for large ones); small maps allocate nothing.
  *   - Recursion depth is bounded by LUAMP_MAX_DEPTH both ways (a cycle in a
  *     table shows up as exceeding it); Lua stack space is checked per level.
  *   - On failure the output buffer is restored to its length on entry and
@@ -17,6 +19,7 @@
 #include <lauxlib.h>
 #include <math.h>
 #include <msgpack/pack.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -81,21 +84,35 @@ static int key_rank(lua_State *L, int i) {
     }
 }
 
+/* A key to sort: 16 bytes (a state table of 1M partitions sorts 1M of
+ * them).  ref = where the key is kept alive (a Lua stack index for small
+ * maps, a slot of the key table for large ones) * 4 + its rank. */
 typedef struct keyref {
-    int rank;
-    double num;
-    const char *s;
-    size_t len;
-    int slot; /* index into the key array table (1-based) */
+    union {
+        double num;        /* rank 0: the number; rank 2: 0 false, 1 true */
+        const char *s;     /* rank 1: the string's bytes (pinned, see ref) */
+    } u;
+    uint32_t len;          /* rank 1: its length */
+    uint32_t ref;
 } keyref;
+
+#define KEY_RANK(k) ((int)((k)->ref & 3))
+#define KEY_REF(k) ((int)((k)->ref >> 2))
+/* Maps up to this size keep their keys on the Lua stack and their refs on
+ * the C stack: encoding many small tables (the usual state) allocates
+ * nothing.  Larger maps use a key table and a userdata for the refs (both
+ * in the Lua heap: collected, even when an error unwinds past them). */
+#define SMALL_MAP 32
+#define MAX_MAP (1u << 29)
 
 static int key_cmp(const void *a, const void *b) {
     const keyref *x = a, *y = b;
-    if (x->rank != y->rank) return x->rank < y->rank ? -1 : 1;
-    if (x->rank == 0) return x->num < y->num ? -1 : x->num > y->num;
-    if (x->rank == 2) return (int)x->num - (int)y->num;
+    int rx = KEY_RANK(x), ry = KEY_RANK(y);
+    if (rx != ry) return rx < ry ? -1 : 1;
+    if (rx == 0) return x->u.num < y->u.num ? -1 : x->u.num > y->u.num;
+    if (rx == 2) return (int)x->u.num - (int)y->u.num;
     size_t n = x->len < y->len ? x->len : y->len;
-    int c = memcmp(x->s, y->s, n);
+    int c = memcmp(x->u.s, y->u.s, n);
     if (c) return c;
     return x->len < y->len ? -1 : x->len > y->len;
 }
@@ -148,11 +165,18 @@ static int enc_table(enc *e, int t) {
         }
         return 0;
     }
-    /* A map: gather keys into a table (keeps them alive), sort refs. */
-    keyref *ks = n ? malloc(n * sizeof *ks) : NULL;
-    if (n && !ks) return fail(e, "%s", "out of memory");
-    lua_createtable(L, (int)n, 0);
-    int kt = lua_gettop(L);
+    /* A map: pin the keys (on the stack, or in a key table), sort refs. */
+    if (n >= MAX_MAP) return fail(e, "%s", "table too large to store");
+    int small = n <= SMALL_MAP;
+    keyref sks[SMALL_MAP], *ks = sks;
+    int base = lua_gettop(L), kt = 0;
+    if (small) {
+        if (!lua_checkstack(L, (int)n + 8)) return fail(e, "%s", "Lua stack exhausted");
+    } else {
+        ks = lua_newuserdata(L, n * sizeof *ks);
+        lua_createtable(L, (int)n, 0);
+        kt = lua_gettop(L);
+    }
     size_t i = 0;
     lua_pushnil(L);
     while (lua_next(L, t)) {
@@ -161,38 +185,47 @@ static int enc_table(enc *e, int t) {
         if (r == 3) {
             lua_pushvalue(L, -1);
             e->path[e->depth++] = lua_gettop(L);
-            free(ks);
             int rc = fail(e, "cannot store a table key of type %s", luaL_typename(L, -1));
             e->depth--;
-            lua_settop(L, kt - 1);
+            lua_settop(L, base);
             return rc;
         }
-        lua_pushvalue(L, -1);
-        lua_rawseti(L, kt, (int)(i + 1));
         keyref *k = &ks[i];
-        k->rank = r;
-        k->slot = (int)(i + 1);
-        k->num = r == 0 ? lua_tonumber(L, -1) : r == 2 ? lua_toboolean(L, -1) : 0;
-        if (r == 0 && isnan(k->num)) {
-            free(ks);
-            lua_settop(L, kt - 1);
+        k->u.num = r == 0 ? lua_tonumber(L, -1) : r == 2 ? lua_toboolean(L, -1) : 0;
+        if (r == 0 && isnan(k->u.num)) {
+            lua_settop(L, base);
             return fail(e, "%s", "NaN table key");
         }
+        if (r == 1) {
+            size_t len;
+            k->u.s = lua_tolstring(L, -1, &len);
+            if (len > UINT32_MAX) {
+                lua_settop(L, base);
+                return fail(e, "%s", "table key too long to store");
+            }
+            k->len = (uint32_t)len;
+        }
+        /* its stack slot (below lua_next's key), or its key table slot */
+        int ref;
+        if (small) {
+            lua_pushvalue(L, -1); /* the copy stays, lua_next goes on with the top */
+            ref = base + (int)i + 1;
+        } else {
+            lua_pushvalue(L, -1);
+            lua_rawseti(L, kt, (int)(i + 1));
+            ref = (int)(i + 1);
+        }
+        k->ref = (uint32_t)ref << 2 | (uint32_t)r;
         i++;
     }
-    /* Strings are pinned by the key table, so their pointers stay valid. */
-    for (size_t j = 0; j < n; j++) {
-        if (ks[j].rank == 1) {
-            lua_rawgeti(L, kt, ks[j].slot);
-            ks[j].s = lua_tolstring(L, -1, &ks[j].len);
-            lua_pop(L, 1);
-        }
-    }
+    /* A string's bytes stay where they are while it is pinned (LuaJIT never
+     * moves objects). */
     if (n > 1) qsort(ks, n, sizeof *ks, key_cmp);
     msgpack_pack_map(&e->pk, (uint32_t)n);
     int rc = 0;
     for (size_t j = 0; j < n && rc == 0; j++) {
-        lua_rawgeti(L, kt, ks[j].slot);
+        if (small) lua_pushvalue(L, KEY_REF(&ks[j]));
+        else lua_rawgeti(L, kt, KEY_REF(&ks[j]));
         int k = lua_gettop(L);
         e->path[e->depth++] = k;
         rc = enc_value(e, k);
@@ -205,8 +238,7 @@ static int enc_table(enc *e, int t) {
         e->depth--;
         lua_pop(L, 1);
     }
-    free(ks);
-    lua_settop(L, kt - 1);
+    lua_settop(L, base);
     return rc;
 }
 

@@ -107,6 +107,7 @@ struct proj {
     volatile int32_t cur_index;         /* written by the runtime per event, read by the watchdog */
     /* faults */
     int faulted;
+    int one_shot;               /* proj_set_one_shot: no dirty set, no checkpoints */
     proj_fault fault;
     dead_letter *dls;
     size_t ndl, capdl;
@@ -853,6 +854,19 @@ static int run_batch(proj *p, tm_err *err) {
 
 int proj_flush(proj *p, tm_err *err) { return run_batch(p, err); }
 
+int proj_set_one_shot(proj *p, tm_err *err) {
+    if (p->dead_letter_mode)
+        return err_set(err, TM_EINVAL, "projection %s: dead-letter mode needs checkpoints",
+                       p->name);
+    if (p->events || p->position || p->nslots)
+        return err_set(err, TM_EINVAL, "projection %s: one-shot must be set before events",
+                       p->name);
+    rt_get(p, "one_shot");
+    lua_call(p->L, 0, 0);
+    p->one_shot = 1;
+    return 0;
+}
+
 int proj_feed(proj *p, const tm_event *ev, tm_err *err) {
     if (p->faulted) return err_set(err, TM_EINVAL, "projection %s is faulted", p->name);
     if (ev->position <= p->position) return 0; /* already applied */
@@ -904,17 +918,28 @@ static void pack_str(msgpack_packer *pk, const char *s, size_t n) {
     msgpack_pack_str_body(pk, s, n);
 }
 
-/* Encode the dirty states and the checkpoint into b (or the runtime's
- * in-memory `committed` table when b is NULL). */
-static int write_states(proj *p, proj_put_fn put, void *ud, tm_err *err) {
-    lua_State *L = p->L;
+typedef struct dirty_ctx {
+    proj *p;
+    proj_put_fn put;
+    void *ud;
+    tm_err *err;
+    buf key, val;   /* owned by write_states: freed even when an error unwinds */
+} dirty_ctx;
+
+/* Every dirty state to put (or into `committed`); runs under
+ * sandbox_protect (encoding allocates in the capped heap). */
+static int encode_dirty(lua_State *L, void *ud) {
+    dirty_ctx *c = ud;
+    proj *p = c->p;
+    proj_put_fn put = c->put;
+    tm_err *err = c->err;
     rt_get(p, "dirty");
     int dt = lua_gettop(L);
     rt_get(p, "states");
     int st = lua_gettop(L);
     rt_get(p, "committed");
     int ct = lua_gettop(L);
-    buf key = BUF_INIT, val = BUF_INIT;
+    buf *key = &c->key, *val = &c->val;
     int rc = 0;
     lua_pushnil(L);
     while (rc == 0 && lua_next(L, dt)) {
@@ -923,23 +948,32 @@ static int write_states(proj *p, proj_put_fn put, void *ud, tm_err *err) {
         const char *k = lua_tolstring(L, -1, &kl);
         lua_pushvalue(L, -1);
         lua_rawget(L, st);
-        buf_reset(&val);
+        buf_reset(val);
         char what[300];
         snprintf(what, sizeof what, "state[%.*s]", (int)(kl < 200 ? kl : 200), k);
-        if (luamp_encode(L, lua_gettop(L), what, &val, err) < 0) rc = -1;
+        if (luamp_encode(L, lua_gettop(L), what, val, err) < 0) rc = -1;
         lua_pop(L, 1);
         if (rc < 0) break;
         if (put) {
-            key_of(&key, p, "s/", k, kl);
-            put(ud, key.ptr, key.len, val.ptr, val.len);
+            key_of(key, p, "s/", k, kl);
+            put(c->ud, key->ptr, key->len, val->ptr, val->len);
         } else {
             lua_pushvalue(L, -1);
-            lua_pushlstring(L, val.ptr, val.len);
+            lua_pushlstring(L, val->ptr, val->len);
             lua_rawset(L, ct);
         }
     }
     if (rc < 0) lua_pop(L, 1); /* the key left by the interrupted lua_next */
     lua_settop(L, dt - 1);
+    return rc;
+}
+
+/* Encode the dirty states and the checkpoint into b (or the runtime's
+ * in-memory `committed` table when b is NULL). */
+static int write_states(proj *p, proj_put_fn put, void *ud, tm_err *err) {
+    dirty_ctx c = {.p = p, .put = put, .ud = ud, .err = err, .key = BUF_INIT, .val = BUF_INIT};
+    int rc = sandbox_protect(p->sb, encode_dirty, &c, 0, err);
+    buf key = c.key, val = c.val;
     if (rc == 0 && put) {
         for (size_t i = 0; i < p->ndl; i++) {
             dead_letter *dl = &p->dls[i];
@@ -1059,6 +1093,9 @@ int proj_checkpoint(proj *p, store_batch *b, tm_event **emits, size_t *nemits, t
 
 int proj_checkpoint_to(proj *p, proj_put_fn put, void *ud, tm_event **emits, size_t *nemits,
                        tm_err *err) {
+    if (p->one_shot)
+        return err_set(err, TM_EINVAL, "projection %s: a one-shot run keeps no checkpoints",
+                       p->name);
     int rc = run_batch(p, err);
     if (rc != 0) return rc;
     if (write_states(p, put, ud, err) < 0) return -1;
@@ -1229,6 +1266,43 @@ static int load_all(proj *p, tm_err *err) {
     return 0;
 }
 
+typedef struct enc_ctx {
+    const char *what;
+    buf *out;
+    tm_err *err;
+    int done;           /* luamp_encode returned (else a Lua error unwound it) */
+} enc_ctx;
+
+static int encode_top(lua_State *L, void *ud) {
+    enc_ctx *c = ud;
+    int rc = luamp_encode(L, 2, c->what, c->out, c->err);
+    c->done = 1;
+    return rc;
+}
+
+/* Pop the value on top of the stack and append its msgpack to out, under
+ * sandbox_protect: a model too large for the memory cap to encode is an
+ * error, not an abort. */
+static int encode_protected(proj *p, const char *what, buf *out, tm_err *err) {
+    size_t len0 = out->len;
+    enc_ctx c = {what, out, err, 0};
+    /* Lua 5.1 has no emergency collection: after hitting the cap (the
+     * garbage of the run is collected then) it is tried once more */
+    lua_pushvalue(p->L, -1);
+    int rc = sandbox_protect(p->sb, encode_top, &c, 1, err);
+    if (rc < 0 && !c.done && strstr(err->msg, "memory limit")) {
+        out->len = len0;
+        lua_pushvalue(p->L, -1);
+        rc = sandbox_protect(p->sb, encode_top, &c, 1, err);
+    }
+    lua_pop(p->L, 1);
+    if (rc < 0) {
+        out->len = len0;
+        if (!c.done) err_prefix(err, "projection %s: encoding the %s", p->name, what);
+    }
+    return rc;
+}
+
 /* Call runtime function f with the nargs values on the stack, encode its
  * one result to out. */
 static int call_encode(proj *p, const char *f, int nargs, const char *what, buf *out,
@@ -1240,9 +1314,7 @@ static int call_encode(proj *p, const char *f, int nargs, const char *what, buf 
     int rc = sandbox_pcall(p->sb, nargs, 1, NULL, err);
     sandbox_leave(p->sb);
     if (rc < 0) return -1;
-    rc = luamp_encode(L, -1, what, out, err);
-    lua_pop(L, 1);
-    return rc;
+    return encode_protected(p, what, out, err);
 }
 
 static int prepare_read(proj *p, tm_err *err) {
@@ -1253,6 +1325,32 @@ static int prepare_read(proj *p, tm_err *err) {
 int proj_state(proj *p, buf *out, tm_err *err) {
     if (prepare_read(p, err) < 0) return -1;
     return call_encode(p, "view", 0, "state", out, err);
+}
+
+int proj_state_pairs(proj *p, proj_kv_fn each, void *ctx, tm_err *err) {
+    if (!p->partitioned)
+        return err_set(err, TM_EINVAL, "projection %s is not partitioned", p->name);
+    buf b = BUF_INIT;
+    if (proj_state(p, &b, err) < 0) {
+        buf_free(&b);
+        return -1;
+    }
+    const char *q = b.ptr, *end = b.ptr + b.len;
+    mp_item it;
+    int rc = mp_next(&q, end, &it) == 0 && it.type == MP_MAP ? 0 : -1;
+    for (uint32_t i = 0; rc == 0 && i < it.v.n; i++) {
+        mp_item k;
+        if (mp_next(&q, end, &k) < 0 || k.type != MP_STR) {
+            rc = -1;
+            break;
+        }
+        const char *v = q;
+        if (mp_skip(&q, end) < 0) rc = -1;
+        else if (each(ctx, k.v.s.ptr, k.v.s.len, v, (size_t)(q - v))) break;
+    }
+    buf_free(&b);
+    if (rc < 0) return err_set(err, TM_EIO, "projection %s: unreadable state map", p->name);
+    return 0;
 }
 
 int proj_get(proj *p, const char *key, size_t klen, buf *out, tm_err *err) {

@@ -131,6 +131,14 @@ void proj_current(const proj *p, uint64_t *position, const char **type, size_t *
  * general path, -1 if no handler runs for the type. */
 int proj_type_fast(proj *p, const char *type, size_t len);
 
+/* One-shot runs (never checkpointed: `tidemark project` without --persist,
+ * a replay that is not persisted): no dirty set is kept, so a partition
+ * costs its state and its key only; proj_checkpoint* refuse (TM_EINVAL);
+ * a fault rolls back to the only checkpoint there is, the empty model.
+ * Call before the first event.  -1 (TM_EINVAL) after events were fed or in
+ * dead-letter mode (which needs checkpoints). */
+int proj_set_one_shot(proj *p, tm_err *err);
+
 /* ---- checkpoints ---- */
 /* Flush, then write every dirty partition state, the dead letters and the
  * checkpoint record into b; append the emitted events' records (in
@@ -156,6 +164,12 @@ int proj_reset(proj *p, tm_err *err);
 /* ---- reading the model (msgpack appended to out) ---- */
 /* The state (unpartitioned) or a map partition -> state, keys sorted. */
 int proj_state(proj *p, buf *out, tm_err *err);
+/* A partitioned model pair by pair: each(ctx, key, klen, state msgpack,
+ * vlen) in key order, what proj_state's map holds, for callers that print
+ * the model without holding it twice.  Every state is encoded before the
+ * first call, so an unstorable state fails before anything is handed out.
+ * each returns non-zero to stop.  TM_EINVAL when not partitioned. */
+int proj_state_pairs(proj *p, proj_kv_fn each, void *ctx, tm_err *err);
 /* One partition's state; 0 ok (nil when absent), -1 error. */
 int proj_get(proj *p, const char *key, size_t klen, buf *out, tm_err *err);
 /* One partition's state as it is live (applied, maybe not yet

@@ -211,6 +211,7 @@ local states = {}    -- partition key -> state
 local dirty = {}     -- partition key -> true, since the last checkpoint
 local committed = {} -- in-memory mode: partition key -> msgpack at the last checkpoint
 local outs = {}      -- emitted events since the last checkpoint
+local track = true   -- false: a one-shot run (M.one_shot): no dirty set, no checkpoints
 local cur_j, cur_pos = -1, 0
 
 local function numkey(k)
@@ -414,7 +415,7 @@ function M.run(sp, ap, n, curp)
       if key ~= nil then
         local st = states[key]
         if st == nil then st = fresh(key) end
-        dirty[key] = true -- before the handler: a failing handler's changes are discarded
+        if track then dirty[key] = true end -- before the handler: a failing handler's changes are discarded
         local r = h(st, e)
         if r ~= nil then states[key] = r end
       end
@@ -435,12 +436,21 @@ function M.handles(t)
 end
 
 -- After a fault: forget everything since the last checkpoint.
+-- (One-shot: the only checkpoint is the empty model.)
 function M.rollback()
   bs, ba, bn = nil, nil, 0
-  for k in pairs(dirty) do states[k] = nil; dirty[k] = nil end
+  if track then
+    for k in pairs(dirty) do states[k] = nil; dirty[k] = nil end
+  else
+    for k in pairs(states) do states[k] = nil end
+  end
   for i = #outs, 1, -1 do outs[i] = nil end
   cur_j = -1
 end
+
+-- A one-shot run (proj_set_one_shot): never checkpointed, so no dirty set
+-- (it would hold every partition key once more).
+function M.one_shot() track = false end
 
 function M.take_outs()
   local o = outs

@@ -503,6 +503,9 @@ static int make_workers(replay *r, unsigned n, tm_err *err) {
                         .backing = &w->bk};
         w->p = proj_new(r->name, r->src, r->srclen, r->filename, &po, err);
         if (!w->p) return -1;
+        /* not persisted, no dead letters: never checkpointed (no dirty set) */
+        if (!r->o.persist && !proj_dead_letter_mode(w->p) && proj_set_one_shot(w->p, err) < 0)
+            return -1;
     }
     return 0;
 }
@@ -1342,6 +1345,30 @@ int replay_state(replay *r, buf *out, tm_err *err) {
     if (r->nw == 1) return proj_state(r->w[0].p, out, err);
     return merged(r, 0, out, err);
 }
+
+typedef struct pairs_ctx {
+    proj_kv_fn each;
+    void *ctx;
+} pairs_ctx;
+
+static int pass_pair(void *ud, const mcur *c) {
+    pairs_ctx *pc = ud;
+    return pc->each(pc->ctx, c->k, c->kl, c->v, c->vl);
+}
+
+int replay_state_pairs(replay *r, proj_kv_fn each, void *ctx, tm_err *err) {
+    if (ready(r, err) < 0) return -1;
+    if (r->nw == 1) return proj_state_pairs(r->w[0].p, each, ctx, err);
+    if (!proj_partitioned(r->defp))
+        return err_set(err, TM_EINVAL, "projection %s is not partitioned", r->name);
+    buf parts[MAX_WORKERS];
+    if (states_of(r, parts, err) < 0) return -1; /* the workers encoded every state */
+    pairs_ctx pc = {each, ctx};
+    uint64_t total;
+    return merge_walk(r, parts, 1, pass_pair, &pc, &total, err);
+}
+
+int replay_partitioned(const replay *r) { return proj_partitioned(r->defp); }
 
 int replay_partitions(replay *r, buf *out, tm_err *err) {
     if (ready(r, err) < 0) return -1;

@@ -1,8 +1,8 @@
 /* sandbox.c — the LuaJIT state for untrusted scripts (see sandbox.h).
  *
  * Owns: the capped allocator, the safe library subset, text-only load,
- * locked globals, the deterministic math.random, and the CPU watchdog
- * thread.
+ * locked globals, the deterministic math.random, the CPU watchdog thread,
+ * and protected calls of host C code (sandbox_protect).
  *
  * Invariants:
  *   - `used` is the sum of live allocation sizes the state asked for (its
@@ -53,6 +53,7 @@ struct sandbox {
     clockid_t runner_clock; /* CPU clock of the thread inside the bracket */
     int hooked;             /* soft limit hit in this bracket */
     int exceeded;           /* soft limit hit in the last bracket */
+    int protect_ref;        /* registry ref of the sandbox_protect trampoline */
 };
 
 /* ------------------------------------------------------------ allocator */
@@ -393,6 +394,50 @@ static void *watchdog(void *arg) {
     return NULL;
 }
 
+/* ------------------------------------------------------------ protected host code */
+
+typedef struct protect_call {
+    sandbox_fn fn;
+    void *ud;
+    int rc;
+} protect_call;
+
+static int protect_tramp(lua_State *L) {
+    protect_call *c = lua_touserdata(L, 1);
+    c->rc = c->fn(L, c->ud);
+    return 0;
+}
+
+/* The error at the top of the stack (rc from lua_pcall) into err; pops it. */
+static void pcall_error(sandbox *sb, int rc, tm_err *err) {
+    lua_State *L = sb->L;
+    size_t len = 0;
+    const char *m = lua_tolstring(L, -1, &len);
+    if (!m) m = "(error)";
+    const char *nl = memchr(m, '\n', len);
+    size_t first = nl ? (size_t)(nl - m) : len;
+    if (rc == LUA_ERRMEM || (sb->oom && strstr(m, "not enough memory")))
+        err_set(err, TM_EINVAL, "memory limit exceeded (%zu MiB)", sb->limit >> 20);
+    else
+        err_set(err, TM_EINVAL, "%.*s", (int)(first < 480 ? first : 480), m);
+    lua_pop(L, 1);
+}
+
+int sandbox_protect(sandbox *sb, sandbox_fn fn, void *ud, int nargs, tm_err *err) {
+    lua_State *L = sb->L;
+    protect_call c = {fn, ud, 0};
+    lua_rawgeti(L, LUA_REGISTRYINDEX, sb->protect_ref);
+    lua_insert(L, -(nargs + 1));
+    lua_pushlightuserdata(L, &c);
+    lua_insert(L, -(nargs + 1)); /* fn, &c, args... */
+    int rc = lua_pcall(L, nargs + 1, 0, 0);
+    if (rc == 0) return c.rc;
+    pcall_error(sb, rc, err);
+    if (sb->oom) lua_gc(L, LUA_GCCOLLECT, 0);
+    sb->oom = 0;
+    return -1;
+}
+
 /* ------------------------------------------------------------ public */
 
 sandbox *sandbox_new(const sandbox_opts *opts, tm_err *err) {
@@ -428,6 +473,8 @@ sandbox *sandbox_new(const sandbox_opts *opts, tm_err *err) {
     lua_setallocf(L, sb_alloc, sb);
     lua_pushlightuserdata(L, sb);
     lua_setfield(L, LUA_REGISTRYINDEX, "tidemark.sandbox");
+    lua_pushcfunction(L, protect_tramp); /* made once: calling it then allocates nothing */
+    sb->protect_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushcfunction(L, setup);
     lua_pushlightuserdata(L, sb);
     if (lua_pcall(L, 1, 0, 0) != 0) {
@@ -504,16 +551,12 @@ int sandbox_pcall(sandbox *sb, int nargs, int nresults, buf *trace, tm_err *err)
         lua_remove(L, base);
         return 0;
     }
-    size_t len = 0;
-    const char *m = lua_tolstring(L, -1, &len);
-    if (!m) m = "(error)";
-    const char *nl = memchr(m, '\n', len);
-    size_t first = nl ? (size_t)(nl - m) : len;
-    if (rc == LUA_ERRMEM || (sb->oom && strstr(m, "not enough memory")))
-        err_set(err, TM_EINVAL, "memory limit exceeded (%zu MiB)", sb->limit >> 20);
-    else
-        err_set(err, TM_EINVAL, "%.*s", (int)(first < 480 ? first : 480), m);
-    if (trace) buf_append(trace, m, len);
+    if (trace) {
+        size_t len = 0;
+        const char *m = lua_tolstring(L, -1, &len);
+        if (m) buf_append(trace, m, len);
+    }
+    pcall_error(sb, rc, err);
     lua_settop(L, base - 1);
     if (sb->oom) lua_gc(L, LUA_GCCOLLECT, 0); /* Lua 5.1 has no emergency GC */
     sb->oom = 0;

@@ -69,6 +69,15 @@ int sandbox_load(sandbox *sb, const char *src, size_t len, const char *chunkname
  * (TM_EINVAL) and the stack is restored to below the function. */
 int sandbox_pcall(sandbox *sb, int nargs, int nresults, buf *trace, tm_err *err);
 
+/* Host C code that allocates in the Lua state (encoding a large state,
+ * say) run protected: fn(L, ud) sees the nargs values on top of the stack
+ * as its indexes 2..nargs+1 (they are consumed).  A Lua error inside (the
+ * memory cap) returns -1 with err "memory limit exceeded (N MiB)" or the
+ * message (TM_EINVAL) instead of aborting the process; otherwise fn's
+ * result.  Pushing the call allocates nothing, so it works at the cap. */
+typedef int (*sandbox_fn)(lua_State *L, void *ud);
+int sandbox_protect(sandbox *sb, sandbox_fn fn, void *ud, int nargs, tm_err *err);
+
 /* After setup: every later assignment to a global raises an error. */
 void sandbox_lock_globals(sandbox *sb);
 

@@ -753,6 +753,143 @@ static void test_failing_handler_changes_are_discarded(void **st) {
     proj_free(p);
 }
 
+/* One-shot: the same model without a dirty set; no checkpoints; a fault
+ * rolls back to the empty model. */
+static void test_one_shot(void **st) {
+    (void)st;
+    tm_err err;
+    proj *p = load(EXAMPLE, NULL, &err);
+    assert_non_null(p);
+    assert_int_equal(proj_set_one_shot(p, &err), 0);
+    feed_example(p, 1, 40);
+    assert_state(p, 40);
+    assert_int_equal(proj_commit(p, &err), -1);
+    assert_int_equal(err.code, TM_EINVAL);
+    assert_int_equal(proj_set_one_shot(p, &err), -1); /* events were fed */
+    assert_state(p, 40);
+    proj_free(p);
+
+    p = load(FAULTY, NULL, &err);
+    assert_non_null(p);
+    assert_int_equal(proj_set_one_shot(p, &err), 0);
+    int rc = 0;
+    for (uint64_t i = 1; i <= 9 && rc == 0; i++) {
+        tev t;
+        mk(&t, i, "order-1", "OrderPlaced", i % 2 ? "c1" : "c2", 1);
+        rc = proj_feed(p, &t.ev, &err);
+        buf_free(&t.data);
+    }
+    if (rc == 0) rc = proj_flush(p, &err);
+    assert_int_equal(rc, -1);
+    assert_non_null(proj_fault_info(p));
+    assert_int_equal(proj_position(p), 0);
+    buf out = BUF_INIT;
+    assert_int_equal(proj_state(p, &out, &err), 0);
+    assert_int_equal(out.len, 1);
+    assert_int_equal((unsigned char)out.ptr[0], 0x80); /* {} */
+    buf_free(&out);
+    proj_free(p);
+
+    char src[1024];
+    snprintf(src, sizeof src, "%s", FAULTY);
+    char *end = strrchr(src, '}');
+    snprintf(end, sizeof src - (size_t)(end - src), ", on_error = 'dead_letter' }\n");
+    p = load(src, NULL, &err);
+    assert_non_null(p);
+    assert_int_equal(proj_set_one_shot(p, &err), -1); /* dead letters need checkpoints */
+    proj_free(p);
+}
+
+typedef struct pairs_seen {
+    buf keys;      /* "k1,k2," */
+    buf map;       /* the pairs re-encoded as one map */
+    size_t n;
+} pairs_seen;
+
+static int see_pair(void *ctx, const char *k, size_t kl, const char *v, size_t vl) {
+    pairs_seen *ps = ctx;
+    buf_append(&ps->keys, k, kl);
+    buf_putc(&ps->keys, ',');
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &ps->map, wr);
+    msgpack_pack_str(&pk, kl);
+    msgpack_pack_str_body(&pk, k, kl);
+    buf_append(&ps->map, v, vl);
+    ps->n++;
+    return 0;
+}
+
+/* proj_state_pairs hands out exactly the pairs of proj_state's map; maps
+ * larger than luamp's small-map size sort the same way. */
+static void test_state_pairs(void **st) {
+    (void)st;
+    tm_err err;
+    const char *src =
+        "return { partition = function(e) return e.data.customer end,\n"
+        "  on = { X = function(s, e) for i = 40, 1, -1 do s['k' .. i] = i; s[i + 0.5] = true end\n"
+        "    s[false] = 1; s[true] = 2 end } }\n";
+    proj *p = load(src, NULL, &err);
+    assert_non_null(p);
+    static const char a[] = "\x81\xa8" "customer" "\xa2" "cb";
+    static const char b[] = "\x81\xa8" "customer" "\xa2" "ca";
+    for (uint64_t pos = 1; pos <= 2; pos++) {
+        tev t;
+        mk_raw(&t, pos, pos == 1 ? a : b, sizeof a - 1, 0);
+        assert_int_equal(proj_feed(p, &t.ev, &err), 0);
+        buf_free(&t.data);
+    }
+    buf whole = BUF_INIT;
+    assert_int_equal(proj_state(p, &whole, &err), 0);
+    pairs_seen ps = {BUF_INIT, BUF_INIT, 0};
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &ps.map, wr);
+    msgpack_pack_map(&pk, 2);
+    assert_int_equal(proj_state_pairs(p, see_pair, &ps, &err), 0);
+    assert_int_equal(ps.n, 2);
+    assert_string_equal(ps.keys.ptr, "ca,cb,");
+    assert_int_equal(ps.map.len, whole.len);
+    assert_memory_equal(ps.map.ptr, whole.ptr, whole.len);
+    /* the state: 82 numbers (ascending), then 40 strings (bytewise), false, true */
+    const char *q = whole.ptr, *e = whole.ptr + whole.len;
+    mp_item it;
+    assert_int_equal(mp_next(&q, e, &it), 0);
+    assert_int_equal(mp_next(&q, e, &it), 0); /* "ca" */
+    assert_int_equal(mp_next(&q, e, &it), 0);
+    assert_int_equal(it.type, MP_MAP);
+    assert_int_equal(it.v.n, 82);
+    double last = -1;
+    char lastk[16] = "";
+    for (uint32_t i = 0; i < it.v.n; i++) {
+        mp_item k;
+        assert_int_equal(mp_next(&q, e, &k), 0);
+        if (i < 40) {
+            assert_int_equal(k.type, MP_DOUBLE);
+            assert_true(k.v.d > last);
+            last = k.v.d;
+        } else if (i < 80) {
+            assert_int_equal(k.type, MP_STR);
+            char kk[16];
+            snprintf(kk, sizeof kk, "%.*s", (int)k.v.s.len, k.v.s.ptr);
+            assert_true(strcmp(kk, lastk) > 0);
+            snprintf(lastk, sizeof lastk, "%s", kk);
+        } else {
+            assert_int_equal(k.type, MP_BOOL);
+            assert_int_equal(k.v.b, i == 81);
+        }
+        assert_int_equal(mp_skip(&q, e), 0);
+    }
+    buf_free(&whole);
+    buf_free(&ps.keys);
+    buf_free(&ps.map);
+    proj_free(p);
+
+    const char *flat = "return { on = { X = function(s) end } }";
+    p = proj_new("t", flat, strlen(flat), "t.lua", NULL, &err);
+    assert_non_null(p);
+    assert_int_equal(proj_state_pairs(p, see_pair, &ps, &err), -1); /* not partitioned */
+    proj_free(p);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_handlers_and_partitions),
@@ -772,6 +909,8 @@ int main(void) {
         cmocka_unit_test(test_fast_path_is_unobservable),
         cmocka_unit_test(test_fast_path_faults_like_general_path),
         cmocka_unit_test(test_failing_handler_changes_are_discarded),
+        cmocka_unit_test(test_one_shot),
+        cmocka_unit_test(test_state_pairs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

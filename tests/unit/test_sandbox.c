@@ -106,6 +106,43 @@ static void test_memory_bomb(void **st) {
     sandbox_free(sb);
 }
 
+/* Host code allocating past the cap: an error, not an abort. */
+static int host_fill(lua_State *L, void *ud) {
+    int *calls = ud;
+    (*calls)++;
+    assert_int_equal(lua_gettop(L), 2); /* the trampoline's &ctx, then our argument */
+    assert_int_equal((int)lua_tonumber(L, 2), 42);
+    lua_newtable(L);
+    for (int i = 1; i <= 1000000; i++) { /* all kept: live */
+        lua_createtable(L, 1000, 0);
+        lua_rawseti(L, 3, i);
+    }
+    return 7;
+}
+
+static int host_ok(lua_State *L, void *ud) {
+    (void)ud;
+    lua_createtable(L, 100, 0);
+    return lua_gettop(L) == 2 ? 5 : -1; /* &ctx, the table */
+}
+
+static void test_protect(void **st) {
+    (void)st;
+    sandbox *sb = mk(16u << 20, 0);
+    lua_State *L = sandbox_lua(sb);
+    tm_err err;
+    int calls = 0, top = lua_gettop(L);
+    lua_pushnumber(L, 42);
+    assert_int_equal(sandbox_protect(sb, host_fill, &calls, 1, &err), -1);
+    assert_int_equal(calls, 1);
+    assert_non_null(strstr(err.msg, "memory limit exceeded (16 MiB)"));
+    assert_int_equal(lua_gettop(L), top);
+    assert_int_equal(sandbox_protect(sb, host_ok, NULL, 0, &err), 5);
+    assert_int_equal(lua_gettop(L), top);
+    assert_int_equal(run(sb, "local t = {} for i = 1, 1000 do t[i] = i end", &err), 0);
+    sandbox_free(sb);
+}
+
 static void test_cpu_limit_interpreted(void **st) {
     (void)st;
     sandbox *sb = mk(0, 0.2);
@@ -225,6 +262,7 @@ int main(void) {
         cmocka_unit_test(test_syntax_error_names_file_line),
         cmocka_unit_test(test_locked_globals),
         cmocka_unit_test(test_memory_bomb),
+        cmocka_unit_test(test_protect),
         cmocka_unit_test(test_cpu_limit_interpreted),
         cmocka_unit_test(test_cpu_limit_hard_callback),
         cmocka_unit_test(test_random_deterministic),

@@ -189,10 +189,15 @@ build/faults/failio.so: tests/faults/failio.c
 	@mkdir -p $(dir $@)
 	$(CC) -O2 -g -std=gnu11 -Wall -Wextra -fPIC -shared -o $@ $< -ldl
 
-faults: build/faults/failio.so
+# ... and one that fails the Nth malloc (tests/faults/failmem.c).
+build/faults/failmem.so: tests/faults/failmem.c
+	@mkdir -p $(dir $@)
+	$(CC) -O2 -g -std=gnu11 -Wall -Wextra -fPIC -shared -o $@ $<
 
-# e2e tests that use the shim find it next to the binary's build dir.
-test unit e2e: build/faults/failio.so
+faults: build/faults/failio.so build/faults/failmem.so
+
+# e2e tests that use the shims find them next to the binary's build dir.
+test unit e2e: build/faults/failio.so build/faults/failmem.so
 
 corrupt-long: $(BIN)
 	TIDEMARK_BIN=$(abspath $(BIN)) TIDEMARK_CORRUPT_SEEDS=$${TIDEMARK_CORRUPT_SEEDS:-2000} \

@@ -12,6 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 BIN = os.environ.get("TIDEMARK_BIN", os.path.join(ROOT, "build", "tidemark"))
 SHIM = os.environ.get("FAILIO_SO", os.path.join(ROOT, "build", "faults", "failio.so"))
+MEMSHIM = os.environ.get("FAILMEM_SO", os.path.join(ROOT, "build", "faults", "failmem.so"))
 
 # Sanitizer builds: the shim must come before the ASan runtime in the
 # library list, which ASan refuses unless told not to verify the order.

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from faultlib import (SHIM, assert_holds, copy_store, events, import_acked, jsonl, no_crash, ok,
+from faultlib import (MEMSHIM, SHIM, assert_holds, copy_store, events, import_acked, jsonl, no_crash, ok,
                       tm)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SHIM),
@@ -24,7 +24,7 @@ STRIDE = int(os.environ.get("TIDEMARK_FAILIO_STRIDE", "1"))
 
 
 def shim_env(data, kind, n, mode="once", err="EIO", count_file=None):
-    e = {"LD_PRELOAD": SHIM, "FAILIO_CALL": kind, "FAILIO_N": str(n), "FAILIO_MODE": mode,
+    e = {"LD_PRELOAD": MEMSHIM if kind == "malloc" else SHIM, "FAILIO_CALL": kind, "FAILIO_N": str(n), "FAILIO_MODE": mode,
          "FAILIO_ERRNO": err, "FAILIO_DIR": os.path.abspath(data)}
     if count_file:
         e["FAILIO_COUNT_FILE"] = str(count_file)
@@ -177,6 +177,7 @@ def oom_outcome(p):
 
 
 @pytest.mark.skipif(_sanitized(), reason="ASan's allocator cannot be interposed by the shim")
+@pytest.mark.skipif(not os.path.exists(MEMSHIM), reason="malloc shim not built (make faults)")
 @pytest.mark.parametrize("mode", ["once", "persistent"])
 def test_append_and_import_under_failed_malloc(tmp_path, mode):
     pre = events(3, "pre", streams=1)
@@ -212,5 +213,6 @@ def test_append_and_import_under_failed_malloc(tmp_path, mode):
                 assert_holds(d, acked + [new[1]], known)
             except AssertionError as ex:
                 raise AssertionError(ctx) from ex
-    # the failures reached tidemark's own allocations, not only LevelDB's
-    assert seen["oom"] > 0 and seen["ok"] > 0, seen
+    # the failures reached tidemark's own allocations, not only LevelDB's;
+    # a one-off failure is often survived
+    assert seen["oom"] > 0 and (seen["ok"] > 0 or mode == "persistent"), seen

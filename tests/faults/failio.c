@@ -4,14 +4,13 @@
  * (and their 64-bit names) and counts the calls of the selected kind that
  * touch files under FAILIO_DIR; the Nth such call (once) or every call
  * from the Nth on (persistent) fails with the chosen errno, without doing
- * any I/O.  Other calls pass straight to libc.  It also wraps malloc,
- * calloc and realloc (kind "malloc", every call of the process counts,
- * FAILIO_DIR does not apply): the Nth returns NULL with ENOMEM.
+ * any I/O.  Other calls pass straight to libc.  (Failing malloc is
+ * failmem.c's job: a shim that interposes the allocator cannot be loaded
+ * under AddressSanitizer, and this one must be.)
  *
  * Environment (read once, at load):
  *   FAILIO_CALL   kinds to count, comma-separated: write, sync (= fsync and
- *                 fdatasync), fsync, fdatasync, rename, open, malloc; "all" =
- *                 every kind but malloc
+ *                 fdatasync), fsync, fdatasync, rename, open; "all" = every kind
  *   FAILIO_N      1-based call number to fail; 0 or unset = never fail (count only)
  *   FAILIO_MODE   once (default) | persistent
  *   FAILIO_ERRNO  EIO (default) | ENOSPC | EDQUOT | EROFS
@@ -43,7 +42,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
-enum { K_WRITE = 1, K_FSYNC = 2, K_FDATASYNC = 4, K_RENAME = 8, K_OPEN = 16, K_MALLOC = 32 };
+enum { K_WRITE = 1, K_FSYNC = 2, K_FDATASYNC = 4, K_RENAME = 8, K_OPEN = 16 };
 
 #define MAX_FD 65536
 
@@ -71,7 +70,7 @@ static int (*real_openat)(int, const char *, int, ...);
 static int (*real_openat64)(int, const char *, int, ...);
 static int (*real_close)(int);
 
-/* "write,sync,..." -> kinds; one word at a time (so "malloc" is not "all"). */
+/* "write,sync,..." -> kinds, one word at a time. */
 static int parse_kinds(const char *s) {
     int k = 0;
     if (!s) return 0;
@@ -84,7 +83,6 @@ static int parse_kinds(const char *s) {
         else if (n == 9 && !strncmp(s, "fdatasync", 9)) k |= K_FDATASYNC;
         else if (n == 6 && !strncmp(s, "rename", 6)) k |= K_RENAME;
         else if (n == 4 && !strncmp(s, "open", 4)) k |= K_OPEN;
-        else if (n == 6 && !strncmp(s, "malloc", 6)) k |= K_MALLOC;
         s += n;
         while (*s == ',' || *s == ' ') s++;
     }
@@ -290,37 +288,4 @@ int close(int fd) {
     if (!real_close) load();
     if (fd >= 0 && fd < MAX_FD) atomic_store(&fd_under[fd], 0);
     return real_close(fd);
-}
-
-/* ---- memory ----
- * glibc's own entry points, so no dlsym (which itself allocates) is
- * needed.  Counting is allocation-free; before the constructor has read
- * the environment no kind is selected and every call passes. */
-
-extern void *__libc_malloc(size_t);
-extern void *__libc_calloc(size_t, size_t);
-extern void *__libc_realloc(void *, size_t);
-
-static int fail_alloc(const char *what) {
-    if (!(atomic_load(&kinds) & K_MALLOC)) return 0;
-    int saved = atomic_load(&fail_errno);
-    atomic_store(&fail_errno, ENOMEM);
-    int f = should_fail(K_MALLOC, what, NULL);
-    atomic_store(&fail_errno, saved);
-    return f;
-}
-
-void *malloc(size_t n) {
-    if (fail_alloc("malloc")) return NULL;
-    return __libc_malloc(n);
-}
-
-void *calloc(size_t a, size_t b) {
-    if (fail_alloc("calloc")) return NULL;
-    return __libc_calloc(a, b);
-}
-
-void *realloc(void *p, size_t n) {
-    if (fail_alloc("realloc")) return NULL;
-    return __libc_realloc(p, n);
 }

@@ -43,6 +43,9 @@ static const char serve_usage[] =
     "  --durability MODE   durable (default: fsync before acknowledging) or\n"
     "                      lose-on-os-crash (no fsync; survives kill -9, not power loss)\n"
     "  --timeout SECS      idle read / stalled write timeout per connection (default 60)\n"
+    "  --request-timeout SECS  a request (line, headers, body) must arrive whole within\n"
+    "                      SECS of its first byte, else the connection is closed: slow\n"
+    "                      clients cannot hold connections (slowloris) (default 30)\n"
     "  --workers N         threads doing store work (default 64; appends wait for\n"
     "                      the group commit, so more threads = bigger commit groups)\n"
     "  --sse-buffer BYTES  unsent bytes per SSE client before it is closed (default 4194304)\n"
@@ -102,13 +105,14 @@ static int parse_int(const char *s, int lo, int hi, int *out) {
 
 int cli_serve(int argc, char **argv) {
     enum { O_DATA = 1, O_PORT, O_BIND, O_PROJ, O_TOKEN, O_MAXBODY, O_MAXHDR, O_DUR, O_TIMEOUT,
-           O_WORKERS, O_SSEBUF, O_SSEHB, O_PCPU, O_PMEM, O_HELP };
+           O_WORKERS, O_SSEBUF, O_SSEHB, O_PCPU, O_PMEM, O_REQTIMEOUT, O_HELP };
     static const struct option opts[] = {
         {"data", required_argument, 0, O_DATA},       {"port", required_argument, 0, O_PORT},
         {"bind", required_argument, 0, O_BIND},       {"projections", required_argument, 0, O_PROJ},
         {"token-file", required_argument, 0, O_TOKEN}, {"max-body", required_argument, 0, O_MAXBODY},
         {"max-headers", required_argument, 0, O_MAXHDR}, {"durability", required_argument, 0, O_DUR},
         {"timeout", required_argument, 0, O_TIMEOUT}, {"workers", required_argument, 0, O_WORKERS},
+        {"request-timeout", required_argument, 0, O_REQTIMEOUT},
         {"sse-buffer", required_argument, 0, O_SSEBUF}, {"sse-heartbeat", required_argument, 0, O_SSEHB},
         {"projection-cpu-limit", required_argument, 0, O_PCPU},
         {"projection-memory-limit", required_argument, 0, O_PMEM},
@@ -141,6 +145,9 @@ int cli_serve(int argc, char **argv) {
             else bad = "--durability (durable or lose-on-os-crash)";
             break;
         case O_TIMEOUT: if (parse_int(optarg, 1, 86400, &ho.timeout_s)) bad = "--timeout"; break;
+        case O_REQTIMEOUT:
+            if (parse_int(optarg, 1, 86400, &ho.request_timeout_s)) bad = "--request-timeout";
+            break;
         case O_WORKERS:
             if (parse_int(optarg, 1, 1024, &workers)) bad = "--workers";
             else ho.workers = (unsigned)workers;

@@ -39,6 +39,7 @@
 #include <event2/listener.h>
 #include <event2/thread.h>
 
+#include "httpconn.h"
 #include "metrics.h"
 #include "sse.h"
 #include "workq.h"
@@ -95,6 +96,7 @@ struct http_server {
     struct sse_conn *dirty;    /* SSE connections with staged bytes */
     struct event *flush_ev;
     struct lookup_lane *lanes;  /* partition lookups by projection (loop thread) */
+    httpconn_table *conns;     /* the request deadline of every connection */
     int freeing;               /* http_free has begun: start no more batches */
     http_projections proj;
     char *tokens[MAX_TOKENS];
@@ -156,6 +158,7 @@ static void send_reply(struct evhttp_request *req, int status, const char *ctype
                  method_name(evhttp_request_get_command(req)), uri ? uri : "", status,
                  (int)(len > 300 ? 300 : len), body);
     }
+    httpconn_request_end(evhttp_request_get_connection(req));
     evhttp_send_reply(req, status, api_reason(status), NULL);
 }
 
@@ -231,7 +234,7 @@ static void job_done(workq_job *j) {
     http_job *jb = (http_job *)j;
     if (jb->req) {
         struct evhttp_connection *evcon = evhttp_request_get_connection(jb->req);
-        if (evcon) evhttp_connection_set_closecb(evcon, NULL, NULL);
+        if (evcon) httpconn_set_closecb(evcon, NULL, NULL);
         send_api_reply(jb->req, &jb->rp, NULL);
     }
     api_reply_free(&jb->rp);
@@ -291,7 +294,7 @@ static http_job *job_new(http_server *h, struct evhttp_request *req, job_kind ki
     jb->rq.body = jb->body.ptr ? jb->body.ptr : "";
     jb->rq.body_len = jb->body.len;
     struct evhttp_connection *evcon = evhttp_request_get_connection(req);
-    evhttp_connection_set_closecb(evcon, job_conn_closed, jb);
+    httpconn_set_closecb(evcon, job_conn_closed, jb);
     return jb;
 }
 
@@ -469,7 +472,7 @@ static void on_appends_done(evutil_socket_t fd, short what, void *arg) {
         h->appends_inflight--;
         if (rev->req) {
             struct evhttp_connection *evcon = evhttp_request_get_connection(rev->req);
-            if (evcon) evhttp_connection_set_closecb(evcon, NULL, NULL);
+            if (evcon) httpconn_set_closecb(evcon, NULL, NULL);
             api_reply rp;
             api_reply_init(&rp);
             api_append_finish(h->st, rev->op, &rp);
@@ -519,7 +522,7 @@ static void start_append(http_server *h, struct evhttp_request *req, const char 
     }
     api_reply_free(&rp);
     h->appends_inflight++;
-    evhttp_connection_set_closecb(evhttp_request_get_connection(req), append_conn_closed, ac);
+    httpconn_set_closecb(evhttp_request_get_connection(req), append_conn_closed, ac);
 }
 
 /* ---- SSE connections (the sse.h sink) ---- */
@@ -601,9 +604,10 @@ static size_t sink_pending(void *conn) {
 
 static void sink_end(void *conn) {
     sse_conn *sc = conn;
-    evhttp_connection_set_closecb(sc->evcon, NULL, NULL);
+    httpconn_set_closecb(sc->evcon, NULL, NULL);
     log_line("info", "msg=\"sse client ended\" peer=%s", sc->peer);
     sse_flush_one(sc);
+    httpconn_request_end(sc->evcon);
     evhttp_send_reply_end(sc->req);
     sse_conn_free(sc);
 }
@@ -757,7 +761,7 @@ static void start_sse(http_server *h, struct evhttp_request *req, const char *qu
         bufferevent_set_timeouts(bev, NULL, &wt);
         bufferevent_setwatermark(bev, EV_READ, 0, 64 * 1024);
     }
-    evhttp_connection_set_closecb(sc->evcon, sse_conn_closed, sc);
+    httpconn_set_closecb(sc->evcon, sse_conn_closed, sc);
     log_line("info", "msg=\"sse client connected\" peer=%s uri=\"%.200s\" after=%llu", sc->peer,
              evhttp_request_get_uri(req), (unsigned long long)after);
     sse_client_start(c);
@@ -941,6 +945,7 @@ static int is_partition_query(const char *query) {
 
 static void on_request(struct evhttp_request *req, void *arg) {
     http_server *h = arg;
+    httpconn_request_begin(evhttp_request_get_connection(req));
     enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
     const struct evhttp_uri *u = evhttp_request_get_evhttp_uri(req);
     const char *path = u ? evhttp_uri_get_path(u) : NULL;
@@ -1244,6 +1249,7 @@ void http_opts_default(http_opts *o) {
     o->max_body = 8u << 20;
     o->max_headers = 64u << 10;
     o->timeout_s = 60;
+    o->request_timeout_s = 30;
     o->workers = 64;
     o->sse_max_pending = 4u << 20;
     o->heartbeat_s = 15;
@@ -1276,6 +1282,7 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
     if (!h->o.max_body) h->o.max_body = 8u << 20;
     if (!h->o.max_headers) h->o.max_headers = 64u << 10;
     if (h->o.timeout_s <= 0) h->o.timeout_s = 60;
+    if (h->o.request_timeout_s <= 0) h->o.request_timeout_s = 30;
     if (!h->o.workers) h->o.workers = 64;
     if (h->o.heartbeat_s <= 0) h->o.heartbeat_s = 15;
     pthread_mutex_init(&h->pub_mu, NULL);
@@ -1303,6 +1310,11 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
     evhttp_set_max_body_size(h->http, (ev_ssize_t)(h->o.max_body + HTTP_BODY_SLACK));
     evhttp_set_max_headers_size(h->http, (ev_ssize_t)(h->o.max_headers * 4));
     evhttp_set_timeout(h->http, h->o.timeout_s);
+    h->conns = httpconn_new(h->base, h->http, h->o.request_timeout_s);
+    if (!h->conns) {
+        err_set(err, TM_EIO, "cannot set up the connection guard");
+        goto fail;
+    }
     evhttp_set_allowed_methods(h->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD |
                                             EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE |
                                             EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
@@ -1376,6 +1388,7 @@ void http_free(http_server *h) {
     if (h->wq) workq_free(h->wq);
     if (h->hub) sse_hub_free(h->hub);
     if (h->http) evhttp_free(h->http);
+    httpconn_free(h->conns); /* after evhttp_free: every connection is gone */
     struct event *evs[] = {h->wq_ev, h->append_ev, h->flush_ev, h->commit_ev, h->sse_run_ev, h->pub_ev, h->hb_ev,
                            h->stop_ev, h->accept_ev, h->sig_ev[0], h->sig_ev[1], h->sig_ev[2]};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)

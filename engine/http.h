@@ -29,6 +29,8 @@ typedef struct http_opts {
     size_t max_body;           /* bytes; larger bodies get 413; default 8 MiB */
     size_t max_headers;        /* bytes of request line + headers; larger get 431; 64 KiB */
     int timeout_s;             /* idle read / stalled write timeout per connection; 60 */
+    int request_timeout_s;     /* a request must arrive whole within this of its first
+                                  byte (slow clients, slowloris); 30 */
     unsigned workers;          /* worker threads for store work; default 64 */
     size_t sse_max_pending;    /* unsent bytes per SSE client before it is closed; 4 MiB */
     int heartbeat_s;           /* SSE heartbeat comment interval; default 15 */

@@ -49,6 +49,9 @@ void metrics_render(buf *out) {
            METRICS_SSE_MESSAGES);
     metric(out, "tidemark_sse_slow_closed_total", "counter",
            "SSE clients disconnected for not keeping up.", METRICS_SSE_SLOW_CLOSED);
+    metric(out, "tidemark_http_request_timeouts_total", "counter",
+           "Connections closed for not sending a whole request within --request-timeout.",
+           METRICS_REQUEST_TIMEOUTS);
     metric(out, "tidemark_sse_clients", "gauge", "Connected SSE clients.", METRICS_SSE_CLIENTS);
     metric(out, "tidemark_last_position", "gauge", "Last committed global position.",
            METRICS_LAST_POSITION);

@@ -20,6 +20,7 @@ typedef enum metrics_counter {
     METRICS_READ_EVENTS,      /* events returned by GET reads */
     METRICS_SSE_MESSAGES,     /* SSE event messages written */
     METRICS_SSE_SLOW_CLOSED,  /* SSE clients closed for not keeping up */
+    METRICS_REQUEST_TIMEOUTS, /* connections closed: no whole request in --request-timeout */
     METRICS_SSE_CLIENTS,      /* gauge: connected SSE clients */
     METRICS_LAST_POSITION,    /* gauge: last committed position */
     METRICS_N_

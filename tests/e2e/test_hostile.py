@@ -651,3 +651,60 @@ def test_slowloris_does_not_slow_normal_clients(tmp_path):
             att.wait()
         s.stop()
         s.close()
+
+
+def test_request_timeout_cuts_slow_requests_only(tmp_path):
+    """--request-timeout: a request must arrive whole within it.  Slowloris
+    connections (a header byte every 0.2 s) and a body sent a byte at a
+    time are closed after the deadline (counted in /metrics); a silent
+    connection too; an idle keep-alive connection, an SSE stream and a
+    request answered slowly are not cut; normal requests go on."""
+    from conftest import Server, SseClient
+    s = Server(str(tmp_path / "d"), ["--request-timeout", "2", "--sse-heartbeat", "1"],
+               log_dir=str(tmp_path)).start()
+    att = None
+    try:
+        h = Http(s.port)
+        assert h.get("/health").status == 200
+        sse = SseClient(s.port, "/all/live")
+        att = subprocess.Popen([sys.executable, "-c", ATTACKER, "100", "0.2", str(s.port), "6"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert att.stdout.readline().decode() == "connected 100\n"
+        # a body a byte at a time after fast headers
+        body = json.dumps({"type": "Slow"}).encode()
+        slow = socket.create_connection(("127.0.0.1", s.port))
+        slow.sendall(b"POST /streams/slow-1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        silent = socket.create_connection(("127.0.0.1", s.port))
+        t0 = time.monotonic()
+        cut_at = None
+        for b in body:
+            try:
+                slow.send(bytes([b]))
+            except OSError:
+                cut_at = time.monotonic() - t0
+                break
+            time.sleep(0.25)
+        assert cut_at is not None and 1.5 < cut_at < 4.5, cut_at
+        silent.settimeout(3)
+        assert silent.recv(10) == b""   # closed by the server, nothing sent
+        # the idle keep-alive connection still answers, 4 s after its last request
+        time.sleep(max(0, 4 - (time.monotonic() - t0)))
+        assert h.get("/health").status == 200
+        assert h.append("ok-1", ev("Fine")).status == 201
+        out, _ = att.communicate(timeout=30)
+        assert out.decode().strip().endswith("open 0 closed 100"), out
+        # the SSE stream lived through it all and still delivers
+        msg = sse.next(timeout=5)
+        assert msg and msg["id"] == "1", msg
+        m = Http(s.port).get("/metrics").body
+        n = int(re.search(rb"tidemark_http_request_timeouts_total (\d+)", m).group(1))
+        assert n >= 102, m   # 100 attackers, the slow body, the silent one
+        assert "no whole request in 2 s" in s.stderr()
+        assert last_position(s.port) == 1   # the slow body was never appended
+    finally:
+        if att and att.poll() is None:
+            att.kill()
+            att.wait()
+        s.stop()
+        s.close()

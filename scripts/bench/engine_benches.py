@@ -292,25 +292,27 @@ class EngineBenches:
 
     # -- 4a. HTTP append vs Redis XADD --
 
-    def bench_http_append(self):
+    def load_client(self, mode, port, keys=None, path=None):
+        """build/bench/load_client MODE against port: (rate, note).  keys: the
+        key count of the GET modes; path: LOAD_PATH (what http-get asks for)."""
         secs, conns = self.sz["seconds"], self.sz["clients"]
+        argv = [self.exe("load_client"), mode, str(port), str(conns), str(secs)]
+        if keys:
+            argv += [str(keys), mode]
+        env = dict(os.environ, LOAD_PATH=path) if path else None
+        r = H.run_program(argv, "load_client " + mode, env=env)
+        if int(r["bad"]):
+            raise H.BenchError("%s: %s of %s answers were not the expected kind"
+                               % (mode, r["bad"], r["events"]))
+        return float(r["rate"]), "%d conns, %sp50 %s ms, p99 %s ms" % (
+            conns, "%d keys, " % keys if keys and not path else "", r["p50_ms"], r["p99_ms"])
 
-        def load(mode, port, name, keys=None):
-            argv = [self.exe("load_client"), mode, str(port), str(conns), str(secs)]
-            if keys:
-                argv += [str(keys), name]
-            r = H.run_program(argv, "load_client " + mode)
-            if int(r["bad"]):
-                raise H.BenchError("%s: %s of %s answers were not the expected kind"
-                                   % (mode, r["bad"], r["events"]))
-            return float(r["rate"]), "%d conns, p50 %s ms, p99 %s ms" % (
-                conns, r["p50_ms"], r["p99_ms"])
-
+    def bench_http_append(self):
         def limit():
             red = peers.Redis(self.fresh("redis-xadd"))
             try:
                 red.start()
-                rate, note = load("redis-xadd", red.port, "redis_xadd")
+                rate, note = self.load_client("redis-xadd", red.port)
             finally:
                 red.stop()
                 self.drop(red.dir)
@@ -321,7 +323,7 @@ class EngineBenches:
             srv = peers.TidemarkServer(H.TIDEMARK, d)
             try:
                 srv.start()
-                rate, note = load("http-append", srv.port, "http_append")
+                rate, note = self.load_client("http-append", srv.port)
             finally:
                 srv.stop()
                 self.drop(d)
@@ -332,29 +334,14 @@ class EngineBenches:
     # -- 4x. the HTTP floor: what evhttp alone costs per request --
 
     def bench_http_floor(self):
-        secs, conns, keys = self.sz["seconds"], self.sz["clients"], self.sz["customers"]
-
-        def load(mode, port, path=None):
-            env = dict(os.environ)
-            if path:
-                env["LOAD_PATH"] = path
-            argv = [self.exe("load_client"), mode, str(port), str(conns), str(secs), str(keys), mode]
-            H.need_exe(argv[0])
-            p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               universal_newlines=True, env=env)
-            r = [dict(kv.split("=", 1) for kv in l.split()[1:])
-                 for l in p.stdout.splitlines() if l.startswith("BENCH ")]
-            if p.returncode != 0 or not r or int(r[0]["bad"]):
-                raise H.BenchError("load_client %s: %s" % (mode, H.last_line(p.stderr)))
-            return float(r[0]["rate"]), "%d conns, p50 %s ms, p99 %s ms" % (
-                conns, r[0]["p50_ms"], r[0]["p99_ms"])
+        keys = self.sz["customers"]
 
         def limit():
             red = peers.Redis(self.fresh("redis-floor"))
             try:
                 red.start()
                 red.hset_many("customers", [("cust-%d" % k, '{"orders":1}') for k in range(keys)])
-                rate, note = load("redis-hget", red.port)
+                rate, note = self.load_client("redis-hget", red.port, keys)
             finally:
                 red.stop()
                 self.drop(red.dir)
@@ -365,7 +352,7 @@ class EngineBenches:
             srv = peers.TidemarkServer(H.TIDEMARK, d)
             try:
                 srv.start()
-                rate, note = load("http-get", srv.port, "/health")
+                rate, note = self.load_client("http-get", srv.port, keys, path="/health")
             finally:
                 srv.stop()
                 self.drop(d)
@@ -389,16 +376,7 @@ class EngineBenches:
         return self.cache["lookup"]
 
     def bench_http_lookup(self):
-        secs, conns, keys = self.sz["seconds"], self.sz["clients"], self.sz["customers"]
-
-        def run(mode, port):
-            r = H.run_program([self.exe("load_client"), mode, str(port), str(conns), str(secs),
-                               str(keys), mode], "load_client " + mode)
-            if int(r["bad"]):
-                raise H.BenchError("%s: %s of %s answers were not the expected kind"
-                                   % (mode, r["bad"], r["events"]))
-            return float(r["rate"]), "%d conns, %d keys, p50 %s ms, p99 %s ms" % (
-                conns, keys, r["p50_ms"], r["p99_ms"])
+        keys = self.sz["customers"]
 
         def limit():
             _, state, _ = self.lookup_setup()
@@ -407,7 +385,7 @@ class EngineBenches:
                 red.start()
                 red.hset_many("customers", [(k, json.dumps(v, separators=(",", ":")))
                                             for k, v in state.items()])
-                rate, note = run("redis-hget", red.port)
+                rate, note = self.load_client("redis-hget", red.port, keys)
             finally:
                 red.stop()
                 self.drop(red.dir)
@@ -425,7 +403,7 @@ class EngineBenches:
                 if not same_numbers(got, state[key]):
                     raise H.BenchError("state of %s over HTTP is %r, tidemark project says %r"
                                        % (key, got, state[key]))
-                rate, note = run("http-get", srv.port)
+                rate, note = self.load_client("http-get", srv.port, keys)
             finally:
                 srv.stop()
             return rate, "GET /projections/customers/state?partition=KEY, " + note

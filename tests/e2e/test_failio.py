@@ -101,14 +101,18 @@ def append_args(e, data):
             "--id", e["id"], "--metadata", json.dumps(e["metadata"]), "--time", str(e["time"])]
 
 
-@pytest.mark.parametrize("kind", ["sync", "write"])
-def test_append_under_failed_io(tmp_path, kind):
-    pre = events(3, "pre", streams=1)
-    known = {e["id"]: e for e in pre}
+def append_setup(tmp_path):
+    """A template store of 3 events in one stream, and 3 more to append:
+    (pre, new, known ids -> events, template dir)."""
+    pre, new = events(3, "pre", streams=1), events(3, "app", streams=1)
     template = str(tmp_path / "template")
     ok(tm("import", "--data", template, "-", input=jsonl(pre)))
-    new = events(3, "app", streams=1)
-    known.update({e["id"]: e for e in new})
+    return pre, new, {e["id"]: e for e in pre + new}, template
+
+
+@pytest.mark.parametrize("kind", ["sync", "write"])
+def test_append_under_failed_io(tmp_path, kind):
+    pre, new, known, template = append_setup(tmp_path)
 
     calls = count_calls(tmp_path, template, kind, append_args(new[0], "@DATA@"))
     d = str(tmp_path / "d")
@@ -180,13 +184,9 @@ def oom_outcome(p):
 @pytest.mark.skipif(not os.path.exists(MEMSHIM), reason="malloc shim not built (make faults)")
 @pytest.mark.parametrize("mode", ["once", "persistent"])
 def test_append_and_import_under_failed_malloc(tmp_path, mode):
-    pre = events(3, "pre", streams=1)
-    known = {e["id"]: e for e in pre}
-    template = str(tmp_path / "template")
-    ok(tm("import", "--data", template, "-", input=jsonl(pre)))
-    new = events(3, "app", streams=1)
+    pre, new, known, template = append_setup(tmp_path)
     imp = events(12, "imp")
-    known.update({e["id"]: e for e in new + imp})
+    known.update({e["id"]: e for e in imp})
     src = tmp_path / "in.jsonl"
     src.write_text(jsonl(imp))
 

@@ -316,14 +316,29 @@ void replhttp_close(replhttp *h) {
     free(h);
 }
 
+/* A whole reply (a page of events, a read model) is held in memory: a
+ * server that sends more than this is refused, not followed until memory
+ * runs out.  A state of 1M partitions is ~40 MB of JSON. */
+#define REPLY_MAX (1 << 30)
+
 int replhttp_request(const char *base_url, const char *method, const char *path,
                      const char *content_type, const char *body, size_t body_len,
                      int (*cancel)(void), int *status, buf *out, tm_err *err) {
     replhttp *h = replhttp_open(base_url, method, path, NULL, content_type, body, body_len,
                                 cancel, err);
     if (!h) return -1;
-    long r;
-    while ((r = replhttp_read(h, out, err)) > 0) {}
+    long r = 0;
+    size_t len0 = out->len;
+    if (h->remaining > (long long)REPLY_MAX)
+        r = err_set(err, TM_EIO, "the reply from %s would be %lld bytes, more than the %d MiB "
+                    "a reply may have; refused", base_url, h->remaining, REPLY_MAX >> 20);
+    else
+        while ((r = replhttp_read(h, out, err)) > 0)
+            if (out->len - len0 > REPLY_MAX) {
+                r = err_set(err, TM_EIO, "the reply from %s is more than the %d MiB a reply "
+                            "may have; refused", base_url, REPLY_MAX >> 20);
+                break;
+            }
     *status = h->status;
     replhttp_close(h);
     return r < 0 ? -1 : 0;

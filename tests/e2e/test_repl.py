@@ -827,3 +827,38 @@ def test_remote_projections(server, tmp_path):
     n = rjr(server, 'state("counter")')["n"]
     assert n == rjr(server, "last_position()")
     assert rjr(server, 'query("counter", "twice", {x = 1})') == {"n": 2 * n, "a": {"x": 1}}
+
+
+def test_remote_reply_larger_than_the_limit_is_refused():
+    """A server that announces a reply beyond the REPL's 1 GiB limit for a
+    whole reply is refused at once (exit 4, one clear line), not followed
+    until memory runs out."""
+    import http.server
+    import threading
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(5 << 30))
+            self.end_headers()
+            try:
+                self.wfile.write(b'{"status":"ok","pad":"' + b"x" * 65536)
+            except OSError:
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        t0 = time.time()
+        p = subprocess.run([BIN, "repl", "--url", "http://127.0.0.1:%d" % httpd.server_address[1],
+                            "-e", "last_position()"], capture_output=True, text=True, timeout=30)
+        assert p.returncode == 4, (p.returncode, p.stderr)
+        assert "more than the 1024 MiB a reply may have" in p.stderr, p.stderr
+        assert time.time() - t0 < 10
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

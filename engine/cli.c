@@ -67,12 +67,15 @@ store *cli_open_store(const char *cmd, const char *dir, int create, const store_
     return s;
 }
 
+int cli_open_code(int e) {
+    if (e == ENOENT || e == ENOTDIR) return TM_ENOTFOUND;
+    if (e == EACCES || e == EISDIR) return TM_EINVAL;
+    return TM_EIO;
+}
+
 int cli_read_file(const char *path, buf *out, tm_err *err) {
     FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
-    if (!f)
-        return err_set(err, errno == ENOENT || errno == ENOTDIR ? TM_ENOTFOUND
-                            : errno == EACCES || errno == EISDIR ? TM_EINVAL : TM_EIO,
-                       "cannot open %s: %s", path, strerror(errno));
+    if (!f) return err_set(err, cli_open_code(errno), "cannot open %s: %s", path, strerror(errno));
     char tmp[65536];
     size_t n;
     while ((n = fread(tmp, 1, sizeof tmp, f)) > 0) buf_append(out, tmp, n);

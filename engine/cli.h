@@ -58,6 +58,10 @@ int cli_print_json(const char *cmd, const buf *mp);
 typedef int (*cli_pairs_fn)(void *src, proj_kv_fn each, void *ctx, tm_err *err);
 int cli_print_pairs(const char *cmd, cli_pairs_fn pairs, void *src);
 
+/* The exit status for an input file that cannot be opened (errno e):
+ * TM_ENOTFOUND when it does not exist, TM_EINVAL when it is not readable
+ * as a file (permissions, a directory), else TM_EIO (ENOMEM, EMFILE ...). */
+int cli_open_code(int e);
 /* Append the whole file at path ("-" = stdin) to out. */
 int cli_read_file(const char *path, buf *out, tm_err *err);
 /* A projection's default name: the file's base name less ".lua"

@@ -154,6 +154,8 @@ static const char import_help[] =
     "  --durability MODE   durable (default) or lose-on-os-crash\n"
     "  --quiet             no progress or summary on stderr\n"
     "\n"
+    "Exit status: 0 all imported, 1 usage or a bad line (nothing after the last\n"
+    "stored batch is stored), 2 no such FILE, 4 I/O error (what was stored is said).\n"
     "Progress (rate, and ETA when the size is known) goes to stderr.\n";
 
 typedef struct import_opts {
@@ -212,9 +214,9 @@ int cli_import(int argc, char **argv) {
 
     FILE *in = strcmp(o.file, "-") ? fopen(o.file, "r") : stdin;
     if (!in) {
-        int missing = errno == ENOENT || errno == ENOTDIR;
+        int code = cli_open_code(errno);
         fprintf(stderr, "tidemark import: cannot open '%s': %m\n", o.file);
-        return missing ? TM_ENOTFOUND : errno == EACCES || errno == EISDIR ? TM_EINVAL : TM_EIO;
+        return code;
     }
     struct stat st;
     uint64_t total = (fstat(fileno(in), &st) == 0 && S_ISREG(st.st_mode)) ? (uint64_t)st.st_size : 0;

@@ -52,7 +52,7 @@ static const char usage[] =
     "  --quiet              no progress on stderr\n"
     "\n"
     "Exit status: 0 ok, 1 bad script, usage or projection fault, 2 no such data\n"
-    "directory, 4 I/O error.\n";
+    "directory or script file, 4 I/O error.\n";
 
 
 typedef struct run_opts {

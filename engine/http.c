@@ -1310,7 +1310,7 @@ http_server *http_new(store *st, const http_opts *o, tm_err *err) {
     evhttp_set_max_body_size(h->http, (ev_ssize_t)(h->o.max_body + HTTP_BODY_SLACK));
     evhttp_set_max_headers_size(h->http, (ev_ssize_t)(h->o.max_headers * 4));
     evhttp_set_timeout(h->http, h->o.timeout_s);
-    h->conns = httpconn_new(h->base, h->http, h->o.request_timeout_s);
+    h->conns = httpconn_new(h->http, h->o.request_timeout_s);
     if (!h->conns) {
         err_set(err, TM_EIO, "cannot set up the connection guard");
         goto fail;

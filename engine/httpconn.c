@@ -55,9 +55,7 @@ typedef struct guard {
 } guard;
 
 struct httpconn_table {
-    struct event_base *base;
     struct timeval timeout;
-    unsigned long cut;
 };
 
 /* ---- the evcon -> guard map ----
@@ -208,7 +206,6 @@ static void on_deadline(evutil_socket_t fd, short what, void *arg) {
     (void)fd, (void)what;
     guard *g = arg;
     if (g->in_request || !g->evcon) return;
-    g->t->cut++;
     metrics_add(METRICS_REQUEST_TIMEOUTS, 1);
     char peer[80];
     peer_of(g->bev, peer, sizeof peer);
@@ -243,11 +240,9 @@ static struct bufferevent *on_bev(struct event_base *base, void *arg) {
 
 /* ---- the table ---- */
 
-httpconn_table *httpconn_new(struct event_base *base, struct evhttp *http,
-                             int request_timeout_s) {
+httpconn_table *httpconn_new(struct evhttp *http, int request_timeout_s) {
     httpconn_table *t = calloc(1, sizeof *t);
     if (!t) return NULL;
-    t->base = base;
     t->timeout.tv_sec = request_timeout_s > 0 ? request_timeout_s : 30;
     evhttp_set_bevcb(http, on_bev, t);
     return t;
@@ -281,5 +276,3 @@ void httpconn_request_end(struct evhttp_connection *evcon) {
     g->in_request = 0;
     if (evbuffer_get_length(bufferevent_get_input(g->bev))) arm(g);
 }
-
-unsigned long httpconn_cut_total(const httpconn_table *t) { return t ? t->cut : 0; }

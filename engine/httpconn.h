@@ -16,6 +16,8 @@
  * argument).  It owns the connection's close callback; the server sets
  * its own through httpconn_set_closecb, which the guard calls first.
  *
+ * Each cut is logged and counted (METRICS_REQUEST_TIMEOUTS).
+ *
  * Threads: a server's connections are touched by its loop thread only;
  * the evcon -> guard map is shared by the servers of a process (locked).
  */
@@ -29,8 +31,7 @@ typedef struct httpconn_table httpconn_table;
 typedef void (*httpconn_close_fn)(struct evhttp_connection *evcon, void *arg);
 
 /* Guard every connection `http` accepts from now on.  NULL on failure. */
-httpconn_table *httpconn_new(struct event_base *base, struct evhttp *http,
-                             int request_timeout_s);
+httpconn_table *httpconn_new(struct evhttp *http, int request_timeout_s);
 /* After evhttp_free: drop what is left. */
 void httpconn_free(httpconn_table *t);
 
@@ -43,7 +44,5 @@ void httpconn_request_begin(struct evhttp_connection *evcon);
 /* Its answer is complete (sent, or the stream ended): the next request's
  * deadline starts with its first byte. */
 void httpconn_request_end(struct evhttp_connection *evcon);
-/* Connections closed for missing the deadline, since the start. */
-unsigned long httpconn_cut_total(const httpconn_table *t);
 
 #endif

@@ -11,10 +11,11 @@ or append, and afterwards, on a clean reopen:
 TIDEMARK_FAILIO_STRIDE=k tries every k-th call only (default 1: all)."""
 import json
 import os
+import subprocess
 
 import pytest
 
-from faultlib import (MEMSHIM, SHIM, assert_holds, copy_store, events, import_acked, jsonl, no_crash, ok,
+from faultlib import (BIN, MEMSHIM, SHIM, assert_holds, copy_store, events, import_acked, jsonl, no_crash, ok,
                       tm)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SHIM),
@@ -148,12 +149,9 @@ def test_append_under_failed_io(tmp_path, kind):
 # there after a restart, nothing else changed, `check` is clean.
 
 def _sanitized():
-    import subprocess
-    p = subprocess.run(["ldd", BIN_PATH], capture_output=True, text=True)
+    p = subprocess.run(["ldd", BIN], capture_output=True, text=True)
     return "libasan" in p.stdout
 
-
-from faultlib import BIN as BIN_PATH  # noqa: E402
 
 OOM_OUTCOMES = ("ok", "error", "oom", "bad_alloc", "leveldb_segv")
 

@@ -635,6 +635,7 @@ def test_ctrl_c_cancels_a_parallel_run(data, tmp_path):
     c.expect(PROMPT)
     c.sendline("print('running') return run('%s')" % f)
     c.expect("\r\nrunning")
+    c.expect(r"replay run: (\d+ workers, routed by stream|1 worker)")  # only the replay path says so
     time.sleep(0.8)
     t0 = time.time()
     c.sendintr()

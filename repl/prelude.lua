@@ -482,16 +482,24 @@ end
 
 -- An aggregate: { name = column(s), init(), step(state, e) -> state,
 -- final(state) -> value(s) }.  States are numbers or small tables.
+-- merge(a, b) combines two states of the same aggregate (the parallel
+-- path: every worker aggregates its share of the events, the REPL merges
+-- the partial states in worker order); spec describes the aggregate to a
+-- worker's Lua state (T.pscan).
+local function add(a, b) return a + b end
+
 local function agg_count()
   return { columns = { "count" }, init = function() return 0 end,
-           step = function(s) return s + 1 end, final = function(s) return s end }
+           step = function(s) return s + 1 end, final = function(s) return s end,
+           merge = add, spec = { kind = "count" } }
 end
 
 local function agg_sum(f)
   local get = getter(f)
   return { columns = { "sum" }, init = function() return 0 end,
            step = function(s, e) local v = get(e); if type(v) == "number" then return s + v end return s end,
-           final = function(s) return s end }
+           final = function(s) return s end,
+           merge = add, spec = { kind = "sum", f = f } }
 end
 
 local function agg_avg(f)
@@ -502,21 +510,24 @@ local function agg_avg(f)
              if type(v) == "number" then s[1] = s[1] + v; s[2] = s[2] + 1 end
              return s
            end,
-           final = function(s) if s[2] == 0 then return nil end return s[1] / s[2] end }
+           final = function(s) if s[2] == 0 then return nil end return s[1] / s[2] end,
+           merge = function(a, b) a[1] = a[1] + b[1]; a[2] = a[2] + b[2]; return a end,
+           spec = { kind = "avg", f = f } }
 end
 
 local function agg_minmax(f, ismax)
   local get = getter(f)
+  local function better(s, v)
+    if v == nil or (type(v) ~= "number" and type(v) ~= "string") then return s end
+    if s == nil then return v end
+    if type(s) ~= type(v) then return s end
+    if ismax then if v > s then return v end elseif v < s then return v end
+    return s
+  end
   return { columns = { ismax and "max" or "min" }, init = function() return nil end,
-           step = function(s, e)
-             local v = get(e)
-             if v == nil or (type(v) ~= "number" and type(v) ~= "string") then return s end
-             if s == nil then return v end
-             if type(s) ~= type(v) then return s end
-             if ismax then if v > s then return v end elseif v < s then return v end
-             return s
-           end,
-           final = function(s) return s end }
+           step = function(s, e) return better(s, get(e)) end,
+           final = function(s) return s end,
+           merge = better, spec = { kind = ismax and "max" or "min", f = f } }
 end
 
 -- distinct: HyperLogLog from the sketch library (tm.hll) when present,
@@ -530,7 +541,8 @@ local function agg_distinct(f)
     local hll = lib.hll
     return { columns = { "distinct" }, init = function() return hll() end,
              step = function(s, e) local v = get(e); if v ~= nil then s:add(v) end return s end,
-             final = function(s) return floor(s:count() + 0.5) end }
+             final = function(s) return floor(s:count() + 0.5) end,
+             merge = function(a, b) a:merge(b); return a end, spec = { kind = "distinct", f = f } }
   end
   return { columns = { "distinct" }, init = function() return { n = 0, set = {} } end,
            step = function(s, e)
@@ -541,7 +553,12 @@ local function agg_distinct(f)
              end
              return s
            end,
-           final = function(s) return s.n end }
+           final = function(s) return s.n end,
+           merge = function(a, b)
+             for v in pairs(b.set) do if not a.set[v] then a.set[v] = true; a.n = a.n + 1 end end
+             return a
+           end,
+           spec = { kind = "distinct", f = f } }
 end
 
 local function pct_name(p)
@@ -568,7 +585,9 @@ local function agg_percentiles(f, ps)
                local r = {}
                for i, p in ipairs(ps) do r[i] = s:quantile(p) end
                return unpack(r, 1, #ps)
-             end }
+             end,
+             merge = function(a, b) a:merge(b); return a end,
+             spec = { kind = "percentiles", f = f, ps = ps } }
   end
   return { columns = cols, init = function() return {} end,
            step = function(s, e) local v = get(e); if type(v) == "number" then s[#s + 1] = v end return s end,
@@ -582,7 +601,9 @@ local function agg_percentiles(f, ps)
                end
              end
              return unpack(r, 1, #ps)
-           end }
+           end,
+           merge = function(a, b) for i = 1, #b do a[#a + 1] = b[i] end return a end,
+           spec = { kind = "percentiles", f = f, ps = ps } }
 end
 
 ------------------------------------------------------------- queries
@@ -590,32 +611,50 @@ end
 local Q = {}
 Q.__index = Q
 
+-- A query keeps, beside the closures it runs, a description of each part
+-- (wspecs, keys[i].spec, the aggregate's spec) from which a worker's Lua
+-- state rebuilds the same closures (the parallel path, T.pscan).
 local function query(sel)
-  return setmetatable({ sel = sel, wheres = {}, keys = {}, limit_n = nil, order = nil }, Q)
+  return setmetatable({ sel = sel, wheres = {}, wspecs = {}, keys = {}, limit_n = nil,
+                        order = nil }, Q)
 end
 
 local function copy(q)
   local c = setmetatable({}, Q)
   for k, v in pairs(q) do c[k] = v end
   c.wheres = { unpack(q.wheres) }
+  c.wspecs = { unpack(q.wspecs) }
   c.keys = { unpack(q.keys) }
   return c
 end
 
+local function where_fn(pred, value)
+  if type(pred) == "function" then return pred end
+  -- where("type", "OrderPlaced"): field equals value
+  local get = getter(pred)
+  return function(e) return get(e) == value end
+end
+
 function Q:where(pred, value)
-  local c = copy(self)
-  if type(pred) == "string" then
-    -- where("type", "OrderPlaced"): field equals value
-    local get = getter(pred)
-    c.wheres[#c.wheres + 1] = function(e) return get(e) == value end
-  elseif type(pred) == "function" then
-    c.wheres[#c.wheres + 1] = pred
-  else
+  if type(pred) ~= "string" and type(pred) ~= "function" then
     error("where wants a function(e) or a field and a value", 2)
   end
+  local c = copy(self)
+  c.wheres[#c.wheres + 1] = where_fn(pred, value)
+  c.wspecs[#c.wspecs + 1] = { f = pred, value = value }
   return c
 end
 Q.filter = Q.where
+
+-- A group key from its spec: { f = field } or { window = ms }.
+local function make_key(spec, name)
+  if spec.window then
+    local size_ms = spec.window
+    return { name = "window", window = size_ms, spec = spec,
+             get = function(e) local t = e.time or 0; return t - t % size_ms end }
+  end
+  return { name = name, get = getter(spec.f, "group_by key"), spec = spec }
+end
 
 function Q:group_by(...)
   local c = copy(self)
@@ -623,7 +662,7 @@ function Q:group_by(...)
   if n == 0 then error("group_by wants at least one field", 2) end
   for i = 1, n do
     local f = select(i, ...)
-    c.keys[#c.keys + 1] = { name = field_name(f, #c.keys + 1), get = getter(f, "group_by key") }
+    c.keys[#c.keys + 1] = make_key({ f = f }, field_name(f, #c.keys + 1))
   end
   return c
 end
@@ -631,8 +670,7 @@ end
 function Q:window(size_ms)
   if type(size_ms) ~= "number" or size_ms <= 0 then error("window wants a size in ms", 2) end
   local c = copy(self)
-  insert(c.keys, 1, { name = "window", window = size_ms,
-                      get = function(e) local t = e.time or 0; return t - t % size_ms end })
+  insert(c.keys, 1, make_key({ window = size_ms }))
   return c
 end
 
@@ -659,24 +697,29 @@ local function finish(rs, q)
   return rs
 end
 
--- Run aggregate `a` over the query.  No keys: returns the final value(s).
--- Keys: a result set of key columns then the aggregate's columns.
-local function run(q, a, label)
+-- Group keys: the key itself for one key, else a composite string.
+local function key_text(k)
+  if type(k) == "string" then return k end
+  if type(k) == "number" then return num_text(k) .. "#" end
+  return tostring(k) .. "#"
+end
+
+-- The handler of aggregate `a` over the query, and collect(), which
+-- returns what it gathered: the state (no keys) or a list of { keys, state }.
+local function grouping(q, a)
   local where = where_all(q.wheres)
-  local init, step, final = a.init, a.step, a.final
+  local init, step = a.init, a.step
   local nk = #q.keys
   if nk == 0 then
     local s = init()
     local h
     if where then h = function(e) if where(e) then s = step(s, e) end end
     else h = function(e) s = step(s, e) end end
-    scan(q, h, label)
-    return final(s)
+    return h, function() return s end
   end
-  local acc, order = {}, {}
-  local h
   if nk == 1 then
-    local key = q.keys[1].get
+    local acc, key = {}, q.keys[1].get
+    local h
     if where then
       h = function(e)
         if where(e) then
@@ -692,35 +735,174 @@ local function run(q, a, label)
         acc[k] = step(s, e)
       end
     end
-    scan(q, h, label)
-    for k, s in pairs(acc) do order[#order + 1] = { { k }, s } end
-  else
-    local gets, groups = {}, {}
-    for i = 1, nk do gets[i] = q.keys[i].get end
-    h = function(e)
-      if where == nil or where(e) then
-        local ks, parts = {}, {}
-        for i = 1, nk do
-          local k = gets[i](e); if k == nil then k = NULL end
-          ks[i] = k
-          parts[i] = type(k) == "string" and k or (type(k) == "number" and num_text(k) .. "#" or tostring(k) .. "#")
-        end
-        local ck = concat(parts, "\31")
-        local g = groups[ck]
-        if g == nil then g = { ks, init() }; groups[ck] = g end
-        g[2] = step(g[2], e)
-      end
+    return h, function()
+      local list = {}
+      for k, s in pairs(acc) do list[#list + 1] = { { k }, s } end
+      return list
     end
-    scan(q, h, label)
-    for _, g in pairs(groups) do order[#order + 1] = g end
   end
-  sort(order, function(x, y)
+  local gets, groups = {}, {}
+  for i = 1, nk do gets[i] = q.keys[i].get end
+  local h = function(e)
+    if where == nil or where(e) then
+      local ks, parts = {}, {}
+      for i = 1, nk do
+        local k = gets[i](e); if k == nil then k = NULL end
+        ks[i] = k
+        parts[i] = key_text(k)
+      end
+      local ck = concat(parts, "\31")
+      local g = groups[ck]
+      if g == nil then g = { ks, init() }; groups[ck] = g end
+      g[2] = step(g[2], e)
+    end
+  end
+  return h, function()
+    local list = {}
+    for _, g in pairs(groups) do list[#list + 1] = g end
+    return list
+  end
+end
+
+------------------------------------------------------------- the parallel path
+
+-- T.pscan (replpar.c, embedded mode) runs a query on every core: the REPL
+-- reads the events once and hands batches round-robin to workers, each a
+-- Lua state of its own with this prelude; a worker rebuilds the query's
+-- closures from a description (fields as paths, functions as bytecode
+-- dumped by C: only functions without upvalues travel) and returns its
+-- partial states, which are merged here in worker order.  A worker state
+-- has none of the REPL's I/O and no user globals: touching either raises
+-- PAR_FALLBACK there, and the REPL runs the query serially instead, so
+-- the result is always the serial one (float sums up to rounding).
+
+local PAR_FALLBACK = "\0serial"
+T.PAR_FALLBACK = PAR_FALLBACK
+local NULL_KEY = { ["\0null"] = true } -- NULL in a partial's keys (msgpack)
+
+-- A description part: fields are paths or an index into fns (a function);
+-- nil when a part cannot travel (a table compared by identity).
+local function port_field(f, fns)
+  if type(f) == "function" then fns[#fns + 1] = f; return #fns end
+  return f
+end
+
+local function describe(q, aspec)
+  local fns, d = {}, { wheres = {}, keys = {} }
+  for i, w in ipairs(q.wspecs) do
+    if type(w.value) == "table" then return nil end
+    d.wheres[i] = { f = port_field(w.f, fns), value = w.value }
+  end
+  for i, k in ipairs(q.keys) do
+    if k.spec.window then d.keys[i] = { window = k.spec.window }
+    else d.keys[i] = { f = port_field(k.spec.f, fns), name = k.name } end
+  end
+  local ag = {}
+  for k, v in pairs(aspec) do ag[k] = v end
+  if aspec.f ~= nil then ag.f = port_field(aspec.f, fns) end
+  if aspec.parts then
+    ag.parts = {}
+    for i, p in ipairs(aspec.parts) do
+      ag.parts[i] = { kind = p.kind, f = p.f ~= nil and port_field(p.f, fns) or nil }
+    end
+  end
+  d.agg = ag
+  return d, fns
+end
+
+local make_agg, top_grouping -- below
+
+-- In a worker state: the query's handler and collector from a description.
+function T.pbuild(sel, d, fns)
+  local function field(f) if type(f) == "number" then return fns[f] end return f end
+  local q = query(sel)
+  for i, w in ipairs(d.wheres) do
+    local f = field(w.f)
+    q.wheres[i] = where_fn(f, w.value)
+  end
+  for i, k in ipairs(d.keys) do
+    if k.window then q.keys[i] = make_key({ window = k.window })
+    else q.keys[i] = make_key({ f = field(k.f) }, k.name) end
+  end
+  local ag = d.agg
+  local h, collect
+  if ag.kind == "top" then
+    h, collect = top_grouping(q, getter(field(ag.f)))
+  else
+    local spec = { kind = ag.kind, f = field(ag.f), ps = ag.ps, names = ag.names }
+    if ag.parts then
+      spec.parts = {}
+      for i, p in ipairs(ag.parts) do spec.parts[i] = { kind = p.kind, f = field(p.f) } end
+    end
+    h, collect = grouping(q, make_agg(spec))
+  end
+  return h, function()
+    local r = collect()
+    if #q.keys == 0 then return { r } end
+    for _, g in ipairs(r) do
+      for i, k in ipairs(g[1]) do if k == NULL then g[1][i] = NULL_KEY end end
+    end
+    return r
+  end
+end
+
+-- Try the query on every core: the merged collect() result, or nil when
+-- it runs serially (one core, remote, few events, a part that cannot
+-- travel, or a worker that met a global or the REPL's I/O).
+local function parallel(q, aspec, merge, label)
+  if not T.pscan then return nil end
+  local d, fns = describe(q, aspec)
+  if not d then return nil end
+  local parts = T.pscan(q.sel, d, fns, label)
+  if not parts then return nil end
+  local nk = #q.keys
+  if nk == 0 then
+    local s = parts[1][1]
+    for i = 2, #parts do s = merge(s, parts[i][1]) end
+    return s
+  end
+  local byk, list = {}, {}
+  for _, part in ipairs(parts) do
+    for _, g in ipairs(part) do
+      local ks = g[1]
+      for i = 1, nk do if type(ks[i]) == "table" and ks[i]["\0null"] then ks[i] = NULL end end
+      local ck
+      if nk == 1 then ck = ks[1] else
+        local t = {}
+        for i = 1, nk do t[i] = key_text(ks[i]) end
+        ck = concat(t, "\31")
+      end
+      local have = byk[ck]
+      if have then have[2] = merge(have[2], g[2])
+      else byk[ck] = g; list[#list + 1] = g end
+    end
+  end
+  return list
+end
+
+local function sort_groups(list, nk)
+  sort(list, function(x, y)
     for i = 1, nk do
       local a1, b1 = x[1][i], y[1][i]
       if a1 ~= b1 then return before(a1, b1) end
     end
     return false
   end)
+end
+
+-- Run aggregate `a` over the query.  No keys: returns the final value(s).
+-- Keys: a result set of key columns then the aggregate's columns.
+local function run(q, a, label)
+  local nk = #q.keys
+  local got = parallel(q, a.spec, a.merge, label)
+  if got == nil then
+    local h, collect = grouping(q, a)
+    scan(q, h, label)
+    got = collect()
+  end
+  if nk == 0 then return a.final(got) end
+  local order = got
+  sort_groups(order, nk)
   local cols = {}
   for i, k in ipairs(q.keys) do cols[i] = k.name end
   for _, c in ipairs(a.columns) do cols[#cols + 1] = c end
@@ -732,7 +914,7 @@ local function run(q, a, label)
       if q.keys[i].window and type(k) == "number" then k = iso(k) end
       row[i] = k
     end
-    local vals = { final(g[2]) }
+    local vals = { a.final(g[2]) }
     for i = 1, #a.columns do local v = vals[i]; row[nk + i] = v == nil and NULL or v end
     rows[r] = row
   end
@@ -757,16 +939,14 @@ function Q:percentiles(f, ps)
 end
 
 -- top(n, field): the n most frequent values of field (exact), with their
--- counts; per group when grouped.
-function Q:top(n, f)
-  if type(n) ~= "number" or n < 1 then error("top wants a count and a field: top(10, \"data.customer\")", 2) end
-  local get = getter(f)
-  local where = where_all(self.wheres)
-  local nk = #self.keys
+-- counts; per group when grouped.  Its grouping gathers { keys, counts }.
+top_grouping = function(q, get)
+  local where = where_all(q.wheres)
+  local nk = #q.keys
   local gets = {}
-  for i = 1, nk do gets[i] = self.keys[i].get end
+  for i = 1, nk do gets[i] = q.keys[i].get end
   local groups = {}
-  scan(self, function(e)
+  local h = function(e)
     if where == nil or where(e) then
       local v = get(e)
       if v ~= nil then
@@ -778,7 +958,7 @@ function Q:top(n, f)
           for i = 1, nk do
             local k = gets[i](e); if k == nil then k = NULL end
             ks[i] = k
-            parts[i] = type(k) == "string" and k or tostring(k) .. "#"
+            parts[i] = key_text(k)
           end
           ck = concat(parts, "\31")
         end
@@ -787,13 +967,46 @@ function Q:top(n, f)
         g[2][v] = (g[2][v] or 0) + 1
       end
     end
-  end, "top")
-  local list = {}
-  for _, g in pairs(groups) do list[#list + 1] = g end
-  sort(list, function(x, y)
-    for i = 1, nk do if x[1][i] ~= y[1][i] then return before(x[1][i], y[1][i]) end end
-    return false
-  end)
+  end
+  return h, function()
+    local list = {}
+    for _, g in pairs(groups) do list[#list + 1] = g end
+    return list
+  end
+end
+
+local function merge_counts(a, b)
+  for v, c in pairs(b) do a[v] = (a[v] or 0) + c end
+  return a
+end
+
+function Q:top(n, f)
+  if type(n) ~= "number" or n < 1 then error("top wants a count and a field: top(10, \"data.customer\")", 2) end
+  local get = getter(f)
+  local nk = #self.keys
+  local list
+  if nk == 0 then
+    -- one group: parallel() merges a keyless state, here a list of one
+    local got = parallel(self, { kind = "top", f = f }, function(a, b)
+      if a[1] == nil then return b end
+      if b[1] ~= nil then merge_counts(a[1][2], b[1][2]) end
+      return a
+    end, "top")
+    if got == nil then
+      local h, collect = top_grouping(self, get)
+      scan(self, h, "top")
+      got = collect()
+    end
+    list = got
+  else
+    list = parallel(self, { kind = "top", f = f }, merge_counts, "top")
+    if list == nil then
+      local h, collect = top_grouping(self, get)
+      scan(self, h, "top")
+      list = collect()
+    end
+  end
+  sort_groups(list, nk)
   local cols = {}
   for i, k in ipairs(self.keys) do cols[i] = k.name end
   cols[#cols + 1] = field_name(f, nk + 1)
@@ -822,6 +1035,32 @@ end
 local agg_makers = { count = agg_count, sum = agg_sum, avg = agg_avg, distinct = agg_distinct,
                      min = function(f) return agg_minmax(f, false) end,
                      max = function(f) return agg_minmax(f, true) end }
+
+local function agg_multi(parts, cols)
+  local n = #parts
+  local specs = {}
+  for i = 1, n do specs[i] = parts[i].spec end
+  return {
+    columns = cols,
+    init = function() local s = {}; for i = 1, n do s[i] = parts[i].init() end return s end,
+    step = function(s, e) for i = 1, n do s[i] = parts[i].step(s[i], e) end return s end,
+    final = function(s) local r = {}; for i = 1, n do r[i] = parts[i].final(s[i]) end return unpack(r, 1, n) end,
+    merge = function(a, b) for i = 1, n do a[i] = parts[i].merge(a[i], b[i]) end return a end,
+    spec = { kind = "agg", parts = specs, names = cols },
+  }
+end
+
+-- An aggregate from its spec (a worker rebuilding the query's).
+make_agg = function(spec)
+  if spec.kind == "percentiles" then return agg_percentiles(spec.f, spec.ps) end
+  if spec.kind == "agg" then
+    local parts = {}
+    for i, p in ipairs(spec.parts) do parts[i] = agg_makers[p.kind](p.f) end
+    return agg_multi(parts, spec.names)
+  end
+  return agg_makers[spec.kind](spec.f)
+end
+
 function Q:agg(spec)
   if type(spec) ~= "table" then error("agg wants a table like { n = \"count\", total = {\"sum\", \"data.amount\"} }", 2) end
   local names = {}
@@ -838,12 +1077,7 @@ function Q:agg(spec)
     cols[i] = tostring(name)
   end
   local n = #parts
-  local a = {
-    columns = cols,
-    init = function() local s = {}; for i = 1, n do s[i] = parts[i].init() end return s end,
-    step = function(s, e) for i = 1, n do s[i] = parts[i].step(s[i], e) end return s end,
-    final = function(s) local r = {}; for i = 1, n do r[i] = parts[i].final(s[i]) end return unpack(r, 1, n) end,
-  }
+  local a = agg_multi(parts, cols)
   if #self.keys == 0 then
     local vals = { run(self, a, "agg") }
     local row = {}

@@ -37,6 +37,9 @@ static const char repl_help[] =
     "  --cpu-limit S     CPU seconds one command may use (default 600, 0 = none);\n"
     "                    past it interpreted code fails, a JIT-compiled loop is\n"
     "                    abandoned with the Lua state (as with Ctrl-C twice)\n"
+    "  --workers N       cores a query runs on (embedded; default: every core for\n"
+    "                    scans of 50,000 events or more, 1 = always serial); see\n"
+    "                    'Parallel queries' in docs/repl.md\n"
     "\n"
     "Environment: TIDEMARK_HISTORY (history file, default ~/.tidemark_history).\n"
     "Exit status: 0 ok, 1 usage or Lua error, 2 not found, 3 conflict, 4 I/O,\n"
@@ -63,11 +66,12 @@ int cli_repl(int argc, char **argv) {
         {"format", required_argument, NULL, 'F'},
         {"no-progress", no_argument, NULL, 'P'},
         {"cpu-limit", required_argument, NULL, 'C'},
+        {"workers", required_argument, NULL, 'W'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *data = NULL, *url = NULL, *chunk = NULL, *file = NULL, *format = NULL;
-    int no_progress = 0, c;
+    int no_progress = 0, c, workers = 0;
     double cpu_limit = 600;
     optind = 1;
     opterr = 0;
@@ -84,6 +88,14 @@ int cli_repl(int argc, char **argv) {
             cpu_limit = strtod(optarg, &end);
             if (*end || cpu_limit < 0)
                 return cli_usage_error("repl", "--cpu-limit wants seconds (0 = none), got '%s'", optarg);
+            break;
+        }
+        case 'W': {
+            char *end;
+            long n = strtol(optarg, &end, 10);
+            if (*end || end == optarg || n < 1 || n > 16)
+                return cli_usage_error("repl", "--workers wants a number from 1 to 16, got '%s'", optarg);
+            workers = (int)n;
             break;
         }
         case 'h': fputs(repl_help, stdout); return 0;
@@ -119,6 +131,7 @@ int cli_repl(int argc, char **argv) {
     repl r;
     memset(&r, 0, sizeof r);
     r.cpu_limit = cpu_limit;
+    r.workers = workers;
     /* Threads the store starts (its writer) must never take the REPL's
      * SIGINT: they inherit this mask; the main thread unblocks it after. */
     sigset_t block, old;

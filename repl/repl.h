@@ -33,6 +33,8 @@ typedef struct repl {
     int progress;       /* draw progress bars on stderr (stderr is a terminal) */
     int fail_code;      /* exit status of the last failure (1 = Lua error) */
     int quit;           /* .quit was asked */
+    int workers;        /* --workers: query workers, 0 = one per core (auto) */
+    int ran_workers;    /* workers the last query ran on (0 = serial), for .timing */
 } repl;
 
 typedef enum repllua_result {
@@ -42,6 +44,13 @@ typedef enum repllua_result {
 } repllua_result;
 
 /* Create the Lua state and run the prelude.  0 / -1 (message printed). */
+/* The error a query worker's state raises where the query cannot run
+ * there (the prelude's T.PAR_FALLBACK): the REPL runs it serially. */
+#define REPLPAR_FALLBACK "\0serial"
+/* A query worker's state (replpar.c): the sandbox with the prelude but
+ * none of the REPL's I/O; unknown globals raise REPLPAR_FALLBACK. */
+sandbox *repllua_open_worker(repl *r, void (*on_hard_limit)(void *, double), void *ud,
+                             tm_err *err);
 int repllua_open(repl *r);
 void repllua_close(repl *r);
 /* Evaluate a chunk: first as an expression ("return " .. code), then as
@@ -75,6 +84,29 @@ int repllua_traceback(lua_State *L);
 void replscan_register(lua_State *L, repl *r);
 void replscan_publish_types(lua_State *L, int types_idx);
 
+/* The batched scan behind queries (replscan.c), shared with the parallel
+ * scan (replpar.c).  One event of a batch, read by the prelude through the
+ * FFI (the same declaration is in prelude.lua); offsets are into the
+ * batch's arena, type_idx into the session's interned type names. */
+#define REPLSCAN_BATCH 256
+typedef struct replscan_slot {
+    double position, version, time;
+    uint32_t stream_off, stream_len, data_off, data_len, type_idx, pad;
+} replscan_slot;
+/* Gets every batch (valid during the call only): 0 go on, 1 stop the
+ * scan, -1 fail it. */
+typedef int (*replscan_sink)(void *ud, lua_State *L, const replscan_slot *slots, unsigned n,
+                             const char *arena, size_t arena_len);
+enum { REPLSCAN_DONE = 0, REPLSCAN_ESINK = -1, REPLSCAN_EINTR = -2, REPLSCAN_EREAD = -3 };
+/* Scan the selector table at sel_idx (the prelude's selector), feeding
+ * batches to sink; a progress bar when interactive.  Returns REPLSCAN_*
+ * (EREAD: e set); *count = events selected.  Leaves values on the stack. */
+int replscan_run(lua_State *L, int sel_idx, const char *label, replscan_sink sink, void *ud,
+                 uint64_t *count, tm_err *e);
+/* The interned type names: how many, and name idx (1-based). */
+uint32_t replscan_ntypes(void);
+const char *replscan_type(uint32_t idx, size_t *len);
+
 /* Ctrl-C: 1 while an interrupt is pending (polled by long C loops). */
 int repl_cancel_requested(void);
 void repl_cancel_clear(void);
@@ -85,6 +117,13 @@ volatile sig_atomic_t *repl_cancel_flag(void);
  * first one's cancel counts.  repl_jump_hold returns what to pass back. */
 int repl_jump_hold(void);
 void repl_jump_release(int held);
+/* Called (in the SIGINT handler: async-signal-safe code only) for a
+ * second Ctrl-C within 2 s while the jump is held; NULL = none. */
+void repl_set_abort(void (*fn)(void));
+
+/* replpar.c: T.pscan, ad-hoc queries on every core (embedded mode). */
+void replpar_register(lua_State *L, repl *r);
+void replpar_close(void);
 
 /* replline.c — the prompt (line editing) when r->interactive, else lines
  * from a pipe; returns the exit status. */

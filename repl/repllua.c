@@ -70,6 +70,9 @@ int repl_jump_hold(void) {
 }
 void repl_jump_release(int held) { g_can_jump = held; }
 
+static void (*volatile g_abort)(void);
+void repl_set_abort(void (*fn)(void)) { g_abort = fn; }
+
 static double mono(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -96,6 +99,10 @@ static void on_sigint(int sig) {
     if (g_running && g_intr && g_can_jump && now - g_first_intr < 2.0) {
         g_can_jump = 0;
         siglongjmp(g_jmp, 1);
+    }
+    if (g_running && g_intr && !g_can_jump && g_abort && now - g_first_intr < 2.0) {
+        g_abort(); /* threads of a parallel run that do not answer */
+        return;
     }
     g_intr = 1;
     g_first_intr = now;
@@ -575,26 +582,76 @@ static void add_os_subset(lua_State *L) {
     lua_pop(L, 1);
 }
 
+static void print_line(void *ud, const char *line, size_t len);
+
+/* What a query worker's state may call (replpar.c): no I/O, nothing of
+ * the session but the lazy event fields. */
+static const luaL_Reg t_worker_funcs[] = {
+    {"json", t_json},   {"json_decode", t_json_decode}, {"clock", t_clock},
+    {"intr_addr", t_intr_addr}, {NULL, NULL},
+};
+
+/* In a worker: the REPL's I/O and unknown globals are not there; touching
+ * them raises T.PAR_FALLBACK and the query runs serially. */
+static int t_fallback(lua_State *L) {
+    lua_pushstring(L, REPLPAR_FALLBACK);
+    return lua_error(L);
+}
+
+static void strict_table(lua_State *L, int idx) {
+    lua_newtable(L);
+    lua_pushcfunction(L, t_fallback);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, t_fallback);
+    lua_setfield(L, -2, "__newindex");
+    lua_setmetatable(L, idx);
+}
+
+static void worker_lockdown(lua_State *L, int tidx) {
+    static const char *const io[] = {"scan", "read", "write", "flush", "append", "streams",
+                                     "categories", "last_position", "sse", "http", "sleep",
+                                     "proj", "quit", "read_file", NULL};
+    for (int i = 0; io[i]; i++) {
+        lua_pushnil(L);
+        lua_setfield(L, tidx, io[i]);
+    }
+    strict_table(L, tidx);
+    lua_pushcfunction(L, t_fallback);
+    lua_setglobal(L, "print");
+    lua_pushvalue(L, LUA_GLOBALSINDEX);
+    strict_table(L, lua_gettop(L));
+    lua_pop(L, 1);
+}
+
 static int open_state(lua_State *L) {
     repl *r = lua_touserdata(L, 1);
+    sandbox *sb = lua_touserdata(L, 2);
+    int worker = lua_toboolean(L, 3);
     add_os_subset(L);
     lua_pushcfunction(L, luaopen_tidemark_sketch);
     lua_call(L, 0, 1);
     lua_setglobal(L, "tm");
     lua_newtable(L); /* T */
     lua_pushlightuserdata(L, r);
-    luaL_openlib(L, NULL, t_funcs, 1);
+    luaL_openlib(L, NULL, worker ? t_worker_funcs : t_funcs, 1);
+    if (worker) {
+        lua_pushcfunction(L, t_fallback);
+        lua_setfield(L, -2, "write"); /* the prelude keeps it in a local */
+    }
     replscan_register(L, r);
-    replproj_register(L, r);
+    if (!worker) {
+        replproj_register(L, r);
+        replpar_register(L, r);
+    }
     int tidx = lua_gettop(L);
     if (luaL_loadbuffer(L, prelude_src, sizeof prelude_src - 1, "=tidemark")) return lua_error(L);
     lua_pushvalue(L, tidx);
-    sandbox_push_ffi(r->sb); /* for the prelude only; never a global */
+    sandbox_push_ffi(sb); /* for the prelude only; never a global */
     /* the projection runtime's msgpack decoder: ext values as their payload
      * strings (the REPL shows foreign data), NaN map keys dropped */
     tm_err e;
     err_clear(&e);
-    if (proj_mp_push(r->sb, NULL, PROJ_MP_DROP_NAN_KEYS, &e) < 0) return luaL_error(L, "%s", e.msg);
+    if (proj_mp_push(sb, NULL, PROJ_MP_DROP_NAN_KEYS, &e) < 0) return luaL_error(L, "%s", e.msg);
     lua_call(L, 3, 1); /* the prelude returns its show(...) function */
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.show");
     lua_getfield(L, tidx, "dot");
@@ -608,7 +665,39 @@ static int open_state(lua_State *L) {
     lua_getfield(L, tidx, "types");
     replscan_publish_types(L, lua_gettop(L));
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.types");
+    lua_getfield(L, tidx, "pbuild");
+    lua_setfield(L, LUA_REGISTRYINDEX, "tm.pbuild");
+    if (worker) worker_lockdown(L, tidx);
     return 0;
+}
+
+sandbox *repllua_open_worker(repl *r, void (*on_hard_limit)(void *, double), void *ud,
+                             tm_err *err) {
+    sandbox_opts o;
+    memset(&o, 0, sizeof o);
+    o.memory_limit = REPL_MEM_LIMIT;
+    o.cpu_limit = r->cpu_limit;
+    o.on_hard_limit = on_hard_limit;
+    o.ud = ud;
+    o.print = print_line;
+    sigset_t block, old; /* SIGINT is the main thread's (see repllua_open) */
+    sigemptyset(&block);
+    sigaddset(&block, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &block, &old);
+    sandbox *sb = sandbox_new(&o, err);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!sb) return NULL;
+    lua_State *L = sandbox_lua(sb);
+    lua_pushcfunction(L, open_state);
+    lua_pushlightuserdata(L, r);
+    lua_pushlightuserdata(L, sb);
+    lua_pushboolean(L, 1);
+    if (lua_pcall(L, 3, 0, 0)) {
+        err_set(err, TM_EINVAL, "a query worker's prelude: %s", lua_tostring(L, -1));
+        sandbox_free(sb);
+        return NULL;
+    }
+    return sb;
 }
 
 static void print_line(void *ud, const char *line, size_t len) {
@@ -660,7 +749,9 @@ int repllua_open(repl *r) {
     lua_State *L = sandbox_lua(sb);
     lua_pushcfunction(L, open_state);
     lua_pushlightuserdata(L, r);
-    if (lua_pcall(L, 1, 0, 0)) {
+    lua_pushlightuserdata(L, sb);
+    lua_pushboolean(L, 0);
+    if (lua_pcall(L, 3, 0, 0)) {
         fprintf(stderr, "tidemark repl: prelude: %s\n", lua_tostring(L, -1));
         sandbox_free(sb);
         r->sb = NULL;
@@ -672,6 +763,7 @@ int repllua_open(repl *r) {
 }
 
 void repllua_close(repl *r) {
+    replpar_close();
     if (r->sb) sandbox_free(r->sb);
     r->sb = NULL;
     r->L = NULL;
@@ -781,7 +873,10 @@ static repllua_result call_and_show(repl *r, double t0) {
     lua_getfield(L, LUA_REGISTRYINDEX, "tm.timing");
     int timing = lua_toboolean(L, -1);
     lua_pop(L, 1);
-    if (timing) printf("Time: %.3f ms\n", elapsed * 1000.0);
+    if (timing && r->ran_workers)
+        printf("Time: %.3f ms (%d workers)\n", elapsed * 1000.0, r->ran_workers);
+    else if (timing)
+        printf("Time: %.3f ms\n", elapsed * 1000.0);
     fflush(stdout);
     lua_settop(L, 0);
     g_intr = 0;
@@ -793,6 +888,7 @@ repllua_result repllua_eval(repl *r, const char *code, size_t len, const char *c
     lua_State *L = r->L;
     lua_settop(L, 0);
     g_intr = 0; /* a new command: forget older Ctrl-Cs */
+    r->ran_workers = 0;
     double t0 = mono();
     /* skip a #! line in scripts */
     if (len > 1 && code[0] == '#' && code[1] == '!') {

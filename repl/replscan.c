@@ -87,15 +87,6 @@ static int sel_match(lua_State *L, const scan_sel *s, const tm_event *ev) {
 }
 
 
-#define SCAN_BATCH 256
-
-/* One event of a scan batch, read by the prelude through the FFI (the same
- * declaration is in prelude.lua).  Offsets are into the batch's arena. */
-typedef struct replscan_slot {
-    double position, version, time;
-    uint32_t stream_off, stream_len, data_off, data_len, type_idx, pad;
-} replscan_slot;
-
 /* Event type names interned for the session: the prelude keeps the
  * strings in T.types[idx], so a scan never builds a type string per event.
  * Open addressing on FNV-1a; the table only grows (types are few). */
@@ -157,44 +148,34 @@ void replscan_publish_types(lua_State *L, int types_idx) {
     }
 }
 
-/* T.scan(sel, handler [, label]) -> events scanned.  Runs handler(e) for
- * every selected event, with a progress bar on stderr when interactive.
- * Events go in batches of SCAN_BATCH: this loop copies each event's
- * stream and data bytes into an arena and fills a slot; the prelude's
- * runner (a Lua loop the JIT compiles, with the msgpack decoder and the
- * handler inlined) builds the event tables and calls the handler, so C
- * and Lua trade places once per batch.  stream, id and metadata are lazy.
- * A handler returning T.STOP ends the scan early. */
-static int t_scan(lua_State *L) {
+/* The batched scan: copies each selected event's stream and data bytes
+ * into an arena, fills a slot, and hands every REPLSCAN_BATCH events to
+ * the sink (repl.h), with a progress bar on stderr when interactive. */
+int replscan_run(lua_State *L, int sel_idx, const char *label, replscan_sink sink, void *ud,
+                 uint64_t *count, tm_err *e) {
     repl *r = repllua_session(L);
     scan_sel s;
-    parse_sel(L, 1, &s);
-    luaL_checktype(L, 2, LUA_TFUNCTION);
-    const char *label = luaL_optstring(L, 3, "query");
-    lua_pushcfunction(L, repllua_traceback);
-    int msgh = lua_gettop(L);
+    parse_sel(L, sel_idx, &s);
     lua_getfield(L, LUA_REGISTRYINDEX, "tm.types");
     int types = lua_gettop(L);
-    lua_getfield(L, LUA_REGISTRYINDEX, "tm.runner");
-    int runner = lua_gettop(L);
-    tm_err e;
-    err_clear(&e);
     uint64_t last = 0;
-    if (replsrc_last_position(r->src, &last, &e) < 0) return repllua_raise(L, r, &e);
-    replsrc_iter *it = replsrc_read(r->src, &s.sel, &e);
-    if (!it) return repllua_raise(L, r, &e);
+    *count = 0;
+    if (replsrc_last_position(r->src, &last, e) < 0) return REPLSCAN_EREAD;
+    replsrc_iter *it = replsrc_read(r->src, &s.sel, e);
+    if (!it) return REPLSCAN_EREAD;
     uint64_t start = s.sel.kind == REPLSRC_STREAM || s.sel.backward ? 0 : s.sel.from;
     uint64_t total = s.sel.kind == REPLSRC_STREAM || s.sel.backward || last < start ? 0 : last - start + 1;
     progress *pg = r->progress ? progress_new(stderr, label, total, "events", 0) : NULL;
-    replscan_slot *slots = malloc(SCAN_BATCH * sizeof *slots);
+    replscan_slot *slots = malloc(REPLSCAN_BATCH * sizeof *slots);
+    if (!slots) tm_oom();
     buf arena = BUF_INIT;
     uint64_t n = 0;
     tm_event ev;
-    int rc, failed = 0, stopped = 0, inbatch = 0;
+    int rc, status = REPLSCAN_DONE, inbatch = 0;
     for (;;) {
-        rc = replsrc_next(it, &ev, &e);
+        rc = replsrc_next(it, &ev, e);
         if (rc == 1 && repl_cancel_requested()) {
-            failed = 2;
+            status = REPLSCAN_EINTR;
             break;
         }
         if (rc == 1) {
@@ -212,26 +193,17 @@ static int t_scan(lua_State *L) {
             x->data_off = (uint32_t)arena.len;
             x->data_len = (uint32_t)ev.data_len;
             buf_append(&arena, ev.data, ev.data_len);
-            if (inbatch < SCAN_BATCH) continue;
+            if (inbatch < REPLSCAN_BATCH) continue;
         }
-        if (inbatch) { /* run the batch */
-            lua_pushvalue(L, runner);
-            lua_pushlightuserdata(L, slots);
-            lua_pushlightuserdata(L, arena.ptr);
-            lua_pushinteger(L, inbatch);
-            lua_pushvalue(L, 2);
-            int st = lua_pcall(L, 4, 1, msgh);
-            lua_getfield(L, LUA_REGISTRYINDEX, "tm.batch_done");
-            lua_call(L, 0, 0);
-            if (st) {
-                failed = 1;
-                break;
-            }
-            stopped = lua_toboolean(L, -1);
-            lua_pop(L, 1);
+        if (inbatch) {
+            int st = sink(ud, L, slots, (unsigned)inbatch, arena.ptr, arena.len);
             inbatch = 0;
             buf_reset(&arena);
-            if (stopped) break;
+            if (st < 0) {
+                status = REPLSCAN_ESINK;
+                break;
+            }
+            if (st > 0) break;
         }
         if (rc != 1) break;
     }
@@ -239,11 +211,68 @@ static int t_scan(lua_State *L) {
     replsrc_iter_free(it);
     free(slots);
     buf_free(&arena);
-    if (failed == 1) return lua_error(L);
-    if (failed == 2 || (rc < 0 && repl_cancel_requested())) return repllua_interrupted(L);
-    if (rc < 0) return repllua_raise(L, r, &e);
+    *count = n;
+    if (status != REPLSCAN_DONE) return status;
+    if (rc < 0) return repl_cancel_requested() ? REPLSCAN_EINTR : REPLSCAN_EREAD;
+    return REPLSCAN_DONE;
+}
+
+/* The serial sink: the prelude's runner over the batch in this state.  A
+ * Lua error is left on the stack (above the scan's own values). */
+typedef struct serial_sink {
+    int msgh, runner, handler;
+} serial_sink;
+
+static int run_here(void *ud, lua_State *L, const replscan_slot *slots, unsigned n,
+                    const char *arena, size_t len) {
+    serial_sink *ss = ud;
+    (void)len;
+    lua_pushvalue(L, ss->runner);
+    lua_pushlightuserdata(L, (void *)slots);
+    lua_pushlightuserdata(L, (void *)arena);
+    lua_pushinteger(L, (lua_Integer)n);
+    lua_pushvalue(L, ss->handler);
+    int st = lua_pcall(L, 4, 1, ss->msgh);
+    lua_getfield(L, LUA_REGISTRYINDEX, "tm.batch_done");
+    lua_call(L, 0, 0);
+    if (st) return -1;
+    int stopped = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return stopped;
+}
+
+/* T.scan(sel, handler [, label]) -> events scanned.  Runs handler(e) for
+ * every selected event.  Events go in batches of REPLSCAN_BATCH: C fills
+ * the batch, the prelude's runner (a Lua loop the JIT compiles, with the
+ * msgpack decoder and the handler inlined) builds the event tables and
+ * calls the handler, so C and Lua trade places once per batch.  stream,
+ * id and metadata are lazy.  A handler returning T.STOP ends the scan. */
+static int t_scan(lua_State *L) {
+    repl *r = repllua_session(L);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    const char *label = luaL_optstring(L, 3, "query");
+    serial_sink ss = {.handler = 2};
+    lua_pushcfunction(L, repllua_traceback);
+    ss.msgh = lua_gettop(L);
+    lua_getfield(L, LUA_REGISTRYINDEX, "tm.runner");
+    ss.runner = lua_gettop(L);
+    tm_err e;
+    err_clear(&e);
+    uint64_t n = 0;
+    int rc = replscan_run(L, 1, label, run_here, &ss, &n, &e);
+    if (rc == REPLSCAN_ESINK) return lua_error(L);
+    if (rc == REPLSCAN_EINTR) return repllua_interrupted(L);
+    if (rc == REPLSCAN_EREAD) return repllua_raise(L, r, &e);
     lua_pushnumber(L, (lua_Number)n);
     return 1;
+}
+
+uint32_t replscan_ntypes(void) { return g_types.n; }
+
+const char *replscan_type(uint32_t idx, size_t *len) {
+    *len = g_types.lens[idx - 1];
+    return g_types.names[idx - 1];
 }
 
 /* T.read(sel) -> array of event tables (the selector should have a limit). */

@@ -155,6 +155,9 @@ class EngineBenches:
         ("repl_group_by", "bench_repl_group_by", 1 / 1.5,
          "tidemark repl -e group_by count vs tidemark project of the same, one core",
          {"limit_word": "limit"}),
+        ("repl_parallel", "bench_repl_parallel", 1.8,
+         "tidemark repl -e group_by count on every core (--workers = cores) vs --workers 1",
+         {"limit_word": "limit"}),
         ("pg_group_by", "bench_pg_group_by", None,
          "tidemark project customers.lua vs PostgreSQL GROUP BY over jsonb (info, issue #6)",
          {"limit_word": "peer", "info": True}),
@@ -512,6 +515,32 @@ class EngineBenches:
                                        % first_diff(repl, proj))
 
         return limit, ours, check
+
+    # -- 5b. the same REPL query on every core vs one worker (issue #6) --
+
+    def bench_repl_parallel(self):
+        n = self.sz["replay_events"]
+        cores = os.cpu_count() or 1
+        outs, cpus = {}, {}
+
+        def side(workers, key):
+            st = self.replay_store()
+            out = os.path.join(self.tmp, "repl-w%d.csv" % workers)
+            wall, cpu, _, _ = measured([H.TIDEMARK, "repl", "--data", st["dir"], "--workers",
+                                        str(workers), "--format", "csv", "-e", REPL_QUERY],
+                                       "tidemark repl", out)
+            outs[key] = out
+            keep_cpu(cpus, key, cpu)
+            return n / wall, "repl --workers %d -e '%s': %.2f s wall, %.2f s CPU" % (
+                workers, REPL_QUERY, wall, cpu)
+
+        def check():
+            print_cpu_ratio(cpus)
+            if "limit" in outs and "ours" in outs:
+                if open(outs["limit"]).read() != open(outs["ours"]).read():
+                    raise H.BenchError("--workers %d printed other rows than --workers 1" % cores)
+
+        return (lambda: side(1, "limit")), (lambda: side(cores, "ours")), check
 
     # -- 6. PostgreSQL GROUP BY over jsonb (information for issue #6) --
 

@@ -440,10 +440,10 @@ def prompt(c):
     time.sleep(0.15)
 
 
-def spawn(data, hist):
+def spawn(data, hist, *extra):
     env = dict(os.environ, TIDEMARK_HISTORY=str(hist), TERM="xterm", LANG="C.UTF-8")
-    c = pexpect.spawn(BIN, ["repl", "--data", data], encoding="utf-8", timeout=10, env=env,
-                      dimensions=(40, 200))
+    c = pexpect.spawn(BIN, ["repl", "--data", data] + list(extra), encoding="utf-8", timeout=10,
+                      env=env, dimensions=(40, 200))
     CHILDREN.append(c)
     prompt(c)
     return c
@@ -652,6 +652,123 @@ def test_ctrl_c_cancels_a_parallel_run(data, tmp_path):
     g.write_text(SLOW_RUN.replace("local x = 0 for i = 1, 2e6 do x = x + i end ", ""))
     c.sendline("local m = run('%s') local t = 0 for _, v in pairs(m) do t = t + v.n end return t" % g)
     c.expect("\r\n%d\r\n" % len(EVENTS))
+    c.expect(PROMPT)
+    c.sendeof()
+    c.expect(pexpect.EOF)
+
+
+# ---------------------------------------------------------------- parallel queries
+
+PARALLEL_QUERIES = [
+    'from{}:count()',
+    'from{}:group_by("type"):count()',
+    'from{category="order"}:group_by("data.customer"):sum("data.amount")',
+    'from{}:where(function(e) return (e.data.amount or 0) > 100 end):group_by("data.region", "type")'
+    ':agg{n="count", lo={"min","data.amount"}, hi={"max","data.amount"}, s={"sum","data.amount"},'
+    ' d={"distinct","data.customer"}}',
+    'from{}:where("type", "OrderShipped"):group_by(function(e) return e.data.region end):count()',
+    'from{}:group_by("category"):avg("data.amount")',
+    'from{}:window(600000):group_by("type"):count()',
+    'from{}:distinct("stream")',
+    'from{}:top(3, "data.customer")',
+    'from{types={"OrderPlaced","OrderShipped"}}:group_by("type"):top(2, "data.region")',
+    'from{}:where(function(e) return e.category == "customer" and e.metadata.correlation_id ~= nil end):count()',
+    'from{}:group_by("data.missing"):count()',
+    'from{}:min("data.amount"), from{}:max("data.customer")',
+]
+
+
+def timed(data, workers, chunk):
+    p = run("--workers", workers, "--format", "json", input=".timing on\n" + chunk + "\n",
+            data=data, check=0)
+    lines = p.stdout.splitlines()
+    assert lines[-1].startswith("Time: "), p.stdout
+    return "\n".join(lines[:-1]), lines[-1]
+
+
+def test_parallel_queries_equal_serial(data):
+    """With workers the REPL reads once and aggregates on every core
+    (replpar.c); the merged answer is the serial one, byte for byte (these
+    sums are of integers, exact in any order)."""
+    for q in PARALLEL_QUERIES:
+        serial, t1 = timed(data, 1, q)
+        assert "workers" not in t1
+        for w in (2, 3):
+            par, tw = timed(data, w, q)
+            assert tw.endswith("(%d workers)" % w), (q, tw)
+            assert par == serial, (q, w)
+    # percentiles: a mergeable sketch, within its rank error of the serial one
+    got = json.loads(timed(data, 2, 'from{}:percentiles("data.amount", {0.5, 0.9})')[0])[0]
+    amounts = sorted(e["data"]["amount"] for e in EVENTS if "amount" in e["data"])
+    for p, col in ((0.5, "p50"), (0.9, "p90")):
+        rank = amounts.index(got[col])
+        assert abs(rank - p * len(amounts)) <= len(amounts) * 0.02, (col, got[col])
+
+
+def test_parallel_queries_fall_back_to_serial(data):
+    """What a worker's Lua state cannot do the REPL does serially, with
+    the same answer: functions with upvalues (the chunk's locals), user
+    globals, print, the REPL's I/O, values compared by identity, and
+    errors (reported exactly as without workers)."""
+    want = sum(1 for e in EVENTS if e["data"].get("amount", 0) > 100)
+    cases = [
+        'local t = 100 return from{}:where(function(e) return (e.data.amount or 0) > t end):count()',
+        'limit = 100 return from{}:where(function(e) return (e.data.amount or 0) > limit end):count()',
+        'from{}:where(function(e) if e.position == 2 then print("second", e.position) end '
+        'return (e.data.amount or 0) > 100 end):count()',
+        'from{}:where(function(e) return (e.data.amount or 0) > 100 and last_position() > 0 end):count()',
+    ]
+    for q in cases:
+        out, t = timed(data, 2, q)
+        assert "workers" not in t, (q, t)
+        assert out.splitlines()[-1] == str(want), (q, out)
+    assert "second\t2" in timed(data, 2, cases[2])[0]
+    out, t = timed(data, 2, 'from{}:where("data", {}):count()')
+    assert out == "0" and "workers" not in t
+    p1 = run("--workers", 1, "-e", 'from{}:where(function(e) return e.data.nope.x end):count()',
+             data=data)
+    p2 = run("--workers", 2, "-e", 'from{}:where(function(e) return e.data.nope.x end):count()',
+             data=data)
+    assert p1.returncode == p2.returncode == 1
+    assert p1.stderr == p2.stderr and "attempt to index field 'nope'" in p2.stderr
+    # a global the query does not touch does not matter
+    out, t = timed(data, 2, 'x = 5 return from{}:where(function(e) return (e.data.amount or 0) > 100 end):count()')
+    assert out == str(want) and t.endswith("(2 workers)")
+    p = run("--workers", 0, "-e", "1", data=data)
+    assert p.returncode == 1 and "--workers wants a number" in p.stderr
+
+
+def test_ctrl_c_stops_a_parallel_query(data, tmp_path):
+    """Workers stop on the first Ctrl-C like a serial scan; a worker in a
+    JIT-compiled loop is abandoned on the second one, and the session (its
+    globals) goes on."""
+    c = spawn(data, tmp_path / "h", "--workers", "2")
+    c.sendline("x = 7")
+    c.expect(PROMPT)
+    c.sendline(".timing on")
+    c.expect(PROMPT)
+    c.sendline("print('querying') return from{}:where(function(e) local s = 0 for i = 1, 2e7 do s = s + i end return true end):count()")
+    c.expect("\r\nquerying")
+    time.sleep(0.5)
+    c.sendintr()
+    c.expect("interrupted")
+    c.expect(PROMPT)
+    c.sendline("print('spinning') return from{}:where(function(e) while true do end end):count()")
+    c.expect("\r\nspinning")
+    time.sleep(0.5)
+    c.sendintr()
+    time.sleep(0.3)
+    c.sendintr()
+    c.expect("a query worker did not respond")
+    c.expect("interrupted")
+    c.expect(PROMPT)
+    c.sendline("x, 1+1")
+    c.expect("7\t2")
+    c.expect(PROMPT)
+    # new workers replace the abandoned one
+    c.sendline("from{}:count()")
+    c.expect("\r\n%d\r\n" % len(EVENTS))
+    c.expect(r"\(2 workers\)")
     c.expect(PROMPT)
     c.sendeof()
     c.expect(pexpect.EOF)

@@ -97,15 +97,33 @@ typedef struct replscan_slot {
  * scan, -1 fail it. */
 typedef int (*replscan_sink)(void *ud, lua_State *L, const replscan_slot *slots, unsigned n,
                              const char *arena, size_t arena_len);
+/* Interned event type names: slots carry their index into the state's
+ * T.types.  One table per Lua state that scans (NULL: the session's). */
+typedef struct replscan_types replscan_types;
+replscan_types *replscan_types_new(void);
+void replscan_types_free(replscan_types *t);
+typedef struct replscan_opts {
+    const char *label;       /* progress bar on stderr when interactive; NULL = none */
+    uint64_t from, to;       /* narrow to positions from..to (0 = the selector's / the end) */
+    replscan_types *types;   /* NULL = the session's */
+    uint64_t *at;            /* the position reached, stored as the scan goes (atomic) */
+} replscan_opts;
 enum { REPLSCAN_DONE = 0, REPLSCAN_ESINK = -1, REPLSCAN_EINTR = -2, REPLSCAN_EREAD = -3 };
 /* Scan the selector table at sel_idx (the prelude's selector), feeding
- * batches to sink; a progress bar when interactive.  Returns REPLSCAN_*
- * (EREAD: e set); *count = events selected.  Leaves values on the stack. */
-int replscan_run(lua_State *L, int sel_idx, const char *label, replscan_sink sink, void *ud,
-                 uint64_t *count, tm_err *e);
-/* The interned type names: how many, and name idx (1-based). */
-uint32_t replscan_ntypes(void);
-const char *replscan_type(uint32_t idx, size_t *len);
+ * batches to sink.  Returns REPLSCAN_* (EREAD: e set); *count = events
+ * selected.  Leaves values on the stack.  Call it from a C function whose
+ * upvalue 1 is the session (repllua_session). */
+int replscan_run(lua_State *L, int sel_idx, const replscan_opts *o, replscan_sink sink,
+                 void *ud, uint64_t *count, tm_err *e);
+/* The sink that runs the prelude's runner (stack index) with handler
+ * (stack index) in L; a Lua error is left on the stack (msgh: the message
+ * handler's index); stops the scan once *stop is set (may be NULL). */
+typedef struct replscan_here {
+    int msgh, runner, handler;
+    const int *stop;
+} replscan_here;
+int replscan_run_here(void *ud, lua_State *L, const replscan_slot *slots, unsigned n,
+                      const char *arena, size_t len);
 
 /* Ctrl-C: 1 while an interrupt is pending (polled by long C loops). */
 int repl_cancel_requested(void);

@@ -11,12 +11,15 @@
  *     msgpack of the description and the functions' bytecode (lua_dump of
  *     functions compiled from the user's source in this process: trusted,
  *     never bytecode from outside);
- *   - runs the scan (replscan_run) on the calling thread, handing batches
- *     round-robin to the worker threads through bounded queues;
+ *   - splits the positions from the selector's start to the last one into
+ *     one contiguous range per worker; each worker thread scans its range
+ *     itself (replscan_run: its own store iterator, its own type names)
+ *     and aggregates it, so reading runs on every core too; the calling
+ *     thread draws the progress bar;
  *   - returns the workers' partial results (msgpack from each state,
- *     decoded here), in worker order, for the prelude to merge; or nil,
- *     and the prelude runs the query serially, when a worker met something
- *     it cannot do (REPLPAR_FALLBACK) or a Lua error (the serial run then
+ *     decoded here) in range order, for the prelude to merge; or nil, and
+ *     the prelude runs the query serially, when a worker met something it
+ *     cannot do (REPLPAR_FALLBACK) or a Lua error (the serial run then
  *     reports it exactly as without workers).
  * Ctrl-C: workers read the same flag per event; a worker stuck in a
  * JIT-compiled loop is sent SIGUSR2 on the second Ctrl-C (repl_set_abort),
@@ -36,32 +39,23 @@
 #include <unistd.h>
 
 #include "luamp.h"
+#include "progress.h"
 #include "repl.h"
 
 #define MAX_WORKERS 16
-#define QMAX 4                       /* batches queued per worker */
 #define REPLPAR_MIN_EVENTS 50000     /* fewer: the serial scan is as fast */
 
-typedef struct pbatch {
-    struct pbatch *next;
-    unsigned n;
-    int end;
-    replscan_slot slots[REPLSCAN_BATCH];
-    buf arena;
-    buf types;                       /* type names new to the worker: [u32 idx][u32 len][bytes]... */
-} pbatch;
-
-enum { PW_OK, PW_FALLBACK, PW_ERROR, PW_INTR };
+enum { PW_OK, PW_FALLBACK, PW_ERROR, PW_INTR, PW_EREAD };
 
 typedef struct pworker {
+    repl *r;
     sandbox *sb;                     /* kept for the session; NULL: make one */
+    replscan_types *types;           /* its type names (index -> its T.types) */
     pthread_t th;
-    pthread_cond_t cv;               /* queue non-empty */
-    int cv_ready;
-    pbatch *qhead, *qtail;           /* under g_mu */
-    unsigned qlen;
-    uint32_t types_sent;
+    uint64_t lo, hi;                 /* its range of positions */
+    uint64_t at;                     /* where its scan is (atomic) */
     int status;                      /* PW_*, written by the worker */
+    tm_err err;                      /* PW_EREAD */
     int abandoned;                   /* jumped out of Lua: sb is lost */
     volatile sig_atomic_t can_jump;  /* its jmp is armed (the SIGUSR2 handler) */
     volatile sig_atomic_t cpu_abort; /* the hard CPU limit sent the jump */
@@ -72,9 +66,9 @@ typedef struct pworker {
 static pworker g_w[MAX_WORKERS];
 static unsigned g_nw;                /* workers of the running scan */
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t g_space = PTHREAD_COND_INITIALIZER; /* a queue has room */
-static pbatch *g_pool;
-static volatile int g_failed;        /* some worker stopped: end the scan */
+static pthread_cond_t g_done_cv = PTHREAD_COND_INITIALIZER;
+static unsigned g_done;              /* workers finished (under g_mu) */
+static int g_failed;                 /* some worker stopped: end every scan (atomic) */
 static __thread pworker *t_self;     /* the worker running on this thread */
 
 /* ------------------------------------------------------------ signals */
@@ -113,90 +107,13 @@ static void install_usr2(void) {
     sigaction(SIGUSR2, &sa, NULL);
 }
 
-/* ------------------------------------------------------------ queues */
-
-static pbatch *batch_get(void) {
-    pthread_mutex_lock(&g_mu);
-    pbatch *b = g_pool;
-    if (b) g_pool = b->next;
-    pthread_mutex_unlock(&g_mu);
-    if (!b && !(b = calloc(1, sizeof *b))) tm_oom();
-    b->next = NULL;
-    b->n = 0;
-    b->end = 0;
-    buf_reset(&b->arena);
-    buf_reset(&b->types);
-    return b;
-}
-
-static void batch_put(pbatch *b) {
-    pthread_mutex_lock(&g_mu);
-    b->next = g_pool;
-    g_pool = b;
-    pthread_mutex_unlock(&g_mu);
-}
-
-/* Queue b for w; waits for room, polling Ctrl-C.  0, or -1 when the scan
- * should stop (a worker failed or Ctrl-C) and b was not queued. */
-static int push(pworker *w, pbatch *b, int must) {
-    pthread_mutex_lock(&g_mu);
-    while (w->qlen >= QMAX) {
-        if (!must && (g_failed || repl_cancel_requested())) {
-            pthread_mutex_unlock(&g_mu);
-            return -1;
-        }
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 50 * 1000 * 1000;
-        if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
-        pthread_cond_timedwait(&g_space, &g_mu, &ts);
-    }
-    if (w->qtail) w->qtail->next = b;
-    else w->qhead = b;
-    w->qtail = b;
-    w->qlen++;
-    pthread_cond_signal(&w->cv);
-    pthread_mutex_unlock(&g_mu);
-    return 0;
-}
-
-static pbatch *pop(pworker *w) {
-    pthread_mutex_lock(&g_mu);
-    while (!w->qhead) pthread_cond_wait(&w->cv, &g_mu);
-    pbatch *b = w->qhead;
-    w->qhead = b->next;
-    if (!w->qhead) w->qtail = NULL;
-    w->qlen--;
-    pthread_cond_broadcast(&g_space);
-    pthread_mutex_unlock(&g_mu);
-    return b;
-}
-
 /* ------------------------------------------------------------ workers */
-
-static void put_u32(buf *b, uint32_t v) { buf_append(b, &v, 4); }
-
-/* New type names into the worker's T.types (registry tm.types). */
-static void add_types(lua_State *L, const pbatch *b) {
-    const char *p = b->types.ptr, *end = p + b->types.len;
-    if (p == end) return;
-    lua_getfield(L, LUA_REGISTRYINDEX, "tm.types");
-    while (p < end) {
-        uint32_t idx, len;
-        memcpy(&idx, p, 4);
-        memcpy(&len, p + 4, 4);
-        lua_pushlstring(L, p + 8, len);
-        lua_rawseti(L, -2, (int)idx);
-        p += 8 + len;
-    }
-    lua_pop(L, 1);
-}
 
 static void fail(pworker *w, int status, const char *msg) {
     w->status = status;
     buf_reset(&w->out);
     if (msg) buf_puts(&w->out, msg);
-    g_failed = 1;
+    __atomic_store_n(&g_failed, 1, __ATOMIC_RELAXED);
 }
 
 /* The error at the top of L: which kind of stop it is. */
@@ -215,25 +132,32 @@ static void lua_failed(pworker *w, lua_State *L) {
     lua_pop(L, 1);
 }
 
-static int run_batch(pworker *w, lua_State *L, pbatch *b) {
-    add_types(L, b);
+/* In the worker's state (a C function: upvalue 1 is the session, for
+ * replscan_run): scan the worker's range with the query's handler. */
+static int scan_range(lua_State *L) {
+    pworker *w = lua_touserdata(L, 1);
+    lua_getfield(L, LUA_REGISTRYINDEX, "tm.psel");
+    int sel = lua_gettop(L);
     lua_pushcfunction(L, repllua_traceback);
-    int msgh = lua_gettop(L);
+    replscan_here h = {.msgh = lua_gettop(L), .stop = &g_failed};
     lua_getfield(L, LUA_REGISTRYINDEX, "tm.runner");
-    lua_pushlightuserdata(L, b->slots);
-    lua_pushlightuserdata(L, b->arena.ptr);
-    lua_pushinteger(L, (lua_Integer)b->n);
+    h.runner = lua_gettop(L);
     lua_getfield(L, LUA_REGISTRYINDEX, "tm.ph");
-    int st = lua_pcall(L, 4, 0, msgh);
-    lua_getfield(L, LUA_REGISTRYINDEX, "tm.batch_done");
-    lua_call(L, 0, 0);
-    if (st) {
-        lua_failed(w, L);
-        lua_pop(L, 1);
-        return -1;
-    }
-    lua_pop(L, 1);
+    h.handler = lua_gettop(L);
+    replscan_opts o = {.from = w->lo, .to = w->hi, .types = w->types, .at = &w->at};
+    uint64_t n = 0;
+    int rc = replscan_run(L, sel, &o, replscan_run_here, &h, &n, &w->err);
+    if (rc == REPLSCAN_ESINK) return lua_error(L);
+    if (rc == REPLSCAN_EINTR) return repllua_interrupted(L);
+    if (rc == REPLSCAN_EREAD) w->status = PW_EREAD;
     return 0;
+}
+
+static void worker_done(void) {
+    pthread_mutex_lock(&g_mu);
+    g_done++;
+    pthread_cond_signal(&g_done_cv);
+    pthread_mutex_unlock(&g_mu);
 }
 
 static int encode_partial(lua_State *L) {
@@ -254,38 +178,30 @@ static void *worker_main(void *arg) {
     pworker *w = arg;
     t_self = w;
     lua_State *L = sandbox_lua(w->sb);
-    int dead = 0; /* failed: only drain the queue */
     if (sigsetjmp(w->jmp, 1)) {
         /* out of Lua by SIGUSR2: the state may be inconsistent */
         w->abandoned = 1;
         sandbox_leave(w->sb); /* its watchdog must not fire again */
         fail(w, w->cpu_abort ? PW_ERROR : PW_INTR,
              w->cpu_abort ? "CPU limit exceeded in a JIT-compiled loop (a query worker)" : NULL);
-        dead = 1;
-        for (;;) {
-            pbatch *b = pop(w);
-            int end = b->end;
-            batch_put(b);
-            if (end) return NULL;
-        }
+        worker_done();
+        return NULL;
     }
     sandbox_enter(w->sb);
     w->can_jump = 1;
-    for (;;) {
-        pbatch *b = pop(w);
-        int end = b->end;
-        if (!end && !dead && g_failed) dead = 1;
-        if (!end && !dead && run_batch(w, L, b) < 0) dead = 1;
-        batch_put(b);
-        if (end) break;
-    }
-    if (!dead) {
+    lua_pushlightuserdata(L, w->r);
+    lua_pushcclosure(L, scan_range, 1);
+    lua_pushlightuserdata(L, w);
+    if (lua_pcall(L, 1, 0, 0)) lua_failed(w, L);
+    else if (w->status == PW_EREAD) __atomic_store_n(&g_failed, 1, __ATOMIC_RELAXED);
+    else if (!__atomic_load_n(&g_failed, __ATOMIC_RELAXED)) {
         lua_pushcfunction(L, encode_partial);
         lua_pushlightuserdata(L, w);
         if (lua_pcall(L, 1, 0, 0)) lua_failed(w, L);
     }
     w->can_jump = 0;
     sandbox_leave(w->sb);
+    worker_done();
     return NULL;
 }
 
@@ -323,13 +239,15 @@ static int dump_functions(lua_State *L, int fns, buf *codes, size_t *nf) {
 
 /* In worker w's state: T.pbuild(sel, description, functions) -> handler
  * and collector, kept in the registry (tm.ph, tm.pc).  0 / -1. */
-static int build_in(pworker *w, const buf *desc, const buf *codes, size_t nf) {
+static int build_in(pworker *w, const buf *sel, const buf *desc, const buf *codes, size_t nf) {
     lua_State *L = sandbox_lua(w->sb);
     lua_settop(L, 0);
-    lua_getfield(L, LUA_REGISTRYINDEX, "tm.pbuild");
-    lua_newtable(L);
     tm_err e;
     err_clear(&e);
+    if (luamp_push(L, sel->ptr, sel->len, &e) < 0) return -1;
+    lua_setfield(L, LUA_REGISTRYINDEX, "tm.psel");
+    lua_getfield(L, LUA_REGISTRYINDEX, "tm.pbuild");
+    lua_newtable(L);
     if (luamp_push(L, desc->ptr, desc->len, &e) < 0) {
         lua_settop(L, 0);
         return -1;
@@ -349,10 +267,7 @@ static int build_in(pworker *w, const buf *desc, const buf *codes, size_t nf) {
     }
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.pc");
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.ph");
-    lua_getfield(L, LUA_REGISTRYINDEX, "tm.types");
-    replscan_publish_types(L, lua_gettop(L));
     lua_settop(L, 0);
-    w->types_sent = replscan_ntypes();
     return 0;
 }
 
@@ -364,6 +279,8 @@ static void drop_query(pworker *w) {
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.ph");
     lua_pushnil(L);
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.pc");
+    lua_pushnil(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, "tm.psel");
     lua_gc(L, LUA_GCCOLLECT, 0);
 }
 
@@ -379,6 +296,13 @@ static unsigned worker_count(const repl *r) {
 }
 
 /* Worth it?  An index scan of a stream is short; so is a small store. */
+static uint64_t sel_from(lua_State *L, int sel) {
+    lua_getfield(L, sel, "from");
+    double from = lua_isnumber(L, -1) ? lua_tonumber(L, -1) : 0;
+    lua_pop(L, 1);
+    return from < 1 ? 1 : from >= 1.8e19 ? UINT64_MAX : (uint64_t)from;
+}
+
 static int worth_it(lua_State *L, repl *r, int sel) {
     lua_getfield(L, sel, "kind");
     const char *kind = lua_tostring(L, -1);
@@ -397,47 +321,51 @@ static int worth_it(lua_State *L, repl *r, int sel) {
 
 /* ------------------------------------------------------------ the scan */
 
-typedef struct feed {
-    unsigned next;                   /* the worker of the next batch */
-} feed;
+/* Contiguous ranges of positions from..last, one per worker. */
+static void split(unsigned nw, uint64_t from, uint64_t last) {
+    uint64_t span = last >= from ? last - from + 1 : 0;
+    for (unsigned i = 0; i < nw; i++) {
+        pworker *w = &g_w[i];
+        w->lo = from + span * i / nw;
+        w->hi = from + span * (i + 1) / nw - 1;
+        if (w->hi < w->lo) w->hi = w->lo; /* an empty range: its scan finds nothing */
+        w->at = w->lo;
+    }
+}
 
-static int to_workers(void *ud, lua_State *L, const replscan_slot *slots, unsigned n,
-                      const char *arena, size_t len) {
-    (void)L;
-    feed *f = ud;
-    if (g_failed) return -1;
-    pworker *w = &g_w[f->next];
-    f->next = (f->next + 1) % g_nw;
-    pbatch *b = batch_get();
-    b->n = n;
-    memcpy(b->slots, slots, n * sizeof *slots);
-    buf_append(&b->arena, arena, len);
-    uint32_t nt = replscan_ntypes();
-    for (uint32_t i = w->types_sent + 1; i <= nt; i++) {
-        size_t tl;
-        const char *t = replscan_type(i, &tl);
-        put_u32(&b->types, i);
-        put_u32(&b->types, (uint32_t)tl);
-        buf_append(&b->types, t, tl);
+/* Wait for the workers, drawing one progress bar for all of them. */
+static void wait_workers(repl *r, const char *label, uint64_t from, uint64_t last) {
+    uint64_t total = last >= from ? last - from + 1 : 0;
+    progress *pg = r->progress ? progress_new(stderr, label, total, "events", 0) : NULL;
+    pthread_mutex_lock(&g_mu);
+    while (g_done < g_nw) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 100 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+        pthread_cond_timedwait(&g_done_cv, &g_mu, &ts);
+        if (pg) {
+            uint64_t done = 0;
+            for (unsigned i = 0; i < g_nw; i++)
+                done += __atomic_load_n(&g_w[i].at, __ATOMIC_RELAXED) - g_w[i].lo;
+            progress_update(pg, done, done);
+        }
     }
-    w->types_sent = nt;
-    if (push(w, b, 0) < 0) {
-        batch_put(b);
-        return -1;
-    }
-    return 0;
+    pthread_mutex_unlock(&g_mu);
+    progress_end(pg);
 }
 
 /* Push the partial results, or nil (run serially); raise errors. */
-static int finish(lua_State *L, repl *r, int scan_rc, const tm_err *e) {
-    int intr = scan_rc == REPLSCAN_EINTR, fallback = 0, abandoned = 0;
-    pworker *bad = NULL;
+static int finish(lua_State *L, repl *r) {
+    int intr = 0, fallback = 0, abandoned = 0;
+    pworker *bad = NULL, *eread = NULL;
     for (unsigned i = 0; i < g_nw; i++) {
         pworker *w = &g_w[i];
         if (w->abandoned) abandoned = 1;
         if (w->status == PW_INTR) intr = 1;
         else if (w->status == PW_FALLBACK) fallback = 1;
         else if (w->status == PW_ERROR && !bad) bad = w;
+        else if (w->status == PW_EREAD && !eread) eread = w;
     }
     if (abandoned)
         fprintf(stderr, "\naborted: a query worker did not respond (a JIT-compiled loop?); "
@@ -447,7 +375,7 @@ static int finish(lua_State *L, repl *r, int scan_rc, const tm_err *e) {
         return lua_error(L);
     }
     if (intr || repl_cancel_requested()) return repllua_interrupted(L);
-    if (scan_rc == REPLSCAN_EREAD) return repllua_raise(L, r, e);
+    if (eread) return repllua_raise(L, r, &eread->err);
     if (fallback) {
         lua_pushnil(L);
         return 1;
@@ -490,51 +418,52 @@ static int t_pscan(lua_State *L) {
         buf_free(&desc);
         return 0;
     }
+    buf sel = BUF_INIT;
+    if (luamp_encode(L, 1, "selector", &sel, &e) < 0) {
+        free_codes(codes, nf);
+        buf_free(&desc);
+        return 0;
+    }
     install_usr2();
     unsigned ok = 0;
     for (; ok < nw; ok++) {
         pworker *w = &g_w[ok];
         if (!w->sb) {
-            if (!w->cv_ready) pthread_cond_init(&w->cv, NULL);
-            w->cv_ready = 1;
             w->sb = repllua_open_worker(r, worker_hard_limit, w, &e);
             if (!w->sb) break;
+            replscan_types_free(w->types); /* its indexes were the lost state's */
+            w->types = replscan_types_new();
         }
+        w->r = r;
         w->status = PW_OK;
         w->abandoned = 0;
         w->cpu_abort = 0;
-        w->qhead = w->qtail = NULL;
-        w->qlen = 0;
-        if (build_in(w, &desc, codes, nf) < 0) break;
+        if (build_in(w, &sel, &desc, codes, nf) < 0) break;
     }
     free_codes(codes, nf);
     buf_free(&desc);
+    buf_free(&sel);
     if (ok < nw) {
         for (unsigned i = 0; i < ok; i++) drop_query(&g_w[i]);
         return 0; /* cannot build it there: serially */
     }
+    uint64_t last = 0, from = sel_from(L, 1);
+    if (replsrc_last_position(r->src, &last, &e) < 0) return repllua_raise(L, r, &e);
     g_nw = nw;
     g_failed = 0;
+    g_done = 0;
+    split(nw, from, last);
     int held = repl_jump_hold(); /* threads: no longjmp out of here */
     repl_set_abort(abort_workers);
     for (unsigned i = 0; i < nw; i++) tm_thread(&g_w[i].th, worker_main, &g_w[i], "a query worker");
-    feed f = {0};
-    uint64_t n = 0;
-    int top = lua_gettop(L);
-    int rc = replscan_run(L, 1, label, to_workers, &f, &n, &e);
-    lua_settop(L, top);
-    for (unsigned i = 0; i < nw; i++) {
-        pbatch *b = batch_get();
-        b->end = 1;
-        push(&g_w[i], b, 1);
-    }
+    wait_workers(r, label, from, last);
     for (unsigned i = 0; i < nw; i++) pthread_join(g_w[i].th, NULL);
     repl_set_abort(NULL);
     repl_jump_release(held);
     for (unsigned i = 0; i < nw; i++)
         if (g_w[i].abandoned) g_w[i].sb = NULL; /* leaked on purpose */
     for (unsigned i = 0; i < nw; i++) drop_query(&g_w[i]);
-    return finish(L, r, rc, &e);
+    return finish(L, r);
 }
 
 static const luaL_Reg funcs[] = {
@@ -552,13 +481,8 @@ void replpar_close(void) {
         pworker *w = &g_w[i];
         if (w->sb) sandbox_free(w->sb);
         w->sb = NULL;
+        replscan_types_free(w->types);
+        w->types = NULL;
         buf_free(&w->out);
-    }
-    while (g_pool) {
-        pbatch *b = g_pool;
-        g_pool = b->next;
-        buf_free(&b->arena);
-        buf_free(&b->types);
-        free(b);
     }
 }

@@ -90,13 +90,29 @@ static int sel_match(lua_State *L, const scan_sel *s, const tm_event *ev) {
 /* Event type names interned for the session: the prelude keeps the
  * strings in T.types[idx], so a scan never builds a type string per event.
  * Open addressing on FNV-1a; the table only grows (types are few). */
-typedef struct intern {
+struct replscan_types {
     char **names;
     uint32_t *lens, *slots; /* slots: idx + 1, 0 = empty */
     uint32_t n, cap;
-} intern;
+};
+typedef struct replscan_types intern;
 
-static intern g_types;
+static intern g_types; /* the session's (the main thread's) */
+
+replscan_types *replscan_types_new(void) {
+    intern *t = calloc(1, sizeof *t);
+    if (!t) tm_oom();
+    return t;
+}
+
+void replscan_types_free(replscan_types *t) {
+    if (!t) return;
+    for (uint32_t i = 0; i < t->n; i++) free(t->names[i]);
+    free(t->names);
+    free(t->lens);
+    free(t->slots);
+    free(t);
+}
 
 static uint32_t fnv(const char *p, size_t n) {
     uint32_t h = 2166136261u;
@@ -107,6 +123,7 @@ static uint32_t fnv(const char *p, size_t n) {
 static void intern_grow(intern *t) {
     uint32_t cap = t->cap ? t->cap * 2 : 256;
     uint32_t *slots = calloc(cap, sizeof *slots);
+    if (!slots) tm_oom();
     for (uint32_t i = 0; i < t->n; i++) {
         uint32_t h = fnv(t->names[i], t->lens[i]) & (cap - 1);
         while (slots[h]) h = (h + 1) & (cap - 1);
@@ -115,14 +132,17 @@ static void intern_grow(intern *t) {
     free(t->slots);
     t->slots = slots;
     t->cap = cap;
-    t->names = realloc(t->names, cap * sizeof *t->names);
-    t->lens = realloc(t->lens, cap * sizeof *t->lens);
+    char **names = realloc(t->names, cap * sizeof *t->names);
+    if (!names) tm_oom();
+    t->names = names;
+    uint32_t *lens = realloc(t->lens, cap * sizeof *t->lens);
+    if (!lens) tm_oom();
+    t->lens = lens;
 }
 
 /* Index (1-based) of the type; a new one is also stored in the Lua table
  * at types_idx. */
-static uint32_t intern_type(lua_State *L, int types_idx, const char *p, size_t n) {
-    intern *t = &g_types;
+static uint32_t intern_type(intern *t, lua_State *L, int types_idx, const char *p, size_t n) {
     if ((t->n + 1) * 2 > t->cap) intern_grow(t);
     uint32_t h = fnv(p, n) & (t->cap - 1);
     for (;;) {
@@ -132,6 +152,7 @@ static uint32_t intern_type(lua_State *L, int types_idx, const char *p, size_t n
         h = (h + 1) & (t->cap - 1);
     }
     t->names[t->n] = malloc(n ? n : 1);
+    if (!t->names[t->n]) tm_oom();
     memcpy(t->names[t->n], p, n);
     t->lens[t->n] = (uint32_t)n;
     t->slots[h] = ++t->n;
@@ -151,11 +172,13 @@ void replscan_publish_types(lua_State *L, int types_idx) {
 /* The batched scan: copies each selected event's stream and data bytes
  * into an arena, fills a slot, and hands every REPLSCAN_BATCH events to
  * the sink (repl.h), with a progress bar on stderr when interactive. */
-int replscan_run(lua_State *L, int sel_idx, const char *label, replscan_sink sink, void *ud,
-                 uint64_t *count, tm_err *e) {
+int replscan_run(lua_State *L, int sel_idx, const replscan_opts *o, replscan_sink sink,
+                 void *ud, uint64_t *count, tm_err *e) {
     repl *r = repllua_session(L);
     scan_sel s;
     parse_sel(L, sel_idx, &s);
+    intern *tt = o->types ? o->types : &g_types;
+    if (o->from > s.sel.from && !s.sel.backward) s.sel.from = o->from;
     lua_getfield(L, LUA_REGISTRYINDEX, "tm.types");
     int types = lua_gettop(L);
     uint64_t last = 0;
@@ -165,7 +188,8 @@ int replscan_run(lua_State *L, int sel_idx, const char *label, replscan_sink sin
     if (!it) return REPLSCAN_EREAD;
     uint64_t start = s.sel.kind == REPLSRC_STREAM || s.sel.backward ? 0 : s.sel.from;
     uint64_t total = s.sel.kind == REPLSRC_STREAM || s.sel.backward || last < start ? 0 : last - start + 1;
-    progress *pg = r->progress ? progress_new(stderr, label, total, "events", 0) : NULL;
+    progress *pg = r->progress && o->label ? progress_new(stderr, o->label, total, "events", 0)
+                                           : NULL;
     replscan_slot *slots = malloc(REPLSCAN_BATCH * sizeof *slots);
     if (!slots) tm_oom();
     buf arena = BUF_INIT;
@@ -178,15 +202,20 @@ int replscan_run(lua_State *L, int sel_idx, const char *label, replscan_sink sin
             status = REPLSCAN_EINTR;
             break;
         }
-        if (rc == 1) {
-            if (pg && (n & 1023) == 0) progress_update(pg, total ? ev.position - start : 0, n);
+        if (rc == 1 && o->to && ev.position > o->to && s.sel.kind != REPLSRC_STREAM) {
+            rc = 0; /* the end of this scan's range */
+        } else if (rc == 1) {
+            if ((n & 1023) == 0) {
+                if (pg) progress_update(pg, total ? ev.position - start : 0, n);
+                if (o->at) __atomic_store_n(o->at, ev.position, __ATOMIC_RELAXED);
+            }
             if (!sel_match(L, &s, &ev)) continue;
             n++;
             replscan_slot *x = &slots[inbatch++];
             x->position = (double)ev.position;
             x->version = (double)ev.version;
             x->time = (double)ev.time_ms;
-            x->type_idx = intern_type(L, types, ev.type, ev.type_len);
+            x->type_idx = intern_type(tt, L, types, ev.type, ev.type_len);
             x->stream_off = (uint32_t)arena.len;
             x->stream_len = (uint32_t)ev.stream_len;
             buf_append(&arena, ev.stream, ev.stream_len);
@@ -217,16 +246,11 @@ int replscan_run(lua_State *L, int sel_idx, const char *label, replscan_sink sin
     return REPLSCAN_DONE;
 }
 
-/* The serial sink: the prelude's runner over the batch in this state.  A
- * Lua error is left on the stack (above the scan's own values). */
-typedef struct serial_sink {
-    int msgh, runner, handler;
-} serial_sink;
-
-static int run_here(void *ud, lua_State *L, const replscan_slot *slots, unsigned n,
-                    const char *arena, size_t len) {
-    serial_sink *ss = ud;
+int replscan_run_here(void *ud, lua_State *L, const replscan_slot *slots, unsigned n,
+                      const char *arena, size_t len) {
+    replscan_here *ss = ud;
     (void)len;
+    if (ss->stop && __atomic_load_n(ss->stop, __ATOMIC_RELAXED)) return 1;
     lua_pushvalue(L, ss->runner);
     lua_pushlightuserdata(L, (void *)slots);
     lua_pushlightuserdata(L, (void *)arena);
@@ -252,7 +276,7 @@ static int t_scan(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     luaL_checktype(L, 2, LUA_TFUNCTION);
     const char *label = luaL_optstring(L, 3, "query");
-    serial_sink ss = {.handler = 2};
+    replscan_here ss = {.handler = 2};
     lua_pushcfunction(L, repllua_traceback);
     ss.msgh = lua_gettop(L);
     lua_getfield(L, LUA_REGISTRYINDEX, "tm.runner");
@@ -260,7 +284,8 @@ static int t_scan(lua_State *L) {
     tm_err e;
     err_clear(&e);
     uint64_t n = 0;
-    int rc = replscan_run(L, 1, label, run_here, &ss, &n, &e);
+    replscan_opts o = {.label = label};
+    int rc = replscan_run(L, 1, &o, replscan_run_here, &ss, &n, &e);
     if (rc == REPLSCAN_ESINK) return lua_error(L);
     if (rc == REPLSCAN_EINTR) return repllua_interrupted(L);
     if (rc == REPLSCAN_EREAD) return repllua_raise(L, r, &e);
@@ -268,12 +293,6 @@ static int t_scan(lua_State *L) {
     return 1;
 }
 
-uint32_t replscan_ntypes(void) { return g_types.n; }
-
-const char *replscan_type(uint32_t idx, size_t *len) {
-    *len = g_types.lens[idx - 1];
-    return g_types.names[idx - 1];
-}
 
 /* T.read(sel) -> array of event tables (the selector should have a limit). */
 static int t_read(lua_State *L) {

@@ -484,7 +484,7 @@ end
 -- final(state) -> value(s) }.  States are numbers or small tables.
 -- merge(a, b) combines two states of the same aggregate (the parallel
 -- path: every worker aggregates its share of the events, the REPL merges
--- the partial states in worker order); spec describes the aggregate to a
+-- the partial states in range order); spec describes the aggregate to a
 -- worker's Lua state (T.pscan).
 local function add(a, b) return a + b end
 
@@ -766,12 +766,12 @@ end
 
 ------------------------------------------------------------- the parallel path
 
--- T.pscan (replpar.c, embedded mode) runs a query on every core: the REPL
--- reads the events once and hands batches round-robin to workers, each a
--- Lua state of its own with this prelude; a worker rebuilds the query's
+-- T.pscan (replpar.c, embedded mode) runs a query on every core: each
+-- worker thread scans one contiguous range of positions in a Lua state of
+-- its own with this prelude; a worker rebuilds the query's
 -- closures from a description (fields as paths, functions as bytecode
 -- dumped by C: only functions without upvalues travel) and returns its
--- partial states, which are merged here in worker order.  A worker state
+-- partial states, which are merged here in range order.  A worker state
 -- has none of the REPL's I/O and no user globals: touching either raises
 -- PAR_FALLBACK there, and the REPL runs the query serially instead, so
 -- the result is always the serial one (float sums up to rounding).

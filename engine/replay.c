@@ -646,9 +646,14 @@ static void worker_fail(worker *w) {
     __atomic_store_n(&w->r->failed, 1, __ATOMIC_RELEASE);
 }
 
+static int cancelled(const replay *r) { return r->o.cancel && *r->o.cancel; }
+
 static void worker_events(worker *w, chunk *c) {
     const char *p = c->b.ptr, *end = c->b.ptr + c->b.len;
-    while (p < end && !w->failed) {
+    /* a cancelled run that persists nothing ends here and now; one that
+     * persists feeds what was queued, for the checkpoint at the cut */
+    int quick = !w->r->o.persist;
+    while (p < end && !w->failed && !(quick && cancelled(w->r))) {
         ev_hdr h;
         memcpy(&h, p, sizeof h);
         p += sizeof h;
@@ -837,8 +842,6 @@ static int checkpoint_inline(replay *r, tm_err *err) {
 }
 
 /* ------------------------------------------------------------ reading the log */
-
-static int cancelled(const replay *r) { return r->o.cancel && *r->o.cancel; }
 
 static uint64_t every_events(replay *r) {
     if (r->o.checkpoint_every) return r->o.checkpoint_every;

@@ -5,6 +5,8 @@
  *                loop, evaluation, Ctrl-C handling, the prelude (prelude.lua:
  *                printing, queries, built-ins, dot commands, completion)
  *   replscan.c   the batched scan behind queries, reads, lazy event fields
+ *   replpar.c    aggregate queries on every core (worker Lua states, one
+ *                range of positions each, partial states merged)
  *   replproj.c   projections in embedded mode (proj.h)
  *   replline.c   line editing with libedit: history file, completion
  *   replsrc.c    the event source (embedded store or remote server)

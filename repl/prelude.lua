@@ -697,6 +697,12 @@ local function finish(rs, q)
   return rs
 end
 
+local function values(t)
+  local list = {}
+  for _, v in pairs(t) do list[#list + 1] = v end
+  return list
+end
+
 -- Group keys: the key itself for one key, else a composite string.
 local function key_text(k)
   if type(k) == "string" then return k end
@@ -757,11 +763,7 @@ local function grouping(q, a)
       g[2] = step(g[2], e)
     end
   end
-  return h, function()
-    local list = {}
-    for _, g in pairs(groups) do list[#list + 1] = g end
-    return list
-  end
+  return h, function() return values(groups) end
 end
 
 ------------------------------------------------------------- the parallel path
@@ -968,11 +970,7 @@ top_grouping = function(q, get)
       end
     end
   end
-  return h, function()
-    local list = {}
-    for _, g in pairs(groups) do list[#list + 1] = g end
-    return list
-  end
+  return h, function() return values(groups) end
 end
 
 local function merge_counts(a, b)

@@ -582,7 +582,6 @@ static void add_os_subset(lua_State *L) {
     lua_pop(L, 1);
 }
 
-static void print_line(void *ud, const char *line, size_t len);
 
 /* What a query worker's state may call (replpar.c): no I/O, nothing of
  * the session but the lazy event fields. */
@@ -671,35 +670,6 @@ static int open_state(lua_State *L) {
     return 0;
 }
 
-sandbox *repllua_open_worker(repl *r, void (*on_hard_limit)(void *, double), void *ud,
-                             tm_err *err) {
-    sandbox_opts o;
-    memset(&o, 0, sizeof o);
-    o.memory_limit = REPL_MEM_LIMIT;
-    o.cpu_limit = r->cpu_limit;
-    o.on_hard_limit = on_hard_limit;
-    o.ud = ud;
-    o.print = print_line;
-    sigset_t block, old; /* SIGINT is the main thread's (see repllua_open) */
-    sigemptyset(&block);
-    sigaddset(&block, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &block, &old);
-    sandbox *sb = sandbox_new(&o, err);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (!sb) return NULL;
-    lua_State *L = sandbox_lua(sb);
-    lua_pushcfunction(L, open_state);
-    lua_pushlightuserdata(L, r);
-    lua_pushlightuserdata(L, sb);
-    lua_pushboolean(L, 1);
-    if (lua_pcall(L, 3, 0, 0)) {
-        err_set(err, TM_EINVAL, "a query worker's prelude: %s", lua_tostring(L, -1));
-        sandbox_free(sb);
-        return NULL;
-    }
-    return sb;
-}
-
 static void print_line(void *ud, const char *line, size_t len) {
     (void)ud;
     fwrite(line, 1, len, stdout);
@@ -722,42 +692,54 @@ static void on_hard_limit(void *ud, double limit) {
     pthread_kill(g_main_thread, SIGINT);
 }
 
-int repllua_open(repl *r) {
+/* A sandbox with the prelude: the session's, or a query worker's (none
+ * of the REPL's I/O).  SIGINT must reach the main thread only: the
+ * sandbox's watchdog thread inherits the mask it is created with. */
+static sandbox *make_state(repl *r, void (*hard)(void *, double), void *ud, int worker,
+                           tm_err *err) {
     sandbox_opts o;
     memset(&o, 0, sizeof o);
     o.memory_limit = REPL_MEM_LIMIT;
     o.cpu_limit = r->cpu_limit;
-    o.on_hard_limit = on_hard_limit;
-    o.ud = r;
+    o.on_hard_limit = hard;
+    o.ud = ud;
     o.print = print_line;
-    tm_err e;
-    err_clear(&e);
-    g_main_thread = pthread_self();
-    /* SIGINT must reach this thread only: the sandbox's watchdog thread
-     * inherits the mask it is created with */
     sigset_t block, old;
     sigemptyset(&block);
     sigaddset(&block, SIGINT);
     pthread_sigmask(SIG_BLOCK, &block, &old);
-    sandbox *sb = sandbox_new(&o, &e);
+    sandbox *sb = sandbox_new(&o, err);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!sb) return NULL;
+    lua_State *L = sandbox_lua(sb);
+    lua_pushcfunction(L, open_state);
+    lua_pushlightuserdata(L, r);
+    lua_pushlightuserdata(L, sb);
+    lua_pushboolean(L, worker);
+    if (lua_pcall(L, 3, 0, 0)) {
+        err_set(err, TM_EINVAL, "prelude: %s", lua_tostring(L, -1));
+        sandbox_free(sb);
+        return NULL;
+    }
+    return sb;
+}
+
+sandbox *repllua_open_worker(repl *r, void (*on_hard_limit)(void *, double), void *ud,
+                             tm_err *err) {
+    return make_state(r, on_hard_limit, ud, 1, err);
+}
+
+int repllua_open(repl *r) {
+    tm_err e;
+    err_clear(&e);
+    g_main_thread = pthread_self();
+    sandbox *sb = make_state(r, on_hard_limit, r, 0, &e);
     if (!sb) {
         fprintf(stderr, "tidemark repl: cannot create a Lua state: %s\n", e.msg);
         return -1;
     }
     r->sb = sb;
-    lua_State *L = sandbox_lua(sb);
-    lua_pushcfunction(L, open_state);
-    lua_pushlightuserdata(L, r);
-    lua_pushlightuserdata(L, sb);
-    lua_pushboolean(L, 0);
-    if (lua_pcall(L, 3, 0, 0)) {
-        fprintf(stderr, "tidemark repl: prelude: %s\n", lua_tostring(L, -1));
-        sandbox_free(sb);
-        r->sb = NULL;
-        return -1;
-    }
-    r->L = L;
+    r->L = sandbox_lua(sb);
     install_sigint();
     return 0;
 }

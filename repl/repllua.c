@@ -582,7 +582,6 @@ static void add_os_subset(lua_State *L) {
     lua_pop(L, 1);
 }
 
-
 /* What a query worker's state may call (replpar.c): no I/O, nothing of
  * the session but the lazy event fields. */
 static const luaL_Reg t_worker_funcs[] = {

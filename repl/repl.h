@@ -119,10 +119,12 @@ int replscan_run(lua_State *L, int sel_idx, const replscan_opts *o, replscan_sin
                  void *ud, uint64_t *count, tm_err *e);
 /* The sink that runs the prelude's runner (stack index) with handler
  * (stack index) in L; a Lua error is left on the stack (msgh: the message
- * handler's index); stops the scan once *stop is set (may be NULL). */
+ * handler's index); stops the scan once *stop is set (may be NULL);
+ * *in_lua (may be NULL) is 1 while the runner runs. */
 typedef struct replscan_here {
     int msgh, runner, handler;
     const int *stop;
+    volatile sig_atomic_t *in_lua;
 } replscan_here;
 int replscan_run_here(void *ud, lua_State *L, const replscan_slot *slots, unsigned n,
                       const char *arena, size_t len);

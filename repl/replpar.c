@@ -57,7 +57,7 @@ typedef struct pworker {
     int status;                      /* PW_*, written by the worker */
     tm_err err;                      /* PW_EREAD */
     int abandoned;                   /* jumped out of Lua: sb is lost */
-    volatile sig_atomic_t can_jump;  /* its jmp is armed (the SIGUSR2 handler) */
+    volatile sig_atomic_t can_jump;  /* its jmp is armed: the runner (Lua) runs */
     volatile sig_atomic_t cpu_abort; /* the hard CPU limit sent the jump */
     sigjmp_buf jmp;
     buf out;                         /* the partial result (msgpack) or the error text */
@@ -139,7 +139,9 @@ static int scan_range(lua_State *L) {
     lua_getfield(L, LUA_REGISTRYINDEX, "tm.psel");
     int sel = lua_gettop(L);
     lua_pushcfunction(L, repllua_traceback);
-    replscan_here h = {.msgh = lua_gettop(L), .stop = &g_failed};
+    /* the jump (SIGUSR2) is armed only while Lua runs: never out of the
+     * store's C code, which may hold its locks */
+    replscan_here h = {.msgh = lua_gettop(L), .stop = &g_failed, .in_lua = &w->can_jump};
     lua_getfield(L, LUA_REGISTRYINDEX, "tm.runner");
     h.runner = lua_gettop(L);
     lua_getfield(L, LUA_REGISTRYINDEX, "tm.ph");
@@ -188,7 +190,6 @@ static void *worker_main(void *arg) {
         return NULL;
     }
     sandbox_enter(w->sb);
-    w->can_jump = 1;
     lua_pushlightuserdata(L, w->r);
     lua_pushcclosure(L, scan_range, 1);
     lua_pushlightuserdata(L, w);
@@ -199,7 +200,6 @@ static void *worker_main(void *arg) {
         lua_pushlightuserdata(L, w);
         if (lua_pcall(L, 1, 0, 0)) lua_failed(w, L);
     }
-    w->can_jump = 0;
     sandbox_leave(w->sb);
     worker_done();
     return NULL;

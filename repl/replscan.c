@@ -256,7 +256,9 @@ int replscan_run_here(void *ud, lua_State *L, const replscan_slot *slots, unsign
     lua_pushlightuserdata(L, (void *)arena);
     lua_pushinteger(L, (lua_Integer)n);
     lua_pushvalue(L, ss->handler);
+    if (ss->in_lua) *ss->in_lua = 1;
     int st = lua_pcall(L, 4, 1, ss->msgh);
+    if (ss->in_lua) *ss->in_lua = 0;
     lua_getfield(L, LUA_REGISTRYINDEX, "tm.batch_done");
     lua_call(L, 0, 0);
     if (st) return -1;

@@ -895,6 +895,9 @@ static const char *framing_problem(struct evhttp_request *req) {
 static void route_metrics(http_server *h, struct evhttp_request *req) {
     buf b = BUF_INIT;
     metrics_set(METRICS_LAST_POSITION, store_last_position(h->st));
+    uint64_t synced = 0;
+    metrics_set(METRICS_STORE_COMMITS, store_commits(h->st, &synced));
+    metrics_set(METRICS_STORE_SYNCS, synced);
     metrics_render(&b);
     if (h->proj.metrics) h->proj.metrics(h->proj.ud, &b);
     send_reply(req, 200, "text/plain; version=0.0.4", b.ptr ? b.ptr : "", b.len, NULL);

@@ -1,7 +1,8 @@
 /* metrics.c — lock-free counters and the Prometheus rendering (metrics.h).
  *
  * Invariant: every counter only grows except the two gauges (SSE clients,
- * last position), which are set or adjusted by their single owner thread.
+ * last position), which are set or adjusted by their single owner thread;
+ * the store's commit counts are copied from it (store_commits) at render.
  */
 #include "metrics.h"
 
@@ -52,6 +53,11 @@ void metrics_render(buf *out) {
     metric(out, "tidemark_http_request_timeouts_total", "counter",
            "Connections closed for not sending a whole request within --request-timeout.",
            METRICS_REQUEST_TIMEOUTS);
+    metric(out, "tidemark_store_commits_total", "counter",
+           "Group commits: LevelDB writes of one or many append requests.",
+           METRICS_STORE_COMMITS);
+    metric(out, "tidemark_store_syncs_total", "counter",
+           "Group commits synced to disk (every one in the durable mode).", METRICS_STORE_SYNCS);
     metric(out, "tidemark_sse_clients", "gauge", "Connected SSE clients.", METRICS_SSE_CLIENTS);
     metric(out, "tidemark_last_position", "gauge", "Last committed global position.",
            METRICS_LAST_POSITION);

@@ -23,6 +23,8 @@ typedef enum metrics_counter {
     METRICS_REQUEST_TIMEOUTS, /* connections closed: no whole request in --request-timeout */
     METRICS_SSE_CLIENTS,      /* gauge: connected SSE clients */
     METRICS_LAST_POSITION,    /* gauge: last committed position */
+    METRICS_STORE_COMMITS,    /* group commits (synced in the durable mode), copied from the store */
+    METRICS_STORE_SYNCS,      /* of those, synced */
     METRICS_N_
 } metrics_counter;
 

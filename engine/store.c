@@ -427,6 +427,14 @@ struct store {
     uint64_t lead_wanted;          /* group whose waiters should supply a leader, 0 = none */
     uint32_t fword;                /* futex word all waiters sleep on (a wake counter) */
     unsigned qsync;                /* blocking callers in the queue (they can lead) */
+    unsigned qcount;               /* requests in the queue */
+    /* commit delay (gather): see gather() */
+    pthread_cond_t gather_cv;      /* a gathering leader: the queue reached gather_want */
+    unsigned gather_want;          /* 0 = nobody gathering */
+    unsigned prev_group;           /* requests in the last group taken */
+    unsigned handoff;              /* requests queued when the last leader handed over */
+    unsigned gather_skip;          /* groups to take without gathering (after a miss) */
+    uint64_t sync_ns;              /* the last synced commit's duration */
     pthread_t async_th;            /* leads groups made only of async requests */
     pthread_cond_t async_cv;       /* wakes async_th: queued work and no leader */
     int async_started, async_quit;
@@ -464,6 +472,12 @@ struct store {
 static uint64_t load_last(store *s) { return __atomic_load_n(&s->last, __ATOMIC_ACQUIRE); }
 
 uint64_t store_last_position(store *s) { return load_last(s); }
+
+uint64_t store_commits(store *s, uint64_t *synced) {
+    uint64_t n = __atomic_load_n(&s->taken, __ATOMIC_RELAXED);
+    if (synced) *synced = s->o.durability == STORE_DURABLE ? n : 0;
+    return n;
+}
 
 void store_opts_default(store_opts *o) {
     o->durability = STORE_DURABLE;
@@ -799,6 +813,11 @@ store *store_open(const char *dir, const store_opts *opts, tm_err *err) {
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->idle, NULL);
     pthread_cond_init(&s->async_cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->gather_cv, &ca);
+    pthread_condattr_destroy(&ca);
     return s;
 fail:
     store_free_parts(s);
@@ -809,6 +828,7 @@ void store_close(store *s) {
     if (!s) return;
     pthread_mutex_lock(&s->mu);
     s->stopping = 1;
+    pthread_cond_broadcast(&s->gather_cv);
     /* drain queued appends: blocking ones lead themselves, async ones are
      * led by async_th */
     while (s->leading || s->qhead) {
@@ -823,6 +843,7 @@ void store_close(store *s) {
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->idle);
     pthread_cond_destroy(&s->async_cv);
+    pthread_cond_destroy(&s->gather_cv);
     store_free_parts(s);
 }
 
@@ -1358,15 +1379,65 @@ static void fword_wake(store *s, uint64_t group, int n) {
             (uint32_t)1 << (group & 31));
 }
 
+static uint64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Commit delay (PostgreSQL's commit_delay with commit_siblings), synced
+ * mode only.  With many closed-loop writers the callers of the group just
+ * committed come back a moment later (a wake and a return); taking the
+ * queue at once makes two cohorts alternate, each half of the writers per
+ * sync.  So a leader whose last group had GATHER_SIBLINGS requests or more
+ * waits, holding mu, until the queue holds as many requests as that group
+ * plus those queued while it committed (the writers seen), or for half of
+ * the last sync's duration (at most GATHER_MAX_NS), whichever comes
+ * first.  A wait that times out means the writers did not come back (an
+ * open loop): the next GATHER_BACKOFF groups are taken without waiting. */
+#define GATHER_SIBLINGS 4
+#define GATHER_MAX_NS 1000000ull
+#define GATHER_BACKOFF 16
+
+static void gather(store *s) {
+    unsigned want = s->prev_group + s->handoff;
+    if (s->o.durability != STORE_DURABLE || s->prev_group < GATHER_SIBLINGS ||
+        s->qcount >= want || s->stopping)
+        return;
+    if (s->gather_skip) {
+        s->gather_skip--;
+        return;
+    }
+    uint64_t wait = s->sync_ns / 2 < GATHER_MAX_NS ? s->sync_ns / 2 : GATHER_MAX_NS;
+    uint64_t end = mono_ns() + wait;
+    struct timespec ts = {(time_t)(end / 1000000000ull), (long)(end % 1000000000ull)};
+    s->gather_want = want;
+    while (s->qcount < want && !s->stopping)
+        if (pthread_cond_timedwait(&s->gather_cv, &s->mu, &ts) == ETIMEDOUT) break;
+    s->gather_want = 0;
+    if (s->qcount < want) s->gather_skip = GATHER_BACKOFF;
+}
+
+/* A request joined the queue (mu held). */
+static void queued(store *s) {
+    s->qcount++;
+    if (s->gather_want && s->qcount >= s->gather_want) pthread_cond_signal(&s->gather_cv);
+}
+
 /* Called by the leader holding mu; returns with mu released and
  * leadership given away.  `self` is the leader's own request. */
 static void lead(store *s, req *self) {
+    gather(s);
     req *list = s->qhead;
     s->qhead = s->qtail = NULL;
     s->qsync = 0;
-    uint64_t g = ++s->taken;
+    s->prev_group = s->qcount;
+    s->qcount = 0;
+    uint64_t g = __atomic_add_fetch(&s->taken, 1, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&s->mu);
+    uint64_t t0 = mono_ns();
     group_commit(s, list);
+    uint64_t took = mono_ns() - t0;
     int others = 0;
     req *async = NULL;
     for (req *r = list, *nx; r; r = nx) {
@@ -1380,6 +1451,8 @@ static void lead(store *s, req *self) {
         }
     }
     pthread_mutex_lock(&s->mu);
+    s->sync_ns = took;
+    s->handoff = s->qcount;
     /* Requests queued during the commit form group g + 1.  A blocking one
      * among them leads it; a group of async requests only goes to async_th. */
     int next = s->qhead != NULL && s->qsync > 0;
@@ -1517,6 +1590,7 @@ int store_append(store *s, tm_event *evs, size_t n, const store_expect *exp, siz
     else s->qhead = &r;
     s->qtail = &r;
     s->qsync++;
+    queued(s);
     r.group = s->taken + 1;
     if (s->leading) {
         pthread_mutex_unlock(&s->mu);
@@ -1563,6 +1637,7 @@ int store_append_async(store *s, tm_event *evs, size_t n, const store_expect *ex
     if (s->qtail) s->qtail->next = r;
     else s->qhead = r;
     s->qtail = r;
+    queued(s);
     r->group = s->taken + 1;
     if (!s->leading) pthread_cond_signal(&s->async_cv);
     pthread_mutex_unlock(&s->mu);

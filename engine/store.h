@@ -109,6 +109,10 @@ void store_on_commit(store *s, store_commit_fn fn, void *ud);
 /* ---- reads ---- */
 
 uint64_t store_last_position(store *s);                /* 0 when empty */
+/* Group commits written since open (each one LevelDB write of one or many
+ * append requests); *synced (may be NULL): how many were synced (all of
+ * them in the durable mode, none otherwise). */
+uint64_t store_commits(store *s, uint64_t *synced);
 /* Current version of a stream: 1 found (*version set), 0 no such stream, -1 error. */
 int store_stream_version(store *s, const char *stream, size_t len, int64_t *version, tm_err *err);
 

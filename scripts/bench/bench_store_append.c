@@ -21,6 +21,8 @@
  * of the same size.
  *
  * Prints: BENCH name=NAME events=.. seconds=.. rate=.. record_bytes=..
+ *         batch=.. threads=.. commits=.. (group commits: events per sync =
+ *         events / commits in the durable mode)
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -152,11 +154,13 @@ int main(int argc, char **argv)
         bench_die("store holds %" PRIu64 " events after appending %" PRIu64,
                   store_last_position(s), r.events);
     double rb = record_bytes(s, r.events);
+    uint64_t commits = store_commits(s, NULL);
     store_close(s);
 
-    char extra[128];
-    snprintf(extra, sizeof extra, "record_bytes=%.1f batch=%" PRIu64 " threads=%" PRIu64, rb,
-             r.batch, threads);
+    char extra[160];
+    snprintf(extra, sizeof extra,
+             "record_bytes=%.1f batch=%" PRIu64 " threads=%" PRIu64 " commits=%" PRIu64, rb,
+             r.batch, threads, commits);
     bench_result(name, r.events, secs, extra);
     msgpack_sbuffer_destroy(&sb);
     free(off);

@@ -243,6 +243,15 @@ def test_health_metrics_dashboard(server):
     assert "tidemark_last_position 2" in text
     assert 'tidemark_http_requests_total{code="201"} 1' in text
     assert "tidemark_sse_clients 0" in text
+    # group commits: one append request, one commit, synced (the default
+    # durable mode)
+    vals = dict(l.split(" ", 1) for l in text.splitlines() if l and not l.startswith("#"))
+    commits = int(vals["tidemark_store_commits_total"])
+    assert commits >= 1 and int(vals["tidemark_store_syncs_total"]) == commits
+    h.append("order-1", [ev("C")])
+    text = h.get("/metrics").body.decode()
+    vals = dict(l.split(" ", 1) for l in text.splitlines() if l and not l.startswith("#"))
+    assert int(vals["tidemark_store_commits_total"]) == commits + 1
     r = h.get("/")
     assert r.status == 200 and b"<html" in r.body.lower()
     assert r.header("Content-Type").startswith("text/html")

@@ -703,6 +703,18 @@ static void *work(void *arg) {
     return NULL;
 }
 
+static void *work_one(void *arg) {
+    worker *w = arg;
+    char stream[32];
+    snprintf(stream, sizeof stream, "one-%d", w->id);
+    for (int i = 0; i < PER_THREAD; i++) {
+        tm_event e = mkevn(stream, "A", i);
+        tm_err err;
+        if (store_append(w->s, &e, 1, NULL, 0, &err) == 0) w->ok++;
+    }
+    return NULL;
+}
+
 /* Optimistic writers on one stream: each reads the head and appends with it
  * as the expected version; exactly the winners are stored. */
 static void *work_exact(void *arg) {
@@ -768,6 +780,46 @@ static void test_concurrent(void **state) {
                      (size_t)wins);
     free(pos);
     free(ver);
+    assert_clean(f->s);
+}
+
+/* Group commits are counted (store_commits): every request of a lone
+ * writer is its own commit, synced in the durable mode; concurrent
+ * one-event appends share commits (the commit delay gathers them), and
+ * every one of them is acknowledged and stored exactly once. */
+static void test_commit_counts(void **state) {
+    fx *f = *state;
+    uint64_t synced = 7;
+    assert_int_equal(store_commits(f->s, &synced), 0);
+    assert_int_equal(synced, 0);
+    tm_err err;
+    for (int i = 0; i < 20; i++) {
+        tm_event e = mkevn("lone", "A", i);
+        assert_int_equal(store_append(f->s, &e, 1, NULL, 0, &err), 0);
+    }
+    assert_int_equal(store_commits(f->s, &synced), 20);
+    assert_int_equal(synced, 20);
+    pthread_t th[NTHREADS];
+    worker w[NTHREADS];
+    for (int i = 0; i < NTHREADS; i++) {
+        w[i] = (worker){f->s, i, 0};
+        assert_int_equal(pthread_create(&th[i], NULL, work_one, &w[i]), 0);
+    }
+    for (int i = 0; i < NTHREADS; i++) {
+        pthread_join(th[i], NULL);
+        assert_int_equal(w[i].ok, PER_THREAD);
+    }
+    uint64_t appends = (uint64_t)NTHREADS * PER_THREAD;
+    assert_int_equal(store_last_position(f->s), 20 + appends);
+    uint64_t c = store_commits(f->s, &synced) - 20;
+    assert_int_equal(synced, c + 20);
+    assert_true(c >= 1 && c < appends);
+    /* after the crowd, a lone writer again: one commit per append */
+    for (int i = 0; i < 5; i++) {
+        tm_event e = mkevn("lone", "A", 20 + i);
+        assert_int_equal(store_append(f->s, &e, 1, NULL, 0, &err), 0);
+    }
+    assert_int_equal(store_commits(f->s, NULL), 20 + c + 5);
     assert_clean(f->s);
 }
 
@@ -1339,6 +1391,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_list_names, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_commit_counts, setup, teardown),
         cmocka_unit_test_setup_teardown(test_leader_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_formats, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fold, setup, teardown),

@@ -1618,8 +1618,9 @@ static store_iter *iter_new(store *s, int kind, uint64_t from, int backward, uin
     it->snap = leveldb_create_snapshot(s->db);
     it->ro = leveldb_readoptions_create();
     leveldb_readoptions_set_verify_checksums(it->ro, 1);
-    /* a scan of the log reads each block once: do not churn the cache */
-    leveldb_readoptions_set_fill_cache(it->ro, kind != IT_ALL);
+    /* a scan reads each block once: do not churn the cache (a scan of the
+     * log, or an index read without a limit: a catch-up or a replay) */
+    leveldb_readoptions_set_fill_cache(it->ro, kind != IT_ALL && limit != 0);
     leveldb_readoptions_set_snapshot(it->ro, it->snap);
     it->it = leveldb_create_iterator(s->db, it->ro);
     if (kind != IT_ALL) it->ix = leveldb_create_iterator(s->db, it->ro);
@@ -1714,8 +1715,12 @@ static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
         }
     }
     if (!ok) leveldb_iter_seek(it->it, (const char *)k, 9);
-    if (iter_status(it->it, err) < 0) return -1; /* a skipped unreadable block */
-    if (!iter_at(it->it, k, 9)) {
+    /* stepped onto pos itself: the record is there, read from a block that
+     * passed its checksum; a block skipped on the way held only positions
+     * this read does not want (next_all relies on the same) */
+    int there = ok && iter_at(it->it, k, 9);
+    if (!there && iter_status(it->it, err) < 0) return -1; /* a skipped unreadable block */
+    if (!there && !iter_at(it->it, k, 9)) {
         if (iter_status(it->it, err) < 0) return -1;
         return err_set(err, TM_EIO, "corrupt store: position %llu is missing from the log",
                        (unsigned long long)pos);

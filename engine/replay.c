@@ -846,6 +846,26 @@ static uint64_t every_events(replay *r) {
     return e ? e : 500000;
 }
 
+/* The read for a replay from `from`: the projection's narrowest read
+ * (proj_open_reader), except that a category or type holding most of the
+ * log is read as a scan of the log (filtered by proj_selects): stepping
+ * through the log costs less per event than an index read, which fetches
+ * each event by position (measured: 490 vs 600 ns per event). */
+static store_iter *open_reader(replay *r, uint64_t from, tm_err *err) {
+    proj_from_kind k = proj_from(r->defp);
+    uint64_t last = store_last_position(r->st), n = 0;
+    if ((k == PROJ_FROM_CATEGORY || k == PROJ_FROM_TYPES) && proj_from_count(r->defp) == 1 &&
+        last >= from) {
+        size_t nl;
+        const char *name = proj_from_name(r->defp, 0, &nl);
+        int rc = k == PROJ_FROM_CATEGORY ? store_count_category(r->st, name, nl, from, &n, err)
+                                         : store_count_type(r->st, name, nl, from, &n, err);
+        if (rc < 0) return NULL;
+        if (n * 5 >= (last - from + 1) * 4) return store_read_all(r->st, from, 0, 0, err);
+    }
+    return proj_open_reader(r->st, r->defp, from, err);
+}
+
 /* Outcome of proj calls: 0, PROJ_REPLAY, -1. */
 static int run_inline(replay *r, uint64_t from, progress *pg, tm_err *err) {
     worker *w = &r->w[0];
@@ -855,7 +875,7 @@ static int run_inline(replay *r, uint64_t from, progress *pg, tm_err *err) {
     for (;;) {
         uint64_t start = proj_position(w->p) + 1;
         if (start < from) start = from;
-        store_iter *it = proj_open_reader(r->st, r->defp, start, err);
+        store_iter *it = open_reader(r, start, err);
         if (!it) return -1;
         tm_event ev;
         int n = 0;
@@ -905,7 +925,7 @@ static int run_threaded(replay *r, uint64_t from, progress *pg, tm_err *err) {
     for (unsigned i = 0; i < r->nw; i++) cur[i] = chunk_get(r, CH_EVENTS);
     int rc = 0, stop = 0;
     uint64_t seen = 0, since = 0;
-    store_iter *it = proj_open_reader(r->st, r->defp, from, err);
+    store_iter *it = open_reader(r, from, err);
     if (!it) rc = -1;
     tm_event ev;
     int n = 0;

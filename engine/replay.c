@@ -517,7 +517,9 @@ static int make_workers(replay *r, unsigned n, tm_err *err) {
         w->r = r;
         w->idx = i;
         pthread_cond_init(&w->cv, NULL);
-        w->bk = (proj_backing){.ud = w, .get = bk_get, .scan = bk_scan, .record = bk_record};
+        /* not persisted: no stored states to look up (proj skips the key) */
+        w->bk = (proj_backing){.ud = w, .get = r->o.persist ? bk_get : NULL, .scan = bk_scan,
+                               .record = bk_record};
         proj_opts po = {.memory_limit = r->o.memory_limit, .cpu_limit = r->o.cpu_limit,
                         .backing = &w->bk};
         w->p = proj_new(r->name, r->src, r->srclen, r->filename, &po, err);

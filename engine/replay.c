@@ -669,9 +669,16 @@ static void worker_fail(worker *w) {
     __atomic_store_n(&w->r->failed, 1, __ATOMIC_RELEASE);
 }
 
+/* Cancelled and not persisting: nothing of the run will be kept, so the
+ * workers drop what is still queued instead of running it (a persisted
+ * run drains its queues: its checkpoint is at the reader's position). */
+static int dropping(const replay *r) {
+    return !r->o.persist && r->o.cancel && *r->o.cancel;
+}
+
 static void worker_events(worker *w, chunk *c) {
     const char *p = c->b.ptr, *end = c->b.ptr + c->b.len;
-    while (p < end && !w->failed) {
+    while (p < end && !w->failed && !dropping(w->r)) {
         ev_hdr h;
         memcpy(&h, p, sizeof h);
         p += sizeof h;

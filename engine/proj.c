@@ -96,7 +96,8 @@ struct proj {
     type_entry *types;          /* open addressing, cap power of two */
     size_t types_cap, ntypes;
     char **type_names;          /* idx -> name */
-    type_entry *last_te;        /* the last type seen (a cheap first check); reset on rehash */
+    type_entry *last_te[2];     /* the last two types seen (a cheap first check: runs of one
+                                   type, or two types taking turns); reset on rehash */
     size_t *type_lens;
     /* batch */
     proj_slot *slots;
@@ -227,6 +228,7 @@ static int c_load(lua_State *L) {
         if (luamp_push(L, b, n, &err) < 0) return luaL_error(L, "state %s: %s", k, err.msg);
         return 1;
     }
+    if (!(p->o.backing && p->o.backing->get) && !p->o.st) return 0; /* nothing stored */
     buf key = BUF_INIT;
     key_of(&key, p, "s/", k, kl);
     char *v = NULL;
@@ -677,7 +679,7 @@ static type_entry *intern_type(proj *p, const char *t, size_t n) {
         }
         free(p->types);
         p->types = nt;
-        p->last_te = NULL;
+        p->last_te[0] = p->last_te[1] = NULL;
         p->types_cap = cap;
         p->type_names = realloc(p->type_names, cap * sizeof *p->type_names);
         p->type_lens = realloc(p->type_lens, cap * sizeof *p->type_lens);
@@ -876,9 +878,14 @@ int proj_feed(proj *p, const tm_event *ev, tm_err *err) {
         if (p->nslots == 0) p->position = ev->position;
         return 0;
     }
-    type_entry *te = p->last_te; /* runs of one type are common: skip the hash */
-    if (!te || te->len != ev->type_len || memcmp(te->name, ev->type, ev->type_len))
-        te = p->last_te = intern_type(p, ev->type, ev->type_len);
+    type_entry *te = p->last_te[0]; /* skip the hash for the last two types */
+    if (!te || te->len != ev->type_len || memcmp(te->name, ev->type, ev->type_len)) {
+        te = p->last_te[1];
+        if (!te || te->len != ev->type_len || memcmp(te->name, ev->type, ev->type_len))
+            te = intern_type(p, ev->type, ev->type_len);
+        p->last_te[1] = p->last_te[0];
+        p->last_te[0] = te;
+    }
     if (!te->handled) {
         if (p->nslots == 0) p->position = ev->position;
         return 0;

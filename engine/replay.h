@@ -3,7 +3,8 @@
  * A replay runs one projection script from position 0 (or from its own
  * checkpoint, when resuming) over every stored event it selects:
  *   - one reader (the calling thread) reads and decodes each record once
- *     (the narrowest store read for the projection's `from`), works out the
+ *     (the narrowest store read for the projection's `from`, or a scan of
+ *     the log when that category or type holds 4/5 of it), works out the
  *     partition key in C and hands the decoded event to the worker that
  *     owns hash(key) (chunks of events through bounded queues);
  *   - N workers, each a thread with its own projection instance (its own

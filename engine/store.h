@@ -126,6 +126,13 @@ store_iter *store_read_category(store *s, const char *cat, size_t len, uint64_t 
                                 uint64_t limit, tm_err *err);
 store_iter *store_read_type(store *s, const char *type, size_t len, uint64_t from,
                             uint64_t limit, tm_err *err);
+/* About how many events a category / type read from `from` returns (the
+ * run holding `from` is counted whole): for choosing between an index read
+ * and a scan of the log.  0 / -1. */
+int store_count_category(store *s, const char *cat, size_t len, uint64_t from, uint64_t *n,
+                         tm_err *err);
+int store_count_type(store *s, const char *type, size_t len, uint64_t from, uint64_t *n,
+                     tm_err *err);
 /* 1 = *ev filled (valid until the next call or free), 0 = end, -1 = error
  * (corruption names the position).  Records are checksum-verified. */
 int store_iter_next(store_iter *it, tm_event *ev, tm_err *err);

@@ -675,6 +675,9 @@ PARALLEL_QUERIES = [
     'from{}:where(function(e) return e.category == "customer" and e.metadata.correlation_id ~= nil end):count()',
     'from{}:group_by("data.missing"):count()',
     'from{}:min("data.amount"), from{}:max("data.customer")',
+    'from{from=1500}:group_by("type"):count()',
+    'from{category="customer", from=2999}:count()',
+    'from{from=999999}:count()',
 ]
 
 

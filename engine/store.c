@@ -1413,7 +1413,7 @@ static void gather(store *s) {
     struct timespec ts = {(time_t)(end / 1000000000ull), (long)(end % 1000000000ull)};
     s->gather_want = want;
     while (s->qcount < want && !s->stopping)
-        if (pthread_cond_timedwait(&s->gather_cv, &s->mu, &ts) == ETIMEDOUT) break;
+        if (pthread_cond_timedwait(&s->gather_cv, &s->mu, &ts) != 0) break; /* timed out */
     s->gather_want = 0;
     if (s->qcount < want) s->gather_skip = GATHER_BACKOFF;
 }

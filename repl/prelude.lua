@@ -775,11 +775,9 @@ end
 -- dumped by C: only functions without upvalues travel) and returns its
 -- partial states, which are merged here in range order.  A worker state
 -- has none of the REPL's I/O and no user globals: touching either raises
--- PAR_FALLBACK there, and the REPL runs the query serially instead, so
+-- REPLPAR_FALLBACK (repl.h) there, and the REPL runs the query serially instead, so
 -- the result is always the serial one (float sums up to rounding).
 
-local PAR_FALLBACK = "\0serial"
-T.PAR_FALLBACK = PAR_FALLBACK
 local NULL_KEY = { ["\0null"] = true } -- NULL in a partial's keys (msgpack)
 
 -- A description part: fields are paths or an index into fns (a function);
@@ -882,6 +880,16 @@ local function parallel(q, aspec, merge, label)
   return list
 end
 
+-- What the query's handler gathered (collect()): on every core when it
+-- can, else in one scan here with the handler build() makes.
+local function gathered(q, spec, merge, label, build)
+  local got = parallel(q, spec, merge, label)
+  if got ~= nil then return got end
+  local h, collect = build()
+  scan(q, h, label)
+  return collect()
+end
+
 local function sort_groups(list, nk)
   sort(list, function(x, y)
     for i = 1, nk do
@@ -896,12 +904,7 @@ end
 -- Keys: a result set of key columns then the aggregate's columns.
 local function run(q, a, label)
   local nk = #q.keys
-  local got = parallel(q, a.spec, a.merge, label)
-  if got == nil then
-    local h, collect = grouping(q, a)
-    scan(q, h, label)
-    got = collect()
-  end
+  local got = gathered(q, a.spec, a.merge, label, function() return grouping(q, a) end)
   if nk == 0 then return a.final(got) end
   local order = got
   sort_groups(order, nk)
@@ -982,28 +985,17 @@ function Q:top(n, f)
   if type(n) ~= "number" or n < 1 then error("top wants a count and a field: top(10, \"data.customer\")", 2) end
   local get = getter(f)
   local nk = #self.keys
-  local list
+  local merge = merge_counts
   if nk == 0 then
     -- one group: parallel() merges a keyless state, here a list of one
-    local got = parallel(self, { kind = "top", f = f }, function(a, b)
+    merge = function(a, b)
       if a[1] == nil then return b end
       if b[1] ~= nil then merge_counts(a[1][2], b[1][2]) end
       return a
-    end, "top")
-    if got == nil then
-      local h, collect = top_grouping(self, get)
-      scan(self, h, "top")
-      got = collect()
-    end
-    list = got
-  else
-    list = parallel(self, { kind = "top", f = f }, merge_counts, "top")
-    if list == nil then
-      local h, collect = top_grouping(self, get)
-      scan(self, h, "top")
-      list = collect()
     end
   end
+  local list = gathered(self, { kind = "top", f = f }, merge, "top",
+                        function() return top_grouping(self, get) end)
   sort_groups(list, nk)
   local cols = {}
   for i, k in ipairs(self.keys) do cols[i] = k.name end

@@ -87,20 +87,9 @@ void replscan_register(lua_State *L, repl *r);
 void replscan_publish_types(lua_State *L, int types_idx);
 
 /* The batched scan behind queries (replscan.c), shared with the parallel
- * scan (replpar.c).  One event of a batch, read by the prelude through the
- * FFI (the same declaration is in prelude.lua); offsets are into the
- * batch's arena, type_idx into the session's interned type names. */
-#define REPLSCAN_BATCH 256
-typedef struct replscan_slot {
-    double position, version, time;
-    uint32_t stream_off, stream_len, data_off, data_len, type_idx, pad;
-} replscan_slot;
-/* Gets every batch (valid during the call only): 0 go on, 1 stop the
- * scan, -1 fail it. */
-typedef int (*replscan_sink)(void *ud, lua_State *L, const replscan_slot *slots, unsigned n,
-                             const char *arena, size_t arena_len);
-/* Interned event type names: slots carry their index into the state's
- * T.types.  One table per Lua state that scans (NULL: the session's). */
+ * scan (replpar.c).  Interned event type names: a batch carries each
+ * event's type as an index into the scanning state's T.types; one table
+ * per Lua state that scans (NULL: the session's). */
 typedef struct replscan_types replscan_types;
 replscan_types *replscan_types_new(void);
 void replscan_types_free(replscan_types *t);
@@ -109,25 +98,18 @@ typedef struct replscan_opts {
     uint64_t from, to;       /* narrow to positions from..to (0 = the selector's / the end) */
     replscan_types *types;   /* NULL = the session's */
     uint64_t *at;            /* the position reached, stored as the scan goes (atomic) */
+    const int *stop;         /* ends the scan between batches once set (atomic); may be NULL */
+    volatile sig_atomic_t *in_lua; /* 1 while a batch runs in Lua; may be NULL */
 } replscan_opts;
-enum { REPLSCAN_DONE = 0, REPLSCAN_ESINK = -1, REPLSCAN_EINTR = -2, REPLSCAN_EREAD = -3 };
-/* Scan the selector table at sel_idx (the prelude's selector), feeding
- * batches to sink.  Returns REPLSCAN_* (EREAD: e set); *count = events
- * selected.  Leaves values on the stack.  Call it from a C function whose
- * upvalue 1 is the session (repllua_session). */
-int replscan_run(lua_State *L, int sel_idx, const replscan_opts *o, replscan_sink sink,
-                 void *ud, uint64_t *count, tm_err *e);
-/* The sink that runs the prelude's runner (stack index) with handler
- * (stack index) in L; a Lua error is left on the stack (msgh: the message
- * handler's index); stops the scan once *stop is set (may be NULL);
- * *in_lua (may be NULL) is 1 while the runner runs. */
-typedef struct replscan_here {
-    int msgh, runner, handler;
-    const int *stop;
-    volatile sig_atomic_t *in_lua;
-} replscan_here;
-int replscan_run_here(void *ud, lua_State *L, const replscan_slot *slots, unsigned n,
-                      const char *arena, size_t len);
+enum { REPLSCAN_DONE = 0, REPLSCAN_ELUA = -1, REPLSCAN_EINTR = -2, REPLSCAN_EREAD = -3 };
+/* Run handler (stack index) over the selector table at sel_idx (the
+ * prelude's selector), batch by batch through the prelude's runner.
+ * Returns REPLSCAN_* (ELUA: the error, with its traceback, is on the
+ * stack; EREAD: e set); *count = events selected.  Leaves values on the
+ * stack.  Call it from a C function whose upvalue 1 is the session
+ * (repllua_session). */
+int replscan_run(lua_State *L, int sel_idx, int handler, const replscan_opts *o,
+                 uint64_t *count, tm_err *e);
 
 /* Ctrl-C: 1 while an interrupt is pending (polled by long C loops). */
 int repl_cancel_requested(void);

@@ -663,9 +663,11 @@ static int open_state(lua_State *L) {
     lua_getfield(L, tidx, "types");
     replscan_publish_types(L, lua_gettop(L));
     lua_setfield(L, LUA_REGISTRYINDEX, "tm.types");
-    lua_getfield(L, tidx, "pbuild");
-    lua_setfield(L, LUA_REGISTRYINDEX, "tm.pbuild");
-    if (worker) worker_lockdown(L, tidx);
+    if (worker) {
+        lua_getfield(L, tidx, "pbuild");
+        lua_setfield(L, LUA_REGISTRYINDEX, "tm.pbuild");
+        worker_lockdown(L, tidx);
+    }
     return 0;
 }
 

@@ -138,18 +138,15 @@ static int scan_range(lua_State *L) {
     pworker *w = lua_touserdata(L, 1);
     lua_getfield(L, LUA_REGISTRYINDEX, "tm.psel");
     int sel = lua_gettop(L);
-    lua_pushcfunction(L, repllua_traceback);
+    lua_getfield(L, LUA_REGISTRYINDEX, "tm.ph");
+    int handler = lua_gettop(L);
     /* the jump (SIGUSR2) is armed only while Lua runs: never out of the
      * store's C code, which may hold its locks */
-    replscan_here h = {.msgh = lua_gettop(L), .stop = &g_failed, .in_lua = &w->can_jump};
-    lua_getfield(L, LUA_REGISTRYINDEX, "tm.runner");
-    h.runner = lua_gettop(L);
-    lua_getfield(L, LUA_REGISTRYINDEX, "tm.ph");
-    h.handler = lua_gettop(L);
-    replscan_opts o = {.from = w->lo, .to = w->hi, .types = w->types, .at = &w->at};
+    replscan_opts o = {.from = w->lo, .to = w->hi, .types = w->types, .at = &w->at,
+                       .stop = &g_failed, .in_lua = &w->can_jump};
     uint64_t n = 0;
-    int rc = replscan_run(L, sel, &o, replscan_run_here, &h, &n, &w->err);
-    if (rc == REPLSCAN_ESINK) return lua_error(L);
+    int rc = replscan_run(L, sel, handler, &o, &n, &w->err);
+    if (rc == REPLSCAN_ELUA) return lua_error(L);
     if (rc == REPLSCAN_EINTR) return repllua_interrupted(L);
     if (rc == REPLSCAN_EREAD) w->status = PW_EREAD;
     return 0;

@@ -87,6 +87,15 @@ static int sel_match(lua_State *L, const scan_sel *s, const tm_event *ev) {
 }
 
 
+#define SCAN_BATCH 256
+
+/* One event of a scan batch, read by the prelude through the FFI (the same
+ * declaration is in prelude.lua).  Offsets are into the batch's arena. */
+typedef struct replscan_slot {
+    double position, version, time;
+    uint32_t stream_off, stream_len, data_off, data_len, type_idx, pad;
+} replscan_slot;
+
 /* Event type names interned for the session: the prelude keeps the
  * strings in T.types[idx], so a scan never builds a type string per event.
  * Open addressing on FNV-1a; the table only grows (types are few). */
@@ -169,12 +178,36 @@ void replscan_publish_types(lua_State *L, int types_idx) {
     }
 }
 
+/* One batch through the prelude's runner: 0 go on, 1 the handler
+ * stopped the scan, -1 a Lua error (left on the stack). */
+static int run_batch(lua_State *L, int msgh, int runner, int handler, const replscan_opts *o,
+                     const replscan_slot *slots, int n, const char *arena) {
+    lua_pushvalue(L, runner);
+    lua_pushlightuserdata(L, (void *)slots);
+    lua_pushlightuserdata(L, (void *)arena);
+    lua_pushinteger(L, n);
+    lua_pushvalue(L, handler);
+    if (o->in_lua) *o->in_lua = 1;
+    int st = lua_pcall(L, 4, 1, msgh);
+    if (o->in_lua) *o->in_lua = 0;
+    lua_getfield(L, LUA_REGISTRYINDEX, "tm.batch_done");
+    lua_call(L, 0, 0);
+    if (st) return -1;
+    int stopped = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return stopped;
+}
+
 /* The batched scan: copies each selected event's stream and data bytes
- * into an arena, fills a slot, and hands every REPLSCAN_BATCH events to
- * the sink (repl.h), with a progress bar on stderr when interactive. */
-int replscan_run(lua_State *L, int sel_idx, const replscan_opts *o, replscan_sink sink,
-                 void *ud, uint64_t *count, tm_err *e) {
+ * into an arena, fills a slot, and runs every SCAN_BATCH events (see
+ * t_scan), with a progress bar on stderr when interactive. */
+int replscan_run(lua_State *L, int sel_idx, int handler, const replscan_opts *o,
+                 uint64_t *count, tm_err *e) {
     repl *r = repllua_session(L);
+    lua_pushcfunction(L, repllua_traceback);
+    int msgh = lua_gettop(L);
+    lua_getfield(L, LUA_REGISTRYINDEX, "tm.runner");
+    int runner = lua_gettop(L);
     scan_sel s;
     parse_sel(L, sel_idx, &s);
     intern *tt = o->types ? o->types : &g_types;
@@ -190,7 +223,7 @@ int replscan_run(lua_State *L, int sel_idx, const replscan_opts *o, replscan_sin
     uint64_t total = s.sel.kind == REPLSRC_STREAM || s.sel.backward || last < start ? 0 : last - start + 1;
     progress *pg = r->progress && o->label ? progress_new(stderr, o->label, total, "events", 0)
                                            : NULL;
-    replscan_slot *slots = malloc(REPLSCAN_BATCH * sizeof *slots);
+    replscan_slot *slots = malloc(SCAN_BATCH * sizeof *slots);
     if (!slots) tm_oom();
     buf arena = BUF_INIT;
     uint64_t n = 0;
@@ -222,14 +255,15 @@ int replscan_run(lua_State *L, int sel_idx, const replscan_opts *o, replscan_sin
             x->data_off = (uint32_t)arena.len;
             x->data_len = (uint32_t)ev.data_len;
             buf_append(&arena, ev.data, ev.data_len);
-            if (inbatch < REPLSCAN_BATCH) continue;
+            if (inbatch < SCAN_BATCH) continue;
         }
         if (inbatch) {
-            int st = sink(ud, L, slots, (unsigned)inbatch, arena.ptr, arena.len);
+            if (o->stop && __atomic_load_n(o->stop, __ATOMIC_RELAXED)) break;
+            int st = run_batch(L, msgh, runner, handler, o, slots, inbatch, arena.ptr);
             inbatch = 0;
             buf_reset(&arena);
             if (st < 0) {
-                status = REPLSCAN_ESINK;
+                status = REPLSCAN_ELUA;
                 break;
             }
             if (st > 0) break;
@@ -246,29 +280,8 @@ int replscan_run(lua_State *L, int sel_idx, const replscan_opts *o, replscan_sin
     return REPLSCAN_DONE;
 }
 
-int replscan_run_here(void *ud, lua_State *L, const replscan_slot *slots, unsigned n,
-                      const char *arena, size_t len) {
-    replscan_here *ss = ud;
-    (void)len;
-    if (ss->stop && __atomic_load_n(ss->stop, __ATOMIC_RELAXED)) return 1;
-    lua_pushvalue(L, ss->runner);
-    lua_pushlightuserdata(L, (void *)slots);
-    lua_pushlightuserdata(L, (void *)arena);
-    lua_pushinteger(L, (lua_Integer)n);
-    lua_pushvalue(L, ss->handler);
-    if (ss->in_lua) *ss->in_lua = 1;
-    int st = lua_pcall(L, 4, 1, ss->msgh);
-    if (ss->in_lua) *ss->in_lua = 0;
-    lua_getfield(L, LUA_REGISTRYINDEX, "tm.batch_done");
-    lua_call(L, 0, 0);
-    if (st) return -1;
-    int stopped = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    return stopped;
-}
-
 /* T.scan(sel, handler [, label]) -> events scanned.  Runs handler(e) for
- * every selected event.  Events go in batches of REPLSCAN_BATCH: C fills
+ * every selected event.  Events go in batches of SCAN_BATCH: C fills
  * the batch, the prelude's runner (a Lua loop the JIT compiles, with the
  * msgpack decoder and the handler inlined) builds the event tables and
  * calls the handler, so C and Lua trade places once per batch.  stream,
@@ -277,18 +290,12 @@ static int t_scan(lua_State *L) {
     repl *r = repllua_session(L);
     luaL_checktype(L, 1, LUA_TTABLE);
     luaL_checktype(L, 2, LUA_TFUNCTION);
-    const char *label = luaL_optstring(L, 3, "query");
-    replscan_here ss = {.handler = 2};
-    lua_pushcfunction(L, repllua_traceback);
-    ss.msgh = lua_gettop(L);
-    lua_getfield(L, LUA_REGISTRYINDEX, "tm.runner");
-    ss.runner = lua_gettop(L);
+    replscan_opts o = {.label = luaL_optstring(L, 3, "query")};
     tm_err e;
     err_clear(&e);
     uint64_t n = 0;
-    replscan_opts o = {.label = label};
-    int rc = replscan_run(L, 1, &o, replscan_run_here, &ss, &n, &e);
-    if (rc == REPLSCAN_ESINK) return lua_error(L);
+    int rc = replscan_run(L, 1, 2, &o, &n, &e);
+    if (rc == REPLSCAN_ELUA) return lua_error(L);
     if (rc == REPLSCAN_EINTR) return repllua_interrupted(L);
     if (rc == REPLSCAN_EREAD) return repllua_raise(L, r, &e);
     lua_pushnumber(L, (lua_Number)n);

@@ -4,14 +4,14 @@
  * The only file that includes leveldb/c.h.
  *
  * ---- Key layout (one LevelDB keyspace, first byte = namespace) ----
- *   0x7f be64(pos)                 -> record (record.h: crc32c + msgpack array);
- *                                     the prefix is 'e' in format 1 stores
- *                                     (s->kev).  Format 2 puts the log after
- *                                     every other namespace so that a new
- *                                     event key is the largest key in the
- *                                     memtable: LevelDB's skiplist insert then
- *                                     makes no comparison against a successor
- *                                     at each level (about 10 per event).
+ *   0x7f be64(last)                -> log block: the records (record.h: crc32c
+ *                                     + msgpack array) of positions
+ *                                     last-n+1 .. last, see "Log blocks"
+ *                                     below.  The log comes after every other
+ *                                     namespace so that a new block key is the
+ *                                     largest key in the memtable: LevelDB's
+ *                                     skiplist insert then makes no comparison
+ *                                     against a successor at each level.
  *   'i' id(16)                     -> varint(pos)   only for client-supplied ids
  *   'g' be64(p0)                   -> stream journal of the commit whose first
  *                                     position is p0 (one key per commit)
@@ -20,7 +20,7 @@
  *   't' type 0x00 be64(p0)         -> run: positions p0 < p1 < ... of the type
  *   'm' "last"                     -> be64(last position)
  *   'm' "folded"                   -> be64(fold mark)
- *   'm' "format"                   -> "2" ("1": the same with 'e' events)
+ *   'm' "format"                   -> "3" (formats 1 and 2: below)
  *   'p' caller key                 -> caller value (projection namespace)
  * A run value is crc32c(payload) (4 bytes LE) then payload = varint(first)
  * varint(delta)...  Each commit writes ONE 'c' run per category and ONE 't'
@@ -45,6 +45,17 @@
  * an id is found by reading the record at that position and comparing ids,
  * so generated ids cost no key.  (Positions >= 2^48 fall back to a random
  * id under 'i'.)  Both kinds are permanent.
+ *
+ * Log blocks: a commit writes its records in blocks of up to
+ * BLOCK_MAX_EVENTS consecutive positions and about BLOCK_MAX_BYTES:
+ *   block  = varint(n) then n times (varint(len) record)
+ * under the key of its last position, so a seek to a position lands on
+ * the block holding it.  One LevelDB entry per block instead of one per
+ * event: the memtable insert (a skiplist search) is most of LevelDB's cost
+ * per entry.  Each record keeps its own checksum.  Older stores: format 2
+ * has one bare record per key (the key is its position), format 1 the
+ * same under 'e'; they are read and written as blocks of one
+ * without the header (s->blocks == 0).
  *
  * ---- Invariants ----
  *   - positions 1..last are all present ('m' last = last); a commit writes
@@ -84,7 +95,7 @@
 #include "record.h"
 
 #define K_EVENT_V1 'e'  /* format 1 stores */
-#define K_EVENT 0x7f    /* format 2: after every other namespace */
+#define K_EVENT 0x7f    /* formats 2 and 3: after every other namespace */
 #define K_ID 'i'
 #define K_STREAM 's'
 #define K_CAT 'c'
@@ -95,6 +106,9 @@
 
 #define FOLD_EVENTS 32768 /* fold the stream journal after this many events */
 #define FOLD_GROUPS 512   /* ... or after this many commits */
+
+#define BLOCK_MAX_EVENTS 64   /* < 128: the header varint is one byte */
+#define BLOCK_MAX_BYTES 4096  /* a block is flushed before it would pass this */
 
 #define STREAM_CACHE_MAX (1u << 20) /* cached stream heads before the cache is dropped */
 #define MAX_COMMIT_FNS 16
@@ -142,6 +156,69 @@ static int64_t now_ms(void) {
 static void event_key(unsigned char k[9], char kev, uint64_t pos) {
     k[0] = (unsigned char)kev;
     put_be64(k + 1, pos);
+}
+
+/* ---- log blocks ----
+ * A cursor over one block (a view into the LevelDB value it was opened
+ * on: valid until that iterator moves).  Formats 1 and 2 (blocks == 0):
+ * the value is one bare record. */
+typedef struct blk {
+    const char *body, *p, *end; /* the records; the next one's length varint */
+    uint64_t first, last;       /* positions held */
+    uint64_t cur;               /* position of rec, first - 1 before the first step */
+    const char *rec;            /* the record at cur */
+    size_t reclen;
+    int bare;
+} blk;
+
+/* Open a block from its key and value: 1, 0 (not a log key), -1 malformed. */
+static int blk_open(blk *b, char kev, int blocks, const char *k, size_t kl, const char *v,
+                    size_t vl) {
+    if (kl != 9 || k[0] != kev) return 0;
+    b->last = get_be64(k + 1);
+    b->end = v + vl;
+    b->bare = !blocks;
+    uint64_t n = 1;
+    const char *p = v;
+    if (blocks && (buf_get_varint(&p, b->end, &n) < 0 || n == 0 || n > b->last)) return -1;
+    if (b->last == 0) return -1;
+    b->first = b->last - n + 1;
+    b->body = b->p = p;
+    b->cur = b->first - 1;
+    b->rec = NULL;
+    return 1;
+}
+
+/* Step onto the next record: 1, 0 (past the last), -1 malformed. */
+static int blk_step(blk *b) {
+    if (b->cur == b->last) return 0;
+    if (b->bare) {
+        b->rec = b->body;
+        b->reclen = (size_t)(b->end - b->body);
+    } else {
+        uint64_t len;
+        const char *p = b->p;
+        if (p < b->end && (unsigned char)*p < 0x80) len = (unsigned char)*p++; /* < 128 bytes */
+        else if (buf_get_varint(&p, b->end, &len) < 0) return -1;
+        if (len > (uint64_t)(b->end - p)) return -1;
+        b->rec = p;
+        b->reclen = (size_t)len;
+        b->p = p + len;
+    }
+    b->cur++;
+    return 1;
+}
+
+/* Move onto pos (first <= pos <= last): 1, -1 malformed. */
+static int blk_seek(blk *b, uint64_t pos) {
+    if (pos == b->cur && b->rec) return 1;
+    if (pos < b->cur) {
+        b->p = b->body;
+        b->cur = b->first - 1;
+    }
+    while (b->cur < pos)
+        if (blk_step(b) <= 0) return -1;
+    return 1;
 }
 
 /* LEB128 (as buf_put_varint) into room the caller reserved; returns the end. */
@@ -416,6 +493,7 @@ struct store {
     leveldb_readoptions_t *ro;     /* verify checksums */
     leveldb_writeoptions_t *wo;    /* sync per durability */
     char kev;                      /* event key prefix: K_EVENT, or K_EVENT_V1 (format 1) */
+    int blocks;                    /* format 3: the log is in blocks (else one record per key) */
     store_opts o;
     char *dir;
 
@@ -466,6 +544,9 @@ struct store {
     leveldb_iterator_t *git;       /* lazily created per group, for head lookups */
     leveldb_writebatch_t *wb;
     buf rec, key, val;
+    buf blk;                       /* the block being filled: header byte, then records */
+    unsigned blkn;                 /* records in blk */
+    uint64_t blklast;              /* position of its last record */
     uint64_t rng[2];
 };
 
@@ -503,13 +584,6 @@ static int db_get(store *s, const leveldb_readoptions_t *ro, const char *k, size
 }
 
 /* Is the iterator on exactly key k? */
-static int iter_at(leveldb_iterator_t *it, const unsigned char *k, size_t n) {
-    if (!leveldb_iter_valid(it)) return 0;
-    size_t kl;
-    const char *cur = leveldb_iter_key(it, &kl);
-    return kl == n && memcmp(cur, k, n) == 0;
-}
-
 /* Iterator-level error check: 0 ok, -1 (err set). */
 static int iter_status(leveldb_iterator_t *it, tm_err *err) {
     char *lerr = NULL;
@@ -644,14 +718,16 @@ static int load_meta(store *s, tm_err *err) {
     int r = db_get(s, NULL, "mformat", 7, &v, &vl, err);
     if (r < 0) return -1;
     s->kev = K_EVENT;
+    s->blocks = 1;
     if (r == 1) {
-        int ok = vl == 1 && (v[0] == '1' || v[0] == '2');
+        int ok = vl == 1 && v[0] >= '1' && v[0] <= '3';
         if (ok && v[0] == '1') s->kev = K_EVENT_V1;
+        if (ok && v[0] != '3') s->blocks = 0;
         leveldb_free(v);
         if (!ok) return err_set(err, TM_EIO, "data directory %s: unsupported store format", s->dir);
     } else {
         char *lerr = NULL;
-        leveldb_put(s->db, s->wo, "mformat", 7, "2", 1, &lerr);
+        leveldb_put(s->db, s->wo, "mformat", 7, "3", 1, &lerr);
         if (lerr) return db_err(err, lerr, "write");
     }
     uint64_t last = 0;
@@ -744,6 +820,7 @@ static void store_free_parts(store *s) {
     buf_free(&s->rec);
     buf_free(&s->key);
     buf_free(&s->val);
+    buf_free(&s->blk);
     free(s->dir);
     free(s);
 }
@@ -994,29 +1071,44 @@ static node *touch(store *s, nmap *m, node **list, const char *name, size_t nl) 
     return n;
 }
 
+/* Seek `it` to the block holding pos and *b onto its record: 1, 0 (no
+ * such position), -1 (a read error or a malformed block). */
+static int log_seek(store *s, leveldb_iterator_t *it, uint64_t pos, blk *b, tm_err *err) {
+    unsigned char k[9];
+    event_key(k, s->kev, pos);
+    leveldb_iter_seek(it, (const char *)k, 9);
+    int r = 0;
+    if (leveldb_iter_valid(it)) {
+        size_t kl, vl;
+        const char *key = leveldb_iter_key(it, &kl);
+        const char *v = leveldb_iter_value(it, &vl);
+        r = blk_open(b, s->kev, s->blocks, key, kl, v, vl);
+    }
+    if (r == 0 || (r == 1 && pos < b->first)) return iter_status(it, err) < 0 ? -1 : 0;
+    if (r < 0 || blk_seek(b, pos) < 0)
+        return err_set(err, TM_EIO, "corrupt store: malformed log block at position %llu",
+                       (unsigned long long)pos);
+    return 1;
+}
+
 /* Does the record at pos carry ev's id?  1 yes (*orig, *same filled), 0 no
  * (or no such position), -1 error. */
 static int id_at(store *s, uint64_t pos, const tm_event *ev, tm_event *orig, int *same,
                  tm_err *err) {
-    unsigned char k[9];
-    char *v;
-    size_t vl;
-    event_key(k, s->kev, pos);
-    int r = db_get(s, NULL, (const char *)k, 9, &v, &vl, err);
-    if (r <= 0) return r;
+    blk b;
+    int r = log_seek(s, group_iter(s), pos, &b, err);
     tm_event st;
-    if (record_decode(v, vl, &st, err) < 0) {
-        leveldb_free(v);
-        return err_prefix(err, "position %llu", (unsigned long long)pos);
+    if (r == 1 && record_decode(b.rec, b.reclen, &st, err) < 0)
+        r = err_prefix(err, "position %llu", (unsigned long long)pos);
+    if (r == 1) {
+        r = memcmp(st.id, ev->id, 16) == 0;
+        if (r) {
+            *same = same_content(ev, &st);
+            orig->position = pos;
+            orig->version = st.version;
+            orig->time_ms = st.time_ms;
+        }
     }
-    r = memcmp(st.id, ev->id, 16) == 0;
-    if (r) {
-        *same = same_content(ev, &st);
-        orig->position = pos;
-        orig->version = st.version;
-        orig->time_ms = st.time_ms;
-    }
-    leveldb_free(v);
     return r;
 }
 
@@ -1059,6 +1151,38 @@ static void fmt_expect(char *out, size_t n, int64_t v) {
 
 /* Check a request against stored ids and current heads; on success append
  * it to the group.  0 ok, -1 rejected (r->err filled, group unaffected). */
+/* Put the block being filled into the batch. */
+static void log_flush(store *s) {
+    if (!s->blkn) return;
+    unsigned char k[9];
+    event_key(k, s->kev, s->blklast);
+    s->blk.ptr[0] = (char)s->blkn; /* BLOCK_MAX_EVENTS < 128: one varint byte */
+    leveldb_writebatch_put(s->wb, (const char *)k, 9, s->blk.ptr, s->blk.len);
+    s->blkn = 0;
+}
+
+/* The record of ev at pos (the next position of the group) into the log. */
+static void log_add(store *s, uint64_t pos, const tm_event *ev) {
+    buf_reset(&s->rec);
+    record_encode(ev, &s->rec);
+    if (!s->blocks) {
+        unsigned char k[9];
+        event_key(k, s->kev, pos);
+        leveldb_writebatch_put(s->wb, (const char *)k, 9, s->rec.ptr, s->rec.len);
+        return;
+    }
+    if (s->blkn && (s->blkn == BLOCK_MAX_EVENTS || s->blk.len + s->rec.len + 3 > BLOCK_MAX_BYTES))
+        log_flush(s);
+    if (!s->blkn) {
+        buf_reset(&s->blk);
+        buf_putc(&s->blk, 0); /* the count, set by log_flush */
+    }
+    put_varint(&s->blk, s->rec.len);
+    buf_append(&s->blk, s->rec.ptr, s->rec.len);
+    s->blkn++;
+    s->blklast = pos;
+}
+
 static int group_add(store *s, req *r) {
     tm_err *err = &r->err;
     /* 1. idempotent retries */
@@ -1192,10 +1316,7 @@ static int group_add(store *s, req *r) {
         } else {
             gen_id(s, pos, ev->id);
         }
-        buf_reset(&s->rec);
-        record_encode(ev, &s->rec);
-        event_key(k, s->kev, pos);
-        leveldb_writebatch_put(s->wb, (const char *)k, 9, s->rec.ptr, s->rec.len);
+        log_add(s, pos, ev);
     }
     return 0;
 }
@@ -1286,6 +1407,7 @@ static void group_commit(store *s, req *list) {
         if (failed) r->rc = refusing(&r->err);
         else r->rc = group_add(s, r);
     }
+    log_flush(s);
     if (s->git) {
         leveldb_iter_destroy(s->git);
         s->git = NULL;
@@ -1677,8 +1799,8 @@ struct store_iter {
     size_t ji;
     uint64_t jexpect;         /* the version the next journal entry must start at */
     u64vec jall;              /* backward: every journal position of the stream */
-    const char *rec;
-    size_t reclen;
+    blk b;                    /* the block under it, when bok */
+    int bok;
 };
 
 static store_iter *iter_new(store *s, int kind, uint64_t from, int backward, uint64_t limit) {
@@ -1806,51 +1928,56 @@ static const char *iter_name(store_iter *it, size_t *len) {
     return it->prefix.ptr + 1;
 }
 
-/* Move the 'e' iterator onto pos and decode the record.  0 / -1. */
+static int bad_block(tm_err *err, uint64_t pos) {
+    return err_set(err, TM_EIO, "corrupt store: malformed log block at position %llu",
+                   (unsigned long long)pos);
+}
+
+/* Open the block under it->it into it->b: 1, 0 (no log key there), -1. */
+static int iter_block(store_iter *it, tm_err *err) {
+    it->bok = 0;
+    if (!leveldb_iter_valid(it->it)) return 0;
+    size_t kl, vl;
+    const char *k = leveldb_iter_key(it->it, &kl);
+    const char *v = leveldb_iter_value(it->it, &vl);
+    int r = blk_open(&it->b, it->s->kev, it->s->blocks, k, kl, v, vl);
+    if (r < 0) return bad_block(err, get_be64(k + 1));
+    it->bok = r;
+    return r;
+}
+
+/* Move the log iterator onto pos and decode its record.  0 / -1. */
 static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
-    unsigned char k[9];
-    event_key(k, it->s->kev, pos);
-    int ok = 0;
-    if (leveldb_iter_valid(it->it)) {
-        /* sequential reads: step instead of seeking */
-        size_t kl;
-        const char *cur = leveldb_iter_key(it->it, &kl);
-        if (kl == 9 && cur[0] == it->s->kev) {
-            uint64_t c = get_be64(cur + 1);
-            if (c < pos && pos - c <= 4) {
-                while (c < pos && leveldb_iter_valid(it->it)) {
-                    leveldb_iter_next(it->it);
-                    if (!leveldb_iter_valid(it->it)) break;
-                    cur = leveldb_iter_key(it->it, &kl);
-                    if (kl != 9 || cur[0] != it->s->kev) break;
-                    c = get_be64(cur + 1);
-                }
-                ok = 1;
-            } else if (c > pos && c - pos <= 4) {
-                while (c > pos && leveldb_iter_valid(it->it)) {
-                    leveldb_iter_prev(it->it);
-                    if (!leveldb_iter_valid(it->it)) break;
-                    cur = leveldb_iter_key(it->it, &kl);
-                    if (kl != 9 || cur[0] != it->s->kev) break;
-                    c = get_be64(cur + 1);
-                }
-                ok = 1;
-            } else if (c == pos) ok = 1;
-        }
+    blk *b = &it->b;
+    int on = it->bok && leveldb_iter_valid(it->it);
+    int there = on && pos >= b->first && pos <= b->last;
+    /* sequential reads: step to the neighbouring block instead of seeking.
+     * Landing on the block that holds pos means any block LevelDB skipped
+     * on the way (unreadable, its error recorded) held only positions this
+     * read does not want (next_all relies on the same). */
+    if (!there && on && pos > b->last && pos - b->last <= BLOCK_MAX_EVENTS) {
+        leveldb_iter_next(it->it);
+        if (iter_block(it, err) < 0) return -1;
+        there = it->bok && pos >= b->first && pos <= b->last;
+    } else if (!there && on && pos < b->first && b->first - pos <= BLOCK_MAX_EVENTS) {
+        leveldb_iter_prev(it->it);
+        if (iter_block(it, err) < 0) return -1;
+        there = it->bok && pos >= b->first && pos <= b->last;
     }
-    if (!ok) leveldb_iter_seek(it->it, (const char *)k, 9);
-    /* stepped onto pos itself: the record is there, read from a block that
-     * passed its checksum; a block skipped on the way held only positions
-     * this read does not want (next_all relies on the same) */
-    int there = ok && iter_at(it->it, k, 9);
-    if (!there && iter_status(it->it, err) < 0) return -1; /* a skipped unreadable block */
-    if (!there && !iter_at(it->it, k, 9)) {
-        if (iter_status(it->it, err) < 0) return -1;
+    if (!there) {
+        unsigned char k[9];
+        event_key(k, it->s->kev, pos);
+        leveldb_iter_seek(it->it, (const char *)k, 9);
+        if (iter_block(it, err) < 0) return -1;
+        there = it->bok && pos >= b->first; /* the seek lands on last >= pos */
+    }
+    if (!there) {
+        if (iter_status(it->it, err) < 0) return -1; /* a skipped unreadable block */
         return err_set(err, TM_EIO, "corrupt store: position %llu is missing from the log",
                        (unsigned long long)pos);
     }
-    it->rec = leveldb_iter_value(it->it, &it->reclen);
-    if (record_decode(it->rec, it->reclen, ev, err) < 0)
+    if (blk_seek(b, pos) < 0) return bad_block(err, pos);
+    if (record_decode(b->rec, b->reclen, ev, err) < 0)
         return err_prefix(err, "position %llu", (unsigned long long)pos);
     ev->position = pos;
     return 0;
@@ -1858,15 +1985,20 @@ static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
 
 static int next_all(store_iter *it, tm_event *ev, tm_err *err) {
     if (it->backward ? it->next == 0 : it->next > it->hi) return 0;
-    if (!it->backward && it->started) {
-        /* a forward scan: the iterator is on the previous position, the
-         * next key is the next position (anything else: fetch decides) */
-        leveldb_iter_next(it->it);
-        size_t kl;
-        const char *k = leveldb_iter_valid(it->it) ? leveldb_iter_key(it->it, &kl) : NULL;
-        if (k && kl == 9 && k[0] == it->s->kev && get_be64(k + 1) == it->next) {
-            it->rec = leveldb_iter_value(it->it, &it->reclen);
-            if (record_decode(it->rec, it->reclen, ev, err) < 0)
+    if (!it->backward && it->started && it->bok) {
+        /* a forward scan: the next record of the block, or the first of
+         * the next block (anything else: fetch decides) */
+        blk *b = &it->b;
+        int r = 0;
+        if (b->cur + 1 == it->next && b->cur < b->last) r = blk_step(b);
+        else if (b->cur + 1 == it->next) {
+            leveldb_iter_next(it->it);
+            if (iter_block(it, err) < 0) return -1;
+            if (it->bok && b->first == it->next) r = blk_step(b);
+        }
+        if (r < 0) return bad_block(err, it->next);
+        if (r == 1) {
+            if (record_decode(b->rec, b->reclen, ev, err) < 0)
                 return err_prefix(err, "position %llu", (unsigned long long)it->next);
             ev->position = it->next++;
             return 1;
@@ -2173,8 +2305,8 @@ int store_stream_version(store *s, const char *stream, size_t len, int64_t *vers
 }
 
 void store_iter_record(store_iter *it, const char **rec, size_t *len) {
-    *rec = it->rec;
-    *len = it->reclen;
+    *rec = it->b.rec;
+    *len = it->b.reclen;
 }
 
 /* ---- names ---- */
@@ -2350,14 +2482,10 @@ static void count_name(nmap *m, const char *k, size_t kl) {
 
 /* Read the record at pos via c->ev: 1 decoded, 0 missing/corrupt (reported), -1 error. */
 static int check_fetch(check *c, uint64_t pos, tm_event *ev) {
-    unsigned char k[9];
-    event_key(k, c->s->kev, pos);
-    leveldb_iter_seek(c->ev, (const char *)k, 9);
-    if (!iter_at(c->ev, k, 9)) return 0;
-    size_t vl;
-    const char *v = leveldb_iter_value(c->ev, &vl);
+    blk b;
     tm_err e;
-    if (record_decode(v, vl, ev, &e) < 0) return 0;
+    if (log_seek(c->s, c->ev, pos, &b, &e) != 1) return 0;
+    if (record_decode(b.rec, b.reclen, ev, &e) < 0) return 0;
     return 1;
 }
 
@@ -2591,26 +2719,39 @@ int store_check(store *s, FILE *out, store_check_report *report, tm_err *err) {
             problem(&c, "log: malformed key");
             continue;
         }
-        uint64_t pos = buf_get_be64(k + 1);
-        if (pos != expect) {
-            if (pos > expect)
-                problem(&c, "log: positions %llu..%llu are missing", (unsigned long long)expect,
-                        (unsigned long long)(pos - 1));
-            else problem(&c, "log: position %llu out of order", (unsigned long long)pos);
-        }
-        expect = pos + 1;
         const char *v = leveldb_iter_value(it, &vl);
-        tm_event ev;
-        tm_err e;
-        if (record_decode(v, vl, &ev, &e) < 0) {
-            problem(&c, "position %llu: %s", (unsigned long long)pos, e.msg);
+        blk b;
+        if (blk_open(&b, s->kev, s->blocks, k, kl, v, vl) < 0) {
+            uint64_t at = buf_get_be64(k + 1);
+            problem(&c, "log: malformed block at position %llu", (unsigned long long)at);
+            expect = at + 1;
             continue;
         }
-        report->events++;
-        count_name(&c.streams, ev.stream, ev.stream_len);
-        count_name(&c.cats, ev.stream, event_category_len(ev.stream, ev.stream_len));
-        count_name(&c.types, ev.type, ev.type_len);
-        check_event_id(&c, &ev, pos);
+        if (b.first != expect) {
+            if (b.first > expect)
+                problem(&c, "log: positions %llu..%llu are missing", (unsigned long long)expect,
+                        (unsigned long long)(b.first - 1));
+            else problem(&c, "log: position %llu out of order", (unsigned long long)b.first);
+        }
+        expect = b.last + 1;
+        int r;
+        while ((r = blk_step(&b)) == 1) {
+            tm_event ev;
+            tm_err e;
+            if (record_decode(b.rec, b.reclen, &ev, &e) < 0) {
+                problem(&c, "position %llu: %s", (unsigned long long)b.cur, e.msg);
+                continue;
+            }
+            report->events++;
+            count_name(&c.streams, ev.stream, ev.stream_len);
+            count_name(&c.cats, ev.stream, event_category_len(ev.stream, ev.stream_len));
+            count_name(&c.types, ev.type, ev.type_len);
+            check_event_id(&c, &ev, b.cur);
+        }
+        if (r < 0)
+            problem(&c, "log: malformed block at position %llu", (unsigned long long)(b.cur + 1));
+        else if (b.p != b.end && !b.bare)
+            problem(&c, "log: stray bytes after position %llu", (unsigned long long)b.last);
     }
     if (iter_status(it, err) < 0) rc = -1;
     leveldb_iter_destroy(it);

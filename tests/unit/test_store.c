@@ -994,21 +994,37 @@ static void test_check_clean(void **state) {
     assert_int_equal(rep.ids, 12);
 }
 
+/* The raw value under key k (malloc'ed, *vl its length). */
+static char *raw_get(const char *dir, const char *k, size_t kl, size_t *vl) {
+    leveldb_t *db = raw_open(dir);
+    leveldb_readoptions_t *ro = leveldb_readoptions_create();
+    char *e = NULL;
+    char *v = leveldb_get(db, ro, k, kl, vl, &e);
+    assert_null(e);
+    assert_non_null(v);
+    leveldb_readoptions_destroy(ro);
+    leveldb_close(db);
+    return v;
+}
+
 static void test_corrupt_record(void **state) {
     fx *f = *state;
     tm_err err;
     fill(f->s);
     store_close(f->s);
     f->s = NULL;
-    /* rewrite position 5 with a record whose checksum is wrong */
-    tm_event e = mkevn("order-1", "Shipped", 5);
-    e.version = 2;
-    buf b = BUF_INIT;
-    record_encode(&e, &b);
-    b.ptr[b.len - 1] ^= 1;
-    char k[9] = {0x7f, 0, 0, 0, 0, 0, 0, 0, 5}; /* format 2 event key */
-    raw_put(f->dir, k, 9, b.ptr, b.len, 0);
-    buf_free(&b);
+    /* position 5 is the second record of the block of the commit 4..6
+     * (key: its last position; value: count, then length-prefixed
+     * records): break that record's checksum */
+    char k[9] = {0x7f, 0, 0, 0, 0, 0, 0, 0, 6};
+    size_t vl;
+    char *v = raw_get(f->dir, k, 9, &vl);
+    assert_int_equal(v[0], 3);
+    size_t at = 1 + 1 + (unsigned char)v[1]; /* past record 4 */
+    size_t len5 = (unsigned char)v[at];
+    assert_true(at + 1 + len5 < vl);
+    v[at + len5] ^= 1; /* the last byte of record 5 */
+    raw_put(f->dir, k, 9, v, vl, 0);
     reopen(f);
 
     store_iter *it = store_read_all(f->s, 0, 0, 0, &err);
@@ -1034,6 +1050,25 @@ static void test_corrupt_record(void **state) {
     char *text;
     assert_true(check_text(f->s, &text, &rep) > 0);
     assert_non_null(strstr(text, "position 5"));
+    free(text);
+
+    /* a block whose count claims more records than it holds */
+    store_close(f->s);
+    f->s = NULL;
+    v[at + len5] ^= 1;
+    v[0] = 4;
+    raw_put(f->dir, k, 9, v, vl, 0);
+    free(v);
+    reopen(f);
+    it = store_read_all(f->s, 0, 0, 0, &err);
+    n = 0;
+    while ((r = store_iter_next(it, &ev, &err)) == 1) n++;
+    store_iter_free(it);
+    assert_int_equal(r, -1);
+    assert_int_equal(err.code, TM_EIO);
+    assert_non_null(strstr(err.msg, "malformed log block"));
+    assert_true(check_text(f->s, &text, &rep) > 0);
+    assert_non_null(strstr(text, "malformed block"));
     free(text);
 }
 
@@ -1272,9 +1307,10 @@ static void test_leader_commit(void **state) {
     assert_clean(f->s);
 }
 
-/* The event key prefix per format: a new store is format 2 (events under
- * 0x7f); a format 1 store (events under 'e') keeps working as one, and an
- * unknown format is refused. */
+/* The log per format: a new store is format 3 (blocks under 0x7f, one per
+ * commit here); a format 2 store (one record per key under 0x7f) and a
+ * format 1 store (the same under 'e') keep working as such, and an unknown
+ * format is refused. */
 static size_t count_prefix(const char *dir, unsigned char prefix) {
     leveldb_t *db = raw_open(dir);
     leveldb_readoptions_t *ro = leveldb_readoptions_create();
@@ -1296,42 +1332,56 @@ static void test_formats(void **state) {
     fill(f->s);
     store_close(f->s);
     f->s = NULL;
-    assert_int_equal(count_prefix(f->dir, 0x7f), 12);
+    assert_int_equal(count_prefix(f->dir, 0x7f), 7);
     assert_int_equal(count_prefix(f->dir, 'e'), 0);
-    /* a format 1 store */
-    char dir1[64];
-    strcpy(dir1, "/tmp/tm_store1_XXXXXX");
-    assert_non_null(mkdtemp(dir1));
+    size_t vl;
+    char *v = raw_get(f->dir, "mformat", 7, &vl);
+    assert_true(vl == 1 && v[0] == '3');
+    free(v);
     leveldb_options_t *o = leveldb_options_create();
     leveldb_options_set_create_if_missing(o, 1);
-    char *e = NULL;
-    leveldb_t *db = leveldb_open(o, dir1, &e);
-    assert_null(e);
     leveldb_writeoptions_t *wo = leveldb_writeoptions_create();
-    leveldb_put(db, wo, "mformat", 7, "1", 1, &e);
-    assert_null(e);
-    leveldb_close(db);
+    char *e = NULL;
+    leveldb_t *db;
+    char dir1[64];
+    for (char fmt = '1'; fmt <= '2'; fmt++) {
+        unsigned char prefix = fmt == '1' ? 'e' : 0x7f;
+        strcpy(dir1, "/tmp/tm_store1_XXXXXX");
+        assert_non_null(mkdtemp(dir1));
+        db = leveldb_open(o, dir1, &e);
+        assert_null(e);
+        leveldb_put(db, wo, "mformat", 7, &fmt, 1, &e);
+        assert_null(e);
+        leveldb_close(db);
+        tm_err err;
+        store *s1 = store_open(dir1, NULL, &err);
+        assert_non_null(s1);
+        fill(s1);
+        CHECK_SEQ(store_read_stream(s1, "order-1", 7, 0, 0, 0, &err), 1, 4, 5, 7, 8, 9, 10);
+        CHECK_SEQ(store_read_stream(s1, "order-1", 7, 10, 1, 0, &err), 10, 9, 8, 7, 5, 4, 1);
+        CHECK_SEQ(store_read_all(s1, 11, 0, 0, &err), 11, 12);
+        CHECK_SEQ(store_read_all(s1, 3, 1, 0, &err), 3, 2, 1);
+        assert_clean(s1);
+        store_close(s1);
+        s1 = store_open(dir1, NULL, &err); /* reopened: the last position found in the log */
+        assert_non_null(s1);
+        assert_int_equal(store_last_position(s1), 12);
+        append1(s1, "order-3", "Placed", 13);
+        assert_int_equal(store_last_position(s1), 13);
+        assert_clean(s1);
+        store_close(s1);
+        assert_int_equal(count_prefix(dir1, prefix), 13); /* one record per key */
+        assert_int_equal(count_prefix(dir1, fmt == '1' ? 0x7f : 'e'), 0);
+        v = raw_get(dir1, "mformat", 7, &vl);
+        assert_true(vl == 1 && v[0] == fmt);
+        free(v);
+        if (fmt == '1') nftw(dir1, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    }
     tm_err err;
-    store *s1 = store_open(dir1, NULL, &err);
-    assert_non_null(s1);
-    fill(s1);
-    CHECK_SEQ(store_read_stream(s1, "order-1", 7, 0, 0, 0, &err), 1, 4, 5, 7, 8, 9, 10);
-    CHECK_SEQ(store_read_all(s1, 11, 0, 0, &err), 11, 12);
-    assert_clean(s1);
-    store_close(s1);
-    s1 = store_open(dir1, NULL, &err); /* reopened: last position found under 'e' */
-    assert_non_null(s1);
-    assert_int_equal(store_last_position(s1), 12);
-    append1(s1, "order-3", "Placed", 13);
-    assert_int_equal(store_last_position(s1), 13);
-    assert_clean(s1);
-    store_close(s1);
-    assert_int_equal(count_prefix(dir1, 'e'), 13);
-    assert_int_equal(count_prefix(dir1, 0x7f), 0);
     /* an unknown format */
     db = leveldb_open(o, dir1, &e);
     assert_null(e);
-    leveldb_put(db, wo, "mformat", 7, "3", 1, &e);
+    leveldb_put(db, wo, "mformat", 7, "4", 1, &e);
     leveldb_close(db);
     assert_null(store_open(dir1, NULL, &err));
     assert_int_equal(err.code, TM_EIO);
@@ -1342,6 +1392,94 @@ static void test_formats(void **state) {
     reopen(f);
     assert_int_equal(store_last_position(f->s), 12);
 }
+
+/* Format 3 packs a commit's records into blocks of up to 64 records and
+ * about 4 KiB: a batch of 1000 (some records larger than a block) reads
+ * back in every direction and by index, its generated ids are found
+ * inside blocks, and check is clean, before and after a reopen. */
+static void test_blocks(void **state) {
+    fx *f = *state;
+    tm_err err;
+    enum { N = 1000, BIG = 5000 };
+    static char big[8][8 + BIG];
+    tm_event evs[N];
+    char names[10][16];
+    for (int i = 0; i < 10; i++) snprintf(names[i], sizeof names[i], "blk-%d", i);
+    for (int i = 0; i < N; i++) {
+        evs[i] = mkevn(names[i % 10], i % 3 ? "A" : "B", i);
+        if (i % 125 == 7) { /* {"s": <5000 bytes>}: a record on its own */
+            char *b = big[i / 125];
+            b[0] = (char)0x81;
+            b[1] = (char)0xa1;
+            b[2] = 's';
+            b[3] = (char)0xda;
+            b[4] = (char)(BIG >> 8);
+            b[5] = (char)(BIG & 0xff);
+            memset(b + 6, 'a' + i % 26, BIG);
+            evs[i].data = b;
+            evs[i].data_len = 6 + BIG;
+        }
+    }
+    append1(f->s, "first", "T", 0);
+    assert_int_equal(store_append(f->s, evs, N, NULL, 0, &err), 0);
+    assert_int_equal(store_last_position(f->s), N + 1);
+    for (int round = 0; round < 2; round++) {
+        store *s = f->s;
+        uint64_t got[N + 1];
+        size_t n = collect(store_read_all(s, 0, 0, 0, &err), got, NULL, N + 1);
+        assert_int_equal(n, N + 1);
+        for (size_t i = 0; i < n; i++) assert_int_equal(got[i], i + 1);
+        n = collect(store_read_all(s, 0, 1, 0, &err), got, NULL, N + 1);
+        assert_int_equal(n, 0); /* backward from 0: nothing */
+        n = collect(store_read_all(s, N + 1, 1, 0, &err), got, NULL, N + 1);
+        assert_int_equal(n, N + 1);
+        for (size_t i = 0; i < n; i++) assert_int_equal(got[i], N + 1 - i);
+        CHECK_SEQ(store_read_all(s, 500, 0, 3, &err), 500, 501, 502);
+        n = collect(store_read_stream(s, "blk-3", 5, 0, 0, 0, &err), got, NULL, N + 1);
+        assert_int_equal(n, N / 10);
+        for (size_t i = 0; i < n; i++) assert_int_equal(got[i], 2 + 3 + 10 * i);
+        n = collect(store_read_stream(s, "blk-3", 5, 99, 1, 0, &err), got, NULL, N + 1);
+        assert_int_equal(n, N / 10);
+        for (size_t i = 0; i < n; i++) assert_int_equal(got[i], 2 + 3 + 10 * (99 - i));
+        n = collect(store_read_type(s, "B", 1, 0, 0, &err), got, NULL, N + 1);
+        assert_int_equal(n, (N + 2) / 3);
+        /* every record's content, and the big ones */
+        store_iter *it = store_read_all(s, 2, 0, 0, &err);
+        tm_event ev;
+        for (int i = 0; i < N; i++) {
+            assert_int_equal(store_iter_next(it, &ev, &err), 1);
+            assert_int_equal(ev.data_len, evs[i].data_len);
+            assert_memory_equal(ev.data, evs[i].data, ev.data_len);
+            assert_int_equal(ev.stream_len, evs[i].stream_len);
+        }
+        assert_int_equal(store_iter_next(it, &ev, &err), 0);
+        store_iter_free(it);
+        /* a retry of stored events with their generated ids: found in their blocks */
+        tm_event again[3];
+        int at[3] = {2, 300, N + 1};
+        for (int j = 0; j < 3; j++) {
+            again[j] = evs[at[j] - 2];
+            it = store_read_all(s, (uint64_t)at[j], 0, 1, &err);
+            assert_int_equal(store_iter_next(it, &ev, &err), 1);
+            store_iter_free(it);
+            memcpy(again[j].id, ev.id, 16);
+            again[j].has_id = 1;
+            assert_int_equal(store_append(s, &again[j], 1, NULL, 0, &err), 0);
+            assert_int_equal(again[j].position, at[j]);
+        }
+        assert_int_equal(store_last_position(s), N + 1);
+        assert_clean(s);
+        reopen(f);
+    }
+    store_close(f->s);
+    f->s = NULL;
+    size_t keys = count_prefix(f->dir, 0x7f);
+    assert_true(keys >= 1 + N / 64 && keys < 100);
+    reopen(f);
+    append1(f->s, "last", "T", 1);
+    assert_int_equal(store_last_position(f->s), N + 2);
+}
+
 
 /* ---- a failed write ---- */
 
@@ -1394,6 +1532,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_commit_counts, setup, teardown),
         cmocka_unit_test_setup_teardown(test_leader_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_formats, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_blocks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fold, setup, teardown),
         cmocka_unit_test_setup_teardown(test_on_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_check_clean, setup, teardown),

@@ -297,3 +297,25 @@ meta:
     ev->data_len = (size_t)(p - d);
     return 0;
 }
+
+/* The fields of rec without checking its checksum or the shape of its
+ * metadata and data (data = the bytes after the metadata): for routing an
+ * event before record_decode, which must follow before it is used. */
+int record_peek(const char *rec, size_t len, tm_event *ev) {
+    if (len < 5) return -1;
+    const char *end = rec + len;
+    const char *m = decode_head_fast(rec + 4, end, ev);
+    if (!m) {
+        tm_err e;
+        return record_decode(rec, len, ev, &e); /* the general form */
+    }
+    const char *p = m;
+    if (p < end && ((unsigned char)*p == 0x80)) p++; /* no metadata: the common case */
+    else if (mp_skip(&p, end) < 0) return -1;
+    if (p >= end) return -1;
+    ev->meta = m;
+    ev->meta_len = (size_t)(p - m);
+    ev->data = p;
+    ev->data_len = (size_t)(end - p);
+    return 0;
+}

@@ -21,6 +21,11 @@ void record_encode(const tm_event *ev, buf *out);
 /* Decode rec into ev (a view into rec); ev->position is left untouched. */
 int record_decode(const char *rec, size_t len, tm_event *ev, tm_err *err);
 
+/* The fields of rec, unverified (no checksum, metadata and data not
+ * walked): to route an event that record_decode will decode before use.
+ * 0, or -1 when even that much does not parse. */
+int record_peek(const char *rec, size_t len, tm_event *ev);
+
 uint32_t crc32c(uint32_t crc, const void *p, size_t n);
 
 #endif

@@ -30,6 +30,7 @@
 
 #include "mp.h"
 #include "progress.h"
+#include "record.h"
 
 #define MAX_WORKERS 64
 #define QMAX 64                    /* chunks queued per worker */
@@ -51,12 +52,13 @@ typedef struct chunk {
     buf b;
 } chunk;
 
-/* One event in a chunk: this header, then stream, type, data, meta bytes. */
+/* One event in a chunk: this header, then its stored record (record.h),
+ * which the worker decodes and verifies: the reader only peeks at it to
+ * select and route (record_peek), so the checksum, the decode and the copy
+ * of the fields are off the pipeline's head. */
 typedef struct ev_hdr {
-    uint64_t position, version;
-    int64_t time_ms;
-    uint32_t stream_len, type_len, data_len, meta_len;
-    uint8_t id[16];
+    uint64_t position;
+    uint32_t len;
 } ev_hdr;
 
 typedef struct worker {
@@ -648,17 +650,12 @@ static chunk *pop(replay *r, worker *w) {
     return c;
 }
 
-static void chunk_add(chunk *c, const tm_event *ev) {
-    ev_hdr h = {.position = ev->position, .version = ev->version, .time_ms = ev->time_ms,
-                .stream_len = (uint32_t)ev->stream_len, .type_len = (uint32_t)ev->type_len,
-                .data_len = (uint32_t)ev->data_len, .meta_len = (uint32_t)ev->meta_len};
-    memcpy(h.id, ev->id, 16);
-    buf_reserve(&c->b, sizeof h + ev->stream_len + ev->type_len + ev->data_len + ev->meta_len);
-    buf_append(&c->b, &h, sizeof h);
-    buf_append(&c->b, ev->stream, ev->stream_len);
-    buf_append(&c->b, ev->type, ev->type_len);
-    buf_append(&c->b, ev->data, ev->data_len);
-    buf_append(&c->b, ev->meta, ev->meta_len);
+static void chunk_add(chunk *c, uint64_t pos, const char *rec, size_t len) {
+    ev_hdr h = {.position = pos, .len = (uint32_t)len};
+    buf_reserve(&c->b, sizeof h + len);
+    memcpy(c->b.ptr + c->b.len, &h, sizeof h);
+    memcpy(c->b.ptr + c->b.len + sizeof h, rec, len);
+    c->b.len += sizeof h + len;
     c->n++;
 }
 
@@ -682,16 +679,14 @@ static void worker_events(worker *w, chunk *c) {
         ev_hdr h;
         memcpy(&h, p, sizeof h);
         p += sizeof h;
-        tm_event ev = {.stream = p, .stream_len = h.stream_len, .position = h.position,
-                       .version = h.version, .time_ms = h.time_ms};
-        memcpy(ev.id, h.id, 16);
-        p += h.stream_len;
-        ev.type = p, ev.type_len = h.type_len;
-        p += h.type_len;
-        ev.data = p, ev.data_len = h.data_len;
-        p += h.data_len;
-        ev.meta = h.meta_len ? p : NULL, ev.meta_len = h.meta_len;
-        p += h.meta_len;
+        tm_event ev;
+        if (record_decode(p, h.len, &ev, &w->err) < 0) {
+            err_prefix(&w->err, "position %llu", (unsigned long long)h.position);
+            worker_fail(w);
+            break;
+        }
+        p += h.len;
+        ev.position = h.position;
         if (proj_feed(w->p, &ev, &w->err) != 0) worker_fail(w);
     }
 }
@@ -964,12 +959,22 @@ static int run_threaded(replay *r, uint64_t from, progress *pg, tm_err *err) {
     if (!it) rc = -1;
     tm_event ev;
     int n = 0;
-    while (rc == 0 && (n = store_iter_next(it, &ev, err)) == 1) {
-        if (ev.position < from) continue;
-        r->last = ev.position;
+    uint64_t pos;
+    const char *rec;
+    size_t rl;
+    while (rc == 0 && (n = store_iter_next_record(it, &pos, &rec, &rl, err)) == 1) {
+        if (pos < from) continue;
+        r->last = pos;
+        if (record_peek(rec, rl, &ev) < 0) { /* corrupt: report it as a read would */
+            if (record_decode(rec, rl, &ev, err) == 0) err_set(err, TM_EIO, "corrupt record");
+            err_prefix(err, "position %llu", (unsigned long long)pos);
+            rc = -1;
+            break;
+        }
+        ev.position = pos;
         if (!proj_selects(r->defp, &ev)) continue;
         unsigned j = route(r, &ev);
-        chunk_add(cur[j], &ev);
+        chunk_add(cur[j], pos, rec, rl);
         if (cur[j]->n >= CHUNK_EVENTS || cur[j]->b.len >= CHUNK_BYTES) {
             push(r, &r->w[j], cur[j]);
             cur[j] = chunk_get(r, CH_EVENTS);

@@ -1946,15 +1946,15 @@ static int iter_block(store_iter *it, tm_err *err) {
     return r;
 }
 
-/* Move the log iterator onto pos and decode its record.  0 / -1. */
-static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
+/* Move the log iterator onto pos (it->b.rec = its record).  0 / -1. */
+static int locate(store_iter *it, uint64_t pos, tm_err *err) {
     blk *b = &it->b;
     int on = it->bok && leveldb_iter_valid(it->it);
     int there = on && pos >= b->first && pos <= b->last;
     /* sequential reads: step to the neighbouring block instead of seeking.
      * Landing on the block that holds pos means any block LevelDB skipped
      * on the way (unreadable, its error recorded) held only positions this
-     * read does not want (next_all relies on the same). */
+     * read does not want (all_step relies on the same) */
     if (!there && on && pos > b->last && pos - b->last <= BLOCK_MAX_EVENTS) {
         leveldb_iter_next(it->it);
         if (iter_block(it, err) < 0) return -1;
@@ -1977,17 +1977,25 @@ static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
                        (unsigned long long)pos);
     }
     if (blk_seek(b, pos) < 0) return bad_block(err, pos);
-    if (record_decode(b->rec, b->reclen, ev, err) < 0)
+    return 0;
+}
+
+/* locate, then decode the record into ev.  0 / -1. */
+static int fetch(store_iter *it, uint64_t pos, tm_event *ev, tm_err *err) {
+    if (locate(it, pos, err) < 0) return -1;
+    if (record_decode(it->b.rec, it->b.reclen, ev, err) < 0)
         return err_prefix(err, "position %llu", (unsigned long long)pos);
     ev->position = pos;
     return 0;
 }
 
-static int next_all(store_iter *it, tm_event *ev, tm_err *err) {
+/* A log read's next position: it->b.rec on its record, *pos = it.
+ * 1, 0 at the end, -1. */
+static int all_step(store_iter *it, uint64_t *pos, tm_err *err) {
     if (it->backward ? it->next == 0 : it->next > it->hi) return 0;
     if (!it->backward && it->started && it->bok) {
         /* a forward scan: the next record of the block, or the first of
-         * the next block (anything else: fetch decides) */
+         * the next block (anything else: locate decides) */
         blk *b = &it->b;
         int r = 0;
         if (b->cur + 1 == it->next && b->cur < b->last) r = blk_step(b);
@@ -1998,16 +2006,25 @@ static int next_all(store_iter *it, tm_event *ev, tm_err *err) {
         }
         if (r < 0) return bad_block(err, it->next);
         if (r == 1) {
-            if (record_decode(b->rec, b->reclen, ev, err) < 0)
-                return err_prefix(err, "position %llu", (unsigned long long)it->next);
-            ev->position = it->next++;
+            *pos = it->next++;
             return 1;
         }
     }
     it->started = !it->backward;
-    if (fetch(it, it->next, ev, err) < 0) return -1;
+    if (locate(it, it->next, err) < 0) return -1;
+    *pos = it->next;
     if (it->backward) it->next--;
     else it->next++;
+    return 1;
+}
+
+static int next_all(store_iter *it, tm_event *ev, tm_err *err) {
+    uint64_t pos;
+    int r = all_step(it, &pos, err);
+    if (r <= 0) return r;
+    if (record_decode(it->b.rec, it->b.reclen, ev, err) < 0)
+        return err_prefix(err, "position %llu", (unsigned long long)pos);
+    ev->position = pos;
     return 1;
 }
 
@@ -2302,6 +2319,26 @@ int store_stream_version(store *s, const char *stream, size_t len, int64_t *vers
     if (head < 0) return 0;
     *version = head;
     return 1;
+}
+
+int store_iter_next_record(store_iter *it, uint64_t *pos, const char **rec, size_t *len,
+                           tm_err *err) {
+    int r;
+    if (it->kind == IT_ALL) {
+        if (it->done || (it->limit && it->count >= it->limit)) return 0;
+        r = all_step(it, pos, err);
+        if (r == 1) it->count++;
+        else if (r == 0) it->done = 1;
+    } else {
+        tm_event ev;
+        r = store_iter_next(it, &ev, err);
+        if (r == 1) *pos = ev.position;
+    }
+    if (r == 1) {
+        *rec = it->b.rec;
+        *len = it->b.reclen;
+    }
+    return r;
 }
 
 void store_iter_record(store_iter *it, const char **rec, size_t *len) {

@@ -139,6 +139,13 @@ int store_iter_next(store_iter *it, tm_event *ev, tm_err *err);
 /* The raw record bytes of the last event returned (for fast paths that
  * decode themselves); valid like ev. */
 void store_iter_record(store_iter *it, const char **rec, size_t *len);
+/* The next event as its position and stored record (valid like ev), for a
+ * reader that hands records to other threads: on a log read
+ * (store_read_all) the record is neither decoded nor verified, and the
+ * caller must record_decode it before use; other reads decode and verify
+ * as store_iter_next.  1, 0 = end, -1 = error. */
+int store_iter_next_record(store_iter *it, uint64_t *pos, const char **rec, size_t *len,
+                           tm_err *err);
 void store_iter_free(store_iter *it);
 
 /* Distinct stream / category names in order, starting at `after` (exclusive;

@@ -13,6 +13,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <leveldb/c.h>
+
 #include "mp.h"
 #include "proj.h"
 #include "replay.h"
@@ -448,6 +450,71 @@ static void test_cancel_and_resume(void **st) {
     rm_store(s, dir);
 }
 
+/* Flip the last byte of the record at pos in its log block (format 3:
+ * key = the block's last position, value = count, then length-prefixed
+ * records). */
+static void corrupt_record(const char *dir, uint64_t pos) {
+    leveldb_options_t *o = leveldb_options_create();
+    char *e = NULL;
+    leveldb_t *db = leveldb_open(o, dir, &e);
+    assert_null(e);
+    leveldb_readoptions_t *ro = leveldb_readoptions_create();
+    leveldb_iterator_t *it = leveldb_create_iterator(db, ro);
+    char k[9] = {0x7f};
+    for (int i = 0; i < 8; i++) k[1 + i] = (char)(pos >> (56 - 8 * i));
+    leveldb_iter_seek(it, k, 9);
+    assert_true(leveldb_iter_valid(it));
+    size_t kl, vl;
+    const char *key = leveldb_iter_key(it, &kl);
+    char bk[9];
+    memcpy(bk, key, 9);
+    uint64_t last = 0;
+    for (int i = 0; i < 8; i++) last = last << 8 | (unsigned char)bk[1 + i];
+    const char *v = leveldb_iter_value(it, &vl);
+    char *nv = malloc(vl);
+    memcpy(nv, v, vl);
+    leveldb_iter_destroy(it);
+    const char *p = nv + 1, *end = nv + vl;
+    uint64_t n = (unsigned char)nv[0], len = 0;
+    for (uint64_t at = last - n + 1; at <= pos; at++) {
+        assert_int_equal(buf_get_varint(&p, end, &len), 0);
+        if (at < pos) p += len;
+    }
+    nv[(p - nv) + len - 1] ^= 1;
+    leveldb_writeoptions_t *wo = leveldb_writeoptions_create();
+    leveldb_put(db, wo, bk, 9, nv, vl, &e);
+    assert_null(e);
+    free(nv);
+    leveldb_writeoptions_destroy(wo);
+    leveldb_readoptions_destroy(ro);
+    leveldb_close(db);
+    leveldb_options_destroy(o);
+}
+
+/* A damaged record stops the run with the read error naming its position,
+ * whether one worker reads it or a worker decodes what the reader routed;
+ * it is not a projection fault. */
+static void test_corrupt_record_stops_the_run(void **st) {
+    (void)st;
+    char dir[64];
+    store *s = make_store(dir);
+    store_close(s);
+    corrupt_record(dir, 3001);
+    tm_err err;
+    s = store_open(dir, NULL, &err);
+    assert_non_null(s);
+    for (unsigned w = 1; w <= 3; w++) {
+        int rc;
+        replay *r = run_replay(s, EXAMPLE, w, w == 2, &err, &rc);
+        assert_int_equal(rc, -1);
+        assert_int_equal(err.code, TM_EIO);
+        assert_non_null(strstr(err.msg, "position 3001"));
+        assert_null(replay_fault(r));
+        replay_free(r);
+    }
+    rm_store(s, dir);
+}
+
 static void test_shard(void **st) {
     (void)st;
     int seen[4] = {0};
@@ -472,6 +539,7 @@ int main(void) {
         cmocka_unit_test(test_forms_and_single_worker_reasons),
         cmocka_unit_test(test_fault_keeps_old_model),
         cmocka_unit_test(test_cancel_and_resume),
+        cmocka_unit_test(test_corrupt_record_stops_the_run),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -158,6 +158,11 @@ class EngineBenches:
         ("repl_parallel", "bench_repl_parallel", 1.8,
          "tidemark repl -e group_by count on every core (--workers = cores) vs --workers 1",
          {"limit_word": "limit"}),
+        ("cpu_scaling", "bench_cpu_scaling", None,
+         "the C probe of project_vs_c, two processes at once (on two copies of the store) vs "
+         "one alone: how much two busy cores of this machine give (info: the ceiling of "
+         "repl_parallel's and replay_scaling's ratios)",
+         {"limit_word": "limit", "info": True, "repeat": 1}),
         ("pg_group_by", "bench_pg_group_by", None,
          "tidemark project customers.lua vs PostgreSQL GROUP BY over jsonb (info, issue #6)",
          {"limit_word": "peer", "info": True}),
@@ -360,6 +365,41 @@ class EngineBenches:
                 srv.stop()
                 self.drop(d)
             return rate, "GET /health (answered on the loop, no store, no worker), " + note
+
+        return limit, ours
+
+    # -- information: what two cores give to two independent scans --
+
+    def bench_cpu_scaling(self):
+        n = self.sz["replay_events"]
+
+        def limit():
+            st = self.replay_store()
+            out = os.path.join(self.tmp, "scaling-alone.json")
+            walls = [measured([self.exe("probe_project"), st["dir"], out], "probe_project",
+                              out + ".stdout")[0] for _ in range(3)]
+            return n / min(walls), "one probe_project alone: best of %s s" % \
+                ", ".join("%.2f" % w for w in walls)
+
+        def ours():
+            st = self.replay_store()
+            copy = st["dir"] + "-copy"
+            if not os.path.isdir(copy):
+                shutil.copytree(st["dir"], copy)
+            best = None
+            for _ in range(3):
+                t0 = time.monotonic()
+                procs = [subprocess.Popen([self.exe("probe_project"), d,
+                                           os.path.join(self.tmp, "scaling-%d.json" % i)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         for i, d in enumerate((st["dir"], copy))]
+                for p in procs:
+                    if p.wait() != 0:
+                        raise H.BenchError("probe_project failed (exit %d)" % p.returncode)
+                wall = time.monotonic() - t0
+                best = wall if best is None else min(best, wall)
+            return 2 * n / best, "two probe_project at once, on two copies: %.2f s for both " \
+                "(a ratio of 2.00 is perfect scaling)" % best
 
         return limit, ours
 

@@ -45,7 +45,7 @@ static const char usage[] =
     "                       resume from the last checkpoint, append emitted events\n"
     "  --reset              with --persist: forget stored state first\n"
     "  --workers N          without --persist: run on N parallel workers (default:\n"
-    "                       the number of cores; see tidemark replay); same output\n"
+    "                       the cores it may use; see tidemark replay); same output\n"
     "  --isolate            run the Lua in a separate worker process (as the\n"
     "                       server does; implies --persist): a crash or runaway\n"
     "                       script kills the worker, not this process\n"

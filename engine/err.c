@@ -1,6 +1,8 @@
 /* err.c — filling and decorating tm_err records (see err.h). */
+#define _GNU_SOURCE
 #include "err.h"
 
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -70,4 +72,11 @@ void tm_thread(pthread_t *th, void *(*fn)(void *), void *arg, const char *what) 
     if (e == 0) return;
     fprintf(stderr, "tidemark: cannot start the %s thread: %s\n", what, strerror(e));
     abort();
+}
+
+unsigned tm_cores(void) {
+    cpu_set_t set;
+    long c = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set)
+                                                         : sysconf(_SC_NPROCESSORS_ONLN);
+    return c > 0 ? (unsigned)c : 1;
 }

@@ -43,5 +43,8 @@ void tm_oom(void) __attribute__((noreturn, cold));
 /* pthread_create, or fail-stop like tm_oom when no thread can be had
  * (EAGAIN: out of memory or of the thread limit), naming what it was for. */
 void tm_thread(pthread_t *th, void *(*fn)(void *), void *arg, const char *what);
+/* The cores this process may run on (its affinity: taskset, a cgroup's
+ * cpuset), at least 1: the default worker count of parallel work. */
+unsigned tm_cores(void);
 
 #endif

@@ -897,18 +897,26 @@ int proj_feed(proj *p, const tm_event *ev, tm_err *err) {
     s->version = (double)ev->version;
     s->time = (double)ev->time_ms;
     s->type_idx = ti;
+    /* one reservation, then plain copies: stream, data, meta, id */
+    buf_reserve(a, ev->stream_len + ev->data_len + ev->meta_len + 16);
+    char *at = a->ptr + a->len;
     s->stream_off = (uint32_t)a->len;
     s->stream_len = (uint32_t)ev->stream_len;
-    buf_append(a, ev->stream, ev->stream_len);
-    s->data_off = (uint32_t)a->len;
+    memcpy(at, ev->stream, ev->stream_len);
+    at += ev->stream_len;
+    s->data_off = (uint32_t)(at - a->ptr);
     s->data_len = (uint32_t)ev->data_len;
-    buf_append(a, ev->data, ev->data_len);
-    s->fast = te->plan ? locate_keys(te->plan, ev->data, ev->data_len, s->data_off, s) : 0;
-    s->meta_off = (uint32_t)a->len;
+    memcpy(at, ev->data, ev->data_len);
+    at += ev->data_len;
+    s->meta_off = (uint32_t)(at - a->ptr);
     s->meta_len = (uint32_t)ev->meta_len;
-    buf_append(a, ev->meta, ev->meta_len);
-    s->id_off = (uint32_t)a->len;
-    buf_append(a, ev->id, 16);
+    if (ev->meta_len) memcpy(at, ev->meta, ev->meta_len);
+    at += ev->meta_len;
+    s->id_off = (uint32_t)(at - a->ptr);
+    memcpy(at, ev->id, 16);
+    a->len = (size_t)(at + 16 - a->ptr);
+    a->ptr[a->len] = '\0'; /* as buf_append leaves it */
+    s->fast = te->plan ? locate_keys(te->plan, ev->data, ev->data_len, s->data_off, s) : 0;
     if (p->nslots == p->batch) return run_batch(p, err);
     return 0;
 }

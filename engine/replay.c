@@ -560,10 +560,7 @@ replay *replay_new(store *s, const char *name, const char *src, size_t len,
     scan_source(r);
     if (!r->o.persist) r->emit_mode = 0;
     unsigned n = r->o.workers;
-    if (n == 0) {
-        long c = sysconf(_SC_NPROCESSORS_ONLN);
-        n = c > 0 ? (unsigned)c : 1;
-    }
+    if (n == 0) n = tm_cores();
     if (n > MAX_WORKERS) n = MAX_WORKERS;
     const char *why = NULL;
     if (!proj_partitioned(r->defp)) why = "the projection has no partition";

@@ -30,7 +30,6 @@
 #define _GNU_SOURCE
 #include <lauxlib.h>
 #include <pthread.h>
-#include <sched.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -282,13 +281,7 @@ static void drop_query(pworker *w) {
 }
 
 static unsigned worker_count(const repl *r) {
-    long c = r->workers;
-    if (c <= 0) { /* the cores this process may run on (taskset, cgroups' cpusets) */
-        cpu_set_t set;
-        c = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set)
-                                                         : sysconf(_SC_NPROCESSORS_ONLN);
-    }
-    if (c < 1) c = 1;
+    long c = r->workers > 0 ? r->workers : (long)tm_cores();
     return c > MAX_WORKERS ? MAX_WORKERS : (unsigned)c;
 }
 

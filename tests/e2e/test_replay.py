@@ -88,6 +88,28 @@ def test_parallel_equals_serial_for_every_worker_count(data):
         assert a.stdout == b.stdout, extra
 
 
+def test_default_workers_follow_cpu_affinity(data):
+    """Without --workers, replay and project use the cores the process may
+    run on (taskset, cpusets), not every core of the machine."""
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def pinned(n, *args):
+        return subprocess.run([BIN, *map(str, args)], capture_output=True, text=True,
+                              timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, cpus[:n]))
+
+    serial = tm("project", "--data", data / "data", data / "ex.lua", "--workers", 1)
+    one = pinned(1, "replay", "--data", data / "data", data / "ex.lua")
+    assert one.returncode == 0, one.stderr
+    assert "1 worker" in one.stderr and "workers" not in one.stderr.splitlines()[0], one.stderr
+    assert one.stdout == serial.stdout
+    if len(cpus) >= 2:
+        two = pinned(2, "replay", "--data", data / "data", data / "ex.lua")
+        assert "2 workers, routed by data.customer" in two.stderr, two.stderr
+        assert two.stdout == serial.stdout
+    proj = pinned(1, "project", "--data", data / "data", data / "ex.lua")
+    assert proj.returncode == 0 and proj.stdout == serial.stdout, proj.stderr
+
+
 def test_persist_equals_continuous_and_resumes(data, tmp_path):
     # continuous: a projection fed in two rounds with appends in between
     cont = copy(data / "data", tmp_path / "cont")

@@ -902,11 +902,11 @@ int proj_feed(proj *p, const tm_event *ev, tm_err *err) {
     char *at = a->ptr + a->len;
     s->stream_off = (uint32_t)a->len;
     s->stream_len = (uint32_t)ev->stream_len;
-    memcpy(at, ev->stream, ev->stream_len);
+    if (ev->stream_len) memcpy(at, ev->stream, ev->stream_len);
     at += ev->stream_len;
     s->data_off = (uint32_t)(at - a->ptr);
     s->data_len = (uint32_t)ev->data_len;
-    memcpy(at, ev->data, ev->data_len);
+    if (ev->data_len) memcpy(at, ev->data, ev->data_len);
     at += ev->data_len;
     s->meta_off = (uint32_t)(at - a->ptr);
     s->meta_len = (uint32_t)ev->meta_len;

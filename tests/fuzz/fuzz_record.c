@@ -10,7 +10,10 @@
  *   - an accepted record's views lie inside it, names are non-empty,
  *     metadata is a map, and record_encode of the decoded event decodes
  *     to the same event (stream, type, id, version, time, metadata, data);
- *   - event_to_json on it never crashes (records are served as JSON).
+ *   - event_to_json on it never crashes (records are served as JSON);
+ *   - record_peek (the replay reader's unverified view) never crashes,
+ *     its views lie inside the record, and on a record record_decode
+ *     accepts it sees the same stream, type, metadata and data.
  */
 #include "fuzz_common.h"
 
@@ -39,10 +42,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         rec[2] = (char)(c >> 16);
         rec[3] = (char)(c >> 24);
     }
+    tm_event pk;
+    memset(&pk, 0, sizeof pk);
+    int peeked = record_peek(rec, len, &pk) == 0;
+    if (peeked) {
+        fuzz_assert(inside(pk.stream, pk.stream_len, rec, len), "peek: stream");
+        fuzz_assert(inside(pk.type, pk.type_len, rec, len), "peek: type");
+        fuzz_assert(inside(pk.meta, pk.meta_len, rec, len), "peek: metadata");
+        fuzz_assert(inside(pk.data, pk.data_len, rec, len), "peek: data");
+    }
     tm_event ev;
     tm_err e;
     memset(&ev, 0, sizeof ev);
     if (record_decode(rec, len, &ev, &e) == 0) {
+        fuzz_assert(peeked, "record_peek refused a record record_decode accepts");
+        fuzz_assert(same(pk.stream, pk.stream_len, ev.stream, ev.stream_len) &&
+                        same(pk.type, pk.type_len, ev.type, ev.type_len) &&
+                        same(pk.meta, pk.meta_len, ev.meta, ev.meta_len) &&
+                        same(pk.data, pk.data_len, ev.data, ev.data_len),
+                    "record_peek and record_decode disagree");
         fuzz_assert(len >= 5, "accepted %zu bytes", len);
         const unsigned char *h = (const unsigned char *)rec;
         uint32_t want = (uint32_t)h[0] | (uint32_t)h[1] << 8 | (uint32_t)h[2] << 16 |

@@ -583,7 +583,6 @@ static int db_get(store *s, const leveldb_readoptions_t *ro, const char *k, size
     return *v != NULL;
 }
 
-/* Is the iterator on exactly key k? */
 /* Iterator-level error check: 0 ok, -1 (err set). */
 static int iter_status(leveldb_iterator_t *it, tm_err *err) {
     char *lerr = NULL;
@@ -1071,6 +1070,11 @@ static node *touch(store *s, nmap *m, node **list, const char *name, size_t nl) 
     return n;
 }
 
+static int bad_block(tm_err *err, uint64_t pos) {
+    return err_set(err, TM_EIO, "corrupt store: malformed log block at position %llu",
+                   (unsigned long long)pos);
+}
+
 /* Seek `it` to the block holding pos and *b onto its record: 1, 0 (no
  * such position), -1 (a read error or a malformed block). */
 static int log_seek(store *s, leveldb_iterator_t *it, uint64_t pos, blk *b, tm_err *err) {
@@ -1085,9 +1089,7 @@ static int log_seek(store *s, leveldb_iterator_t *it, uint64_t pos, blk *b, tm_e
         r = blk_open(b, s->kev, s->blocks, key, kl, v, vl);
     }
     if (r == 0 || (r == 1 && pos < b->first)) return iter_status(it, err) < 0 ? -1 : 0;
-    if (r < 0 || blk_seek(b, pos) < 0)
-        return err_set(err, TM_EIO, "corrupt store: malformed log block at position %llu",
-                       (unsigned long long)pos);
+    if (r < 0 || blk_seek(b, pos) < 0) return bad_block(err, pos);
     return 1;
 }
 
@@ -1149,8 +1151,6 @@ static void fmt_expect(char *out, size_t n, int64_t v) {
     else snprintf(out, n, "%lld", (long long)v);
 }
 
-/* Check a request against stored ids and current heads; on success append
- * it to the group.  0 ok, -1 rejected (r->err filled, group unaffected). */
 /* Put the block being filled into the batch. */
 static void log_flush(store *s) {
     if (!s->blkn) return;
@@ -1183,6 +1183,8 @@ static void log_add(store *s, uint64_t pos, const tm_event *ev) {
     s->blklast = pos;
 }
 
+/* Check a request against stored ids and current heads; on success append
+ * it to the group.  0 ok, -1 rejected (r->err filled, group unaffected). */
 static int group_add(store *s, req *r) {
     tm_err *err = &r->err;
     /* 1. idempotent retries */
@@ -1928,11 +1930,6 @@ static const char *iter_name(store_iter *it, size_t *len) {
     return it->prefix.ptr + 1;
 }
 
-static int bad_block(tm_err *err, uint64_t pos) {
-    return err_set(err, TM_EIO, "corrupt store: malformed log block at position %llu",
-                   (unsigned long long)pos);
-}
-
 /* Open the block under it->it into it->b: 1, 0 (no log key there), -1. */
 static int iter_block(store_iter *it, tm_err *err) {
     it->bok = 0;
@@ -1964,19 +1961,13 @@ static int locate(store_iter *it, uint64_t pos, tm_err *err) {
         if (iter_block(it, err) < 0) return -1;
         there = it->bok && pos >= b->first && pos <= b->last;
     }
-    if (!there) {
-        unsigned char k[9];
-        event_key(k, it->s->kev, pos);
-        leveldb_iter_seek(it->it, (const char *)k, 9);
-        if (iter_block(it, err) < 0) return -1;
-        there = it->bok && pos >= b->first; /* the seek lands on last >= pos */
-    }
-    if (!there) {
-        if (iter_status(it->it, err) < 0) return -1; /* a skipped unreadable block */
+    if (there) return blk_seek(b, pos) < 0 ? bad_block(err, pos) : 0;
+    int r = log_seek(it->s, it->it, pos, b, err);
+    it->bok = r == 1;
+    if (r < 0) return -1;
+    if (r == 0)
         return err_set(err, TM_EIO, "corrupt store: position %llu is missing from the log",
                        (unsigned long long)pos);
-    }
-    if (blk_seek(b, pos) < 0) return bad_block(err, pos);
     return 0;
 }
 

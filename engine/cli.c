@@ -107,48 +107,41 @@ int cli_print_json(const char *cmd, const buf *mp) {
     return fflush(stdout) == 0 ? 0 : 4;
 }
 
-/* cli_print_pairs: the text goes out in chunks (1M partitions are ~40 MB
- * of JSON); '{' is only written with the first chunk. */
-typedef struct json_out {
-    buf b;
-    size_t n;
-    int io;             /* a write failed */
+typedef struct pairs_out {
+    json_objw w;
     int bad;            /* a state did not transcode (err) */
     tm_err *err;
-} json_out;
+} pairs_out;
 
-#define JSON_OUT_CHUNK (64 * 1024)
-
-static void json_out_flush(json_out *o) {
-    if (o->b.len && fwrite(o->b.ptr, 1, o->b.len, stdout) != o->b.len) o->io = 1;
-    buf_reset(&o->b);
-}
-
-static int json_out_pair(void *ctx, const char *k, size_t kl, const char *v, size_t vl) {
-    json_out *o = ctx;
-    buf_putc(&o->b, o->n++ ? ',' : '{');
-    json_put_string(&o->b, k, kl);
-    buf_putc(&o->b, ':');
-    if (json_from_mp(v, vl, &o->b, o->err) < 0) {
+static int print_pair(void *ctx, const char *k, size_t kl, const char *v, size_t vl) {
+    pairs_out *o = ctx;
+    if (json_objw_pair(&o->w, k, kl, v, vl, o->err) < 0) {
         o->bad = 1;
         return 1;
     }
-    if (o->b.len >= JSON_OUT_CHUNK) json_out_flush(o);
-    return o->io;
+    return json_objw_failed(&o->w);
 }
 
 int cli_print_pairs(const char *cmd, cli_pairs_fn pairs, void *src) {
     tm_err err;
     err_clear(&err);
-    json_out o = {.b = BUF_INIT, .err = &err};
-    int rc = pairs(src, json_out_pair, &o, &err);
-    if (rc < 0 || o.bad) {
-        buf_free(&o.b);
+    pairs_out o = {.err = &err};
+    json_objw_init(&o.w, stdout);
+    if (pairs(src, print_pair, &o, &err) < 0 || o.bad) {
+        json_objw_free(&o.w);
         return cli_fail(cmd, &err);
     }
-    buf_puts(&o.b, o.n ? "}\n" : "{}\n");
-    json_out_flush(&o);
-    buf_free(&o.b);
-    if (o.io || fflush(stdout) != 0) return 4;
-    return 0;
+    return json_objw_end(&o.w, &err) < 0 ? cli_fail(cmd, &err) : 0;
+}
+
+int cli_print_object(const char *cmd, cli_object_fn write, void *src) {
+    tm_err err;
+    err_clear(&err);
+    json_objw w;
+    json_objw_init(&w, stdout);
+    if (write(src, &w, &err) < 0) {
+        json_objw_free(&w);
+        return cli_fail(cmd, &err);
+    }
+    return json_objw_end(&w, &err) < 0 ? cli_fail(cmd, &err) : 0;
 }

@@ -15,6 +15,7 @@
 
 #include "buf.h"
 #include "err.h"
+#include "json.h"
 #include "proj.h"
 #include "store.h"
 
@@ -51,12 +52,16 @@ store *cli_open_store(const char *cmd, const char *dir, int create, const store_
 /* Print one msgpack value as JSON and a newline on stdout; the exit status. */
 int cli_print_json(const char *cmd, const buf *mp);
 /* Print a partitioned model as one JSON object, pair by pair as pairs(src,
- * each, ctx, err) hands them out (proj_state_pairs, replay_state_pairs):
+ * each, ctx, err) hands them out (proj_state_pairs):
  * the same bytes as cli_print_json of the whole map, without holding its
  * JSON text.  Nothing reaches stdout when pairs fails before the first
  * pair.  The exit status. */
 typedef int (*cli_pairs_fn)(void *src, proj_kv_fn each, void *ctx, tm_err *err);
 int cli_print_pairs(const char *cmd, cli_pairs_fn pairs, void *src);
+/* The same object, written by write(src, w, err) into w (replay_json_pairs:
+ * pairs rendered in parallel).  The exit status. */
+typedef int (*cli_object_fn)(void *src, json_objw *w, tm_err *err);
+int cli_print_object(const char *cmd, cli_object_fn write, void *src);
 
 /* The exit status for an input file that cannot be opened (errno e):
  * TM_ENOTFOUND when it does not exist, TM_EINVAL when it is not readable

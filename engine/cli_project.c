@@ -132,8 +132,8 @@ static int proj_pairs(void *src, proj_kv_fn each, void *ctx, tm_err *err) {
     return proj_state_pairs(src, each, ctx, err);
 }
 
-static int replay_pairs(void *src, proj_kv_fn each, void *ctx, tm_err *err) {
-    return replay_state_pairs(src, each, ctx, err);
+static int replay_object(void *src, json_objw *w, tm_err *err) {
+    return replay_json_pairs(src, w, err);
 }
 
 /* --isolate: the projection runs in a worker process (projhost.h). */
@@ -172,7 +172,7 @@ static int run_parallel(const char *cmd, store *s, const char *name, const buf *
             fprintf(stderr, "%s\n", strchr(f->traceback, '\n') + 1);
         status = f ? 1 : (err.code ? err.code : 1);
     } else if (!rq->query && !rq->get && !rq->list && !rq->top && replay_partitioned(r)) {
-        status = cli_print_pairs(cmd, replay_pairs, r);
+        status = cli_print_object(cmd, replay_object, r);
     } else {
         buf out = BUF_INIT;
         int rc;

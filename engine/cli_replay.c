@@ -100,8 +100,8 @@ typedef struct req {
     buf args;
 } req;
 
-static int replay_pairs(void *src, proj_kv_fn each, void *ctx, tm_err *err) {
-    return replay_state_pairs(src, each, ctx, err);
+static int replay_object(void *src, json_objw *w, tm_err *err) {
+    return replay_json_pairs(src, w, err);
 }
 
 static int output(const char *cmd, replay *r, const req *q, double secs) {
@@ -129,7 +129,7 @@ static int output(const char *cmd, replay *r, const req *q, double secs) {
         rc = replay_top(r, field, n, &out, &err);
         free(field);
     } else if (replay_partitioned(r)) {
-        return cli_print_pairs(cmd, replay_pairs, r);
+        return cli_print_object(cmd, replay_object, r);
     } else {
         rc = replay_state(r, &out, &err);
     }

@@ -32,6 +32,7 @@
 #define _GNU_SOURCE
 #include "json.h"
 
+#include <errno.h>
 #include <locale.h>
 #include <math.h>
 #include <pthread.h>
@@ -1046,3 +1047,57 @@ int json_from_mp(const char *mp, size_t len, buf *out, tm_err *err) {
     }
     return rc;
 }
+
+/* ------------------------------------------------------------ objects out */
+
+int json_render_pair(buf *out, const char *k, size_t kl, const char *mp, size_t len,
+                     tm_err *err) {
+    json_put_string(out, k, kl);
+    buf_putc(out, ':');
+    return json_from_mp(mp, len, out, err);
+}
+
+#define OBJW_CHUNK (64 * 1024)
+
+void json_objw_init(json_objw *w, FILE *f) {
+    w->f = f;
+    w->b = (buf)BUF_INIT;
+    w->n = 0;
+    w->io = 0;
+}
+
+static void objw_flush(json_objw *w) {
+    if (w->b.len && !w->io && fwrite(w->b.ptr, 1, w->b.len, w->f) != w->b.len) w->io = errno ? errno : EIO;
+    buf_reset(&w->b);
+}
+
+static void objw_sep(json_objw *w) {
+    buf_putc(&w->b, w->n++ ? ',' : '{');
+}
+
+int json_objw_pair(json_objw *w, const char *k, size_t kl, const char *mp, size_t len,
+                   tm_err *err) {
+    objw_sep(w);
+    if (json_render_pair(&w->b, k, kl, mp, len, err) < 0) return -1;
+    if (w->b.len >= OBJW_CHUNK) objw_flush(w);
+    return 0;
+}
+
+void json_objw_rendered(json_objw *w, const char *text, size_t len) {
+    objw_sep(w);
+    buf_append(&w->b, text, len);
+    if (w->b.len >= OBJW_CHUNK) objw_flush(w);
+}
+
+int json_objw_failed(const json_objw *w) { return w->io; }
+
+int json_objw_end(json_objw *w, tm_err *err) {
+    buf_puts(&w->b, w->n ? "}\n" : "{}\n");
+    objw_flush(w);
+    buf_free(&w->b);
+    if (!w->io && fflush(w->f) != 0) w->io = errno ? errno : EIO;
+    if (w->io) return err_set(err, TM_EIO, "cannot write the output: %s", strerror(w->io));
+    return 0;
+}
+
+void json_objw_free(json_objw *w) { buf_free(&w->b); }

@@ -15,6 +15,7 @@
 #define TM_JSON_H
 
 #include <stddef.h>
+#include <stdio.h>
 
 #include "buf.h"
 #include "err.h"
@@ -34,6 +35,36 @@ int json_from_mp(const char *mp, size_t len, buf *out, tm_err *err);
 /* Append s as a JSON string literal (quoted, escaped; invalid UTF-8 is
  * replaced by U+FFFD). */
 void json_put_string(buf *out, const char *s, size_t len);
+
+/* Append "key":value to out, the key quoted as json_put_string quotes
+ * it, the value transcoded from msgpack (json_from_mp). */
+int json_render_pair(buf *out, const char *k, size_t kl, const char *mp, size_t len,
+                     tm_err *err);
+
+/* A JSON object written to a stream pair by pair in 64 KiB chunks (a read
+ * model of 1M partitions is ~40 MB of text, never held whole): '{' goes
+ * out with the first pair, "}\n" -- or "{}\n" -- with json_objw_end.  The
+ * fields are private; the struct is here to live on the caller's stack. */
+typedef struct json_objw {
+    FILE *f;
+    buf b;
+    size_t n;
+    int io;             /* errno of the first failed write, 0 = none */
+} json_objw;
+
+void json_objw_init(json_objw *w, FILE *f);
+/* One pair, its value transcoded from msgpack; -1 (err) if it does not
+ * transcode. */
+int json_objw_pair(json_objw *w, const char *k, size_t kl, const char *mp, size_t len,
+                   tm_err *err);
+/* One pair already rendered by json_render_pair. */
+void json_objw_rendered(json_objw *w, const char *text, size_t len);
+/* 1 once a write to the stream has failed (the caller may stop early). */
+int json_objw_failed(const json_objw *w);
+/* Close the object, flush and free; -1 (TM_EIO) if any write failed. */
+int json_objw_end(json_objw *w, tm_err *err);
+/* Abandon the object (after an error): free without writing more. */
+void json_objw_free(json_objw *w);
 
 /* 1 if [s, s+len) is well-formed UTF-8 (no overlongs, no surrogates,
  * nothing above U+10FFFF), else 0. */

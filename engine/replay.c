@@ -28,6 +28,7 @@
 
 #include <msgpack/pack.h>
 
+#include "json.h"
 #include "mp.h"
 #include "progress.h"
 #include "record.h"
@@ -70,6 +71,7 @@ typedef struct worker {
     pthread_cond_t cv;             /* queue non-empty / barrier released */
     chunk *qhead, *qtail;          /* under r->mu */
     unsigned qlen;
+    int idle;                      /* sleeping in pop on an empty queue */
     buf kv;                        /* barrier output: [u32 kl][k][u32 vl][v]... */
     tm_event *emits;
     size_t nemits;
@@ -104,6 +106,7 @@ struct replay {
     /* sync */
     pthread_mutex_t mu;
     pthread_cond_t cv_reader;
+    struct worker *full;           /* the worker whose full queue the reader waits on */
     chunk *pool;
     unsigned arrived, gen;
     int barrier_ok;
@@ -623,26 +626,39 @@ static void chunk_put(replay *r, chunk *c) {
     pthread_mutex_unlock(&r->mu);
 }
 
+/* Wake-ups are the queues' cost: the reader is woken only by the worker
+ * whose full queue it waits on, a worker only when it sleeps on its empty
+ * queue. */
 static void push(replay *r, worker *w, chunk *c) {
     pthread_mutex_lock(&r->mu);
-    while (w->qlen >= QMAX) pthread_cond_wait(&r->cv_reader, &r->mu);
+    while (w->qlen >= QMAX) {
+        r->full = w;
+        pthread_cond_wait(&r->cv_reader, &r->mu);
+    }
     c->next = NULL;
     if (w->qtail) w->qtail->next = c;
     else w->qhead = c;
     w->qtail = c;
     w->qlen++;
-    pthread_cond_signal(&w->cv);
+    if (w->idle) pthread_cond_signal(&w->cv);
     pthread_mutex_unlock(&r->mu);
 }
 
 static chunk *pop(replay *r, worker *w) {
     pthread_mutex_lock(&r->mu);
-    while (!w->qhead) pthread_cond_wait(&w->cv, &r->mu);
+    while (!w->qhead) {
+        w->idle = 1;
+        pthread_cond_wait(&w->cv, &r->mu);
+        w->idle = 0;
+    }
     chunk *c = w->qhead;
     w->qhead = c->next;
     if (!w->qhead) w->qtail = NULL;
     w->qlen--;
-    pthread_cond_broadcast(&r->cv_reader);
+    if (r->full == w) {
+        r->full = NULL;
+        pthread_cond_broadcast(&r->cv_reader);
+    }
     pthread_mutex_unlock(&r->mu);
     return c;
 }
@@ -1382,8 +1398,13 @@ static int states_of(replay *r, buf *parts, tm_err *err) {
 static int merged(replay *r, int keys_only, buf *out, tm_err *err) {
     buf parts[MAX_WORKERS];
     if (states_of(r, parts, err) < 0) return -1;
-    uint64_t total = 0;
-    if (merge_walk(r, parts, 1, NULL, NULL, &total, err) < 0) return -1;
+    uint64_t total = 0; /* the workers' keys are disjoint: their counts add up */
+    for (unsigned i = 0; i < r->nw; i++) {
+        mcur c;
+        if (mcur_open(&c, &parts[i], 1) < 0)
+            return err_set(err, TM_EIO, "replay %s: unreadable worker result", r->name);
+        total += c.left;
+    }
     msgpack_packer pk;
     msgpack_packer_init(&pk, out, wr);
     if (total == 0) msgpack_pack_map(&pk, 0); /* luamp: the empty table is a map */
@@ -1403,26 +1424,129 @@ int replay_state(replay *r, buf *out, tm_err *err) {
     return merged(r, 0, out, err);
 }
 
-typedef struct pairs_ctx {
-    proj_kv_fn each;
-    void *ctx;
-} pairs_ctx;
+/* ------------------------------------------------------------ the result as JSON */
 
-static int pass_pair(void *ud, const mcur *c) {
-    pairs_ctx *pc = ud;
-    return pc->each(pc->ctx, c->k, c->kl, c->v, c->vl);
+/* A partitioned result printed whole (1M partitions: ~40 MB of JSON)
+ * costs about as much to transcode as the workers took to encode it, so
+ * with several workers each one's pairs are rendered in a thread of their
+ * own into a run of [u32 kl][key][u32 tl][text] in key order (the text is
+ * json_render_pair's), and the caller only merges the runs by key. */
+typedef struct jrun {
+    const buf *state;    /* a worker's encoded map */
+    buf out;
+    int rc;
+    tm_err err;
+} jrun;
+
+static void *render_run(void *arg) {
+    jrun *j = arg;
+    mcur c;
+    int n = mcur_open(&c, j->state, 1) < 0 ? -1 : 1;
+    while (n == 1 && (n = mcur_next(&c)) == 1) {
+        put_u32(&j->out, (uint32_t)c.kl);
+        buf_append(&j->out, c.k, c.kl);
+        put_u32(&j->out, 0); /* the text's length, set below */
+        size_t at = j->out.len;
+        if (json_render_pair(&j->out, c.k, c.kl, c.v, c.vl, &j->err) < 0) {
+            j->rc = -1;
+            return NULL;
+        }
+        uint32_t tl = (uint32_t)(j->out.len - at);
+        memcpy(j->out.ptr + at - 4, &tl, 4);
+    }
+    if (n < 0) {
+        j->rc = -1;
+        err_set(&j->err, TM_EIO, "unreadable worker result");
+    }
+    return NULL;
 }
 
-int replay_state_pairs(replay *r, proj_kv_fn each, void *ctx, tm_err *err) {
+/* A cursor over a run. */
+typedef struct rcur {
+    const char *p, *end;
+    const char *k, *t;
+    uint32_t kl, tl;
+} rcur;
+
+static int rcur_next(rcur *c) {
+    if (c->p >= c->end) return 0;
+    memcpy(&c->kl, c->p, 4);
+    c->k = c->p + 4;
+    memcpy(&c->tl, c->k + c->kl, 4);
+    c->t = c->k + c->kl + 4;
+    c->p = c->t + c->tl;
+    return 1;
+}
+
+static int rcur_less(const rcur *a, const rcur *b) {
+    size_t n = a->kl < b->kl ? a->kl : b->kl;
+    int c = memcmp(a->k, b->k, n);
+    return c < 0 || (c == 0 && a->kl < b->kl);
+}
+
+/* Render every worker's run (run 0 in this thread), then merge them. */
+static int write_runs(replay *r, jrun *runs, json_objw *w, tm_err *err) {
+    pthread_t th[MAX_WORKERS];
+    int started[MAX_WORKERS] = {0};
+    for (unsigned i = 1; i < r->nw; i++)
+        started[i] = pthread_create(&th[i], NULL, render_run, &runs[i]) == 0;
+    render_run(&runs[0]);
+    for (unsigned i = 1; i < r->nw; i++) {
+        if (started[i]) pthread_join(th[i], NULL);
+        else render_run(&runs[i]);
+    }
+    for (unsigned i = 0; i < r->nw; i++)
+        if (runs[i].rc < 0) {
+            *err = runs[i].err;
+            return -1;
+        }
+    rcur cs[MAX_WORKERS];
+    int live[MAX_WORKERS];
+    for (unsigned i = 0; i < r->nw; i++) {
+        cs[i] = (rcur){.p = runs[i].out.ptr, .end = runs[i].out.ptr + runs[i].out.len};
+        live[i] = rcur_next(&cs[i]);
+    }
+    for (;;) {
+        int m = -1;
+        for (unsigned i = 0; i < r->nw; i++)
+            if (live[i] && (m < 0 || rcur_less(&cs[i], &cs[m]))) m = (int)i;
+        if (m < 0 || json_objw_failed(w)) return 0;
+        json_objw_rendered(w, cs[m].t, cs[m].tl);
+        live[m] = rcur_next(&cs[m]);
+    }
+}
+
+typedef struct objw_ctx {
+    json_objw *w;
+    tm_err *err;
+    int bad;
+} objw_ctx;
+
+static int objw_pair(void *ctx, const char *k, size_t kl, const char *v, size_t vl) {
+    objw_ctx *o = ctx;
+    if (json_objw_pair(o->w, k, kl, v, vl, o->err) < 0) {
+        o->bad = 1;
+        return 1;
+    }
+    return json_objw_failed(o->w);
+}
+
+int replay_json_pairs(replay *r, json_objw *w, tm_err *err) {
     if (ready(r, err) < 0) return -1;
-    if (r->nw == 1) return proj_state_pairs(r->w[0].p, each, ctx, err);
     if (!proj_partitioned(r->defp))
         return err_set(err, TM_EINVAL, "projection %s is not partitioned", r->name);
+    if (r->nw == 1) {
+        objw_ctx o = {w, err, 0};
+        if (proj_state_pairs(r->w[0].p, objw_pair, &o, err) < 0 || o.bad) return -1;
+        return 0;
+    }
     buf parts[MAX_WORKERS];
-    if (states_of(r, parts, err) < 0) return -1; /* the workers encoded every state */
-    pairs_ctx pc = {each, ctx};
-    uint64_t total;
-    return merge_walk(r, parts, 1, pass_pair, &pc, &total, err);
+    if (states_of(r, parts, err) < 0) return -1;
+    jrun runs[MAX_WORKERS];
+    for (unsigned i = 0; i < r->nw; i++) runs[i] = (jrun){.state = &r->w[i].state};
+    int rc = write_runs(r, runs, w, err);
+    for (unsigned i = 0; i < r->nw; i++) buf_free(&runs[i].out);
+    return rc;
 }
 
 int replay_partitioned(const replay *r) { return proj_partitioned(r->defp); }

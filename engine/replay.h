@@ -61,6 +61,7 @@
 
 #include "buf.h"
 #include "err.h"
+#include "json.h"
 #include "proj.h"
 #include "store.h"
 
@@ -107,10 +108,11 @@ const proj_fault *replay_fault(const replay *r);
 /* Reading the result: the same msgpack as the proj_* functions of one
  * projection fed every event. */
 int replay_state(replay *r, buf *out, tm_err *err);
-/* A partitioned model pair by pair, in key order, merged from the workers
- * as it is handed out (proj_state_pairs: the same pairs, the same rule
- * that every state is encoded before the first call). */
-int replay_state_pairs(replay *r, proj_kv_fn each, void *ctx, tm_err *err);
+/* A partitioned model's pairs written into w (json.h), in key order: the
+ * bytes cli_print_json prints for the whole map.  With several workers,
+ * each worker's pairs are transcoded in a thread of their own and the runs
+ * merged.  -1 with err: a state that does not transcode. */
+int replay_json_pairs(replay *r, json_objw *w, tm_err *err);
 int replay_partitioned(const replay *r);
 int replay_get(replay *r, const char *key, size_t klen, buf *out, tm_err *err);
 int replay_partitions(replay *r, buf *out, tm_err *err);

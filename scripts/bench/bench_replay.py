@@ -11,6 +11,11 @@ On BENCH_REPLAY_EVENTS generated events (about 100 bytes each; default
   replay_scaling  tidemark replay --workers 2 vs --workers 1 (wall time of the
                   whole process, state printed to a file); need >= 1.8.
                   Both outputs must be byte-identical.
+  replay_pair     information: two `tidemark replay --workers 1` at once, each
+                  on its own copy of the store, vs one alone: what two cores
+                  give this workload when nothing is shared but the machine
+                  (caches, memory), i.e. the most replay_scaling can reach on
+                  it.
   replay_vs_pg    tidemark replay (every core) vs PostgreSQL computing the same
                   read model with GROUP BY over the same events as jsonb; need
                   >= 2.0.  Uses scripts/bench/peers.py (the PostgreSQL peer of
@@ -34,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-NAMES = ["replay_scaling", "replay_vs_pg", "replay_rss"]
+NAMES = ["replay_scaling", "replay_pair", "replay_vs_pg", "replay_rss"]
 
 EXAMPLE = """
 return {
@@ -157,9 +162,11 @@ class Bench:
         ratio = None
         if ours is not None and limit:
             ratio = (limit / ours) if lower else (ours / limit)
-        print("%-18s ours %14s  limit %14s  ratio %5s  need %s %.2f  %s%s" % (
+        print("%-18s ours %14s  limit %14s  ratio %5s  %s  %s%s" % (
             name, f(ours), f(limit), "%.2f" % ratio if ratio is not None else "-",
-            "<=" if lower else ">=", need, status, (" (%s)" % note) if note else ""))
+            "information" if need is None else
+            "need %s %.2f" % ("<=" if lower else ">=", need), status,
+            (" (%s)" % note) if note else ""))
         sys.stdout.flush()
         self.results.append((name, ours, limit, ratio, need, status, note))
 
@@ -176,6 +183,36 @@ class Bench:
                 "identical, %d cores, load average %.1f" % (one[0], one[3], two[0], two[3],
                                                            CORES, load))
         self.report("replay_scaling", r2, r1, 1.8, "PASS" if ratio >= 1.8 else "FAIL", note)
+
+    def pair(self):
+        self.setup()
+        copy = self.store + "-copy"
+        shutil.copytree(self.store, copy)
+        def argv(d):
+            return [TIDEMARK, "replay", "--data", d, self.script, "--name", "example",
+                    "--workers", "1", "--quiet", "--memory-limit", str(MEM_MB)]
+        try:
+            alone, pair = [], []
+            for _ in range(REPEAT):  # alternating, so both see the same moments of the machine
+                alone.append(self.replay(1, "w1")[0])
+                outs = [open(os.path.join(self.tmp, "pair-%d.json" % i), "w") for i in (0, 1)]
+                t0 = time.monotonic()
+                procs = [subprocess.Popen(argv(d), stdout=outs[i], stderr=subprocess.PIPE)
+                         for i, d in enumerate((self.store, copy))]
+                for p in procs:
+                    _, err = p.communicate()
+                    if p.returncode != 0:
+                        raise RuntimeError("replay failed (exit %d): %s" % (p.returncode,
+                                                                          err[-300:]))
+                pair.append(time.monotonic() - t0)
+                for o in outs:
+                    o.close()
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
+        r1, r2 = EVENTS / min(alone), 2 * EVENTS / min(pair)
+        note = ("one alone %.2f s, two at once %.2f s: the ceiling of replay_scaling on this "
+                "machine" % (min(alone), min(pair)))
+        self.report("replay_pair", r2, r1, None, "INFO", note)
 
     def vs_pg(self):
         try:
@@ -230,7 +267,8 @@ class Bench:
                     unit="MiB", lower=True)
 
     def run(self, only=()):
-        for name, fn in (("replay_scaling", self.scaling), ("replay_vs_pg", self.vs_pg),
+        for name, fn in (("replay_scaling", self.scaling), ("replay_pair", self.pair),
+                         ("replay_vs_pg", self.vs_pg),
                          ("replay_rss", self.rss)):
             if only and name not in only and "replay" not in only:
                 continue
@@ -252,7 +290,7 @@ def main():
     finally:
         if os.environ.get("BENCH_KEEP") != "1":
             shutil.rmtree(tmp, ignore_errors=True)
-    return 0 if all(r[5] in ("PASS", "SKIPPED") for r in res) else 1
+    return 0 if all(r[5] in ("PASS", "SKIPPED", "INFO") for r in res) else 1
 
 
 if __name__ == "__main__":

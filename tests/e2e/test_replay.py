@@ -88,6 +88,20 @@ def test_parallel_equals_serial_for_every_worker_count(data):
         assert a.stdout == b.stdout, extra
 
 
+def test_unwritable_output_is_an_error(data):
+    """A result that cannot be written (a full disk) is exit status 4 with
+    the reason, whoever renders the pairs (one worker, or each worker in
+    its own thread)."""
+    for cmd in ("project", "replay"):
+        for w in (1, 2):
+            with open("/dev/full", "w") as full:
+                r = subprocess.run([BIN, cmd, "--data", str(data / "data"), str(data / "ex.lua"),
+                                    "--workers", str(w), "--quiet"], stdout=full,
+                                   stderr=subprocess.PIPE, text=True, timeout=120)
+            assert r.returncode == 4, (cmd, w, r.stderr)
+            assert "cannot write the output: No space left on device" in r.stderr, (cmd, w)
+
+
 def test_default_workers_follow_cpu_affinity(data):
     """Without --workers, replay and project use the cores the process may
     run on (taskset, cpusets), not every core of the machine."""

@@ -34,7 +34,7 @@
 #include "record.h"
 
 #define MAX_WORKERS 64
-#define QMAX 64                    /* chunks queued per worker */
+#define QMAX 64                    /* chunks queued per worker, on average */
 #define CHUNK_BYTES (64 * 1024)
 #define CHUNK_EVENTS 1024
 #define MAX_PATH 8
@@ -70,7 +70,6 @@ typedef struct worker {
     int started;
     pthread_cond_t cv;             /* queue non-empty / barrier released */
     chunk *qhead, *qtail;          /* under r->mu */
-    unsigned qlen;
     int idle;                      /* sleeping in pop on an empty queue */
     buf kv;                        /* barrier output: [u32 kl][k][u32 vl][v]... */
     tm_event *emits;
@@ -106,7 +105,8 @@ struct replay {
     /* sync */
     pthread_mutex_t mu;
     pthread_cond_t cv_reader;
-    struct worker *full;           /* the worker whose full queue the reader waits on */
+    unsigned queued;               /* chunks queued to all workers */
+    int reader_waits;              /* the reader sleeps in push */
     chunk *pool;
     unsigned arrived, gen;
     int barrier_ok;
@@ -626,20 +626,23 @@ static void chunk_put(replay *r, chunk *c) {
     pthread_mutex_unlock(&r->mu);
 }
 
-/* Wake-ups are the queues' cost: the reader is woken only by the worker
- * whose full queue it waits on, a worker only when it sleeps on its empty
- * queue. */
+/* The reader may queue QMAX chunks per worker in all, however they are
+ * spread: a worker that is slower for a while (new partitions, a lost time
+ * slice) builds up a backlog while the others are still fed, instead of
+ * blocking the reader while they run dry.  Wake-ups are the queues' cost:
+ * the reader is woken only when it waits, a worker only when it sleeps on
+ * its empty queue. */
 static void push(replay *r, worker *w, chunk *c) {
     pthread_mutex_lock(&r->mu);
-    while (w->qlen >= QMAX) {
-        r->full = w;
+    while (r->queued >= QMAX * r->nw) {
+        r->reader_waits = 1;
         pthread_cond_wait(&r->cv_reader, &r->mu);
     }
     c->next = NULL;
     if (w->qtail) w->qtail->next = c;
     else w->qhead = c;
     w->qtail = c;
-    w->qlen++;
+    r->queued++;
     if (w->idle) pthread_cond_signal(&w->cv);
     pthread_mutex_unlock(&r->mu);
 }
@@ -654,9 +657,9 @@ static chunk *pop(replay *r, worker *w) {
     chunk *c = w->qhead;
     w->qhead = c->next;
     if (!w->qhead) w->qtail = NULL;
-    w->qlen--;
-    if (r->full == w) {
-        r->full = NULL;
+    r->queued--;
+    if (r->reader_waits) {
+        r->reader_waits = 0;
         pthread_cond_broadcast(&r->cv_reader);
     }
     pthread_mutex_unlock(&r->mu);

@@ -1618,20 +1618,24 @@ static void *async_main(void *arg) {
 /* A waiter yields the CPU up to WAIT_SPINS times, watching the futex word,
  * before it sleeps on it (spin-then-block, as glibc's adaptive mutexes and
  * PostgreSQL's spinlocks); every commit that ends meanwhile (the word
- * moves) renews the budget, so a waiter sleeps only when no commit has
- * ended during its last WAIT_SPINS yields.  With many closed-loop callers on few CPUs the
+ * moves) renews that budget, and no waiter spins for more than
+ * WAIT_SPIN_NS in all.  With many closed-loop callers on few CPUs the
  * woken callers of a group come back and queue while the others are still
  * yielding, so the CPUs never halt between two commits and most waiters
- * see their group done without a futex wake (64 threads on a 2-vCPU VM:
- * 95-116k -> 130-166k appends/s, docs/benchmarks.md section 3).  A lone
- * waiter's sched_yield returns at once: at most ~64 us of CPU per wait. */
+ * see their group done without a futex wake.  64 threads on a 2-vCPU VM,
+ * 8 alternating runs each: 98-130k appends/s before, 120-146k with both
+ * bounds; without the time bound 70-141k, and once 23k/s (64 threads
+ * yielding to each other for seconds: docs/benchmarks.md section 3).  A
+ * lone waiter's sched_yield returns at once: ~64 us of CPU at most. */
 #define WAIT_SPINS 64
+#define WAIT_SPIN_NS 300000ull
 
 /* A queued caller (mu not held): until its request is done, spin a little,
  * then sleep, or lead its group when asked. */
 static void wait_or_lead(store *s, req *r) {
     uint32_t bit = (uint32_t)1 << (r->group & 31);
     int spins = WAIT_SPINS;
+    uint64_t until = mono_ns() + WAIT_SPIN_NS;
     uint32_t last = __atomic_load_n(&s->fword, __ATOMIC_SEQ_CST);
     for (;;) {
         uint32_t seq = __atomic_load_n(&s->fword, __ATOMIC_SEQ_CST);
@@ -1650,7 +1654,7 @@ static void wait_or_lead(store *s, req *r) {
             pthread_mutex_unlock(&s->mu);
             continue;
         }
-        if (spins > 0) {
+        if (spins > 0 && ((spins & 7) || mono_ns() < until)) { /* the clock every 8th */
             spins--;
             sched_yield();
             continue;

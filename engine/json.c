@@ -2,7 +2,9 @@
  *
  * Owns: the yajl parse callbacks that write msgpack through msgpack-c's
  * packer, the canonical compaction of that output, the hand-written
- * msgpack -> JSON printer, and JSON string escaping / UTF-8 checking.
+ * msgpack -> JSON printer, JSON string escaping / UTF-8 checking, and
+ * the chunked writer of large objects (json_objw: a read model printed
+ * pair by pair).
  *
  * JSON -> msgpack.  yajl reports a container's end, never its count in
  * advance, so every array/map is first written with a 5-byte header

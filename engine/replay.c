@@ -4,7 +4,8 @@
  * Lua tokenizer), the routing key in C, the worker threads and their
  * bounded chunk queues, barriers (one store batch per global checkpoint),
  * the staging key layout and the final swap, resume, the routing check and
- * the one-worker fallback, and merging the workers' results.
+ * the one-worker fallback, and merging the workers' results (the JSON of
+ * a partitioned result rendered by every worker's pairs in parallel).
  *
  * Invariants:
  *   - Every event a worker sees is selected by `from`; each worker sees its
@@ -1342,11 +1343,13 @@ static int mcur_next(mcur *c) {
     return 1;
 }
 
-static int key_less(const mcur *a, const mcur *b) {
-    size_t n = a->kl < b->kl ? a->kl : b->kl;
-    int c = memcmp(a->k, b->k, n);
-    return c < 0 || (c == 0 && a->kl < b->kl);
+/* Byte order of keys, as the workers sort them. */
+static int bytes_less(const char *a, size_t al, const char *b, size_t bl) {
+    int c = memcmp(a, b, al < bl ? al : bl);
+    return c < 0 || (c == 0 && al < bl);
 }
+
+static int key_less(const mcur *a, const mcur *b) { return bytes_less(a->k, a->kl, b->k, b->kl); }
 
 typedef int (*merge_fn)(void *ud, const mcur *c);
 
@@ -1481,11 +1484,7 @@ static int rcur_next(rcur *c) {
     return 1;
 }
 
-static int rcur_less(const rcur *a, const rcur *b) {
-    size_t n = a->kl < b->kl ? a->kl : b->kl;
-    int c = memcmp(a->k, b->k, n);
-    return c < 0 || (c == 0 && a->kl < b->kl);
-}
+static int rcur_less(const rcur *a, const rcur *b) { return bytes_less(a->k, a->kl, b->k, b->kl); }
 
 /* Render every worker's run (run 0 in this thread), then merge them. */
 static int write_runs(replay *r, jrun *runs, json_objw *w, tm_err *err) {

@@ -24,7 +24,6 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <msgpack/pack.h>
@@ -39,7 +38,6 @@
 #define CHUNK_BYTES (64 * 1024)
 #define CHUNK_EVENTS 1024
 #define MAX_PATH 8
-#define WORKER_NICE 3              /* workers yield to the reader (see worker_main) */
 
 typedef enum route_kind {
     ROUTE_NONE, ROUTE_STREAM_EXACT, ROUTE_STREAM, ROUTE_CATEGORY, ROUTE_TYPE, ROUTE_DATA
@@ -729,11 +727,9 @@ static void worker_barrier(worker *w) {
 
 static void *worker_main(void *arg) {
     worker *w = arg;
-    /* The reader feeds every worker: when the threads outnumber the cores,
-     * a reader the scheduler leaves off the CPU starves them all, and a
-     * worker's time is only moved, not lost, by yielding to it (2 cores,
-     * 2 workers: 10.5 -> 10.1 s).  Failing to renice changes nothing. */
-    (void)setpriority(PRIO_PROCESS, (id_t)gettid(), WORKER_NICE);
+    /* Workers run at the reader's priority: renicing them (+3) helped
+     * while the reader decoded every event, and costs ~5% since it only
+     * routes stored records (docs/benchmarks.md section 13). */
     for (;;) {
         chunk *c = pop(w->r, w);
         int kind = c->kind;

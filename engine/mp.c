@@ -16,6 +16,8 @@
  */
 #include "mp.h"
 
+#include "bytes.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -296,7 +298,7 @@ int mp_map_find(const char *map, size_t len, const char *key, size_t klen,
         }
         const char *v = p;
         if (mp_skip(&p, end) < 0) return -1;
-        if (ki.type == MP_STR && ki.v.s.len == klen && memcmp(ki.v.s.ptr, key, klen) == 0) {
+        if (ki.type == MP_STR && ki.v.s.len == klen && bytes_eq(ki.v.s.ptr, key, klen)) {
             *val = v;
             *vlen = (size_t)(p - v);
             return 1;

@@ -28,6 +28,7 @@
 
 #include <msgpack/pack.h>
 
+#include "bytes.h"
 #include "json.h"
 #include "luamp.h"
 #include "lsketch.h"
@@ -632,7 +633,7 @@ void proj_current(const proj *p, uint64_t *position, const char **type, size_t *
 
 static int name_in(const proj *p, const char *s, size_t n) {
     for (size_t i = 0; i < p->nfrom; i++)
-        if (p->from_lens[i] == n && !memcmp(p->from_names[i], s, n)) return 1;
+        if (p->from_lens[i] == n && bytes_eq(p->from_names[i], s, n)) return 1;
     return 0;
 }
 
@@ -686,7 +687,7 @@ static type_entry *intern_type(proj *p, const char *t, size_t n) {
     }
     size_t h = fnv1a(0xcbf29ce484222325ull, t, n) & (p->types_cap - 1);
     while (p->types[h].name) {
-        if (p->types[h].len == n && !memcmp(p->types[h].name, t, n)) return &p->types[h];
+        if (p->types[h].len == n && bytes_eq(p->types[h].name, t, n)) return &p->types[h];
         h = (h + 1) & (p->types_cap - 1);
     }
     type_entry *e = &p->types[h];
@@ -738,7 +739,7 @@ static int locate_keys(const type_plan *pl, const char *d, size_t len, uint32_t 
             if (pending > (uint64_t)(end - q)) return 0;
         }
         for (unsigned i = 0; i < pl->n; i++)
-            if (pl->len[i] == k.v.s.len && !memcmp(pl->key[i], k.v.s.ptr, k.v.s.len)) {
+            if (pl->len[i] == k.v.s.len && bytes_eq(pl->key[i], k.v.s.ptr, k.v.s.len)) {
                 s->fld[i] = base + (uint32_t)(v - d) + 1; /* the last duplicate wins, as in Lua */
                 break;
             }
@@ -879,9 +880,9 @@ int proj_feed(proj *p, const tm_event *ev, tm_err *err) {
         return 0;
     }
     type_entry *te = p->last_te[0]; /* skip the hash for the last two types */
-    if (!te || te->len != ev->type_len || memcmp(te->name, ev->type, ev->type_len)) {
+    if (!te || te->len != ev->type_len || !bytes_eq(te->name, ev->type, ev->type_len)) {
         te = p->last_te[1];
-        if (!te || te->len != ev->type_len || memcmp(te->name, ev->type, ev->type_len))
+        if (!te || te->len != ev->type_len || !bytes_eq(te->name, ev->type, ev->type_len))
             te = intern_type(p, ev->type, ev->type_len);
         p->last_te[1] = p->last_te[0];
         p->last_te[0] = te;

@@ -14,6 +14,7 @@
 #include <msgpack.h>
 
 #include "buf.h"
+#include "bytes.h"
 #include "mp.h"
 
 /* ---- helpers ---- */
@@ -593,6 +594,25 @@ static void test_null_err_ok(void **st) {
 
 /* ---- mp_map_find ---- */
 
+/* bytes_eq against memcmp: every length up to 40 (each of its word-load
+ * paths and the memcmp one), a difference at every position, and
+ * unaligned starts. */
+static void test_bytes_eq(void **st) {
+    (void)st;
+    char a[64], b[64];
+    for (size_t off = 0; off < 3; off++)
+        for (size_t n = 0; n <= 40; n++) {
+            for (size_t i = 0; i < n; i++) a[off + i] = b[1 + i] = (char)('a' + (i * 7) % 26);
+            assert_true(bytes_eq(a + off, b + 1, n));
+            for (size_t i = 0; i < n; i++) {
+                b[1 + i] ^= 0x20;
+                assert_false(bytes_eq(a + off, b + 1, n));
+                assert_int_equal(bytes_eq(a + off, b + 1, n), memcmp(a + off, b + 1, n) == 0);
+                b[1 + i] ^= 0x20;
+            }
+        }
+}
+
 static void test_map_find(void **st) {
     buf b = BUF_INIT;
     msgpack_packer pk;
@@ -761,6 +781,7 @@ int main(void) {
         cmocka_unit_test(test_items_limit),
         cmocka_unit_test(test_size_limit),
         cmocka_unit_test(test_null_err_ok),
+        cmocka_unit_test(test_bytes_eq),
         cmocka_unit_test(test_map_find),
         cmocka_unit_test(test_fuzz),
         cmocka_unit_test(test_flat_shortcut),

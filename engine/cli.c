@@ -107,31 +107,16 @@ int cli_print_json(const char *cmd, const buf *mp) {
     return fflush(stdout) == 0 ? 0 : 4;
 }
 
-typedef struct pairs_out {
-    json_objw w;
-    int bad;            /* a state did not transcode (err) */
-    tm_err *err;
-} pairs_out;
-
-static int print_pair(void *ctx, const char *k, size_t kl, const char *v, size_t vl) {
-    pairs_out *o = ctx;
-    if (json_objw_pair(&o->w, k, kl, v, vl, o->err) < 0) {
-        o->bad = 1;
-        return 1;
-    }
-    return json_objw_failed(&o->w);
-}
-
 int cli_print_pairs(const char *cmd, cli_pairs_fn pairs, void *src) {
     tm_err err;
     err_clear(&err);
-    pairs_out o = {.err = &err};
-    json_objw_init(&o.w, stdout);
-    if (pairs(src, print_pair, &o, &err) < 0 || o.bad) {
-        json_objw_free(&o.w);
+    json_objw w;
+    json_objw_init(&w, stdout);
+    if (pairs(src, json_objw_each, &w, &err) < 0) {
+        json_objw_free(&w);
         return cli_fail(cmd, &err);
     }
-    return json_objw_end(&o.w, &err) < 0 ? cli_fail(cmd, &err) : 0;
+    return json_objw_end(&w, &err) < 0 ? cli_fail(cmd, &err) : 0;
 }
 
 int cli_print_object(const char *cmd, cli_object_fn write, void *src) {

@@ -1066,6 +1066,8 @@ void json_objw_init(json_objw *w, FILE *f) {
     w->b = (buf)BUF_INIT;
     w->n = 0;
     w->io = 0;
+    w->bad = 0;
+    err_clear(&w->err);
 }
 
 static void objw_flush(json_objw *w) {
@@ -1085,6 +1087,12 @@ int json_objw_pair(json_objw *w, const char *k, size_t kl, const char *mp, size_
     return 0;
 }
 
+int json_objw_each(void *ctx, const char *k, size_t kl, const char *mp, size_t len) {
+    json_objw *w = ctx;
+    if (json_objw_pair(w, k, kl, mp, len, &w->err) < 0) w->bad = 1;
+    return w->bad || w->io;
+}
+
 void json_objw_rendered(json_objw *w, const char *text, size_t len) {
     objw_sep(w);
     buf_append(&w->b, text, len);
@@ -1094,6 +1102,11 @@ void json_objw_rendered(json_objw *w, const char *text, size_t len) {
 int json_objw_failed(const json_objw *w) { return w->io; }
 
 int json_objw_end(json_objw *w, tm_err *err) {
+    if (w->bad) {
+        buf_free(&w->b);
+        *err = w->err;
+        return -1;
+    }
     buf_puts(&w->b, w->n ? "}\n" : "{}\n");
     objw_flush(w);
     buf_free(&w->b);

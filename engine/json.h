@@ -50,6 +50,8 @@ typedef struct json_objw {
     buf b;
     size_t n;
     int io;             /* errno of the first failed write, 0 = none */
+    int bad;            /* a value did not transcode: err says why */
+    tm_err err;
 } json_objw;
 
 void json_objw_init(json_objw *w, FILE *f);
@@ -57,11 +59,17 @@ void json_objw_init(json_objw *w, FILE *f);
  * transcode. */
 int json_objw_pair(json_objw *w, const char *k, size_t kl, const char *mp, size_t len,
                    tm_err *err);
+/* json_objw_pair as a pair callback (proj_kv_fn's shape, w as ctx): 1
+ * stops the walk at the first value that does not transcode, or once a
+ * write failed; json_objw_end then reports it. */
+int json_objw_each(void *w, const char *k, size_t kl, const char *mp, size_t len);
 /* One pair already rendered by json_render_pair. */
 void json_objw_rendered(json_objw *w, const char *text, size_t len);
 /* 1 once a write to the stream has failed (the caller may stop early). */
 int json_objw_failed(const json_objw *w);
-/* Close the object, flush and free; -1 (TM_EIO) if any write failed. */
+/* Close the object, flush and free; -1 with err: a value json_objw_each
+ * could not transcode (then nothing more is written), or TM_EIO when a
+ * write failed. */
 int json_objw_end(json_objw *w, tm_err *err);
 /* Abandon the object (after an error): free without writing more. */
 void json_objw_free(json_objw *w);

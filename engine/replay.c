@@ -480,23 +480,32 @@ static void describe(replay *r, const char *why) {
     }
 }
 
+/* fn(items[i]) for i < n at once: items 1.. in threads of their own,
+ * item 0 (and any whose thread cannot start) in this one. */
+static void in_threads(void *(*fn)(void *), void *items, size_t size, unsigned n) {
+    pthread_t th[MAX_WORKERS];
+    int started[MAX_WORKERS] = {0};
+    char *at = items;
+    for (unsigned i = 1; i < n; i++)
+        started[i] = pthread_create(&th[i], NULL, fn, at + i * size) == 0;
+    if (n) fn(at);
+    for (unsigned i = 1; i < n; i++) {
+        if (started[i]) pthread_join(th[i], NULL);
+        else fn(at + i * size);
+    }
+}
+
 static void *free_proj(void *arg) {
-    proj_free(arg);
+    worker *w = arg;
+    proj_free(w->p);
+    w->p = NULL;
     return NULL;
 }
 
 /* Closing a Lua state frees every object in it (1M partitions: most of a
  * second): the workers' states are closed in parallel, one thread each. */
 static void free_projs(replay *r) {
-    pthread_t th[MAX_WORKERS];
-    int started[MAX_WORKERS] = {0};
-    for (unsigned i = 1; r->w && i < r->nalloc; i++)
-        started[i] = r->w[i].p && pthread_create(&th[i], NULL, free_proj, r->w[i].p) == 0;
-    for (unsigned i = 0; r->w && i < r->nalloc; i++) {
-        if (started[i]) pthread_join(th[i], NULL);
-        else proj_free(r->w[i].p);
-        r->w[i].p = NULL;
-    }
+    if (r->w) in_threads(free_proj, r->w, sizeof *r->w, r->nalloc);
 }
 
 static void free_workers(replay *r) {
@@ -1350,14 +1359,11 @@ static int key_less(const mcur *a, const mcur *b) { return bytes_less(a->k, a->k
 typedef int (*merge_fn)(void *ud, const mcur *c);
 
 /* Walk the workers' encoded maps (arrays) in key order. */
-static int merge_walk(replay *r, buf *parts, int map, merge_fn fn, void *ud, uint64_t *total,
-                      tm_err *err) {
+static int merge_walk(replay *r, buf *parts, int map, merge_fn fn, void *ud, tm_err *err) {
     mcur cs[MAX_WORKERS];
     int live[MAX_WORKERS];
-    *total = 0;
     for (unsigned i = 0; i < r->nw; i++) {
         if (mcur_open(&cs[i], &parts[i], map) < 0) goto bad;
-        *total += cs[i].left;
         live[i] = mcur_next(&cs[i]);
         if (live[i] < 0) goto bad;
     }
@@ -1366,7 +1372,7 @@ static int merge_walk(replay *r, buf *parts, int map, merge_fn fn, void *ud, uin
         for (unsigned i = 0; i < r->nw; i++)
             if (live[i] && (m < 0 || key_less(&cs[i], &cs[m]))) m = (int)i;
         if (m < 0) return 0;
-        if (fn && fn(ud, &cs[m])) return 0;
+        if (fn(ud, &cs[m])) return 0;
         live[m] = mcur_next(&cs[m]);
         if (live[m] < 0) goto bad;
     }
@@ -1412,7 +1418,7 @@ static int merged(replay *r, int keys_only, buf *out, tm_err *err) {
     if (total == 0) msgpack_pack_map(&pk, 0); /* luamp: the empty table is a map */
     else if (!keys_only) msgpack_pack_map(&pk, (size_t)total);
     else msgpack_pack_array(&pk, (size_t)total);
-    return merge_walk(r, parts, 1, keys_only ? append_key : append_item, out, &total, err);
+    return merge_walk(r, parts, 1, keys_only ? append_key : append_item, out, err);
 }
 
 static int ready(replay *r, tm_err *err) {
@@ -1484,15 +1490,7 @@ static int rcur_less(const rcur *a, const rcur *b) { return bytes_less(a->k, a->
 
 /* Render every worker's run (run 0 in this thread), then merge them. */
 static int write_runs(replay *r, jrun *runs, json_objw *w, tm_err *err) {
-    pthread_t th[MAX_WORKERS];
-    int started[MAX_WORKERS] = {0};
-    for (unsigned i = 1; i < r->nw; i++)
-        started[i] = pthread_create(&th[i], NULL, render_run, &runs[i]) == 0;
-    render_run(&runs[0]);
-    for (unsigned i = 1; i < r->nw; i++) {
-        if (started[i]) pthread_join(th[i], NULL);
-        else render_run(&runs[i]);
-    }
+    in_threads(render_run, runs, sizeof *runs, r->nw);
     for (unsigned i = 0; i < r->nw; i++)
         if (runs[i].rc < 0) {
             *err = runs[i].err;
@@ -1514,30 +1512,11 @@ static int write_runs(replay *r, jrun *runs, json_objw *w, tm_err *err) {
     }
 }
 
-typedef struct objw_ctx {
-    json_objw *w;
-    tm_err *err;
-    int bad;
-} objw_ctx;
-
-static int objw_pair(void *ctx, const char *k, size_t kl, const char *v, size_t vl) {
-    objw_ctx *o = ctx;
-    if (json_objw_pair(o->w, k, kl, v, vl, o->err) < 0) {
-        o->bad = 1;
-        return 1;
-    }
-    return json_objw_failed(o->w);
-}
-
 int replay_json_pairs(replay *r, json_objw *w, tm_err *err) {
     if (ready(r, err) < 0) return -1;
     if (!proj_partitioned(r->defp))
         return err_set(err, TM_EINVAL, "projection %s is not partitioned", r->name);
-    if (r->nw == 1) {
-        objw_ctx o = {w, err, 0};
-        if (proj_state_pairs(r->w[0].p, objw_pair, &o, err) < 0 || o.bad) return -1;
-        return 0;
-    }
+    if (r->nw == 1) return proj_state_pairs(r->w[0].p, json_objw_each, w, err);
     buf parts[MAX_WORKERS];
     if (states_of(r, parts, err) < 0) return -1;
     jrun runs[MAX_WORKERS];
@@ -1592,8 +1571,7 @@ static int mg_scan(void *ud, const char *prefix, size_t pl, proj_kv_fn each, voi
     buf parts[MAX_WORKERS];
     if (states_of(r, parts, err) < 0) return -1;
     mscan m = {r, parts, each, ctx, BUF_INIT};
-    uint64_t total;
-    int rc = merge_walk(r, parts, 1, mscan_one, &m, &total, err);
+    int rc = merge_walk(r, parts, 1, mscan_one, &m, err);
     buf_free(&m.key);
     return rc;
 }

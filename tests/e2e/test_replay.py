@@ -150,7 +150,8 @@ def test_sigint_checkpoints_and_resume_finishes(data, tmp_path):
     slow = tmp_path / "slow.lua"
     # a slow handler so the replay is still running when SIGINT arrives
     slow.write_text(EXAMPLE.replace("s.orders = s.orders + 1;",
-                                    "s.orders = s.orders + 1; for i = 1, 300000 do if e.position < 0 then s.orders = i end end;"))
+                                    "s.orders = s.orders + 1; local x = 0; for i = 1, 300000 do x = x + i % 7 end;"
+                                    " if x < 0 then s.orders = 0 end;"))
     p = subprocess.Popen([BIN, "replay", "--data", str(d), str(slow), "--name", "ex", "--workers", "2",
                           "--persist", "--checkpoint-every", "2000"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

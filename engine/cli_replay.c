@@ -62,7 +62,7 @@ static volatile sig_atomic_t cancel_flag;
 
 static void on_sigint(int sig) {
     (void)sig;
-    cancel_flag = 1;
+    __atomic_store_n(&cancel_flag, 1, __ATOMIC_RELAXED); /* read by the replay's threads */
 }
 
 

@@ -1,21 +1,23 @@
 /* replay.c — parallel re-projection of history (see replay.h for the model).
  *
  * Owns: recognising the partition form in the script's source (a small
- * Lua tokenizer), the routing key in C, the worker threads and their
- * bounded chunk queues, barriers (one store batch per global checkpoint),
- * the staging key layout and the final swap, resume, the routing check and
+ * Lua tokenizer), the routing key in C, the worker threads, the reader's
+ * turn they take in rotation, their bounded chunk queues, barriers (one
+ * store batch per global checkpoint), the staging key layout and the final swap, resume, the routing check and
  * the one-worker fallback, and merging the workers' results (the JSON of
  * a partitioned result rendered by every worker's pairs in parallel).
  *
  * Invariants:
  *   - Every event a worker sees is selected by `from`; each worker sees its
- *     events in position order (one reader, FIFO queues).
+ *     events in position order (one reader's turn at a time, FIFO queues).
  *   - A partition's events all go to one worker iff that worker's key set
  *     holds only keys that hash to it (checked after every threaded run).
  *   - STAGE meta = P is committed in the same batch as every worker's
  *     checkpoint at P; nothing under proj/NAME/ changes before the swap.
- *   - Workers touch only their own proj; the reader touches r->defp and
- *     the queues; shared fields are under r->mu (or atomics: failed).
+ *   - Workers touch only their own proj; the holder of the reader's turn
+ *     touches r->rd, r->defp and the queues; the last worker at a barrier
+ *     commits it while the others wait; shared fields are under r->mu (or
+ *     atomics: failed).
  */
 #define _GNU_SOURCE
 #include "replay.h"
@@ -69,7 +71,8 @@ typedef struct worker {
     int started;
     pthread_cond_t cv;             /* queue non-empty / barrier released */
     chunk *qhead, *qtail;          /* under r->mu */
-    int idle;                      /* sleeping in pop on an empty queue */
+    unsigned qlen;                 /* chunks in the queue */
+    int idle;                      /* sleeping in take */
     buf kv;                        /* barrier output: [u32 kl][k][u32 vl][v]... */
     tm_event *emits;
     size_t nemits;
@@ -82,6 +85,20 @@ typedef struct worker {
     int state_rc;                  /* -1: encoding it failed (state_err) */
     tm_err state_err;
 } worker;
+
+/* The reader's state.  No thread owns the reader: a worker whose queue
+ * runs low takes the reader's turn (r->reading), reads and routes a slice
+ * of the log into every worker's queue, and goes back to its own events
+ * (read_slice).  So a run has as many threads as workers, each always
+ * either reading or running handlers, and no hand-over to a third thread
+ * that the two cores would have to take turns with. */
+typedef struct reader {
+    store_iter *it;
+    chunk *cur[MAX_WORKERS];       /* the chunk being filled for each worker */
+    uint64_t from, every, seen, since;
+    progress *pg;
+    int stop;                      /* cancelled */
+} reader;
 
 struct replay {
     store *st;
@@ -101,17 +118,21 @@ struct replay {
     buf stage;                     /* "replay/NAME/" */
     buf live;                      /* "proj/NAME/" */
     int swapped;                   /* backing reads go to proj/NAME/ */
-    /* sync */
+    /* sync: the queues, the reader's turn and the barriers, under mu */
     pthread_mutex_t mu;
-    pthread_cond_t cv_reader;
     unsigned queued;               /* chunks queued to all workers */
-    int reader_waits;              /* the reader sleeps in push */
+    int reading;                   /* a worker holds the reader's turn */
+    int read_done;                 /* the log is read (or the run stopped): END queued */
+    int barrier_due;               /* barrier chunks queued, not yet committed */
     chunk *pool;
     unsigned arrived, gen;
     int barrier_ok;
     int failed;                    /* atomic: some worker stopped */
     int misrouted;                 /* a barrier found a wrong routing guess (badkey) */
     char badkey[101];
+    int run_rc;                    /* -1: the read or a barrier's commit failed (run_err) */
+    tm_err run_err;
+    reader rd;                     /* the reader's state: only the turn's holder touches it */
     /* progress */
     uint64_t last, events, suppressed;
     const proj_fault *fault;
@@ -511,6 +532,11 @@ static void free_projs(replay *r) {
 static void free_workers(replay *r) {
     free_projs(r);
     for (unsigned i = 0; r->w && i < r->nalloc; i++) {
+        for (chunk *c = r->w[i].qhead, *nx; c; c = nx) { /* a worker that never ran */
+            nx = c->next;
+            buf_free(&c->b);
+            free(c);
+        }
         buf_free(&r->w[i].kv);
         buf_free(&r->w[i].state);
         pthread_cond_destroy(&r->w[i].cv);
@@ -559,7 +585,6 @@ replay *replay_new(store *s, const char *name, const char *src, size_t len,
     if (opts) r->o = *opts;
     if (r->o.resume) r->o.persist = 1;
     pthread_mutex_init(&r->mu, NULL);
-    pthread_cond_init(&r->cv_reader, NULL);
     buf_printf(&r->stage, "replay/%s/", name);
     buf_printf(&r->live, "proj/%s/", name);
     proj_opts po = {.memory_limit = r->o.memory_limit};
@@ -596,7 +621,6 @@ void replay_free(replay *r) {
         c = nx;
     }
     pthread_mutex_destroy(&r->mu);
-    pthread_cond_destroy(&r->cv_reader);
     buf_free(&r->stage);
     buf_free(&r->live);
     free(r->name);
@@ -634,30 +658,73 @@ static void chunk_put(replay *r, chunk *c) {
     pthread_mutex_unlock(&r->mu);
 }
 
-/* The reader may queue QMAX chunks per worker in all, however they are
- * spread: a worker that is slower for a while (new partitions, a lost time
- * slice) builds up a backlog while the others are still fed, instead of
- * blocking the reader while they run dry.  Wake-ups are the queues' cost:
- * the reader is woken only when it waits, a worker only when it sleeps on
- * its empty queue. */
-static void push(replay *r, worker *w, chunk *c) {
-    pthread_mutex_lock(&r->mu);
-    while (r->queued >= QMAX * r->nw) {
-        r->reader_waits = 1;
-        pthread_cond_wait(&r->cv_reader, &r->mu);
-    }
+/* Queue bounds, in chunks.  A worker takes the reader's turn when its
+ * queue holds fewer than LOW chunks and gives it back once it holds HIGH
+ * (or all queues together hold QMAX per worker: a worker that is slower
+ * for a while builds up a backlog while the others are still fed). */
+#define LOW 4
+#define HIGH 8
+
+static int queues_full(const replay *r) { return r->queued >= QMAX * r->nw; }
+
+/* Wake every worker sleeping in take (r->mu held): the reader's turn is
+ * free again, room was made in the queues, or a barrier was committed. */
+static void wake_idle(replay *r) {
+    for (unsigned i = 0; i < r->nw; i++)
+        if (r->w[i].idle) pthread_cond_signal(&r->w[i].cv);
+}
+
+/* Queue c for w (r->mu held). */
+static void enqueue(replay *r, worker *w, chunk *c) {
     c->next = NULL;
     if (w->qtail) w->qtail->next = c;
     else w->qhead = c;
     w->qtail = c;
+    w->qlen++;
     r->queued++;
     if (w->idle) pthread_cond_signal(&w->cv);
-    pthread_mutex_unlock(&r->mu);
 }
 
-static chunk *pop(replay *r, worker *w) {
+/* Queue c for w; 1 if the reader's slice for `self` is over (its queue is
+ * at HIGH, or the queues are full). */
+static int push(replay *r, worker *w, chunk *c, const worker *self) {
     pthread_mutex_lock(&r->mu);
-    while (!w->qhead) {
+    enqueue(r, w, c);
+    int over = self->qlen >= HIGH || queues_full(r);
+    pthread_mutex_unlock(&r->mu);
+    return over;
+}
+
+/* Push one chunk of `kind` to every worker. */
+static void push_all(replay *r, int kind) {
+    for (unsigned i = 0; i < r->nw; i++) {
+        chunk *c = chunk_get(r, kind);
+        pthread_mutex_lock(&r->mu);
+        enqueue(r, &r->w[i], c);
+        pthread_mutex_unlock(&r->mu);
+    }
+}
+
+static int may_read(const replay *r) {
+    return !r->reading && !r->read_done && !r->barrier_due && !queues_full(r);
+}
+
+static void read_slice(replay *r, worker *self);
+
+/* w's next chunk; while its queue runs low and nobody reads, w reads. */
+static chunk *take(replay *r, worker *w) {
+    pthread_mutex_lock(&r->mu);
+    for (;;) {
+        if (w->qlen < LOW && may_read(r)) {
+            r->reading = 1;
+            pthread_mutex_unlock(&r->mu);
+            read_slice(r, w);
+            pthread_mutex_lock(&r->mu);
+            r->reading = 0;
+            wake_idle(r);
+            continue;
+        }
+        if (w->qhead) break;
         w->idle = 1;
         pthread_cond_wait(&w->cv, &r->mu);
         w->idle = 0;
@@ -665,11 +732,10 @@ static chunk *pop(replay *r, worker *w) {
     chunk *c = w->qhead;
     w->qhead = c->next;
     if (!w->qhead) w->qtail = NULL;
+    w->qlen--;
+    int was_full = queues_full(r);
     r->queued--;
-    if (r->reader_waits) {
-        r->reader_waits = 0;
-        pthread_cond_broadcast(&r->cv_reader);
-    }
+    if (was_full) wake_idle(r);
     pthread_mutex_unlock(&r->mu);
     return c;
 }
@@ -690,11 +756,16 @@ static void worker_fail(worker *w) {
     __atomic_store_n(&w->r->failed, 1, __ATOMIC_RELEASE);
 }
 
+/* The flag is set by a signal handler and read by every worker. */
+static int cancelled(const replay *r) {
+    return r->o.cancel && __atomic_load_n(r->o.cancel, __ATOMIC_RELAXED);
+}
+
 /* Cancelled and not persisting: nothing of the run will be kept, so the
  * workers drop what is still queued instead of running it (a persisted
  * run drains its queues: its checkpoint is at the reader's position). */
 static int dropping(const replay *r) {
-    return !r->o.persist && r->o.cancel && *r->o.cancel;
+    return !r->o.persist && cancelled(r);
 }
 
 static void worker_events(worker *w, chunk *c) {
@@ -715,6 +786,20 @@ static void worker_events(worker *w, chunk *c) {
     }
 }
 
+static int commit_barrier(replay *r, tm_err *err);
+
+/* Record the run's first error (the read, or a barrier's commit). */
+static void run_fail(replay *r, const tm_err *err) {
+    pthread_mutex_lock(&r->mu);
+    if (r->run_rc == 0) {
+        r->run_rc = -1;
+        r->run_err = *err;
+    }
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* Every worker stops at a barrier with its checkpoint; the last to arrive
+ * commits them all in one batch and releases the others. */
 static void worker_barrier(worker *w) {
     replay *r = w->r;
     buf_reset(&w->kv);
@@ -725,9 +810,25 @@ static void worker_barrier(worker *w) {
         worker_fail(w);
     pthread_mutex_lock(&r->mu);
     unsigned g = r->gen;
-    r->arrived++;
-    pthread_cond_broadcast(&r->cv_reader);
-    while (r->gen == g) pthread_cond_wait(&w->cv, &r->mu);
+    if (++r->arrived == r->nw) {
+        pthread_mutex_unlock(&r->mu);
+        tm_err e;
+        err_clear(&e);
+        int rc = commit_barrier(r, &e);
+        if (rc < 0) run_fail(r, &e);
+        pthread_mutex_lock(&r->mu);
+        r->arrived = 0;
+        r->barrier_ok = rc == 0;
+        r->barrier_due = 0;
+        r->gen++;
+        wake_idle(r);
+    } else {
+        while (r->gen == g) {
+            w->idle = 1;
+            pthread_cond_wait(&w->cv, &r->mu);
+            w->idle = 0;
+        }
+    }
     int ok = r->barrier_ok;
     pthread_mutex_unlock(&r->mu);
     if (ok && !w->failed) proj_checkpoint_done(w->p);
@@ -740,7 +841,7 @@ static void *worker_main(void *arg) {
      * while the reader decoded every event, and costs ~5% since it only
      * routes stored records (docs/benchmarks.md section 13). */
     for (;;) {
-        chunk *c = pop(w->r, w);
+        chunk *c = take(w->r, w);
         int kind = c->kind;
         if (kind == CH_EVENTS) worker_events(w, c);
         else if (kind == CH_BARRIER) worker_barrier(w);
@@ -844,22 +945,6 @@ static int commit_barrier(replay *r, tm_err *err) {
     return rc;
 }
 
-/* Threaded: a barrier at r->last across all workers. */
-static int barrier(replay *r, tm_err *err) {
-    for (unsigned i = 0; i < r->nw; i++) push(r, &r->w[i], chunk_get(r, CH_BARRIER));
-    pthread_mutex_lock(&r->mu);
-    while (r->arrived < r->nw) pthread_cond_wait(&r->cv_reader, &r->mu);
-    pthread_mutex_unlock(&r->mu);
-    int rc = commit_barrier(r, err);
-    pthread_mutex_lock(&r->mu);
-    r->arrived = 0;
-    r->barrier_ok = rc == 0;
-    r->gen++;
-    for (unsigned i = 0; i < r->nw; i++) pthread_cond_signal(&r->w[i].cv);
-    pthread_mutex_unlock(&r->mu);
-    return rc;
-}
-
 /* Inline (one worker in this thread). */
 static int checkpoint_inline(replay *r, tm_err *err) {
     worker *w = &r->w[0];
@@ -890,7 +975,6 @@ static int checkpoint_inline(replay *r, tm_err *err) {
 
 /* ------------------------------------------------------------ reading the log */
 
-static int cancelled(const replay *r) { return r->o.cancel && *r->o.cancel; }
 
 static uint64_t every_events(replay *r) {
     if (r->o.checkpoint_every) return r->o.checkpoint_every;
@@ -961,71 +1045,124 @@ static int run_inline(replay *r, uint64_t from, progress *pg, tm_err *err) {
     return stop ? REPLAY_CANCELLED : 0;
 }
 
-static int run_threaded(replay *r, uint64_t from, progress *pg, tm_err *err) {
-    uint64_t every = r->o.persist ? every_events(r) : 0;
-    r->failed = 0;
-    r->gen = r->arrived = 0;
+/* End the read (the turn held): queue what was read, then, unless the run
+ * failed, the last barrier of a persisted run (a cancelled one too: its
+ * checkpoint is where the reader stopped, to resume from), then END. */
+static void finish_read(replay *r) {
+    reader *d = &r->rd;
     for (unsigned i = 0; i < r->nw; i++) {
-        if (pthread_create(&r->w[i].th, NULL, worker_main, &r->w[i]) != 0) {
-            err_set(err, TM_EIO, "cannot start a replay worker thread");
-            for (unsigned j = 0; j < i; j++) push(r, &r->w[j], chunk_get(r, CH_END));
-            for (unsigned j = 0; j < i; j++) pthread_join(r->w[j].th, NULL);
-            return -1;
-        }
+        pthread_mutex_lock(&r->mu);
+        enqueue(r, &r->w[i], d->cur[i]);
+        pthread_mutex_unlock(&r->mu);
+        d->cur[i] = NULL;
     }
-    chunk *cur[MAX_WORKERS];
-    for (unsigned i = 0; i < r->nw; i++) cur[i] = chunk_get(r, CH_EVENTS);
-    int rc = 0, stop = 0;
-    uint64_t seen = 0, since = 0;
-    store_iter *it = open_reader(r, from, err);
-    if (!it) rc = -1;
+    pthread_mutex_lock(&r->mu);
+    int ok = r->run_rc == 0 && !__atomic_load_n(&r->failed, __ATOMIC_ACQUIRE);
+    if (ok && r->o.persist) r->barrier_due = 1;
+    r->read_done = 1;
+    pthread_mutex_unlock(&r->mu);
+    if (ok && r->o.persist) push_all(r, CH_BARRIER);
+    push_all(r, CH_END);
+}
+
+/* Queue a barrier at r->last (the turn held): what was read goes first. */
+static void queue_barrier(replay *r) {
+    reader *d = &r->rd;
+    pthread_mutex_lock(&r->mu);
+    for (unsigned i = 0; i < r->nw; i++) enqueue(r, &r->w[i], d->cur[i]);
+    r->barrier_due = 1;
+    pthread_mutex_unlock(&r->mu);
+    for (unsigned i = 0; i < r->nw; i++) d->cur[i] = chunk_get(r, CH_EVENTS);
+    d->since = 0;
+    push_all(r, CH_BARRIER);
+}
+
+/* The reader's turn, taken by `self` (see struct reader): read, select
+ * and route events until self's queue holds HIGH chunks or all queues are
+ * full, a barrier is due, or the read ends. */
+static void read_slice(replay *r, worker *self) {
+    reader *d = &r->rd;
+    pthread_mutex_lock(&r->mu);
+    int failed = r->run_rc != 0;
+    pthread_mutex_unlock(&r->mu);
+    if (failed || __atomic_load_n(&r->failed, __ATOMIC_ACQUIRE)) {
+        finish_read(r);
+        return;
+    }
     tm_event ev;
-    int n = 0;
+    tm_err err;
+    err_clear(&err);
     uint64_t pos;
     const char *rec;
     size_t rl;
-    while (rc == 0 && (n = store_iter_next_record(it, &pos, &rec, &rl, err)) == 1) {
-        if (pos < from) continue;
+    for (;;) {
+        int n = store_iter_next_record(d->it, &pos, &rec, &rl, &err);
+        if (n <= 0) {
+            if (n < 0) run_fail(r, &err);
+            finish_read(r);
+            return;
+        }
+        if (pos < d->from) continue;
         r->last = pos;
         if (record_peek(rec, rl, &ev) < 0) { /* corrupt: report it as a read would */
-            if (record_decode(rec, rl, &ev, err) == 0) err_set(err, TM_EIO, "corrupt record");
-            err_prefix(err, "position %llu", (unsigned long long)pos);
-            rc = -1;
-            break;
+            if (record_decode(rec, rl, &ev, &err) == 0) err_set(&err, TM_EIO, "corrupt record");
+            err_prefix(&err, "position %llu", (unsigned long long)pos);
+            run_fail(r, &err);
+            finish_read(r);
+            return;
         }
         ev.position = pos;
         if (!proj_selects(r->defp, &ev)) continue;
         unsigned j = route(r, &ev);
-        chunk_add(cur[j], pos, rec, rl);
-        if (cur[j]->n >= CHUNK_EVENTS || cur[j]->b.len >= CHUNK_BYTES) {
-            push(r, &r->w[j], cur[j]);
-            cur[j] = chunk_get(r, CH_EVENTS);
+        chunk_add(d->cur[j], pos, rec, rl);
+        int over = 0;
+        if (d->cur[j]->n >= CHUNK_EVENTS || d->cur[j]->b.len >= CHUNK_BYTES) {
+            over = push(r, &r->w[j], d->cur[j], self);
+            d->cur[j] = chunk_get(r, CH_EVENTS);
         }
-        progress_update(pg, ev.position, ++seen);
-        since++;
-        if ((seen & 1023) == 0) {
-            if (__atomic_load_n(&r->failed, __ATOMIC_ACQUIRE)) break;
+        progress_update(d->pg, ev.position, ++d->seen);
+        d->since++;
+        if ((d->seen & 1023) == 0) {
+            if (__atomic_load_n(&r->failed, __ATOMIC_ACQUIRE)) {
+                finish_read(r);
+                return;
+            }
             if (cancelled(r)) {
-                stop = 1;
-                break;
+                d->stop = 1;
+                finish_read(r);
+                return;
             }
         }
-        if (every && since >= every) {
-            for (unsigned i = 0; i < r->nw; i++) {
-                push(r, &r->w[i], cur[i]);
-                cur[i] = chunk_get(r, CH_EVENTS);
-            }
-            since = 0;
-            if (barrier(r, err) < 0) rc = -1;
+        if (d->every && d->since >= d->every) {
+            queue_barrier(r);
+            return;
         }
+        if (over) return;
     }
-    if (it && rc == 0 && n < 0) rc = -1;
-    store_iter_free(it);
-    for (unsigned i = 0; i < r->nw; i++) push(r, &r->w[i], cur[i]);
-    int failed = __atomic_load_n(&r->failed, __ATOMIC_ACQUIRE);
-    if (rc == 0 && !failed && r->o.persist && barrier(r, err) < 0) rc = -1;
-    for (unsigned i = 0; i < r->nw; i++) push(r, &r->w[i], chunk_get(r, CH_END));
-    for (unsigned i = 0; i < r->nw; i++) pthread_join(r->w[i].th, NULL);
+}
+
+static int run_threaded(replay *r, uint64_t from, progress *pg, tm_err *err) {
+    reader *d = &r->rd;
+    *d = (reader){.from = from, .pg = pg, .every = r->o.persist ? every_events(r) : 0};
+    r->failed = r->run_rc = 0;
+    r->gen = r->arrived = 0;
+    r->reading = r->read_done = r->barrier_due = 0;
+    d->it = open_reader(r, from, err);
+    if (!d->it) return -1;
+    for (unsigned i = 0; i < r->nw; i++) d->cur[i] = chunk_get(r, CH_EVENTS);
+    unsigned started = 0;
+    for (; started < r->nw; started++)
+        if (pthread_create(&r->w[started].th, NULL, worker_main, &r->w[started]) != 0) break;
+    if (started < r->nw) { /* stop the ones started: they read to the end of an empty read */
+        err_set(&r->run_err, TM_EIO, "cannot start a replay worker thread");
+        pthread_mutex_lock(&r->mu);
+        r->run_rc = -1;
+        pthread_mutex_unlock(&r->mu);
+        if (!started) finish_read(r); /* nobody will: queue (and so free) the chunks */
+    }
+    for (unsigned i = 0; i < started; i++) pthread_join(r->w[i].th, NULL);
+    store_iter_free(d->it);
+    d->it = NULL;
     r->events = total_events(r);
     /* the fault at the lowest position is the one a serial run meets first */
     worker *bad = NULL;
@@ -1039,8 +1176,11 @@ static int run_threaded(replay *r, uint64_t from, progress *pg, tm_err *err) {
         *err = bad->err;
         return -1;
     }
-    if (rc < 0) return -1;
-    return stop ? REPLAY_CANCELLED : 0;
+    if (r->run_rc < 0) {
+        *err = r->run_err;
+        return -1;
+    }
+    return d->stop ? REPLAY_CANCELLED : 0;
 }
 
 /* ------------------------------------------------------------ staging, resume, swap */

@@ -104,7 +104,7 @@ static void on_sigint(int sig) {
         g_abort(); /* threads of a parallel run that do not answer */
         return;
     }
-    g_intr = 1;
+    __atomic_store_n(&g_intr, 1, __ATOMIC_RELAXED); /* read by replay threads */
     g_first_intr = now;
     if (g_running && g_L)
         lua_sethook(g_L, intr_hook, LUA_MASKCOUNT, 1);

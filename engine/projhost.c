@@ -3,8 +3,9 @@
  * Owns: the frame protocol, the worker's main loop (a proj whose reads go
  * back to the host through a proj_backing), and the host side: starting
  * and killing the worker, feeding it batches of raw records, answering its
- * reads from the store, committing its checkpoints atomically, and turning
- * its death into a FAULTED / DEAD status.
+ * reads from the store, committing its checkpoints atomically (in the
+ * caller's thread, or on a committer thread while feeding goes on), and
+ * turning its death or a failed commit into a FAULTED / DEAD status.
  *
  * Invariants:
  *   - Every request gets exactly one final answer; reads ('g','s','r') may
@@ -12,6 +13,9 @@
  *   - The host never blocks forever on the worker: every wait is bounded by
  *     the timeout, after which the worker is SIGKILLed.
  *   - Once a worker is FAULTED or DEAD no further frames are sent to it.
+ *   - At most one background checkpoint is in flight; nothing that writes
+ *     or reads the projection's stored keys (the next checkpoint, free)
+ *     proceeds before it has landed or failed.
  */
 #define _GNU_SOURCE
 #include "projhost.h"
@@ -20,6 +24,7 @@
 #include <fcntl.h>
 #include <msgpack/pack.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -409,7 +414,8 @@ static void kv_put(void *ud, const char *k, size_t kl, const char *v, size_t vl)
     c->n++;
 }
 
-static void w_checkpoint(worker *w) {
+/* 1 when the checkpoint was sent ('K'). */
+static int w_checkpoint(worker *w) {
     tm_err err;
     err_clear(&err);
     kvs c = {BUF_INIT, 0};
@@ -418,7 +424,7 @@ static void w_checkpoint(worker *w) {
     int rc = proj_checkpoint_to(w->p, kv_put, &c, &em, &nem, &err);
     if (w_outcome(w, rc, &err)) {
         buf_free(&c.b);
-        return;
+        return 0;
     }
     buf_reset(&w->msg);
     msgpack_packer pk;
@@ -440,6 +446,7 @@ static void w_checkpoint(worker *w) {
     }
     buf_free(&c.b);
     send_frame(w->out, 'K', w->msg.ptr, w->msg.len);
+    return 1;
 }
 
 static void w_value(worker *w, int rc, const buf *out, const tm_err *err) {
@@ -500,6 +507,9 @@ int projhost_worker_main(int argc, char **argv) {
         switch (kind) {
         case 'B': w_batch(&w, &w.frame); break;
         case 'C': w_checkpoint(&w); break;
+        case 'c': /* committed in the background: counted done now */
+            if (w_checkpoint(&w)) proj_checkpoint_done(w.p);
+            break;
         case 'D':
             proj_checkpoint_done(w.p);
             w_position(&w, 'A');
@@ -569,6 +579,18 @@ struct projhost {
     buf pfx_w, pfx_s;  /* "proj/NAME/" (worker's keys) and "proj/STORE/" (stored keys) */
     buf key;           /* a translated key */
     uint64_t suppressed;
+    /* the committer (projhost_checkpoint_async): at most one checkpoint in
+     * flight; cmu guards the fields below, ccv signals both ways */
+    pthread_t cth;
+    int cth_started, cquit;
+    pthread_mutex_t cmu;
+    pthread_cond_t ccv;
+    store_batch *cjob;          /* handed over, not yet taken */
+    int cbusy;                  /* a job handed over and not finished */
+    uint64_t cjob_pos, cdone_pos;
+    int cdone;                  /* a finished job's outcome is waiting for settle */
+    int cdone_rc;
+    tm_err cdone_err;
 };
 
 /* The stored key for a worker's key (h->key or the key itself). */
@@ -734,7 +756,10 @@ static int await(projhost *h, tm_err *err) {
     }
 }
 
+static void settle(projhost *h);
+
 static int usable(projhost *h, tm_err *err) {
+    settle(h);
     if (h->st.state == PROJHOST_RUNNING) return 0;
     return err_set(err, TM_EINVAL, "projection %s is %s: %s", h->name,
                    h->st.state == PROJHOST_FAULTED ? "faulted" : "dead", h->st.message);
@@ -783,6 +808,8 @@ projhost *projhost_start(store *s, const char *name, const char *src, size_t len
     if (!h->o.batch) h->o.batch = 512;
     h->pid = -1;
     h->to = h->from = h->errfd = -1;
+    pthread_mutex_init(&h->cmu, NULL);
+    pthread_cond_init(&h->ccv, NULL);
     int in[2], out[2], er[2];
     if (pipe2(in, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0 || pipe2(er, O_CLOEXEC) < 0) {
         err_set(err, TM_EIO, "pipe: %s", strerror(errno));
@@ -871,9 +898,79 @@ projhost *projhost_start(store *s, const char *name, const char *src, size_t len
     return h;
 }
 
-int projhost_checkpoint(projhost *h, tm_err *err) {
+/* ------------------------------------------------------------ checkpoints */
+
+/* The worker's dirty set no longer matches the store: restart it. */
+static int commit_failed(projhost *h, const tm_err *err) {
+    reap(h, 1);
+    h->st.state = PROJHOST_DEAD;
+    snprintf(h->st.message, sizeof h->st.message, "checkpoint commit failed: %.400s", err->msg);
+    return -1;
+}
+
+static void *committer_main(void *arg) {
+    projhost *h = arg;
+    pthread_mutex_lock(&h->cmu);
+    for (;;) {
+        while (!h->cjob && !h->cquit) pthread_cond_wait(&h->ccv, &h->cmu);
+        if (!h->cjob) break;
+        store_batch *b = h->cjob;
+        uint64_t pos = h->cjob_pos;
+        h->cjob = NULL;
+        pthread_mutex_unlock(&h->cmu);
+        tm_err e;
+        err_clear(&e);
+        int rc = store_batch_commit(h->s, b, &e);
+        store_batch_free(b);
+        pthread_mutex_lock(&h->cmu);
+        h->cdone = 1;
+        h->cdone_rc = rc;
+        h->cdone_err = e;
+        h->cdone_pos = pos;
+        h->cbusy = 0;
+        pthread_cond_broadcast(&h->ccv);
+        if (h->o.on_commit) {
+            pthread_mutex_unlock(&h->cmu);
+            h->o.on_commit(h->o.on_commit_ud);
+            pthread_mutex_lock(&h->cmu);
+        }
+    }
+    pthread_mutex_unlock(&h->cmu);
+    return NULL;
+}
+
+/* Take the outcome of a finished background commit into the status: the
+ * checkpoint position, or a dead worker when it failed. */
+static void settle(projhost *h) {
+    if (!h->cth_started) return;
+    pthread_mutex_lock(&h->cmu);
+    int done = h->cdone, rc = h->cdone_rc;
+    uint64_t pos = h->cdone_pos;
+    tm_err e = h->cdone_err;
+    h->cdone = 0;
+    pthread_mutex_unlock(&h->cmu);
+    if (!done) return;
+    if (rc == 0) h->st.checkpoint_position = pos;
+    else if (h->st.state == PROJHOST_RUNNING) commit_failed(h, &e);
+}
+
+/* Wait until no checkpoint is in flight (then settled). */
+static void wait_commit(projhost *h) {
+    if (!h->cth_started) return;
+    pthread_mutex_lock(&h->cmu);
+    while (h->cbusy) pthread_cond_wait(&h->ccv, &h->cmu);
+    pthread_mutex_unlock(&h->cmu);
+    settle(h);
+}
+
+void projhost_wait_commit(projhost *h) { wait_commit(h); }
+void projhost_settle(projhost *h) { settle(h); }
+
+/* Send 'C' or 'c' and read the answer: 'K' (the checkpoint is in
+ * h->frame), PROJ_REPLAY, or -1 with err. */
+static int ask_checkpoint(projhost *h, char kind, tm_err *err) {
     if (usable(h, err) < 0) return -1;
-    if (send_frame(h->to, 'C', NULL, 0) < 0) return worker_lost(h, 0, err);
+    if (send_frame(h->to, kind, NULL, 0) < 0) return worker_lost(h, 0, err);
     int k = await(h, err);
     if (k < 0) return -1;
     if (k == 'F') return remote_fault(h, err);
@@ -883,12 +980,18 @@ int projhost_checkpoint(projhost *h, tm_err *err) {
         return PROJ_REPLAY;
     }
     if (k != 'K') return err_set(err, TM_EIO, "unexpected answer '%c'", k);
-    /* emitted events first (idempotent), then state + checkpoint atomically */
+    return 'K';
+}
+
+/* Append the checkpoint's emitted events (idempotent ids); *any = 1 when
+ * there were some to store.  0 or -1 with err. */
+static int store_emits(projhost *h, int *any, tm_err *err) {
     const char *v;
     size_t vl;
     int rc = 0;
     tm_event *evs = NULL;
     uint32_t nev = 0;
+    *any = 0;
     if (mp_map_find(h->frame.ptr, h->frame.len, "emits", 5, &v, &vl) == 1) {
         const char *q = v, *end = v + vl;
         mp_item a, t, f[5];
@@ -919,14 +1022,22 @@ int projhost_checkpoint(projhost *h, tm_err *err) {
         h->suppressed += nev;
         nev = 0;
     }
+    *any = nev > 0;
     if (nev && store_append(h->s, evs, nev, NULL, 0, err) < 0) {
         if (err->code != TM_ECONFLICT) rc = -1;
         for (uint32_t i = 0; rc == 0 && i < nev; i++)
             if (store_append(h->s, &evs[i], 1, NULL, 0, err) < 0) rc = -1;
     }
     free(evs);
-    if (rc == 0 && mp_map_find(h->frame.ptr, h->frame.len, "kv", 2, &v, &vl) == 1) {
-        store_batch *b = store_batch_new();
+    return rc;
+}
+
+/* The checkpoint's key/values (state + position) as one batch. */
+static store_batch *state_batch(projhost *h) {
+    const char *v;
+    size_t vl;
+    store_batch *b = store_batch_new();
+    if (mp_map_find(h->frame.ptr, h->frame.len, "kv", 2, &v, &vl) == 1) {
         const char *q = v, *end = v + vl;
         mp_item a, t, k2, v2;
         if (mp_next(&q, end, &a) == 0 && a.type == MP_ARRAY) {
@@ -939,22 +1050,64 @@ int projhost_checkpoint(projhost *h, tm_err *err) {
                 store_batch_put(b, sk, sl, v2.v.s.ptr, v2.v.s.len);
             }
         }
+    }
+    return b;
+}
+
+int projhost_checkpoint(projhost *h, tm_err *err) {
+    wait_commit(h);
+    int k = ask_checkpoint(h, 'C', err);
+    if (k != 'K') return k;
+    /* emitted events first (idempotent), then state + checkpoint atomically */
+    int any;
+    int rc = store_emits(h, &any, err);
+    if (rc == 0) {
+        store_batch *b = state_batch(h);
         rc = store_batch_commit(h->s, b, err);
         store_batch_free(b);
     }
-    if (rc < 0) {
-        /* the worker's dirty set no longer matches the store: restart it */
-        reap(h, 1);
-        h->st.state = PROJHOST_DEAD;
-        snprintf(h->st.message, sizeof h->st.message, "checkpoint commit failed: %.400s",
-                 err->msg);
-        return -1;
-    }
+    if (rc < 0) return commit_failed(h, err);
     if (send_frame(h->to, 'D', NULL, 0) < 0) return worker_lost(h, 0, err);
     k = await(h, err);
     if (k != 'A') return k < 0 ? -1 : err_set(err, TM_EIO, "unexpected answer '%c'", k);
     take_position(h);
     h->st.checkpoint_position = h->st.position;
+    return 0;
+}
+
+int projhost_checkpoint_async(projhost *h, tm_err *err) {
+    wait_commit(h);
+    uint64_t pos = h->st.position; /* every batch sent was answered: the worker is here */
+    int k = ask_checkpoint(h, 'c', err);
+    if (k != 'K') return k;
+    /* the worker counts it committed already (it is restarted if not) */
+    h->uncommitted = 0;
+    int any;
+    if (store_emits(h, &any, err) < 0) return commit_failed(h, err);
+    store_batch *b = state_batch(h);
+    if (any) { /* emits are stored: commit right behind them, here */
+        int rc = store_batch_commit(h->s, b, err);
+        store_batch_free(b);
+        if (rc < 0) return commit_failed(h, err);
+        h->st.checkpoint_position = pos;
+        return 0;
+    }
+    if (!h->cth_started) {
+        if (pthread_create(&h->cth, NULL, committer_main, h) != 0) {
+            int rc = store_batch_commit(h->s, b, err);
+            store_batch_free(b);
+            if (rc < 0) return commit_failed(h, err);
+            h->st.checkpoint_position = pos;
+            return 0;
+        }
+        h->cth_started = 1;
+    }
+    pthread_mutex_lock(&h->cmu);
+    h->cjob = b;
+    h->cjob_pos = pos;
+    h->cbusy = 1;
+    pthread_cond_broadcast(&h->ccv);
+    pthread_mutex_unlock(&h->cmu);
     return 0;
 }
 
@@ -1149,6 +1302,14 @@ const projhost_status *projhost_get_status(const projhost *h) { return &h->st; }
 
 void projhost_free(projhost *h) {
     if (!h) return;
+    if (h->cth_started) { /* a checkpoint in flight lands before anything else happens */
+        wait_commit(h);
+        pthread_mutex_lock(&h->cmu);
+        h->cquit = 1;
+        pthread_cond_broadcast(&h->ccv);
+        pthread_mutex_unlock(&h->cmu);
+        pthread_join(h->cth, NULL);
+    }
     if (h->to >= 0) close(h->to); /* EOF: the worker exits */
     if (h->pid > 0) {
         for (int i = 0; i < 100; i++) { /* up to ~1 s, then SIGKILL */
@@ -1175,6 +1336,8 @@ void projhost_free(projhost *h) {
     buf_free(&h->pfx_w);
     buf_free(&h->pfx_s);
     buf_free(&h->key);
+    pthread_mutex_destroy(&h->cmu);
+    pthread_cond_destroy(&h->ccv);
     free(h->name);
     free(h);
 }

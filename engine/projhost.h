@@ -19,6 +19,7 @@
  *   'C' checkpoint                     'K' {kv:[[k,v]..], emits:[[stream,type,
  *                                           data,meta,id]..]}
  *   'D' checkpoint committed           'A'
+ *   'c' checkpoint, done at once       'K' (as for 'C'; no 'D' follows)
  *   'S' state, 'Q' query {name,args}   'V' value (msgpack bytes) or 'E'
  *   'P' built-in read {op,key,to,n}    'V' or 'E'
  *   (answers to the worker's reads)    'g' get {key}  's' scan {prefix}
@@ -27,7 +28,10 @@
  *
  * The host commits each checkpoint itself: emitted events are appended
  * first (idempotent ids), then the key/values in one store_batch_commit, so
- * state and position stay atomic.  A worker that does not answer a batch
+ * state and position stay atomic.  With 'c' the worker counts the
+ * checkpoint done when it answers, and the host commits it in the
+ * background; a failed commit kills the worker, whose restart resumes
+ * from the stored checkpoint, so the worker's optimism never shows.  A worker that does not answer a batch
  * within cpu_limit + grace + a margin is SIGKILLed; a worker that dies
  * (CPU hard limit, crash) leaves the projection FAULTED with the reason
  * (its last stderr line) and the host process unharmed.
@@ -55,6 +59,11 @@ typedef struct projhost_opts {
      * translates the keys of every read and checkpoint.  NULL = NAME. */
     const char *store_name;
     int suppress_emits;    /* drop emitted events at checkpoints (counted) */
+    /* Called on the committer thread when a background checkpoint
+     * (projhost_checkpoint_async) has landed or failed, so that the owner
+     * calls projhost_settle soon; it must not wait for the owner's locks. */
+    void (*on_commit)(void *ud);
+    void *on_commit_ud;
 } projhost_opts;
 
 typedef enum projhost_state {
@@ -94,6 +103,20 @@ int projhost_catch_up(projhost *h, tm_err *err);
  * one store batch).  0 ok, PROJ_REPLAY (a dead letter surfaced: call
  * projhost_feed again), -1 with err. */
 int projhost_checkpoint(projhost *h, tm_err *err);
+/* Start a checkpoint and go on: the worker counts it committed at once,
+ * and the host commits it on its own thread while feeding continues (the
+ * fsync is off the feeding path).  At most one is in flight: the next
+ * checkpoint, projhost_checkpoint and projhost_free wait for it first.  If
+ * its commit fails the worker is killed (DEAD, "checkpoint commit
+ * failed"), as when projhost_checkpoint's does, and a restart resumes from
+ * the last stored checkpoint.  A checkpoint with emitted events is
+ * committed before returning (events, then state).  0, PROJ_REPLAY, -1. */
+int projhost_checkpoint_async(projhost *h, tm_err *err);
+/* Wait until the checkpoint in flight (if any) is stored or has failed. */
+void projhost_wait_commit(projhost *h);
+/* Take a finished background checkpoint into the status (its position, or
+ * DEAD when its commit failed); every other call does it too. */
+void projhost_settle(projhost *h);
 /* The model (msgpack) / a named query's result (args msgpack or NULL). */
 int projhost_state_mp(projhost *h, buf *out, tm_err *err);
 int projhost_query(projhost *h, const char *name, const char *args, size_t alen, buf *out,

@@ -30,7 +30,9 @@
  *     checkpoint_every events are uncommitted, before a partition listing
  *     (read from the store), and before a worker is stopped.  Each
  *     checkpoint commits state + position in one atomic store batch, so a
- *     crash between checkpoints only re-processes events.
+ *     crash between checkpoints only re-processes events.  The timed ones
+ *     commit on the host's committer thread while feeding goes on
+ *     (projhost_checkpoint_async); every other one waits for it first.
  */
 #define _GNU_SOURCE
 #include "projmgr.h"
@@ -417,12 +419,24 @@ static void sync_status(pentry *e) {
     pthread_mutex_unlock(&e->smu);
 }
 
+/* A background checkpoint landed (the host's committer thread): the
+ * entry's thread takes it into the status (entry_cycle). */
+static void entry_committed(void *ud) {
+    pentry *e = ud;
+    pthread_mutex_lock(&e->m->wake_mu);
+    e->kick = 1;
+    pthread_cond_broadcast(&e->m->wake_cv);
+    pthread_mutex_unlock(&e->m->wake_mu);
+}
+
 /* Start the worker for the entry's source (e->mu held, ph == NULL). */
 static int entry_launch(pentry *e, tm_err *err) {
     projmgr *m = e->m;
     projhost_opts ho = {.memory_limit = m->o.memory_limit,
                         .cpu_limit = m->o.cpu_limit,
-                        .exe = m->exe};
+                        .exe = m->exe,
+                        .on_commit = entry_committed,
+                        .on_commit_ud = e};
     projhost *ph = projhost_start(m->s, e->name, e->source, e->srclen, e->file, &ho, err);
     pthread_mutex_lock(&e->smu);
     if (!ph) {
@@ -445,13 +459,19 @@ static int entry_launch(pentry *e, tm_err *err) {
     return ph ? 0 : -1;
 }
 
-/* Commit what the worker applied since its last checkpoint (e->mu held). */
-static int entry_checkpoint(pentry *e, tm_err *err) {
+/* Commit what the worker applied since its last checkpoint (e->mu held);
+ * `background`: the commit runs on the host's committer thread and feeding
+ * goes on meanwhile (the timed checkpoints of a running projection). */
+static int checkpoint_with(pentry *e, int background, tm_err *err) {
     int rc = 0;
+    if (e->ph && !background) projhost_wait_commit(e->ph); /* what follows reads the store */
     if (e->ph && projhost_get_status(e->ph)->state == PROJHOST_RUNNING &&
         projhost_uncommitted(e->ph) > 0) {
         /* a dead letter surfacing at the checkpoint rolls back: re-feed, again */
-        for (int i = 0; i < 100 && (rc = projhost_checkpoint(e->ph, err)) == PROJ_REPLAY; i++)
+        for (int i = 0; i < 100 &&
+                        (rc = background ? projhost_checkpoint_async(e->ph, err)
+                                         : projhost_checkpoint(e->ph, err)) == PROJ_REPLAY;
+             i++)
             if ((rc = projhost_feed(e->ph, 0, err)) < 0) break;
         sync_status(e);
         if (rc != 0 && projhost_get_status(e->ph)->state == PROJHOST_RUNNING) {
@@ -463,6 +483,8 @@ static int entry_checkpoint(pentry *e, tm_err *err) {
     if (e->ph && projhost_uncommitted(e->ph) == 0) e->dirty_since = 0;
     return rc == 0 ? 0 : -1;
 }
+
+static int entry_checkpoint(pentry *e, tm_err *err) { return checkpoint_with(e, 0, err); }
 
 /* Stop the worker (e->mu held); a running one is checkpointed first when
  * `save` (its state is kept). */
@@ -590,6 +612,10 @@ static double cp_secs(pentry *e) {
 static int entry_cycle(pentry *e, uint64_t last) {
     int more = 0;
     pthread_mutex_lock(&e->mu);
+    if (e->ph) { /* a background checkpoint may have landed (or failed) */
+        projhost_settle(e->ph);
+        sync_status(e);
+    }
     pthread_mutex_lock(&e->smu);
     int run = e->ph && e->status == PS_RUNNING && last > e->position;
     pstatus before = e->status;
@@ -623,7 +649,7 @@ static int entry_cycle(pentry *e, uint64_t last) {
             cp_due = e->dirty_since + cp_secs(e);
             if (now >= cp_due) {
                 err_clear(&err);
-                entry_checkpoint(e, &err); /* on failure dirty_since stays: retried when due */
+                checkpoint_with(e, 1, &err); /* on failure dirty_since stays: retried when due */
                 if (e->dirty_since == 0) cp_due = 0;
                 else cp_due = now + cp_secs(e);
             }
@@ -990,7 +1016,9 @@ static void *rebuild_main(void *arg) {
     err_clear(&err);
     projhost_opts ho = {.memory_limit = m->o.memory_limit, .cpu_limit = m->o.cpu_limit,
                         .exe = m->exe, .store_name = rb->store_name,
-                        .suppress_emits = !rb->emit_mode};
+                        .suppress_emits = !rb->emit_mode,
+                        /* swapped in, it becomes e->ph (background checkpoints) */
+                        .on_commit = entry_committed, .on_commit_ud = e};
     rb->ph = projhost_start(m->s, e->name, rb->source, rb->srclen, rb->file, &ho, &err);
     if (!rb->ph) {
         rb_fail(rb, "", 0, err.msg);

@@ -121,6 +121,54 @@ static void test_run_checkpoint_resume(void **st) {
 /* projhost_feed applies without committing (bounded by max_events); the
  * live partition read sees it, the store does not until a checkpoint; a
  * worker that goes away between checkpoints resumes from the last one. */
+/* Background checkpoints: feeding goes on while one is in flight, the keys
+ * touched after it stay dirty for the next one, and a new worker resumes
+ * from the last one that landed. */
+static void test_background_checkpoint(void **st) {
+    (void)st;
+    tm_err err;
+    store *s = filled(60);
+    projhost_opts o = {.cpu_limit = 5, .batch = 16};
+    projhost *h = projhost_start(s, "ex", EXAMPLE, strlen(EXAMPLE), "ex.lua", &o, &err);
+    if (!h) fail_msg("%s", err.msg);
+    assert_int_equal(projhost_feed(h, 30, &err), PROJHOST_MORE);
+    assert_int_equal(projhost_get_status(h)->position, 30);
+    assert_int_equal(projhost_checkpoint_async(h, &err), 0);
+    assert_int_equal(projhost_uncommitted(h), 0);
+    /* every partition is touched again while the commit may be in flight */
+    assert_int_equal(projhost_feed(h, 15, &err), PROJHOST_MORE);
+    assert_int_equal(projhost_uncommitted(h), 15);
+    projhost_wait_commit(h);
+    assert_int_equal(projhost_get_status(h)->checkpoint_position, 30);
+    assert_int_equal(projhost_checkpoint_async(h, &err), 0); /* at 45 */
+    assert_int_equal(projhost_feed(h, 0, &err), 0);          /* to 60, not committed */
+    buf m = BUF_INIT;
+    assert_int_equal(projhost_state_mp(h, &m, &err), 0);
+    assert_int_equal(field(&m, "c0", "orders"), 10);
+    projhost_free(h); /* waits for the checkpoint at 45 */
+
+    /* a new worker: from the checkpoint at 45, with 45 events' states */
+    h = projhost_start(s, "ex", EXAMPLE, strlen(EXAMPLE), "ex.lua", &o, &err);
+    if (!h) fail_msg("%s", err.msg);
+    assert_int_equal(projhost_get_status(h)->position, 45);
+    buf m45 = BUF_INIT;
+    assert_int_equal(projhost_state_mp(h, &m45, &err), 0);
+    /* events 0..44: OrderPlaced at even i, customer c(i%3): c0 at i = 0,6,..,42 */
+    assert_int_equal(field(&m45, "c0", "orders"), 8);
+    /* PaymentReceived (amount 2) at odd i; c1 at i = 1,7,..,43 */
+    assert_int_equal(field(&m45, "c1", "revenue"), 16);
+    assert_int_equal(projhost_catch_up(h, &err), 0);
+    buf m60 = BUF_INIT;
+    assert_int_equal(projhost_state_mp(h, &m60, &err), 0);
+    assert_int_equal(m60.len, m.len);
+    assert_memory_equal(m60.ptr, m.ptr, m.len);
+    projhost_free(h);
+    buf_free(&m);
+    buf_free(&m45);
+    buf_free(&m60);
+    cleanup(s);
+}
+
 static void test_feed_without_checkpoint(void **st) {
     (void)st;
     tm_err err;
@@ -247,6 +295,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_run_checkpoint_resume),
         cmocka_unit_test(test_feed_without_checkpoint),
+        cmocka_unit_test(test_background_checkpoint),
         cmocka_unit_test(test_fault_reported),
         cmocka_unit_test(test_runaway_worker_dies_host_lives),
         cmocka_unit_test(test_syntax_error),

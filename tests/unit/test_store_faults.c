@@ -12,7 +12,10 @@
  * projection batches), even once I/O works again, while reads go on; after
  * a reopen it takes writes again, every acknowledged event is there, and
  * store_check is clean.  Under concurrent appends (group commit) each
- * caller told success finds its event after the reopen.
+ * caller told success finds its event after the reopen.  A projection's
+ * checkpoint committed in the background (projhost_checkpoint_async) that
+ * meets a failed sync stops its worker and is resumed from the last one
+ * stored.
  */
 #define _GNU_SOURCE
 #include <setjmp.h>
@@ -31,6 +34,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "mp.h"
+#include "projhost.h"
 #include "store.h"
 
 typedef void (*arm_fn)(const char *kinds, long n, int persistent, int err);
@@ -191,6 +196,62 @@ static void test_failed_kv_batch(void **state) {
     assert_clean(f->s);
 }
 
+/* ---- a projection's background checkpoint meets a failed sync ---- */
+
+static const char *COUNTER =
+    "return { from = 'all', init = function() return { n = 0 } end,\n"
+    "  on = { T = function(s, e) s.n = s.n + 1 end } }\n";
+
+/* The worker counted it committed at once; the host's commit fails: the
+ * worker is stopped (DEAD, "checkpoint commit failed") and its status
+ * never claims the position; after a reopen a new worker resumes from a
+ * stored checkpoint and counts every event exactly once. */
+static void test_background_checkpoint_failed_sync(void **state) {
+    if (!failio_arm) skip();
+    fx *f = *state;
+    tm_err err;
+    for (unsigned i = 0; i < 10; i++) assert_int_equal(append_n(f->s, "a", i, NULL, &err), 0);
+    projhost_opts o = {.cpu_limit = 5};
+    projhost *h = projhost_start(f->s, "cnt", COUNTER, strlen(COUNTER), "cnt.lua", &o, &err);
+    if (!h) fail_msg("%s", err.msg);
+    assert_int_equal(projhost_feed(h, 0, &err), 0);
+    assert_int_equal(projhost_checkpoint_async(h, &err), 0);
+    projhost_wait_commit(h);
+    assert_int_equal(projhost_get_status(h)->checkpoint_position, 10);
+    for (unsigned i = 0; i < 5; i++) assert_int_equal(append_n(f->s, "a", i, NULL, &err), 0);
+    assert_int_equal(projhost_feed(h, 0, &err), 0);
+    failio_arm("sync", 1, 0, EIO);
+    assert_int_equal(projhost_checkpoint_async(h, &err), 0); /* the commit fails behind it */
+    projhost_wait_commit(h);
+    failio_arm("", 0, 0, 0);
+    const projhost_status *st = projhost_get_status(h);
+    assert_int_equal(st->state, PROJHOST_DEAD);
+    assert_non_null(strstr(st->message, "checkpoint commit failed"));
+    assert_int_equal(st->checkpoint_position, 10);
+    assert_int_equal(projhost_feed(h, 0, &err), -1); /* no more frames to a dead worker */
+    projhost_free(h);
+    assert_refusing(f->s);
+    reopen(f);
+    h = projhost_start(f->s, "cnt", COUNTER, strlen(COUNTER), "cnt.lua", &o, &err);
+    if (!h) fail_msg("%s", err.msg);
+    /* the failed batch may still be in LevelDB's log (written, its sync
+     * failed): either checkpoint, each state with its own position */
+    uint64_t from = projhost_get_status(h)->position;
+    assert_true(from == 10 || from == 15);
+    assert_int_equal(projhost_catch_up(h, &err), 0);
+    buf m = BUF_INIT;
+    assert_int_equal(projhost_state_mp(h, &m, &err), 0);
+    const char *v;
+    size_t vl;
+    mp_item it;
+    assert_int_equal(mp_map_find(m.ptr, m.len, "n", 1, &v, &vl), 1);
+    assert_int_equal(mp_next(&v, v + vl, &it), 0);
+    assert_int_equal(it.v.u, 15); /* every event counted once */
+    buf_free(&m);
+    projhost_free(h);
+    assert_clean(f->s);
+}
+
 /* ---- concurrent appends: group commit meets a failed sync ---- */
 
 #define THREADS 4
@@ -307,6 +368,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test_setup_teardown(test_failed_fdatasync, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failed_write, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failed_kv_batch, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_background_checkpoint_failed_sync, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_failed_sync, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

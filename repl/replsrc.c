@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bytes.h"
+#include "event.h"
 #include "json.h"
 #include "mp.h"
 #include "repl.h"
@@ -35,6 +37,7 @@ struct replsrc {
 struct replsrc_iter {
     replsrc *src;
     store_iter *it;     /* embedded */
+    int filter;         /* embedded: `it` scans the log; keep sel's category / type */
     /* remote */
     replsrc_sel sel;
     char *name;         /* owned copy of sel.name */
@@ -273,11 +276,40 @@ int replsrc_last_position(replsrc *s, uint64_t *pos, tm_err *err) {
     return r;
 }
 
+/* Embedded: a category or type holding most of the positions from
+ * sel->from on is read as a scan of the log, filtered in replsrc_next:
+ * stepping through the log costs less per event than the index, which
+ * fetches each event by position (engine/replay.c's open_reader does the
+ * same).  1 = scan, 0 = index, -1 with err. */
+static int scan_instead(replsrc *s, const replsrc_sel *sel, tm_err *err) {
+    if ((sel->kind != REPLSRC_CATEGORY && sel->kind != REPLSRC_TYPE) || sel->limit ||
+        sel->backward)
+        return 0;
+    uint64_t from = sel->from ? sel->from : 1, last = store_last_position(s->st), n = 0;
+    if (last < from) return 0;
+    int rc = sel->kind == REPLSRC_CATEGORY
+                 ? store_count_category(s->st, sel->name, sel->name_len, from, &n, err)
+                 : store_count_type(s->st, sel->name, sel->name_len, from, &n, err);
+    if (rc < 0) return -1;
+    return n * 5 >= (last - from + 1) * 4;
+}
+
 replsrc_iter *replsrc_read(replsrc *s, const replsrc_sel *sel, tm_err *err) {
     replsrc_iter *it = calloc(1, sizeof *it);
     it->src = s;
     it->sel = *sel;
     if (!s->remote) {
+        int scan = scan_instead(s, sel, err);
+        if (scan < 0) return free(it), NULL;
+        if (scan) {
+            it->name = malloc(sel->name_len + 1);
+            memcpy(it->name, sel->name, sel->name_len);
+            it->name[sel->name_len] = 0;
+            it->filter = 1;
+            it->it = store_read_all(s->st, sel->from, 0, 0, err);
+            if (!it->it) return free(it->name), free(it), NULL;
+            return it;
+        }
         switch (sel->kind) {
         case REPLSRC_ALL:
             it->it = store_read_all(s->st, sel->from, sel->backward, sel->limit, err);
@@ -307,7 +339,24 @@ replsrc_iter *replsrc_read(replsrc *s, const replsrc_sel *sel, tm_err *err) {
     return it;
 }
 
+/* ev is in the filtered scan's category / type. */
+static int kept(const replsrc_iter *it, const tm_event *ev) {
+    const char *k = ev->type;
+    size_t kl = ev->type_len;
+    if (it->sel.kind == REPLSRC_CATEGORY) {
+        k = ev->stream;
+        kl = event_category_len(ev->stream, ev->stream_len);
+    }
+    return kl == it->sel.name_len && bytes_eq(k, it->name, kl);
+}
+
 int replsrc_next(replsrc_iter *it, tm_event *ev, tm_err *err) {
+    if (it->it && it->filter) {
+        int r;
+        while ((r = store_iter_next(it->it, ev, err)) == 1 && !kept(it, ev)) {
+        }
+        return r;
+    }
     if (it->it) return store_iter_next(it->it, ev, err);
     return remote_next(it, ev, err);
 }

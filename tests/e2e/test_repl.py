@@ -217,6 +217,45 @@ def test_selectors(data):
     assert p.returncode == 1 and "unknown selector" in p.stderr
 
 
+def test_category_mostly_in_the_log_is_read_by_a_scan(tmp_path):
+    """A category (or type) holding >= 80% of the positions is read by a
+    scan of the log filtered in the REPL instead of its index: the same
+    events, in the same order, serially and on every worker, also from a
+    position; a small category still goes through its index."""
+    evs = []
+    for i in range(400):
+        if i % 20 == 7:
+            evs.append({"stream": "user-%d" % (i % 3), "type": "Seen", "data": {"n": i}})
+        else:
+            evs.append({"stream": "order-%d" % (i % 9), "type": "Placed" if i % 2 else "Paid",
+                        "data": {"n": i, "customer": "c%d" % (i % 5)}})
+    d = str(tmp_path / "data")
+    text = "".join(json.dumps(e) + "\n" for e in evs)
+    p = subprocess.run([BIN, "import", "--data", d, "-"], input=text, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    order = [e["data"]["n"] for e in evs if e["stream"].startswith("order-")]
+    user = [e["data"]["n"] for e in evs if e["stream"].startswith("user-")]
+    assert rj(d, 'from{category="order"}:count()') == len(order)
+    assert rj(d, 'from{category="user"}:count()') == len(user)
+    assert rj(d, 'from{type="Seen"}:count()') == len(user)
+    # every event, in position order, also from a position
+    def ns(q):
+        return [r["value"] for r in rj(d, q + ':map(function(e) return e.data.n end, 1000)')]
+    assert ns('from{category="order"}') == order
+    assert ns('from{category="user"}') == user
+    later = [e["data"]["n"] for i, e in enumerate(evs)
+             if i + 1 >= 101 and e["stream"].startswith("order-")]
+    assert ns('from{category="order", from=101}') == later
+    want = Counter("c%d" % (n % 5) for n in order)
+    for w in ("1", "2"):
+        got = json.loads(run("--workers", w, "--format", "json", "-e",
+                             'from{category="order"}:group_by("data.customer"):count()',
+                             data=d, check=0).stdout)
+        assert {r["data.customer"] if "data.customer" in r else r["customer"]: r["count"]
+                for r in got} == dict(want), got
+
+
 def test_distinct_percentiles_top(data):
     d = rj(data, 'from{}:distinct("data.customer")')
     assert abs(d - 25) <= 1

@@ -24,7 +24,6 @@
 #include <fcntl.h>
 #include <msgpack/pack.h>
 #include <poll.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +35,7 @@
 #include "mp.h"
 #include "proj.h"
 #include "record.h"
+#include "workq.h"
 
 /* ------------------------------------------------------------ framing */
 
@@ -579,18 +579,17 @@ struct projhost {
     buf pfx_w, pfx_s;  /* "proj/NAME/" (worker's keys) and "proj/STORE/" (stored keys) */
     buf key;           /* a translated key */
     uint64_t suppressed;
-    /* the committer (projhost_checkpoint_async): at most one checkpoint in
-     * flight; cmu guards the fields below, ccv signals both ways */
-    pthread_t cth;
-    int cth_started, cquit;
-    pthread_mutex_t cmu;
-    pthread_cond_t ccv;
-    store_batch *cjob;          /* handed over, not yet taken */
-    int cbusy;                  /* a job handed over and not finished */
-    uint64_t cjob_pos, cdone_pos;
-    int cdone;                  /* a finished job's outcome is waiting for settle */
-    int cdone_rc;
-    tm_err cdone_err;
+    /* background checkpoints (projhost_checkpoint_async): a one-thread
+     * workq, created on first use; at most one job (cj) in flight */
+    workq *cq;
+    struct commit_job {
+        workq_job job;
+        projhost *h;
+        store_batch *b;
+        uint64_t pos;
+        int rc;
+        tm_err err;
+    } cj;
 };
 
 /* The stored key for a worker's key (h->key or the key itself). */
@@ -808,8 +807,6 @@ projhost *projhost_start(store *s, const char *name, const char *src, size_t len
     if (!h->o.batch) h->o.batch = 512;
     h->pid = -1;
     h->to = h->from = h->errfd = -1;
-    pthread_mutex_init(&h->cmu, NULL);
-    pthread_cond_init(&h->ccv, NULL);
     int in[2], out[2], er[2];
     if (pipe2(in, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0 || pipe2(er, O_CLOEXEC) < 0) {
         err_set(err, TM_EIO, "pipe: %s", strerror(errno));
@@ -908,59 +905,32 @@ static int commit_failed(projhost *h, const tm_err *err) {
     return -1;
 }
 
-static void *committer_main(void *arg) {
-    projhost *h = arg;
-    pthread_mutex_lock(&h->cmu);
-    for (;;) {
-        while (!h->cjob && !h->cquit) pthread_cond_wait(&h->ccv, &h->cmu);
-        if (!h->cjob) break;
-        store_batch *b = h->cjob;
-        uint64_t pos = h->cjob_pos;
-        h->cjob = NULL;
-        pthread_mutex_unlock(&h->cmu);
-        tm_err e;
-        err_clear(&e);
-        int rc = store_batch_commit(h->s, b, &e);
-        store_batch_free(b);
-        pthread_mutex_lock(&h->cmu);
-        h->cdone = 1;
-        h->cdone_rc = rc;
-        h->cdone_err = e;
-        h->cdone_pos = pos;
-        h->cbusy = 0;
-        pthread_cond_broadcast(&h->ccv);
-        if (h->o.on_commit) {
-            pthread_mutex_unlock(&h->cmu);
-            h->o.on_commit(h->o.on_commit_ud);
-            pthread_mutex_lock(&h->cmu);
-        }
-    }
-    pthread_mutex_unlock(&h->cmu);
-    return NULL;
+/* The committer thread: store the checkpoint. */
+static void commit_run(workq_job *j) {
+    struct commit_job *c = (struct commit_job *)j;
+    err_clear(&c->err);
+    c->rc = store_batch_commit(c->h->s, c->b, &c->err);
+    store_batch_free(c->b);
+    c->b = NULL;
 }
 
-/* Take the outcome of a finished background commit into the status: the
- * checkpoint position, or a dead worker when it failed. */
+/* The owner's thread (settle, wait_commit): take its outcome into the
+ * status, the checkpoint position or a dead worker. */
+static void commit_done(workq_job *j) {
+    struct commit_job *c = (struct commit_job *)j;
+    projhost *h = c->h;
+    if (c->rc == 0) h->st.checkpoint_position = c->pos;
+    else if (h->st.state == PROJHOST_RUNNING) commit_failed(h, &c->err);
+}
+
+/* A background commit that has finished: into the status. */
 static void settle(projhost *h) {
-    if (!h->cth_started) return;
-    pthread_mutex_lock(&h->cmu);
-    int done = h->cdone, rc = h->cdone_rc;
-    uint64_t pos = h->cdone_pos;
-    tm_err e = h->cdone_err;
-    h->cdone = 0;
-    pthread_mutex_unlock(&h->cmu);
-    if (!done) return;
-    if (rc == 0) h->st.checkpoint_position = pos;
-    else if (h->st.state == PROJHOST_RUNNING) commit_failed(h, &e);
+    if (h->cq) workq_complete(h->cq);
 }
 
 /* Wait until no checkpoint is in flight (then settled). */
 static void wait_commit(projhost *h) {
-    if (!h->cth_started) return;
-    pthread_mutex_lock(&h->cmu);
-    while (h->cbusy) pthread_cond_wait(&h->ccv, &h->cmu);
-    pthread_mutex_unlock(&h->cmu);
-    settle(h);
+    if (h->cq) workq_wait(h->cq);
 }
 
 void projhost_wait_commit(projhost *h) { wait_commit(h); }
@@ -1085,29 +1055,17 @@ int projhost_checkpoint_async(projhost *h, tm_err *err) {
     int any;
     if (store_emits(h, &any, err) < 0) return commit_failed(h, err);
     store_batch *b = state_batch(h);
-    if (any) { /* emits are stored: commit right behind them, here */
+    if (!any && !h->cq) h->cq = workq_new(1, h->o.on_commit, h->o.on_commit_ud);
+    if (any || !h->cq) { /* right behind the stored emits, or no thread: here */
         int rc = store_batch_commit(h->s, b, err);
         store_batch_free(b);
         if (rc < 0) return commit_failed(h, err);
         h->st.checkpoint_position = pos;
         return 0;
     }
-    if (!h->cth_started) {
-        if (pthread_create(&h->cth, NULL, committer_main, h) != 0) {
-            int rc = store_batch_commit(h->s, b, err);
-            store_batch_free(b);
-            if (rc < 0) return commit_failed(h, err);
-            h->st.checkpoint_position = pos;
-            return 0;
-        }
-        h->cth_started = 1;
-    }
-    pthread_mutex_lock(&h->cmu);
-    h->cjob = b;
-    h->cjob_pos = pos;
-    h->cbusy = 1;
-    pthread_cond_broadcast(&h->ccv);
-    pthread_mutex_unlock(&h->cmu);
+    h->cj = (struct commit_job){.job = {.run = commit_run, .done = commit_done}, .h = h, .b = b,
+                                .pos = pos};
+    workq_submit(h->cq, &h->cj.job);
     return 0;
 }
 
@@ -1302,13 +1260,9 @@ const projhost_status *projhost_get_status(const projhost *h) { return &h->st; }
 
 void projhost_free(projhost *h) {
     if (!h) return;
-    if (h->cth_started) { /* a checkpoint in flight lands before anything else happens */
-        wait_commit(h);
-        pthread_mutex_lock(&h->cmu);
-        h->cquit = 1;
-        pthread_cond_broadcast(&h->ccv);
-        pthread_mutex_unlock(&h->cmu);
-        pthread_join(h->cth, NULL);
+    if (h->cq) { /* a checkpoint in flight lands before anything else happens */
+        workq_wait(h->cq);
+        workq_free(h->cq);
     }
     if (h->to >= 0) close(h->to); /* EOF: the worker exits */
     if (h->pid > 0) {
@@ -1336,8 +1290,6 @@ void projhost_free(projhost *h) {
     buf_free(&h->pfx_w);
     buf_free(&h->pfx_s);
     buf_free(&h->key);
-    pthread_mutex_destroy(&h->cmu);
-    pthread_cond_destroy(&h->ccv);
     free(h->name);
     free(h);
 }

@@ -1,8 +1,8 @@
 /* workq.c — worker thread pool with a completion hand-back (see workq.h).
  *
  * Invariants: a job is on exactly one of {pending, running, finished};
- * `inflight` counts jobs submitted and not yet given to done(); pending is
- * FIFO.  Workers exit only when `stopping` is set and pending is empty.
+ * `inflight` counts jobs submitted and not yet given to done(), `running`
+ * those a worker has taken and not finished; pending is FIFO.  Workers exit only when `stopping` is set and pending is empty.
  */
 #include "workq.h"
 
@@ -12,6 +12,9 @@
 struct workq {
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    pthread_cond_t fin_cv;          /* a job finished (workq_wait) */
+    unsigned running;               /* jobs taken by a worker, not yet finished */
+    unsigned waiters;               /* threads in workq_wait */
     workq_job *pend_head, *pend_tail;
     workq_job *fin;                 /* LIFO of finished jobs */
     unsigned inflight;
@@ -34,6 +37,7 @@ static void *workq_main(void *arg) {
         }
         q->pend_head = j->next;
         if (!q->pend_head) q->pend_tail = NULL;
+        q->running++;
         pthread_mutex_unlock(&q->mu);
 
         j->run(j);
@@ -41,6 +45,8 @@ static void *workq_main(void *arg) {
         pthread_mutex_lock(&q->mu);
         j->next = q->fin;
         q->fin = j;
+        q->running--;
+        if (q->waiters) pthread_cond_broadcast(&q->fin_cv);
         pthread_mutex_unlock(&q->mu);
         if (q->notify) q->notify(q->ud);
     }
@@ -51,6 +57,7 @@ workq *workq_new(unsigned nthreads, void (*notify)(void *ud), void *ud) {
     if (!q) return NULL;
     pthread_mutex_init(&q->mu, NULL);
     pthread_cond_init(&q->cv, NULL);
+    pthread_cond_init(&q->fin_cv, NULL);
     q->notify = notify;
     q->ud = ud;
     if (nthreads == 0) nthreads = 1;
@@ -112,6 +119,15 @@ unsigned workq_complete(workq *q) {
     return n;
 }
 
+unsigned workq_wait(workq *q) {
+    pthread_mutex_lock(&q->mu);
+    q->waiters++;
+    while (q->pend_head || q->running) pthread_cond_wait(&q->fin_cv, &q->mu);
+    q->waiters--;
+    pthread_mutex_unlock(&q->mu);
+    return workq_complete(q);
+}
+
 unsigned workq_inflight(workq *q) {
     pthread_mutex_lock(&q->mu);
     unsigned n = q->inflight;
@@ -129,6 +145,7 @@ void workq_free(workq *q) {
     workq_complete(q);
     pthread_mutex_destroy(&q->mu);
     pthread_cond_destroy(&q->cv);
+    pthread_cond_destroy(&q->fin_cv);
     free(q->threads);
     free(q);
 }

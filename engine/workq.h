@@ -28,6 +28,9 @@ workq *workq_new(unsigned nthreads, void (*notify)(void *ud), void *ud);
 void workq_submit(workq *q, workq_job *job);
 /* Owner thread: call done() on every finished job; returns how many. */
 unsigned workq_complete(workq *q);
+/* Owner thread: wait until every job submitted so far has run, then
+ * workq_complete (returns how many done() ran). */
+unsigned workq_wait(workq *q);
 /* Jobs submitted and not yet passed to done(). */
 unsigned workq_inflight(workq *q);
 /* Finish every queued job, join the workers, run remaining done()s, free. */

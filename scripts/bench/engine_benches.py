@@ -53,6 +53,7 @@ def sizes():
     cpus = sorted(os.sched_getaffinity(0))
     cpu = os.environ.get("BENCH_CPU", "")
     s["cpu"] = int(cpu) if cpu.isdigit() else cpus[-1]
+    s["cores"] = len(cpus)
     return s
 
 
@@ -148,6 +149,11 @@ class EngineBenches:
         ("http_floor", "bench_http_floor", None,
          "GET /health (evhttp's own cost per request, no work) vs Redis HGET: the ceiling of "
          "http_lookup's and http_append's ratios (info)",
+         {"unit": "req/s", "limit_word": "peer", "info": True}),
+        ("http_ceiling", "bench_http_ceiling", None,
+         "build/bench/probe_evhttp: a bare evhttp server (no engine, one loop per core on one "
+         "SO_REUSEPORT port) answering GET /health vs Redis HGET, same client: what any evhttp "
+         "server can reach on this machine (info: the bound on http_lookup and http_append)",
          {"unit": "req/s", "limit_word": "peer", "info": True}),
         ("sse_latency", "bench_sse_latency", 1.0,
          "append -> SSE delivery, BENCH_SSE_RATE events/s to BENCH_SSE_CLIENTS clients: p99 vs 2 ms",
@@ -365,6 +371,38 @@ class EngineBenches:
                 srv.stop()
                 self.drop(d)
             return rate, "GET /health (answered on the loop, no store, no worker), " + note
+
+        return limit, ours
+
+    def bench_http_ceiling(self):
+        keys = self.sz["customers"]
+
+        def limit():
+            red = peers.Redis(self.fresh("redis-ceiling"))
+            try:
+                red.start()
+                red.hset_many("customers", [("cust-%d" % k, '{"orders":1}') for k in range(keys)])
+                rate, note = self.load_client("redis-hget", red.port, keys)
+            finally:
+                red.stop()
+                self.drop(red.dir)
+            return rate, "HGET customers KEY, " + note
+
+        def probe(loops):
+            srv = peers.ReadyServer([self.exe("probe_evhttp"), str(loops)],
+                                    os.path.join(self.tmp, "probe-evhttp-%d.log" % loops))
+            try:
+                srv.start()
+                return self.load_client("http-get", srv.port, keys, path="/health")
+            finally:
+                srv.stop()
+
+        def ours():
+            loops = max(1, self.sz["cores"])
+            one, one_note = probe(1)
+            rate, note = probe(loops) if loops > 1 else (one, one_note)
+            return rate, "%d loops: %s; 1 loop: %s, %s" % (loops, note, H.fmt_rate(one),
+                                                          one_note)
 
         return limit, ours
 

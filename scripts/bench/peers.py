@@ -60,10 +60,13 @@ def stop_process(p, timeout=30):
         p.wait()
 
 
-class TidemarkServer:
-    def __init__(self, binary, data, extra=(), log=None):
-        self.argv = [binary, "serve", "--data", data, "--port", "0"] + list(extra)
-        self.log = log or data.rstrip("/") + ".serve.log"
+class ReadyServer:
+    """A program that prints `ready port=N` on stdout once it serves
+    (DESIGN.md's contract; probe_evhttp keeps it too)."""
+
+    def __init__(self, argv, log):
+        self.argv = list(argv)
+        self.log = log
         self.p = None
         self.port = None
 
@@ -86,13 +89,20 @@ class TidemarkServer:
             if self.p.poll() is not None:
                 break
         self.stop()
-        raise PeerError("tidemark serve did not print 'ready port=N': %s" % tail(self.log))
+        raise PeerError("%s did not print 'ready port=N': %s"
+                        % (os.path.basename(self.argv[0]), tail(self.log)))
 
     def stop(self):
         stop_process(self.p)
         if self.p and self.p.stdout:
             self.p.stdout.close()
         self.p = None
+
+
+class TidemarkServer(ReadyServer):
+    def __init__(self, binary, data, extra=(), log=None):
+        ReadyServer.__init__(self, [binary, "serve", "--data", data, "--port", "0"] + list(extra),
+                             log or data.rstrip("/") + ".serve.log")
 
 
 class Redis:

@@ -20,7 +20,6 @@
  * expected kind counts as bad; the runner refuses a side with bad answers.
  *
  * Prints: BENCH name=NAME events=<requests> seconds=.. rate=.. bad=.. p50_ms=.. p99_ms=..
- * (the adapted successor of scripts/bench-http/http-append-load.c).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>

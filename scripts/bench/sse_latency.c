@@ -17,7 +17,6 @@
  * Prints: BENCH name=NAME events=<appended> seconds=.. rate=<appended/s>
  *         messages=.. expected=.. p50_ms=.. p99_ms=.. p999_ms=.. max_ms=..
  *         post_p50_ms=.. post_p99_ms=..
- * (the adapted successor of scripts/bench-http/sse-latency.c).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>

@@ -1565,6 +1565,14 @@ static void lead(store *s, req *self) {
     uint64_t took = mono_ns() - t0;
     int others = 0;
     req *async = NULL;
+    /* handoff counts the requests queued during the commit, so it is read
+     * before any of this group is marked done: a spinning waiter that sees
+     * its request done returns and may queue again at once, and counting
+     * it here as well as in prev_group would make gather() wait for more
+     * writers than there are. */
+    pthread_mutex_lock(&s->mu);
+    s->sync_ns = took;
+    s->handoff = s->qcount;
     for (req *r = list, *nx; r; r = nx) {
         nx = r->next; /* read before the store: r may be gone after it */
         if (r->fn) {
@@ -1575,9 +1583,6 @@ static void lead(store *s, req *self) {
             __atomic_store_n(&r->state, REQ_DONE, __ATOMIC_SEQ_CST);
         }
     }
-    pthread_mutex_lock(&s->mu);
-    s->sync_ns = took;
-    s->handoff = s->qcount;
     /* Requests queued during the commit form group g + 1.  A blocking one
      * among them leads it; a group of async requests only goes to async_th. */
     int next = s->qhead != NULL && s->qsync > 0;

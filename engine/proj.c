@@ -487,6 +487,7 @@ proj *proj_new(const char *name, const char *src, size_t len, const char *filena
     p->rt_ref = LUA_NOREF;
     p->cur_index = -1;
     sandbox_opts so = {.memory_limit = p->o.memory_limit, .cpu_limit = p->o.cpu_limit,
+                       .grow_step = p->o.grow_step,
                        .on_hard_limit = sb_hard_limit, .ud = p,
                        .print = p->o.print ? proj_print : NULL};
     p->sb = sandbox_new(&so, err);

@@ -65,6 +65,7 @@ typedef struct proj_backing {
 typedef struct proj_opts {
     size_t memory_limit;    /* bytes, 0 = default (256 MiB) */
     double cpu_limit;       /* seconds of CPU per batch, 0 = none (see sandbox.h) */
+    size_t grow_step;       /* 0, or grow the Lua heap ahead in such steps (sandbox.h) */
     /* Hard CPU limit (JIT-compiled loop).  NULL = print a fault line naming
      * the projection and the event, then _exit(1).  Runs on the watchdog
      * thread. */

@@ -8,7 +8,7 @@
  *   - `used` is the sum of live allocation sizes the state asked for (its
  *     allocations go through LuaJIT's own allocator, wrapped); an
  *     allocation that would take it past `limit` returns NULL (shrinks and
- *     frees never fail).
+ *     frees never fail).  Heap grown ahead (grow_step) is not counted.
  *   - The libraries io, os, package, debug, ffi and jit are never
  *     registered in the globals; `jit` is opened only to switch the JIT
  *     compiler on, and removed again.  The registry is unreachable from
@@ -39,6 +39,7 @@ struct sandbox {
     lua_Alloc base_alloc;  /* LuaJIT's own allocator (much faster than malloc) */
     void *base_ud;
     size_t used, peak, limit;
+    size_t grown;          /* grow_step: heap taken ahead so far (see grow_ahead) */
     int oom;
     sandbox_opts o;
     uint64_t rng;          /* xorshift64* state */
@@ -58,6 +59,33 @@ struct sandbox {
 
 /* ------------------------------------------------------------ allocator */
 
+/* Growing ahead (grow_step).  LuaJIT maps its heap in 128 KiB pieces at an
+ * address hint that every state in the process shares, so two states
+ * growing at the same time take turns and neither's pieces ever merge: its
+ * allocator then keeps a list of thousands of segments, which it walks on
+ * every new piece and every few hundred large frees (~10% of a two-worker
+ * replay's CPU, docs/benchmarks.md section 13).  Instead, the state takes
+ * a whole step at once: blocks just below LuaJIT's direct-map threshold
+ * come one per mapping from the top of its heap, so a run of them is one
+ * segment; freeing them leaves free chunks that later allocations split.
+ * Every GROW_PIN-th block stays allocated (freed with the state): a run of
+ * free blocks that joined the top would be trimmed (past 2 MiB) at once.
+ * Only the blocks' headers touch memory (one page in 30). */
+#define GROW_BLOCK (120 * 1024)
+#define GROW_PIN 16
+
+static void grow_ahead(sandbox *sb, size_t bytes) {
+    size_t n = bytes / GROW_BLOCK;
+    void **b = malloc(n * sizeof *b);
+    if (!b) return;
+    size_t got = 0;
+    while (got < n && (b[got] = sb->base_alloc(sb->base_ud, NULL, 0, GROW_BLOCK))) got++;
+    for (size_t i = 0; i < got; i++)
+        if (i % GROW_PIN != GROW_PIN - 1 && i + 1 < got)
+            sb->base_alloc(sb->base_ud, b[i], GROW_BLOCK, 0);
+    free(b);
+}
+
 static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     sandbox *sb = ud;
     size_t old = ptr ? osize : 0;
@@ -69,6 +97,11 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     if (nsize > old && sb->used + (nsize - old) > sb->limit) {
         sb->oom = 1;
         return NULL;
+    }
+    /* one to two steps ahead of `used` (the heap is larger: headers, holes) */
+    if (sb->o.grow_step && sb->used + nsize + sb->o.grow_step > sb->grown) {
+        sb->grown += sb->o.grow_step;
+        grow_ahead(sb, sb->o.grow_step);
     }
     void *p = sb->base_alloc(sb->base_ud, ptr, osize, nsize);
     if (!p) return NULL;
@@ -470,6 +503,7 @@ sandbox *sandbox_new(const sandbox_opts *opts, tm_err *err) {
     lua_State *L = sb->L;
     sb->base_alloc = lua_getallocf(L, &sb->base_ud);
     sb->used = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
+    sb->grown = sb->used;
     lua_setallocf(L, sb_alloc, sb);
     lua_pushlightuserdata(L, sb);
     lua_setfield(L, LUA_REGISTRYINDEX, "tidemark.sandbox");

@@ -52,6 +52,11 @@ typedef struct sandbox_opts {
     /* print() output, one call per print() with the line (no newline).
      * NULL = stderr with a "[lua] " prefix. */
     void (*print)(void *ud, const char *line, size_t len);
+    /* 0, or keep the heap grown ahead of use in runs of this many bytes of
+     * contiguous address space: for states that grow at the same time in
+     * one process (a parallel replay's workers), whose heaps would
+     * otherwise interleave in 128 KiB pieces (see sandbox.c). */
+    size_t grow_step;
 } sandbox_opts;
 
 #define SANDBOX_DEFAULT_MEMORY ((size_t)256 << 20)

@@ -255,6 +255,45 @@ static void test_traceback(void **st) {
     sandbox_free(sb);
 }
 
+/* grow_step (heap taken ahead in contiguous runs): not counted as used, the
+ * cap still holds, and two states growing in turns each compute the same
+ * as one growing alone. */
+static void test_grow_step(void **st) {
+    (void)st;
+    const char *build = "t = {} for i = 1, 100000 do t['k' .. i] = {n = i} end";
+    tm_err err;
+    sandbox_opts plain = {.memory_limit = 64u << 20};
+    sandbox_opts grow = {.memory_limit = 64u << 20, .grow_step = 8u << 20};
+    sandbox *a = sandbox_new(&plain, &err), *b = sandbox_new(&grow, &err),
+            *c = sandbox_new(&grow, &err);
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_non_null(c);
+    /* the same allocations, the same count (the runs ahead are not in it) */
+    if (run(a, build, &err) != 0) fail_msg("%s", err.msg);
+    assert_int_equal(run(b, build, &err), 0);
+    assert_true(sandbox_memory(a) > (8u << 20)); /* past the first step */
+    assert_int_equal(sandbox_memory(b), sandbox_memory(a));
+    /* b and c grow in turns: each one's table intact */
+    for (int round = 0; round < 10; round++) {
+        char src[160];
+        snprintf(src, sizeof src, "for i = 1, 10000 do t['r%d.' .. i] = {n = i} end", round);
+        if (run(b, src, &err) != 0) fail_msg("round %d: %s", round, err.msg);
+        assert_int_equal(run(c, round ? src : "t = {}", &err), 0);
+    }
+    assert_int_equal(run(b, "local n = 0 for _ in pairs(t) do n = n + 1 end "
+                            "assert(n == 200000, n)", &err), 0);
+    assert_int_equal(run(c, "local n = 0 for _ in pairs(t) do n = n + 1 end "
+                            "assert(n == 90000, n)", &err), 0);
+    /* the cap holds with the heap ahead of it */
+    assert_int_equal(run(c, "local u = {} for i = 1, 1e9 do u[i] = {i} end", &err), -1);
+    assert_non_null(strstr(err.msg, "memory"));
+    assert_true(sandbox_memory(c) <= (64u << 20));
+    sandbox_free(a);
+    sandbox_free(b);
+    sandbox_free(c);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_no_dangerous_globals),
@@ -262,6 +301,7 @@ int main(void) {
         cmocka_unit_test(test_syntax_error_names_file_line),
         cmocka_unit_test(test_locked_globals),
         cmocka_unit_test(test_memory_bomb),
+        cmocka_unit_test(test_grow_step),
         cmocka_unit_test(test_protect),
         cmocka_unit_test(test_cpu_limit_interpreted),
         cmocka_unit_test(test_cpu_limit_hard_callback),

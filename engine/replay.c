@@ -82,6 +82,7 @@ typedef struct worker {
     int misrouted;                 /* wrote a state key it does not own (badkey) */
     char badkey[101];
     buf state;                     /* threaded: its states (proj_state), encoded at the end */
+    chunk *pool;                   /* chunks it ran, under r->mu (see chunk_get) */
     int state_rc;                  /* -1: encoding it failed (state_err) */
     tm_err state_err;
 } worker;
@@ -537,6 +538,11 @@ static void free_workers(replay *r) {
             buf_free(&c->b);
             free(c);
         }
+        for (chunk *c = r->w[i].pool, *nx; c; c = nx) {
+            nx = c->next;
+            buf_free(&c->b);
+            free(c);
+        }
         buf_free(&r->w[i].kv);
         buf_free(&r->w[i].state);
         pthread_cond_destroy(&r->w[i].cv);
@@ -644,10 +650,22 @@ const proj_fault *replay_fault(const replay *r) { return r->fault; }
 
 /* ------------------------------------------------------------ queues */
 
-static chunk *chunk_get(replay *r, int kind) {
+/* Take a chunk to fill, for the reader's turn held by `self` (NULL: any).
+ * A chunk's bytes are in the cache of the core that ran it last, so self
+ * fills its own first: writing lines another core holds costs a transfer
+ * per line (the reader's copy was ~half of read_slice's samples with one
+ * pool), while the worker a chunk goes to reads it once anyway. */
+static chunk *pool_pop(chunk **pool) {
+    chunk *c = *pool;
+    if (c) *pool = c->next;
+    return c;
+}
+
+static chunk *chunk_get(replay *r, worker *self, int kind) {
     pthread_mutex_lock(&r->mu);
-    chunk *c = r->pool;
-    if (c) r->pool = c->next;
+    chunk *c = self ? pool_pop(&self->pool) : NULL;
+    if (!c) c = pool_pop(&r->pool);
+    for (unsigned i = 0; !c && i < r->nw; i++) c = pool_pop(&r->w[i].pool);
     pthread_mutex_unlock(&r->mu);
     if (!c) c = calloc(1, sizeof *c);
     c->next = NULL;
@@ -657,10 +675,11 @@ static chunk *chunk_get(replay *r, int kind) {
     return c;
 }
 
-static void chunk_put(replay *r, chunk *c) {
+/* Give back a chunk w ran. */
+static void chunk_put(replay *r, worker *w, chunk *c) {
     pthread_mutex_lock(&r->mu);
-    c->next = r->pool;
-    r->pool = c;
+    c->next = w->pool;
+    w->pool = c;
     pthread_mutex_unlock(&r->mu);
 }
 
@@ -704,7 +723,7 @@ static int push(replay *r, worker *w, chunk *c, const worker *self) {
 /* Push one chunk of `kind` to every worker. */
 static void push_all(replay *r, int kind) {
     for (unsigned i = 0; i < r->nw; i++) {
-        chunk *c = chunk_get(r, kind);
+        chunk *c = chunk_get(r, NULL, kind);
         pthread_mutex_lock(&r->mu);
         enqueue(r, &r->w[i], c);
         pthread_mutex_unlock(&r->mu);
@@ -851,7 +870,7 @@ static void *worker_main(void *arg) {
         int kind = c->kind;
         if (kind == CH_EVENTS) worker_events(w, c);
         else if (kind == CH_BARRIER) worker_barrier(w);
-        chunk_put(w->r, c);
+        chunk_put(w->r, w, c);
         if (kind == CH_END) break;
     }
     if (!w->failed && proj_flush(w->p, &w->err) != 0) worker_fail(w);
@@ -1072,13 +1091,13 @@ static void finish_read(replay *r) {
 }
 
 /* Queue a barrier at r->last (the turn held): what was read goes first. */
-static void queue_barrier(replay *r) {
+static void queue_barrier(replay *r, worker *self) {
     reader *d = &r->rd;
     pthread_mutex_lock(&r->mu);
     for (unsigned i = 0; i < r->nw; i++) enqueue(r, &r->w[i], d->cur[i]);
     r->barrier_due = 1;
     pthread_mutex_unlock(&r->mu);
-    for (unsigned i = 0; i < r->nw; i++) d->cur[i] = chunk_get(r, CH_EVENTS);
+    for (unsigned i = 0; i < r->nw; i++) d->cur[i] = chunk_get(r, self, CH_EVENTS);
     d->since = 0;
     push_all(r, CH_BARRIER);
 }
@@ -1124,7 +1143,7 @@ static void read_slice(replay *r, worker *self) {
         int over = 0;
         if (d->cur[j]->n >= CHUNK_EVENTS || d->cur[j]->b.len >= CHUNK_BYTES) {
             over = push(r, &r->w[j], d->cur[j], self);
-            d->cur[j] = chunk_get(r, CH_EVENTS);
+            d->cur[j] = chunk_get(r, self, CH_EVENTS);
         }
         progress_update(d->pg, ev.position, ++d->seen);
         d->since++;
@@ -1140,7 +1159,7 @@ static void read_slice(replay *r, worker *self) {
             }
         }
         if (d->every && d->since >= d->every) {
-            queue_barrier(r);
+            queue_barrier(r, self);
             return;
         }
         if (over) return;
@@ -1155,7 +1174,7 @@ static int run_threaded(replay *r, uint64_t from, progress *pg, tm_err *err) {
     r->reading = r->read_done = r->barrier_due = 0;
     d->it = open_reader(r, from, err);
     if (!d->it) return -1;
-    for (unsigned i = 0; i < r->nw; i++) d->cur[i] = chunk_get(r, CH_EVENTS);
+    for (unsigned i = 0; i < r->nw; i++) d->cur[i] = chunk_get(r, NULL, CH_EVENTS);
     unsigned started = 0;
     for (; started < r->nw; started++)
         if (pthread_create(&r->w[started].th, NULL, worker_main, &r->w[started]) != 0) break;

@@ -188,7 +188,7 @@ static int run_parallel(const char *cmd, store *s, const char *name, const buf *
         status = rc < 0 ? cli_fail(cmd, &err) : cli_print_json(cmd, &out);
         buf_free(&out);
     }
-    replay_free(r);
+    replay_free_at_exit(r); /* the command ends here */
     return status;
 }
 

@@ -185,7 +185,7 @@ static int run(const char *cmd, store *s, const char *name, const buf *src, cons
         }
         status = output(cmd, r, q, secs);
     }
-    replay_free(r);
+    replay_free_at_exit(r); /* the command ends here */
     return status;
 }
 

@@ -84,6 +84,8 @@ typedef struct worker {
     buf state;                     /* threaded: its states (proj_state), encoded at the end */
     chunk *pool;                   /* chunks it ran, under r->mu (see chunk_get) */
     int state_rc;                  /* -1: encoding it failed (state_err) */
+    int route_rc;                  /* its keys all hash to it: 1, 0 (routekey), -1 unreadable */
+    char routekey[101];
     tm_err state_err;
 } worker;
 
@@ -641,6 +643,13 @@ void replay_free(replay *r) {
     free(r);
 }
 
+void replay_free_at_exit(replay *r) {
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+    for (unsigned i = 0; r && r->w && i < r->nalloc; i++) r->w[i].p = NULL; /* the OS's now */
+#endif
+    replay_free(r);
+}
+
 const char *replay_describe(const replay *r) { return r->desc; }
 unsigned replay_workers(const replay *r) { return r->nw; }
 uint64_t replay_position(const replay *r) { return r->last; }
@@ -812,6 +821,7 @@ static void worker_events(worker *w, chunk *c) {
 }
 
 static int commit_barrier(replay *r, tm_err *err);
+static int own_keys(worker *w);
 
 /* Record the run's first error (the read, or a barrier's commit). */
 static void run_fail(replay *r, const tm_err *err) {
@@ -878,6 +888,7 @@ static void *worker_main(void *arg) {
      * is not free), then merged in C by the caller */
     buf_reset(&w->state);
     if (!w->failed) w->state_rc = proj_state(w->p, &w->state, &w->state_err);
+    if (!w->failed && w->state_rc == 0) w->route_rc = own_keys(w);
     return NULL;
 }
 
@@ -1333,6 +1344,27 @@ static int swap_in(replay *r, tm_err *err) {
 
 /* Each worker holds only keys it owns (else the routing guess was wrong):
  * 1 ok, 0 misrouted (key named in *bad), -1 error. */
+/* 1 if every key of w's encoded states hashes to w, 0 (the first that
+ * does not in w->routekey), -1 if the encoding does not read.  Run by each
+ * worker on its own result, in parallel (1M keys: ~50 ms on one core). */
+static int own_keys(worker *w) {
+    const char *p = w->state.ptr, *end = w->state.ptr + w->state.len;
+    mp_item it;
+    if (mp_next(&p, end, &it) < 0 || it.type != MP_MAP) return -1;
+    for (uint32_t j = 0; j < it.v.n; j++) {
+        mp_item k;
+        if (mp_next(&p, end, &k) < 0 || k.type != MP_STR) return -1;
+        if (replay_shard(k.v.s.ptr, k.v.s.len, w->r->nw) != w->idx) {
+            size_t n = k.v.s.len < 100 ? k.v.s.len : 100;
+            memcpy(w->routekey, k.v.s.ptr, n);
+            w->routekey[n] = 0;
+            return 0;
+        }
+        if (mp_skip(&p, end) < 0) return -1;
+    }
+    return 1;
+}
+
 static int check_routing(replay *r, buf *bad, tm_err *err) {
     if (r->nw <= 1) return 1;
     for (unsigned i = 0; i < r->nw; i++) {
@@ -1341,23 +1373,15 @@ static int check_routing(replay *r, buf *bad, tm_err *err) {
             *err = w->state_err;
             return -1;
         }
-        const char *p = w->state.ptr, *end = w->state.ptr + w->state.len;
-        mp_item it;
-        if (mp_next(&p, end, &it) < 0 || it.type != MP_MAP) goto corrupt;
-        for (uint32_t j = 0; j < it.v.n; j++) {
-            mp_item k;
-            if (mp_next(&p, end, &k) < 0 || k.type != MP_STR) goto corrupt;
-            if (replay_shard(k.v.s.ptr, k.v.s.len, r->nw) != i) {
-                buf_reset(bad);
-                buf_append(bad, k.v.s.ptr, k.v.s.len < 100 ? k.v.s.len : 100);
-                return 0;
-            }
-            if (mp_skip(&p, end) < 0) goto corrupt;
+        if (w->route_rc < 0)
+            return err_set(err, TM_EIO, "replay %s: unreadable worker result", r->name);
+        if (w->route_rc == 0) {
+            buf_reset(bad);
+            buf_puts(bad, w->routekey);
+            return 0;
         }
     }
     return 1;
-corrupt:
-    return err_set(err, TM_EIO, "replay %s: unreadable worker result", r->name);
 }
 
 static int run_once(replay *r, uint64_t from, tm_err *err) {

@@ -98,10 +98,11 @@ typedef struct keyref {
 
 #define KEY_RANK(k) ((int)((k)->ref & 3))
 #define KEY_REF(k) ((int)((k)->ref >> 2))
-/* Maps up to this size keep their keys on the Lua stack and their refs on
- * the C stack: encoding many small tables (the usual state) allocates
- * nothing.  Larger maps use a key table and a userdata for the refs (both
- * in the Lua heap: collected, even when an error unwinds past them). */
+/* Maps up to this size are read in one pass that leaves every pair on the
+ * Lua stack and the refs on the C stack: encoding many small tables (the
+ * usual state) allocates nothing and looks nothing up twice.  Larger maps
+ * pin their keys and values in a key table and keep the refs in a userdata
+ * (both in the Lua heap: collected, even when an error unwinds past them). */
 #define SMALL_MAP 32
 #define MAX_MAP (1u << 29)
 
@@ -117,10 +118,129 @@ static int key_cmp(const void *a, const void *b) {
     return x->len < y->len ? -1 : x->len > y->len;
 }
 
+/* Sort a few keyrefs (a state's handful of fields) without qsort's calls. */
+static void sort_small(keyref *ks, size_t n) {
+    for (size_t i = 1; i < n; i++) {
+        keyref k = ks[i];
+        size_t j = i;
+        for (; j > 0 && key_cmp(&ks[j - 1], &k) > 0; j--) ks[j] = ks[j - 1];
+        ks[j] = k;
+    }
+}
+
+/* The key at stack index i as a keyref (ref = where it stays pinned). */
+static int key_ref(enc *e, int i, uint32_t ref, keyref *k, int base) {
+    lua_State *L = e->L;
+    int r = key_rank(L, i);
+    if (r == 3) {
+        lua_pushvalue(L, i);
+        e->path[e->depth++] = lua_gettop(L);
+        int rc = fail(e, "cannot store a table key of type %s", luaL_typename(L, -1));
+        e->depth--;
+        lua_settop(L, base);
+        return rc;
+    }
+    k->u.num = r == 0 ? lua_tonumber(L, i) : r == 2 ? lua_toboolean(L, i) : 0;
+    if (r == 0 && isnan(k->u.num)) {
+        lua_settop(L, base);
+        return fail(e, "%s", "NaN table key");
+    }
+    if (r == 1) {
+        size_t len;
+        k->u.s = lua_tolstring(L, i, &len);
+        if (len > UINT32_MAX) {
+            lua_settop(L, base);
+            return fail(e, "%s", "table key too long to store");
+        }
+        k->len = (uint32_t)len;
+    }
+    k->ref = ref << 2 | (uint32_t)r;
+    return 0;
+}
+
+/* Encode the pairs whose keyrefs are ks (sorted), each key at stack index
+ * KEY_REF and its value just above it (small maps), or at slots KEY_REF
+ * and n + KEY_REF of the key table kt (large ones). */
+static int enc_pairs(enc *e, const keyref *ks, size_t n, int kt) {
+    lua_State *L = e->L;
+    msgpack_pack_map(&e->pk, (uint32_t)n);
+    for (size_t j = 0; j < n; j++) {
+        int k, v;
+        if (kt) {
+            lua_rawgeti(L, kt, KEY_REF(&ks[j]));
+            lua_rawgeti(L, kt, (int)n + KEY_REF(&ks[j]));
+            k = lua_gettop(L) - 1, v = k + 1;
+        } else {
+            k = KEY_REF(&ks[j]), v = k + 1;
+        }
+        e->path[e->depth++] = k;
+        int rc = enc_value(e, k);
+        if (rc == 0) rc = enc_value(e, v);
+        e->depth--;
+        if (kt) lua_pop(L, 2);
+        if (rc < 0) return -1;
+    }
+    return 0;
+}
+
+/* An array 1..n: its values in order. */
+static int enc_array(enc *e, int t, size_t n) {
+    lua_State *L = e->L;
+    msgpack_pack_array(&e->pk, (uint32_t)n);
+    for (size_t i = 1; i <= n; i++) {
+        lua_pushnumber(L, (lua_Number)i);
+        e->path[e->depth++] = lua_gettop(L);
+        lua_rawgeti(L, t, (int)i);
+        int rc = enc_value(e, lua_gettop(L));
+        lua_pop(L, 2);
+        e->depth--;
+        if (rc < 0) return -1;
+    }
+    return 0;
+}
+
+/* Small maps in one pass: every pair stays on the stack (key, value), so
+ * nothing is looked up again.  1 when the table has more than SMALL_MAP
+ * keys (nothing written: the caller takes the large path). */
+static int enc_small(enc *e, int t) {
+    lua_State *L = e->L;
+    keyref ks[SMALL_MAP];
+    int base = lua_gettop(L), array = 1;
+    double maxk = 0;
+    size_t n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {                      /* ... k v */
+        if (n == SMALL_MAP) {
+            lua_settop(L, base);
+            return 1;
+        }
+        int k = lua_gettop(L) - 1;
+        if (key_ref(e, k, (uint32_t)k, &ks[n], base) < 0) return -1;
+        if (array) {
+            double d = KEY_RANK(&ks[n]) == 0 ? ks[n].u.num : 0;
+            if (d >= 1 && d == floor(d)) {
+                if (d > maxk) maxk = d;
+            } else array = 0;
+        }
+        n++;
+        lua_pushvalue(L, k);                      /* ... k v k: lua_next goes on */
+    }
+    int rc;
+    if (n > 0 && array && maxk == (double)n) {
+        lua_settop(L, base);
+        rc = enc_array(e, t, n);
+    } else {
+        sort_small(ks, n);
+        rc = enc_pairs(e, ks, n, 0);
+        lua_settop(L, base);
+    }
+    return rc;
+}
+
 static int enc_table(enc *e, int t) {
     lua_State *L = e->L;
     if (e->depth >= LUAMP_MAX_DEPTH) return fail(e, "%s", "nested too deep (or a cycle)");
-    if (!lua_checkstack(L, 8)) return fail(e, "%s", "Lua stack exhausted");
+    if (!lua_checkstack(L, 2 * SMALL_MAP + 8)) return fail(e, "%s", "Lua stack exhausted");
     /* Lazy tables (events) fill themselves in first. */
     if (lua_getmetatable(L, t)) {
         lua_getfield(L, -1, "__tm_materialize");
@@ -135,7 +255,9 @@ static int enc_table(enc *e, int t) {
             lua_pop(L, 2);
         }
     }
-    /* Count keys and check for an array 1..n. */
+    int rc = enc_small(e, t);
+    if (rc != 1) return rc;
+    /* Large: count the keys and check for an array 1..n. */
     size_t n = 0;
     int array = 1;
     double maxk = 0;
@@ -152,92 +274,31 @@ static int enc_table(enc *e, int t) {
             } else array = 0;
         }
     }
-    if (n > 0 && array && maxk == (double)n) {
-        msgpack_pack_array(&e->pk, (uint32_t)n);
-        for (size_t i = 1; i <= n; i++) {
-            lua_pushnumber(L, (lua_Number)i);
-            e->path[e->depth++] = lua_gettop(L);
-            lua_rawgeti(L, t, (int)i);
-            int rc = enc_value(e, lua_gettop(L));
-            lua_pop(L, 2);
-            e->depth--;
-            if (rc < 0) return -1;
-        }
-        return 0;
-    }
-    /* A map: pin the keys (on the stack, or in a key table), sort refs. */
-    if (n >= MAX_MAP) return fail(e, "%s", "table too large to store");
-    int small = n <= SMALL_MAP;
-    keyref sks[SMALL_MAP], *ks = sks;
-    int base = lua_gettop(L), kt = 0;
-    if (small) {
-        if (!lua_checkstack(L, (int)n + 8)) return fail(e, "%s", "Lua stack exhausted");
-    } else {
-        ks = lua_newuserdata(L, n * sizeof *ks);
-        lua_createtable(L, (int)n, 0);
-        kt = lua_gettop(L);
-    }
+    if (array && maxk == (double)n) return enc_array(e, t, n);
+    /* A map: pin the keys and values in a key table (slots i and n + i),
+     * sort the refs. */
+    if (n >= MAX_MAP / 2) return fail(e, "%s", "table too large to store");
+    int base = lua_gettop(L);
+    keyref *ks = lua_newuserdata(L, n * sizeof *ks);
+    lua_createtable(L, 2 * (int)n, 0);
+    int kt = lua_gettop(L);
     size_t i = 0;
     lua_pushnil(L);
-    while (lua_next(L, t)) {
-        lua_pop(L, 1);
-        int r = key_rank(L, -1);
-        if (r == 3) {
-            lua_pushvalue(L, -1);
-            e->path[e->depth++] = lua_gettop(L);
-            int rc = fail(e, "cannot store a table key of type %s", luaL_typename(L, -1));
-            e->depth--;
+    while (lua_next(L, t)) {                      /* ... k v */
+        if (i == n) { /* cannot happen: the table is not written meanwhile */
             lua_settop(L, base);
-            return rc;
+            return fail(e, "%s", "table changed while being stored");
         }
-        keyref *k = &ks[i];
-        k->u.num = r == 0 ? lua_tonumber(L, -1) : r == 2 ? lua_toboolean(L, -1) : 0;
-        if (r == 0 && isnan(k->u.num)) {
-            lua_settop(L, base);
-            return fail(e, "%s", "NaN table key");
-        }
-        if (r == 1) {
-            size_t len;
-            k->u.s = lua_tolstring(L, -1, &len);
-            if (len > UINT32_MAX) {
-                lua_settop(L, base);
-                return fail(e, "%s", "table key too long to store");
-            }
-            k->len = (uint32_t)len;
-        }
-        /* its stack slot (below lua_next's key), or its key table slot */
-        int ref;
-        if (small) {
-            lua_pushvalue(L, -1); /* the copy stays, lua_next goes on with the top */
-            ref = base + (int)i + 1;
-        } else {
-            lua_pushvalue(L, -1);
-            lua_rawseti(L, kt, (int)(i + 1));
-            ref = (int)(i + 1);
-        }
-        k->ref = (uint32_t)ref << 2 | (uint32_t)r;
+        lua_rawseti(L, kt, (int)(n + i + 1));     /* the value */
+        if (key_ref(e, -1, (uint32_t)(i + 1), &ks[i], base) < 0) return -1;
+        lua_pushvalue(L, -1);
+        lua_rawseti(L, kt, (int)(i + 1));         /* the key */
         i++;
     }
     /* A string's bytes stay where they are while it is pinned (LuaJIT never
      * moves objects). */
-    if (n > 1) qsort(ks, n, sizeof *ks, key_cmp);
-    msgpack_pack_map(&e->pk, (uint32_t)n);
-    int rc = 0;
-    for (size_t j = 0; j < n && rc == 0; j++) {
-        if (small) lua_pushvalue(L, KEY_REF(&ks[j]));
-        else lua_rawgeti(L, kt, KEY_REF(&ks[j]));
-        int k = lua_gettop(L);
-        e->path[e->depth++] = k;
-        rc = enc_value(e, k);
-        if (rc == 0) {
-            lua_pushvalue(L, k);
-            lua_rawget(L, t);
-            rc = enc_value(e, lua_gettop(L));
-            lua_pop(L, 1);
-        }
-        e->depth--;
-        lua_pop(L, 1);
-    }
+    qsort(ks, n, sizeof *ks, key_cmp);
+    rc = enc_pairs(e, ks, n, kt);
     lua_settop(L, base);
     return rc;
 }

@@ -68,7 +68,7 @@ return { from = "all", init = function() return { n = 0 } end,
 MEMORY_BOMB = """
 return { from = "all", init = function() return { n = 0 } end,
   on = { Tick = function(s, e)
-    if e.data.i == 5 then local t = {}; for i = 1, 1e9 do t[i] = string.rep("x", 4096) .. i end end
+    if e.data.i == 5 then local t = {}; for i = 1, 1e9 do t[i] = string.rep("x", 1048576) .. i end end
     s.n = s.n + 1 end } }
 """
 FIXED = """

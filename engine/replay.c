@@ -79,13 +79,12 @@ typedef struct worker {
     int failed;                    /* this worker stopped (fault or error) */
     tm_err err;
     proj_backing bk;
-    int misrouted;                 /* wrote a state key it does not own (badkey) */
+    int misrouted;                 /* wrote or holds a state key it does not own (badkey) */
     char badkey[101];
     buf state;                     /* threaded: its states (proj_state), encoded at the end */
     chunk *pool;                   /* chunks it ran, under r->mu (see chunk_get) */
     int state_rc;                  /* -1: encoding it failed (state_err) */
-    int route_rc;                  /* its keys all hash to it: 1, 0 (routekey), -1 unreadable */
-    char routekey[101];
+    int unreadable;                /* own_keys could not read its encoded states */
     tm_err state_err;
 } worker;
 
@@ -532,19 +531,19 @@ static void free_projs(replay *r) {
     if (r->w) in_threads(free_proj, r->w, sizeof *r->w, r->nalloc);
 }
 
+static void chunks_free(chunk *c) {
+    for (chunk *nx; c; c = nx) {
+        nx = c->next;
+        buf_free(&c->b);
+        free(c);
+    }
+}
+
 static void free_workers(replay *r) {
     free_projs(r);
     for (unsigned i = 0; r->w && i < r->nalloc; i++) {
-        for (chunk *c = r->w[i].qhead, *nx; c; c = nx) { /* a worker that never ran */
-            nx = c->next;
-            buf_free(&c->b);
-            free(c);
-        }
-        for (chunk *c = r->w[i].pool, *nx; c; c = nx) {
-            nx = c->next;
-            buf_free(&c->b);
-            free(c);
-        }
+        chunks_free(r->w[i].qhead); /* a worker that never ran */
+        chunks_free(r->w[i].pool);
         buf_free(&r->w[i].kv);
         buf_free(&r->w[i].state);
         pthread_cond_destroy(&r->w[i].cv);
@@ -627,13 +626,7 @@ void replay_free(replay *r) {
     if (!r) return;
     free_workers(r);
     proj_free(r->defp);
-    chunk *c = r->pool;
-    while (c) {
-        chunk *nx = c->next;
-        buf_free(&c->b);
-        free(c);
-        c = nx;
-    }
+    chunks_free(r->pool);
     pthread_mutex_destroy(&r->mu);
     buf_free(&r->stage);
     buf_free(&r->live);
@@ -888,7 +881,7 @@ static void *worker_main(void *arg) {
      * is not free), then merged in C by the caller */
     buf_reset(&w->state);
     if (!w->failed) w->state_rc = proj_state(w->p, &w->state, &w->state_err);
-    if (!w->failed && w->state_rc == 0) w->route_rc = own_keys(w);
+    if (!w->failed && w->state_rc == 0) w->unreadable = own_keys(w) < 0;
     return NULL;
 }
 
@@ -1342,11 +1335,10 @@ static int swap_in(replay *r, tm_err *err) {
     return store_kv_delete_prefix(r->st, r->stage.ptr, r->stage.len, err);
 }
 
-/* Each worker holds only keys it owns (else the routing guess was wrong):
- * 1 ok, 0 misrouted (key named in *bad), -1 error. */
-/* 1 if every key of w's encoded states hashes to w, 0 (the first that
- * does not in w->routekey), -1 if the encoding does not read.  Run by each
- * worker on its own result, in parallel (1M keys: ~50 ms on one core). */
+/* Whether every key of w's encoded states hashes to w: the first that does
+ * not is recorded as misrouted (badkey); -1 if the encoding does not read.
+ * Run by each worker on its own result, in parallel (1M keys: ~50 ms on
+ * one core). */
 static int own_keys(worker *w) {
     const char *p = w->state.ptr, *end = w->state.ptr + w->state.len;
     mp_item it;
@@ -1355,16 +1347,19 @@ static int own_keys(worker *w) {
         mp_item k;
         if (mp_next(&p, end, &k) < 0 || k.type != MP_STR) return -1;
         if (replay_shard(k.v.s.ptr, k.v.s.len, w->r->nw) != w->idx) {
-            size_t n = k.v.s.len < 100 ? k.v.s.len : 100;
-            memcpy(w->routekey, k.v.s.ptr, n);
-            w->routekey[n] = 0;
+            if (!w->misrouted)
+                snprintf(w->badkey, sizeof w->badkey, "%.*s",
+                         (int)(k.v.s.len < 100 ? k.v.s.len : 100), k.v.s.ptr);
+            w->misrouted = 1;
             return 0;
         }
         if (mp_skip(&p, end) < 0) return -1;
     }
-    return 1;
+    return 0;
 }
 
+/* Each worker holds only keys it owns (else the routing guess was wrong):
+ * 1 ok, 0 misrouted (key named in *bad), -1 error. */
 static int check_routing(replay *r, buf *bad, tm_err *err) {
     if (r->nw <= 1) return 1;
     for (unsigned i = 0; i < r->nw; i++) {
@@ -1373,11 +1368,11 @@ static int check_routing(replay *r, buf *bad, tm_err *err) {
             *err = w->state_err;
             return -1;
         }
-        if (w->route_rc < 0)
+        if (w->unreadable)
             return err_set(err, TM_EIO, "replay %s: unreadable worker result", r->name);
-        if (w->route_rc == 0) {
+        if (w->misrouted) {
             buf_reset(bad);
-            buf_puts(bad, w->routekey);
+            buf_puts(bad, w->badkey);
             return 0;
         }
     }

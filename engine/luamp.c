@@ -6,9 +6,10 @@
  *
  * Invariants:
  *   - Encoding never depends on pairs() order: map keys are gathered into
- *     an array, sorted with a total order, then written.  The keys stay
- *     pinned while their bytes are compared (on the Lua stack for small
- *     maps, in a key table for large ones); small maps allocate nothing.
+ *     an array, sorted with a total order, then written.  Small maps keep
+ *     their pairs on the Lua stack while sorted and allocate nothing; large
+ *     ones are written in table order, then their bytes moved into key
+ *     order (see "large maps").
  *   - Recursion depth is bounded by LUAMP_MAX_DEPTH both ways (a cycle in a
  *     table shows up as exceeding it); Lua stack space is checked per level.
  *   - On failure the output buffer is restored to its length on entry and
@@ -84,9 +85,8 @@ static int key_rank(lua_State *L, int i) {
     }
 }
 
-/* A key to sort: 16 bytes (a state table of 1M partitions sorts 1M of
- * them).  ref = where the key is kept alive (a Lua stack index for small
- * maps, a slot of the key table for large ones) * 4 + its rank. */
+/* A key of a small map to sort.  ref = its Lua stack index (where it is
+ * kept alive) * 4 + its rank. */
 typedef struct keyref {
     union {
         double num;        /* rank 0: the number; rank 2: 0 false, 1 true */
@@ -101,8 +101,7 @@ typedef struct keyref {
 /* Maps up to this size are read in one pass that leaves every pair on the
  * Lua stack and the refs on the C stack: encoding many small tables (the
  * usual state) allocates nothing and looks nothing up twice.  Larger maps
- * pin their keys and values in a key table and keep the refs in a userdata
- * (both in the Lua heap: collected, even when an error unwinds past them). */
+ * take enc_large. */
 #define SMALL_MAP 32
 #define MAX_MAP (1u << 29)
 
@@ -159,25 +158,15 @@ static int key_ref(enc *e, int i, uint32_t ref, keyref *k, int base) {
 }
 
 /* Encode the pairs whose keyrefs are ks (sorted), each key at stack index
- * KEY_REF and its value just above it (small maps), or at slots KEY_REF
- * and n + KEY_REF of the key table kt (large ones). */
-static int enc_pairs(enc *e, const keyref *ks, size_t n, int kt) {
-    lua_State *L = e->L;
+ * KEY_REF and its value just above it. */
+static int enc_pairs(enc *e, const keyref *ks, size_t n) {
     msgpack_pack_map(&e->pk, (uint32_t)n);
     for (size_t j = 0; j < n; j++) {
-        int k, v;
-        if (kt) {
-            lua_rawgeti(L, kt, KEY_REF(&ks[j]));
-            lua_rawgeti(L, kt, (int)n + KEY_REF(&ks[j]));
-            k = lua_gettop(L) - 1, v = k + 1;
-        } else {
-            k = KEY_REF(&ks[j]), v = k + 1;
-        }
+        int k = KEY_REF(&ks[j]), v = k + 1;
         e->path[e->depth++] = k;
         int rc = enc_value(e, k);
         if (rc == 0) rc = enc_value(e, v);
         e->depth--;
-        if (kt) lua_pop(L, 2);
         if (rc < 0) return -1;
     }
     return 0;
@@ -231,10 +220,217 @@ static int enc_small(enc *e, int t) {
         rc = enc_array(e, t, n);
     } else {
         sort_small(ks, n);
-        rc = enc_pairs(e, ks, n, 0);
+        rc = enc_pairs(e, ks, n);
         lua_settop(L, base);
     }
     return rc;
+}
+
+/* ------------------------------------------------------------ large maps
+ *
+ * A large map (a state table of 1M partitions) is encoded in one walk of
+ * the table in its own order: each pair's key and value go straight into
+ * out, and a pairref records where.  The refs are then sorted, and the
+ * pairs' bytes moved into key order.  So the Lua heap is read once, in the
+ * order it is laid out, and the sort reads only C memory: mostly an
+ * 8-byte prefix of the key held in the ref (past the prefix every string
+ * key shares), the key's bytes in out on a tie. */
+
+typedef struct pairref {
+    uint64_t pre;   /* rank 0: the number's bits, ordered; 1: 8 key bytes
+                       from the shared prefix on, big-endian, zero padded;
+                       2: 0 false, 1 true */
+    size_t off;     /* the pair's bytes: from the region's start */
+    uint32_t len;
+    uint32_t rank;  /* key_rank */
+} pairref;
+
+static uint64_t number_pre(double d) {
+    uint64_t u;
+    memcpy(&u, &d, sizeof u);
+    return u >> 63 ? ~u : u | 1ull << 63;
+}
+
+/* The bytes of a msgpack str at p (one that enc_value wrote). */
+static const uint8_t *str_at(const uint8_t *p, size_t *len) {
+    switch (*p) {
+    case 0xd9: *len = p[1]; return p + 2;
+    case 0xda: *len = (size_t)p[1] << 8 | p[2]; return p + 3;
+    case 0xdb: *len = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4];
+        return p + 5;
+    default: *len = *p & 0x1f; return p + 1;
+    }
+}
+
+static uint64_t string_pre(const uint8_t *s, size_t len, size_t from) {
+    uint64_t v = 0;
+    for (size_t i = 0; i < 8; i++) v = v << 8 | (from + i < len ? s[from + i] : 0);
+    return v;
+}
+
+/* key_cmp's order on pairrefs (region: the pairs' bytes). */
+static int pair_cmp(const pairref *x, const pairref *y, const uint8_t *region) {
+    if (x->rank != y->rank) return x->rank < y->rank ? -1 : 1;
+    if (x->pre != y->pre) return x->pre < y->pre ? -1 : 1;
+    if (x->rank != 1) return 0;
+    size_t xl, yl;
+    const uint8_t *xs = str_at(region + x->off, &xl), *ys = str_at(region + y->off, &yl);
+    int c = memcmp(xs, ys, xl < yl ? xl : yl);
+    if (c) return c;
+    return xl < yl ? -1 : xl > yl;
+}
+
+static void pair_swap(pairref *a, pairref *b) {
+    pairref t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* Introsort: quicksort (median of three, the smaller side first), heapsort
+ * past 2 log2(n) levels, insertion sort for short runs.  Keys are
+ * distinct, so no equal elements to balance. */
+static void pair_heapify(pairref *a, size_t n, size_t i, const uint8_t *region) {
+    for (;;) {
+        size_t m = i, l = 2 * i + 1, r = l + 1;
+        if (l < n && pair_cmp(&a[l], &a[m], region) > 0) m = l;
+        if (r < n && pair_cmp(&a[r], &a[m], region) > 0) m = r;
+        if (m == i) return;
+        pair_swap(&a[i], &a[m]);
+        i = m;
+    }
+}
+
+static void pair_sort(pairref *a, size_t n, int depth, const uint8_t *region) {
+    while (n > 16) {
+        if (depth-- == 0) {
+            for (size_t i = n / 2; i-- > 0;) pair_heapify(a, n, i, region);
+            for (size_t i = n - 1; i > 0; i--) {
+                pair_swap(&a[0], &a[i]);
+                pair_heapify(a, i, 0, region);
+            }
+            return;
+        }
+        size_t mid = n / 2;
+        if (pair_cmp(&a[mid], &a[0], region) < 0) pair_swap(&a[mid], &a[0]);
+        if (pair_cmp(&a[n - 1], &a[0], region) < 0) pair_swap(&a[n - 1], &a[0]);
+        if (pair_cmp(&a[n - 1], &a[mid], region) < 0) pair_swap(&a[n - 1], &a[mid]);
+        pair_swap(&a[mid], &a[n - 2]); /* the pivot, out of the way */
+        pairref *piv = &a[n - 2];
+        size_t i = 0, j = n - 2;
+        for (;;) {
+            while (pair_cmp(&a[++i], piv, region) < 0) {}
+            while (j > 0 && pair_cmp(&a[--j], piv, region) > 0) {}
+            if (i >= j) break;
+            pair_swap(&a[i], &a[j]);
+        }
+        pair_swap(&a[i], &a[n - 2]);
+        size_t left = i, right = n - i - 1;
+        if (left < right) {
+            pair_sort(a, left, depth, region);
+            a += i + 1;
+            n = right;
+        } else {
+            pair_sort(a + i + 1, right, depth, region);
+            n = left;
+        }
+    }
+    for (size_t i = 1; i < n; i++) {
+        pairref k = a[i];
+        size_t j = i;
+        for (; j > 0 && pair_cmp(&a[j - 1], &k, region) > 0; j--) a[j] = a[j - 1];
+        a[j] = k;
+    }
+}
+
+/* Gather: every pair of t encoded into out (from `start` on), its ref in
+ * rs; *cpl is set to the length of the prefix all string keys share. */
+static int enc_gather(enc *e, int t, size_t n, size_t start, pairref *rs, size_t *cpl) {
+    lua_State *L = e->L;
+    int base = lua_gettop(L);
+    size_t i = 0, first = SIZE_MAX, shared = SIZE_MAX;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {                      /* ... k v */
+        int k = lua_gettop(L) - 1;
+        if (i == n) { /* cannot happen: the table is not written meanwhile */
+            lua_settop(L, base);
+            return fail(e, "%s", "table changed while being stored");
+        }
+        keyref kr;
+        if (key_ref(e, k, 0, &kr, base) < 0) return -1;
+        pairref *r = &rs[i++];
+        r->rank = (uint32_t)KEY_RANK(&kr);
+        r->pre = r->rank == 0 ? number_pre(kr.u.num) : r->rank == 2 ? (uint64_t)kr.u.num : 0;
+        r->off = e->out->len - start;
+        e->path[e->depth++] = k;
+        int rc = enc_value(e, k);
+        if (rc == 0) rc = enc_value(e, k + 1);
+        e->depth--;
+        if (rc < 0) {
+            lua_settop(L, base);
+            return -1;
+        }
+        if (e->out->len - start - r->off > UINT32_MAX) {
+            lua_settop(L, base);
+            return fail(e, "%s", "table entry too large to store");
+        }
+        r->len = (uint32_t)(e->out->len - start - r->off);
+        if (r->rank == 1) {
+            const uint8_t *region = (const uint8_t *)e->out->ptr + start;
+            if (first == SIZE_MAX) {
+                first = r->off;
+                shared = kr.len;
+            } else {
+                size_t fl, c = 0;
+                const uint8_t *f = str_at(region + first, &fl);
+                size_t lim = shared < kr.len ? shared : kr.len;
+                while (c < lim && f[c] == (uint8_t)kr.u.s[c]) c++;
+                shared = c;
+            }
+        }
+        lua_pop(L, 1);                            /* ... k: lua_next goes on */
+    }
+    if (i != n) {
+        lua_settop(L, base);
+        return fail(e, "%s", "table changed while being stored");
+    }
+    *cpl = shared == SIZE_MAX ? 0 : shared;
+    return 0;
+}
+
+/* A map of n (> SMALL_MAP) pairs, in key order. */
+static int enc_large(enc *e, int t, size_t n) {
+    lua_State *L = e->L;
+    int base = lua_gettop(L);
+    /* the refs live in the Lua heap: collected if an error unwinds past */
+    pairref *rs = lua_newuserdata(L, n * sizeof *rs);
+    msgpack_pack_map(&e->pk, (uint32_t)n);
+    size_t start = e->out->len, cpl = 0;
+    if (enc_gather(e, t, n, start, rs, &cpl) < 0) return -1;
+    const uint8_t *region = (const uint8_t *)e->out->ptr + start;
+    size_t total = e->out->len - start;
+    for (size_t i = 0; i < n; i++) {
+        if (rs[i].rank != 1) continue;
+        size_t kl;
+        const uint8_t *k = str_at(region + rs[i].off, &kl);
+        rs[i].pre = string_pre(k, kl, cpl);
+    }
+    int depth = 0;
+    for (size_t m = n; m > 1; m >>= 1) depth += 2;
+    pair_sort(rs, n, depth, region);
+    char *tmp = malloc(total ? total : 1);
+    if (!tmp) {
+        lua_settop(L, base);
+        return fail(e, "%s", "out of memory");
+    }
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        memcpy(tmp + o, region + rs[i].off, rs[i].len);
+        o += rs[i].len;
+    }
+    memcpy(e->out->ptr + start, tmp, total);
+    free(tmp);
+    lua_settop(L, base);
+    return 0;
 }
 
 static int enc_table(enc *e, int t) {
@@ -275,32 +471,8 @@ static int enc_table(enc *e, int t) {
         }
     }
     if (array && maxk == (double)n) return enc_array(e, t, n);
-    /* A map: pin the keys and values in a key table (slots i and n + i),
-     * sort the refs. */
-    if (n >= MAX_MAP / 2) return fail(e, "%s", "table too large to store");
-    int base = lua_gettop(L);
-    keyref *ks = lua_newuserdata(L, n * sizeof *ks);
-    lua_createtable(L, 2 * (int)n, 0);
-    int kt = lua_gettop(L);
-    size_t i = 0;
-    lua_pushnil(L);
-    while (lua_next(L, t)) {                      /* ... k v */
-        if (i == n) { /* cannot happen: the table is not written meanwhile */
-            lua_settop(L, base);
-            return fail(e, "%s", "table changed while being stored");
-        }
-        lua_rawseti(L, kt, (int)(n + i + 1));     /* the value */
-        if (key_ref(e, -1, (uint32_t)(i + 1), &ks[i], base) < 0) return -1;
-        lua_pushvalue(L, -1);
-        lua_rawseti(L, kt, (int)(i + 1));         /* the key */
-        i++;
-    }
-    /* A string's bytes stay where they are while it is pinned (LuaJIT never
-     * moves objects). */
-    qsort(ks, n, sizeof *ks, key_cmp);
-    rc = enc_pairs(e, ks, n, kt);
-    lua_settop(L, base);
-    return rc;
+    if (n >= MAX_MAP) return fail(e, "%s", "table too large to store");
+    return enc_large(e, t, n);
 }
 
 static int enc_value(enc *e, int idx) {

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "luamp.h"
+#include "mp.h"
 
 static lua_State *L;
 
@@ -112,9 +113,148 @@ static void test_event_raw_ext(void **st) {
     lua_settop(L, 0);
 }
 
+/* A msgpack map key as (rank, number, bytes): the order luamp.h promises. */
+typedef struct mkey {
+    int rank; /* 0 number, 1 string, 2 boolean */
+    double num;
+    const char *s;
+    size_t len;
+} mkey;
+
+static mkey key_of(const mp_item *it) {
+    mkey k = {0};
+    switch (it->type) {
+    case MP_UINT: k.num = (double)it->v.u; break;
+    case MP_INT: k.num = (double)it->v.i; break;
+    case MP_FLOAT:
+    case MP_DOUBLE: k.num = it->v.d; break;
+    case MP_STR: k.rank = 1, k.s = it->v.s.ptr, k.len = it->v.s.len; break;
+    case MP_BOOL: k.rank = 2, k.num = it->v.b; break;
+    default: fail_msg("unexpected key type %d", (int)it->type);
+    }
+    return k;
+}
+
+static int mkey_less(const mkey *a, const mkey *b) {
+    if (a->rank != b->rank) return a->rank < b->rank;
+    if (a->rank != 1) return a->num < b->num;
+    size_t n = a->len < b->len ? a->len : b->len;
+    int c = memcmp(a->s, b->s, n);
+    return c ? c < 0 : a->len < b->len;
+}
+
+/* Large maps (past the small-map path) come out in key order, every pair
+ * once, and decode back to the same table: keys of every rank, string keys
+ * sharing a long prefix, ties in the 8 bytes after it (differing late, by
+ * length, by a trailing NUL), keys past 31 and 255 bytes, a nested large
+ * map. */
+static void test_encode_large_map_order(void **st) {
+    static const char gen[] =
+        "math.randomseed(7)\n"
+        "local t = { [true] = 1, [false] = 2, [-1e300] = 3, [0.5] = 4, [-3] = 5, [7] = 6,\n"
+        "  [2^40] = 7, ['customer-'] = 8, ['customer-ab'] = 9, ['customer-ab\\0'] = 10,\n"
+        "  ['customer-abcdefgh'] = 11, ['customer-abcdefgh1'] = 12, ['customer-abcdefgg9'] = 13,\n"
+        "  [string.rep('customer-x', 4)] = 14, [string.rep('customer-y', 30)] = 15 }\n"
+        "local inner = {}\n"
+        "for i = 1, 100 do inner['k' .. i] = i end\n"
+        "t['customer-nested'] = inner\n"
+        "for i = 1, 3000 do\n"
+        "  t['customer-' .. math.random(1, 100000)] = { orders = i, revenue = i / 4 }\n"
+        "  t[math.random(-5000, 5000) / 8] = i\n"
+        "end\n"
+        "return t\n";
+    if (luaL_dostring(L, gen)) fail_msg("lua: %s", lua_tostring(L, -1));
+    int t = lua_gettop(L);
+    size_t want = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        lua_pop(L, 1);
+        want++;
+    }
+    buf b = BUF_INIT;
+    tm_err e;
+    err_clear(&e);
+    assert_int_equal(luamp_encode(L, t, "state", &b, &e), 0);
+    assert_int_equal(lua_gettop(L), t);
+    const char *p = b.ptr, *end = b.ptr + b.len;
+    mp_item it;
+    assert_int_equal(mp_next(&p, end, &it), 0);
+    assert_int_equal(it.type, MP_MAP);
+    assert_int_equal(it.v.n, want);
+    mkey prev = {0};
+    for (uint32_t i = 0; i < it.v.n; i++) {
+        mp_item k;
+        assert_int_equal(mp_next(&p, end, &k), 0);
+        mkey cur = key_of(&k);
+        if (i > 0 && !mkey_less(&prev, &cur)) fail_msg("key %u out of order", i);
+        prev = cur;
+        if (cur.rank == 1 && cur.len == 15 && !memcmp(cur.s, "customer-nested", 15)) {
+            /* the nested large map is in order too */
+            mp_item m;
+            assert_int_equal(mp_next(&p, end, &m), 0);
+            assert_int_equal(m.type, MP_MAP);
+            mkey ip = {0};
+            for (uint32_t j = 0; j < m.v.n; j++) {
+                mp_item ik;
+                assert_int_equal(mp_next(&p, end, &ik), 0);
+                mkey ic = key_of(&ik);
+                if (j > 0 && !mkey_less(&ip, &ic)) fail_msg("nested key %u out of order", j);
+                ip = ic;
+                assert_int_equal(mp_skip(&p, end), 0);
+            }
+            continue;
+        }
+        assert_int_equal(mp_skip(&p, end), 0);
+    }
+    assert_ptr_equal(p, end);
+    /* the same table back: every key with its value */
+    assert_int_equal(luamp_push(L, b.ptr, b.len, &e), 0);
+    lua_setglobal(L, "got");
+    lua_pushvalue(L, t);
+    lua_setglobal(L, "orig");
+    static const char cmp[] =
+        "local function same(a, b)\n"
+        "  if type(a) ~= 'table' then return a == b end\n"
+        "  for k, v in pairs(a) do if not same(v, b[k]) then return false end end\n"
+        "  for k in pairs(b) do if a[k] == nil then return false end end\n"
+        "  return true\n"
+        "end\n"
+        "return same(orig, got)\n";
+    if (luaL_dostring(L, cmp)) fail_msg("lua: %s", lua_tostring(L, -1));
+    assert_true(lua_toboolean(L, -1));
+    /* encoding again gives the same bytes */
+    buf b2 = BUF_INIT;
+    lua_getglobal(L, "got");
+    assert_int_equal(luamp_encode(L, -1, "state", &b2, &e), 0);
+    assert_int_equal(b2.len, b.len);
+    assert_memory_equal(b2.ptr, b.ptr, b.len);
+    lua_settop(L, 0);
+    buf_free(&b);
+    buf_free(&b2);
+}
+
+/* A bad value in a large map: the error names its path, and the output and
+ * the stack are as on entry. */
+static void test_encode_large_map_error(void **st) {
+    push_expr("(function() local t = {} for i = 1, 100 do t['p' .. i] = { n = i } end"
+              " t.p50.f = print return t end)()");
+    buf b = BUF_INIT;
+    buf_puts(&b, "keep");
+    tm_err e;
+    err_clear(&e);
+    assert_int_equal(luamp_encode(L, -1, "state", &b, &e), -1);
+    assert_non_null(strstr(e.msg, "state.p50.f: cannot store a function"));
+    assert_int_equal(b.len, 4);
+    assert_int_equal(lua_gettop(L), 1);
+    lua_settop(L, 0);
+    buf_free(&b);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_encode_sorted_keys),
+        cmocka_unit_test(test_encode_large_map_order),
+        cmocka_unit_test(test_encode_large_map_error),
         cmocka_unit_test(test_nan),
         cmocka_unit_test(test_ext),
         cmocka_unit_test(test_event_raw_ext),

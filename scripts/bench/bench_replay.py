@@ -103,8 +103,16 @@ def generate(n, parts, jsonl, pgcopy):
             g.write("".join(b))
 
 
+def quiesce():
+    """Write back dirty pages before a timed run, so the kernel's writeback
+    of the import's gigabytes (or of the last run's output) does not take
+    CPU from whichever run comes next."""
+    os.sync()
+
+
 def run_timed(argv, out_path):
     """Run argv with stdout to out_path; (wall seconds, peak RSS MiB, CPU seconds)."""
+    quiesce()
     t0 = time.monotonic()
     with open(out_path, "w") as out:
         p = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE)
@@ -142,6 +150,12 @@ class Bench:
         with open(self.script, "w") as f:
             f.write(EXAMPLE)
         self.store, self.pgcopy = d, pgcopy
+        # warm-up, untimed: the first full scans of a fresh store set off
+        # LevelDB's read-triggered compactions (in the scanning process, on
+        # the cores it would use; measured: the first 2-worker run 5.6 s,
+        # the next 4.5 s)
+        for w in (1, CORES):
+            self.replay(w, "warmup")
 
     def replay(self, workers, tag):
         out = os.path.join(self.tmp, "replay-%s.json" % tag)
@@ -198,6 +212,7 @@ class Bench:
             for _ in range(REPEAT):  # alternating, so both see the same moments of the machine
                 alone.append(self.replay(1, "w1")[0])
                 outs = [open(os.path.join(self.tmp, "pair-%d.json" % i), "w") for i in (0, 1)]
+                quiesce()
                 t0 = time.monotonic()
                 procs = [subprocess.Popen(argv(d), stdout=outs[i], stderr=subprocess.PIPE)
                          for i, d in enumerate((self.store, copy))]
@@ -235,6 +250,7 @@ class Bench:
             best, runs = None, []
             for _ in range(REPEAT):  # alternating with ours (see scaling)
                 out = os.path.join(self.tmp, "pg.csv")
+                quiesce()
                 t = pg.psql(["-At", "-F", ",", "-o", out, "-c", "\\timing on", "-c", PG_QUERY])
                 m = re.search(r"Time: ([0-9.]+) ms", t)
                 if not m:

@@ -1099,6 +1099,14 @@ void json_objw_rendered(json_objw *w, const char *text, size_t len) {
     if (w->b.len >= OBJW_CHUNK) objw_flush(w);
 }
 
+void json_objw_rendered_run(json_objw *w, const char *text, size_t len, size_t n) {
+    if (!n) return;
+    objw_sep(w);
+    w->n += n - 1;
+    objw_flush(w);
+    if (!w->io && fwrite(text, 1, len, w->f) != len) w->io = errno ? errno : EIO;
+}
+
 int json_objw_failed(const json_objw *w) { return w->io; }
 
 int json_objw_end(json_objw *w, tm_err *err) {

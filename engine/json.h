@@ -65,6 +65,9 @@ int json_objw_pair(json_objw *w, const char *k, size_t kl, const char *mp, size_
 int json_objw_each(void *w, const char *k, size_t kl, const char *mp, size_t len);
 /* One pair already rendered by json_render_pair. */
 void json_objw_rendered(json_objw *w, const char *text, size_t len);
+/* n pairs already rendered and joined by commas ("k":v,"k":v), written
+ * straight to the stream (len may be tens of MB: it is not copied). */
+void json_objw_rendered_run(json_objw *w, const char *text, size_t len, size_t n);
 /* 1 once a write to the stream has failed (the caller may stop early). */
 int json_objw_failed(const json_objw *w);
 /* Close the object, flush and free; -1 with err: a value json_objw_each

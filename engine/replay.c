@@ -154,13 +154,49 @@ static uint64_t fnv1a(const void *p, size_t n) {
     return h;
 }
 
+/* SHARD_VERSION names the mapping below; the staging meta records it, so
+ * a stage written under another mapping is not resumed (its workers'
+ * states would belong to other owners). */
+#define SHARD_VERSION 2
+
+static uint64_t load64(const unsigned char *p) {
+    uint64_t w;
+    memcpy(&w, p, 8);
+    return w;
+}
+
+static uint32_t load32(const unsigned char *p) {
+    uint32_t w;
+    memcpy(&w, p, 4);
+    return w;
+}
+
+/* The owner of a partition key among n workers.  Keys are short (customer
+ * ids, stream names), so the hash takes 8 bytes at a time (the tail as an
+ * overlapping load, as xxHash3 does) and the range is reduced by a
+ * multiply-high instead of a division: FNV-1a's byte loop and the `%`
+ * were half of the reader's routing (docs/benchmarks.md section 13). */
 unsigned replay_shard(const char *key, size_t len, unsigned n) {
     if (n <= 1) return 0;
-    uint64_t x = fnv1a(key, len);
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    x ^= x >> 31;
-    return (unsigned)(x % n);
+    const unsigned char *s = (const unsigned char *)key;
+    uint64_t h = 0x9e3779b97f4a7c15ull ^ (len * 0xff51afd7ed558ccdull);
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        h = (h ^ load64(s + i)) * 0xbf58476d1ce4e5b9ull;
+        h ^= h >> 31;
+    }
+    size_t rest = len - i;
+    if (rest) {
+        uint64_t w;
+        if (len >= 8) w = load64(s + len - 8) >> (8 * (8 - rest));
+        else if (len >= 4) w = load32(s) | (uint64_t)load32(s + len - 4) << 32;
+        else w = s[0] | (uint64_t)s[len / 2] << 8 | (uint64_t)s[len - 1] << 16;
+        h = (h ^ w) * 0xbf58476d1ce4e5b9ull;
+    }
+    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+    h ^= h >> 31;
+    return (unsigned)(((unsigned __int128)h * n) >> 64);
 }
 
 static int wr(void *data, const char *p, size_t n) {
@@ -903,7 +939,7 @@ static void put_meta(replay *r, store_batch *b) {
     msgpack_packer_init(&pk, &v, wr);
     char sid[17];
     source_id(r, sid);
-    msgpack_pack_map(&pk, 4);
+    msgpack_pack_map(&pk, 5);
     pack_str(&pk, "events");
     msgpack_pack_uint64(&pk, r->events);
     pack_str(&pk, "position");
@@ -912,6 +948,8 @@ static void put_meta(replay *r, store_batch *b) {
     pack_str(&pk, sid);
     pack_str(&pk, "workers");
     msgpack_pack_uint64(&pk, r->nw);
+    pack_str(&pk, "shard");
+    msgpack_pack_uint64(&pk, SHARD_VERSION);
     buf_append(&k, r->stage.ptr, r->stage.len);
     buf_puts(&k, "meta");
     store_batch_put(b, k.ptr, k.len, v.ptr, v.len);
@@ -1214,7 +1252,11 @@ static int run_threaded(replay *r, uint64_t from, progress *pg, tm_err *err) {
 
 /* ------------------------------------------------------------ staging, resume, swap */
 
-static int read_meta(replay *r, uint64_t *pos, uint64_t *workers, int *same_src, tm_err *err) {
+/* The staging meta: its position, worker count, whether the same source
+ * and the same partition mapping (SHARD_VERSION; absent before version 2)
+ * wrote it.  1, 0 (no stage), -1. */
+static int read_meta(replay *r, uint64_t *pos, uint64_t *workers, int *same_src,
+                     int *same_shard, tm_err *err) {
     buf k = BUF_INIT;
     buf_append(&k, r->stage.ptr, r->stage.len);
     buf_puts(&k, "meta");
@@ -1227,7 +1269,7 @@ static int read_meta(replay *r, uint64_t *pos, uint64_t *workers, int *same_src,
     size_t xl;
     mp_item it;
     *pos = *workers = 0;
-    *same_src = 0;
+    *same_src = *same_shard = 0;
     if (mp_validate(v, vl, NULL, err) < 0) goto corrupt;
     if (mp_map_find(v, vl, "position", 8, &x, &xl) == 1 && mp_next(&x, x + xl, &it) == 0 &&
         it.type == MP_UINT)
@@ -1242,6 +1284,9 @@ static int read_meta(replay *r, uint64_t *pos, uint64_t *workers, int *same_src,
     if (mp_map_find(v, vl, "source", 6, &x, &xl) == 1 && mp_next(&x, x + xl, &it) == 0 &&
         it.type == MP_STR && it.v.s.len == 16 && !memcmp(it.v.s.ptr, sid, 16))
         *same_src = 1;
+    if (mp_map_find(v, vl, "shard", 5, &x, &xl) == 1 && mp_next(&x, x + xl, &it) == 0 &&
+        it.type == MP_UINT && it.v.u == SHARD_VERSION)
+        *same_shard = 1;
     free(v);
     return 1;
 corrupt:
@@ -1410,8 +1455,8 @@ int replay_run(replay *r, tm_err *err) {
     r->fault = NULL;
     if (r->o.persist) {
         uint64_t pos, nw;
-        int same_src;
-        int m = read_meta(r, &pos, &nw, &same_src, err);
+        int same_src, same_shard;
+        int m = read_meta(r, &pos, &nw, &same_src, &same_shard, err);
         if (m < 0) return -1;
         if (r->o.resume) {
             if (m == 0)
@@ -1420,6 +1465,12 @@ int replay_run(replay *r, tm_err *err) {
                 return err_set(err, TM_EINVAL,
                                "replay %s: the unfinished replay ran another version of the "
                                "script; start over without --resume",
+                               r->name);
+            if (nw > 1 && !same_shard)
+                return err_set(err, TM_EINVAL,
+                               "replay %s: the unfinished replay was staged by an older "
+                               "tidemark, which gave partitions to other workers; start over "
+                               "without --resume",
                                r->name);
             if (nw != r->nw) {
                 r->nw = (unsigned)nw; /* the sharding must stay the same */
@@ -1623,77 +1674,151 @@ int replay_state(replay *r, buf *out, tm_err *err) {
  * with several workers each one's pairs are rendered in a thread of their
  * own into a run of [u32 kl][key][u32 tl][text] in key order (the text is
  * json_render_pair's), and the caller only merges the runs by key. */
-typedef struct jrun {
-    const buf *state;    /* a worker's encoded map */
-    buf out;
+/* The JSON of a partitioned result, over many workers.  Each worker's
+ * encoded map is sorted; the output is their merge in key order.  The key
+ * space is cut into one segment per worker at keys sampled from worker
+ * 0's map (the router spreads keys evenly, so every map holds about as
+ * many keys in each segment), and each segment is merged from every map
+ * and rendered to text in a thread of its own; the caller's thread only
+ * writes the segments out in order.  So neither the rendering nor the
+ * merge of 1M pairs is serial. */
+
+#define SAMPLE_EVERY 32            /* pairs between two sampled offsets */
+
+/* A worker's map, sampled: the offset of every SAMPLE_EVERY-th pair. */
+typedef struct jmap {
+    const buf *state;
+    size_t *off;                   /* malloc'd; off[i] = pair i * SAMPLE_EVERY */
+    size_t noff;
+    uint32_t pairs;
+    int rc;
+} jmap;
+
+/* One segment: the pairs with keys in [lo, hi) of every map. */
+typedef struct jseg {
+    const jmap *maps;
+    unsigned nmaps;
+    const char *lo, *hi;           /* NULL: unbounded */
+    size_t lol, hil;
+    buf out;                       /* "k":v,"k":v... */
+    size_t n;
     int rc;
     tm_err err;
-} jrun;
+} jseg;
 
-static void *render_run(void *arg) {
-    jrun *j = arg;
+static void *sample_map(void *arg) {
+    jmap *m = arg;
     mcur c;
-    int n = mcur_open(&c, j->state, 1) < 0 ? -1 : 1;
-    while (n == 1 && (n = mcur_next(&c)) == 1) {
-        put_u32(&j->out, (uint32_t)c.kl);
-        buf_append(&j->out, c.k, c.kl);
-        put_u32(&j->out, 0); /* the text's length, set below */
-        size_t at = j->out.len;
-        if (json_render_pair(&j->out, c.k, c.kl, c.v, c.vl, &j->err) < 0) {
-            j->rc = -1;
+    if (mcur_open(&c, m->state, 1) < 0) {
+        m->rc = -1;
+        return NULL;
+    }
+    m->pairs = c.left;
+    m->off = malloc(sizeof *m->off * (c.left / SAMPLE_EVERY + 1));
+    if (!m->off) {
+        m->rc = -1;
+        return NULL;
+    }
+    for (uint32_t i = 0; i < m->pairs; i++) {
+        if (i % SAMPLE_EVERY == 0) m->off[m->noff++] = (size_t)(c.p - m->state->ptr);
+        if (mcur_next(&c) != 1) {
+            m->rc = -1;
             return NULL;
         }
-        uint32_t tl = (uint32_t)(j->out.len - at);
-        memcpy(j->out.ptr + at - 4, &tl, 4);
-    }
-    if (n < 0) {
-        j->rc = -1;
-        err_set(&j->err, TM_EIO, "unreadable worker result");
     }
     return NULL;
 }
 
-/* A cursor over a run. */
-typedef struct rcur {
-    const char *p, *end;
-    const char *k, *t;
-    uint32_t kl, tl;
-} rcur;
-
-static int rcur_next(rcur *c) {
-    if (c->p >= c->end) return 0;
-    memcpy(&c->kl, c->p, 4);
-    c->k = c->p + 4;
-    memcpy(&c->tl, c->k + c->kl, 4);
-    c->t = c->k + c->kl + 4;
-    c->p = c->t + c->tl;
-    return 1;
+/* A cursor on map m at its sampled pair i. */
+static void mcur_at(mcur *c, const jmap *m, size_t i) {
+    memset(c, 0, sizeof *c);
+    c->p = m->state->ptr + m->off[i];
+    c->end = m->state->ptr + m->state->len;
+    c->map = 1;
+    c->left = m->pairs - (uint32_t)(i * SAMPLE_EVERY);
 }
 
-static int rcur_less(const rcur *a, const rcur *b) { return bytes_less(a->k, a->kl, b->k, b->kl); }
+/* The key of m's sampled pair i. */
+static int sample_key(const jmap *m, size_t i, const char **k, size_t *kl) {
+    mcur c;
+    mcur_at(&c, m, i);
+    if (mcur_next(&c) != 1) return -1;
+    *k = c.k;
+    *kl = c.kl;
+    return 0;
+}
 
-/* Render every worker's run (run 0 in this thread), then merge them. */
-static int write_runs(replay *r, jrun *runs, json_objw *w, tm_err *err) {
-    in_threads(render_run, runs, sizeof *runs, r->nw);
-    for (unsigned i = 0; i < r->nw; i++)
-        if (runs[i].rc < 0) {
-            *err = runs[i].err;
-            return -1;
-        }
-    rcur cs[MAX_WORKERS];
+/* c on m's first pair whose key is not below (k, kl) (k NULL: the first
+ * pair); live = 1, 0 (none), -1 (malformed). */
+static int mcur_seek(mcur *c, const jmap *m, const char *k, size_t kl) {
+    if (!m->noff) return 0;
+    size_t lo = 0, hi = m->noff; /* the last sample below k, by bisection */
+    while (k && hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        const char *mk;
+        size_t ml;
+        if (sample_key(m, mid, &mk, &ml) < 0) return -1;
+        if (bytes_less(mk, ml, k, kl)) lo = mid;
+        else hi = mid;
+    }
+    mcur_at(c, m, lo);
+    int live;
+    while ((live = mcur_next(c)) == 1 && k && bytes_less(c->k, c->kl, k, kl)) {
+    }
+    return live;
+}
+
+static void *render_segment(void *arg) {
+    jseg *g = arg;
+    mcur cs[MAX_WORKERS];
     int live[MAX_WORKERS];
-    for (unsigned i = 0; i < r->nw; i++) {
-        cs[i] = (rcur){.p = runs[i].out.ptr, .end = runs[i].out.ptr + runs[i].out.len};
-        live[i] = rcur_next(&cs[i]);
+    for (unsigned i = 0; i < g->nmaps; i++) {
+        live[i] = mcur_seek(&cs[i], &g->maps[i], g->lo, g->lol);
+        if (live[i] < 0) goto bad;
     }
     for (;;) {
         int m = -1;
-        for (unsigned i = 0; i < r->nw; i++)
-            if (live[i] && (m < 0 || rcur_less(&cs[i], &cs[m]))) m = (int)i;
-        if (m < 0 || json_objw_failed(w)) return 0;
-        json_objw_rendered(w, cs[m].t, cs[m].tl);
-        live[m] = rcur_next(&cs[m]);
+        for (unsigned i = 0; i < g->nmaps; i++)
+            if (live[i] && (m < 0 || key_less(&cs[i], &cs[m]))) m = (int)i;
+        if (m < 0 || (g->hi && !bytes_less(cs[m].k, cs[m].kl, g->hi, g->hil))) return NULL;
+        if (g->n++) buf_putc(&g->out, ',');
+        if (json_render_pair(&g->out, cs[m].k, cs[m].kl, cs[m].v, cs[m].vl, &g->err) < 0) {
+            g->rc = -1;
+            return NULL;
+        }
+        live[m] = mcur_next(&cs[m]);
+        if (live[m] < 0) goto bad;
     }
+bad:
+    g->rc = -1;
+    err_set(&g->err, TM_EIO, "unreadable worker result");
+    return NULL;
+}
+
+/* Sample every map, cut the key space at worker 0's samples, render the
+ * segments in parallel and write them out in order. */
+static int write_segments(replay *r, jmap *maps, jseg *segs, json_objw *w, tm_err *err) {
+    in_threads(sample_map, maps, sizeof *maps, r->nw);
+    for (unsigned i = 0; i < r->nw; i++)
+        if (maps[i].rc < 0) return err_set(err, TM_EIO, "replay %s: unreadable worker result",
+                                           r->name);
+    unsigned n = maps[0].noff >= r->nw ? r->nw : 1;
+    for (unsigned t = 0; t < n; t++) {
+        segs[t] = (jseg){.maps = maps, .nmaps = r->nw};
+        if (t > 0 && sample_key(&maps[0], maps[0].noff * t / n, &segs[t].lo, &segs[t].lol) < 0)
+            return err_set(err, TM_EIO, "replay %s: unreadable worker result", r->name);
+        if (t > 0) segs[t - 1].hi = segs[t].lo, segs[t - 1].hil = segs[t].lol;
+    }
+    in_threads(render_segment, segs, sizeof *segs, n);
+    for (unsigned t = 0; t < n; t++)
+        if (segs[t].rc < 0) {
+            *err = segs[t].err;
+            err_prefix(err, "replay %s", r->name);
+            return -1;
+        }
+    for (unsigned t = 0; t < n && !json_objw_failed(w); t++)
+        json_objw_rendered_run(w, segs[t].out.ptr, segs[t].out.len, segs[t].n);
+    return 0;
 }
 
 int replay_json_pairs(replay *r, json_objw *w, tm_err *err) {
@@ -1703,10 +1828,15 @@ int replay_json_pairs(replay *r, json_objw *w, tm_err *err) {
     if (r->nw == 1) return proj_state_pairs(r->w[0].p, json_objw_each, w, err);
     buf parts[MAX_WORKERS];
     if (states_of(r, parts, err) < 0) return -1;
-    jrun runs[MAX_WORKERS];
-    for (unsigned i = 0; i < r->nw; i++) runs[i] = (jrun){.state = &r->w[i].state};
-    int rc = write_runs(r, runs, w, err);
-    for (unsigned i = 0; i < r->nw; i++) buf_free(&runs[i].out);
+    jmap maps[MAX_WORKERS];
+    jseg segs[MAX_WORKERS];
+    memset(segs, 0, sizeof segs);
+    for (unsigned i = 0; i < r->nw; i++) maps[i] = (jmap){.state = &r->w[i].state};
+    int rc = write_segments(r, maps, segs, w, err);
+    for (unsigned i = 0; i < r->nw; i++) {
+        free(maps[i].off);
+        buf_free(&segs[i].out);
+    }
     return rc;
 }
 

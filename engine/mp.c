@@ -283,24 +283,56 @@ int mp_skip(const char **p, const char *end) {
     return 0;
 }
 
+/* The commonest maps (fixmap, fixstr keys, fixstr or fixint values) are
+ * walked without a call: a replay's reader routes every event by a field
+ * of its data, and every handler's key plan finds its fields here. */
 int mp_map_find(const char *map, size_t len, const char *key, size_t klen,
                 const char **val, size_t *vlen) {
-    const char *p = map, *end = map + len;
-    mp_item it;
-    if (mp_next(&p, end, &it) < 0 || it.type != MP_MAP) return -1;
-    for (uint32_t i = 0; i < it.v.n; i++) {
-        const char *k = p;
-        mp_item ki;
-        if (mp_next(&p, end, &ki) < 0) return -1;
-        if (ki.type == MP_ARRAY || ki.type == MP_MAP) {
-            p = k;
-            if (mp_skip(&p, end) < 0) return -1;
+    const unsigned char *q = (const unsigned char *)map, *e = q + len;
+    uint32_t n;
+    if (q < e && (*q & 0xf0) == 0x80) {
+        n = *q++ & 0x0f;
+    } else {
+        const char *p = map;
+        mp_item it;
+        if (mp_next(&p, map + len, &it) < 0 || it.type != MP_MAP) return -1;
+        n = it.v.n;
+        q = (const unsigned char *)p;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        const char *ks = NULL;
+        size_t kl = 0;
+        if (q < e && (*q & 0xe0) == 0xa0) {
+            kl = *q & 0x1f;
+            if ((size_t)(e - q) - 1 < kl) return -1;
+            ks = (const char *)q + 1;
+            q += 1 + kl;
+        } else {
+            const char *p = (const char *)q, *k = p;
+            mp_item ki;
+            if (mp_next(&p, (const char *)e, &ki) < 0) return -1;
+            if (ki.type == MP_ARRAY || ki.type == MP_MAP) {
+                p = k;
+                if (mp_skip(&p, (const char *)e) < 0) return -1;
+            }
+            if (ki.type == MP_STR) ks = ki.v.s.ptr, kl = ki.v.s.len;
+            q = (const unsigned char *)p;
         }
-        const char *v = p;
-        if (mp_skip(&p, end) < 0) return -1;
-        if (ki.type == MP_STR && ki.v.s.len == klen && bytes_eq(ki.v.s.ptr, key, klen)) {
-            *val = v;
-            *vlen = (size_t)(p - v);
+        const unsigned char *v = q;
+        if (q >= e) return -1;
+        if (*q <= 0x7f || *q >= 0xe0) {
+            q++;
+        } else if ((*q & 0xe0) == 0xa0) {
+            if ((size_t)(e - q) - 1 < (size_t)(*q & 0x1f)) return -1;
+            q += 1 + (*q & 0x1f);
+        } else {
+            const char *p = (const char *)q;
+            if (mp_skip(&p, (const char *)e) < 0) return -1;
+            q = (const unsigned char *)p;
+        }
+        if (ks && kl == klen && bytes_eq(ks, key, klen)) {
+            *val = (const char *)v;
+            *vlen = (size_t)(q - v);
             return 1;
         }
     }

@@ -91,6 +91,7 @@ struct proj {
     char **from_names;
     size_t *from_lens;
     size_t nfrom;
+    int dashed;                 /* some from name holds a '-' (no category has one) */
     int partitioned, dead_letter_mode, has_any;
     uint64_t checkpoint_every, checkpoint_ms;
     /* types */
@@ -317,6 +318,7 @@ static int add_from(proj *p, const char *s, size_t n) {
     memcpy(p->from_names[p->nfrom], s, n);
     p->from_names[p->nfrom][n] = 0;
     p->from_lens[p->nfrom++] = n;
+    if (memchr(s, '-', n)) p->dashed = 1;
     return 0;
 }
 
@@ -638,13 +640,25 @@ static int name_in(const proj *p, const char *s, size_t n) {
     return 0;
 }
 
+/* s's category is one of the names: s is a name, or a name and a '-'.
+ * Without a search for the dash: a name holding none matches only there
+ * (a replay reader and every worker ask this of every event). */
+static int category_in(const proj *p, const char *s, size_t n) {
+    if (p->dashed) return name_in(p, s, event_category_len(s, n));
+    for (size_t i = 0; i < p->nfrom; i++) {
+        size_t l = p->from_lens[i];
+        if (n >= l && (n == l || s[l] == '-') && bytes_eq(p->from_names[i], s, l)) return 1;
+    }
+    return 0;
+}
+
 int proj_selects(const proj *p, const tm_event *ev) {
     switch (p->from) {
     case PROJ_FROM_ALL: return 1;
     case PROJ_FROM_STREAM:
     case PROJ_FROM_STREAMS: return name_in(p, ev->stream, ev->stream_len);
     case PROJ_FROM_CATEGORY:
-        return name_in(p, ev->stream, event_category_len(ev->stream, ev->stream_len));
+        return category_in(p, ev->stream, ev->stream_len);
     case PROJ_FROM_TYPES: return name_in(p, ev->type, ev->type_len);
     }
     return 0;

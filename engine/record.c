@@ -187,16 +187,22 @@ static int corrupt(tm_err *err, const char *what) {
     return err_set(err, TM_EIO, "corrupt record: %s", what);
 }
 
-/* Big-endian n-byte unsigned at q. */
-static uint64_t get_be(const unsigned char *q, int n) {
-    uint64_t v = 0;
-    for (int i = 0; i < n; i++) v = v << 8 | q[i];
-    return v;
+/* Big-endian n-byte unsigned at q (n = 1, 2, 4 or 8): one load each. */
+static inline uint64_t get_be(const unsigned char *q, int n) {
+    uint16_t h;
+    uint32_t w;
+    uint64_t d;
+    switch (n) {
+    case 1: return q[0];
+    case 2: memcpy(&h, q, 2); return __builtin_bswap16(h);
+    case 4: memcpy(&w, q, 4); return __builtin_bswap32(w);
+    default: memcpy(&d, q, 8); return __builtin_bswap64(d);
+    }
 }
 
 /* A non-empty str at *q in the forms record_encode writes for names
  * (fixstr, str8, str16); 0 = not that (the general decoder decides). */
-static int fast_str(const unsigned char **q, const unsigned char *e, const char **s, size_t *n) {
+static inline int fast_str(const unsigned char **q, const unsigned char *e, const char **s, size_t *n) {
     const unsigned char *p = *q;
     size_t l, h;
     if (p >= e) return 0;
@@ -212,7 +218,7 @@ static int fast_str(const unsigned char **q, const unsigned char *e, const char 
 }
 
 /* A uint at *q (positive fixint, uint8..64); 0 = not that. */
-static int fast_uint(const unsigned char **q, const unsigned char *e, uint64_t *v) {
+static inline int fast_uint(const unsigned char **q, const unsigned char *e, uint64_t *v) {
     const unsigned char *p = *q;
     if (p >= e) return 0;
     if (*p < 0x80) {

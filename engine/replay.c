@@ -176,7 +176,7 @@ static uint32_t load32(const unsigned char *p) {
  * overlapping load, as xxHash3 does) and the range is reduced by a
  * multiply-high instead of a division: FNV-1a's byte loop and the `%`
  * were half of the reader's routing (docs/benchmarks.md section 13). */
-unsigned replay_shard(const char *key, size_t len, unsigned n) {
+static inline unsigned shard_of(const char *key, size_t len, unsigned n) {
     if (n <= 1) return 0;
     const unsigned char *s = (const unsigned char *)key;
     uint64_t h = 0x9e3779b97f4a7c15ull ^ (len * 0xff51afd7ed558ccdull);
@@ -198,6 +198,8 @@ unsigned replay_shard(const char *key, size_t len, unsigned n) {
     h ^= h >> 31;
     return (unsigned)(((unsigned __int128)h * n) >> 64);
 }
+
+unsigned replay_shard(const char *key, size_t len, unsigned n) { return shard_of(key, len, n); }
 
 static int wr(void *data, const char *p, size_t n) {
     buf_append(data, p, n);
@@ -410,7 +412,7 @@ static unsigned route(const replay *r, const tm_event *ev) {
     }
     default: return 0;
     }
-    return replay_shard(k, kl, r->nw);
+    return shard_of(k, kl, r->nw);
 }
 
 /* ------------------------------------------------------------ worker backing (key remapping) */
@@ -805,7 +807,7 @@ static chunk *take(replay *r, worker *w) {
 
 static void chunk_add(chunk *c, uint64_t pos, const char *rec, size_t len) {
     ev_hdr h = {.position = pos, .len = (uint32_t)len};
-    buf_reserve(&c->b, sizeof h + len);
+    if (c->b.len + sizeof h + len >= c->b.cap) buf_reserve(&c->b, sizeof h + len);
     memcpy(c->b.ptr + c->b.len, &h, sizeof h);
     memcpy(c->b.ptr + c->b.len + sizeof h, rec, len);
     c->b.len += sizeof h + len;
@@ -1676,14 +1678,17 @@ int replay_state(replay *r, buf *out, tm_err *err) {
  * json_render_pair's), and the caller only merges the runs by key. */
 /* The JSON of a partitioned result, over many workers.  Each worker's
  * encoded map is sorted; the output is their merge in key order.  The key
- * space is cut into one segment per worker at keys sampled from worker
- * 0's map (the router spreads keys evenly, so every map holds about as
- * many keys in each segment), and each segment is merged from every map
- * and rendered to text in a thread of its own; the caller's thread only
- * writes the segments out in order.  So neither the rendering nor the
- * merge of 1M pairs is serial. */
+ * space is cut into segments at keys sampled from worker 0's map (the
+ * router spreads keys evenly, so every map holds about as many keys in
+ * each segment); one thread per worker takes the segments in turn, merges
+ * each from every map and renders it to text, and whichever thread
+ * finishes the next segment due writes it out, while the others render
+ * on.  So neither the rendering, nor the merge, nor the write of 1M pairs
+ * (~40 MB) waits for the rest. */
 
 #define SAMPLE_EVERY 32            /* pairs between two sampled offsets */
+#define SEGMENTS_PER_WORKER 8
+#define MAX_SEGMENTS (MAX_WORKERS * SEGMENTS_PER_WORKER)
 
 /* A worker's map, sampled: the offset of every SAMPLE_EVERY-th pair. */
 typedef struct jmap {
@@ -1696,15 +1701,28 @@ typedef struct jmap {
 
 /* One segment: the pairs with keys in [lo, hi) of every map. */
 typedef struct jseg {
-    const jmap *maps;
-    unsigned nmaps;
     const char *lo, *hi;           /* NULL: unbounded */
     size_t lol, hil;
     buf out;                       /* "k":v,"k":v... */
     size_t n;
+    int done;                      /* rendered (under jout.mu) */
     int rc;
     tm_err err;
 } jseg;
+
+/* The segments, the maps they merge, and the writer's turn. */
+typedef struct jout {
+    const jmap *maps;
+    unsigned nmaps;
+    jseg *segs;
+    unsigned nsegs;
+    unsigned claimed;              /* atomic: the next segment to render */
+    pthread_mutex_t mu;
+    unsigned written;              /* segments written (or given up) */
+    int writing;                   /* a thread holds the writer's turn */
+    int failed;                    /* a segment failed: nothing after it is written */
+    json_objw *w;
+} jout;
 
 static void *sample_map(void *arg) {
     jmap *m = arg;
@@ -1715,10 +1733,7 @@ static void *sample_map(void *arg) {
     }
     m->pairs = c.left;
     m->off = malloc(sizeof *m->off * (c.left / SAMPLE_EVERY + 1));
-    if (!m->off) {
-        m->rc = -1;
-        return NULL;
-    }
+    if (!m->off) tm_oom();
     for (uint32_t i = 0; i < m->pairs; i++) {
         if (i % SAMPLE_EVERY == 0) m->off[m->noff++] = (size_t)(c.p - m->state->ptr);
         if (mcur_next(&c) != 1) {
@@ -1768,23 +1783,22 @@ static int mcur_seek(mcur *c, const jmap *m, const char *k, size_t kl) {
     return live;
 }
 
-static void *render_segment(void *arg) {
-    jseg *g = arg;
+static void render_segment(const jout *o, jseg *g) {
     mcur cs[MAX_WORKERS];
     int live[MAX_WORKERS];
-    for (unsigned i = 0; i < g->nmaps; i++) {
-        live[i] = mcur_seek(&cs[i], &g->maps[i], g->lo, g->lol);
+    for (unsigned i = 0; i < o->nmaps; i++) {
+        live[i] = mcur_seek(&cs[i], &o->maps[i], g->lo, g->lol);
         if (live[i] < 0) goto bad;
     }
     for (;;) {
         int m = -1;
-        for (unsigned i = 0; i < g->nmaps; i++)
+        for (unsigned i = 0; i < o->nmaps; i++)
             if (live[i] && (m < 0 || key_less(&cs[i], &cs[m]))) m = (int)i;
-        if (m < 0 || (g->hi && !bytes_less(cs[m].k, cs[m].kl, g->hi, g->hil))) return NULL;
+        if (m < 0 || (g->hi && !bytes_less(cs[m].k, cs[m].kl, g->hi, g->hil))) return;
         if (g->n++) buf_putc(&g->out, ',');
         if (json_render_pair(&g->out, cs[m].k, cs[m].kl, cs[m].v, cs[m].vl, &g->err) < 0) {
             g->rc = -1;
-            return NULL;
+            return;
         }
         live[m] = mcur_next(&cs[m]);
         if (live[m] < 0) goto bad;
@@ -1792,32 +1806,74 @@ static void *render_segment(void *arg) {
 bad:
     g->rc = -1;
     err_set(&g->err, TM_EIO, "unreadable worker result");
+}
+
+/* Write every rendered segment that is due, in order, unless another
+ * thread holds the writer's turn (o->mu held; released while writing). */
+static void write_due(jout *o) {
+    if (o->writing) return;
+    o->writing = 1;
+    while (o->written < o->nsegs && o->segs[o->written].done) {
+        jseg *g = &o->segs[o->written];
+        if (g->rc < 0) o->failed = 1;
+        if (!o->failed) {
+            pthread_mutex_unlock(&o->mu);
+            json_objw_rendered_run(o->w, g->out.ptr, g->out.len, g->n);
+            int io = json_objw_failed(o->w); /* the writer's turn: only we touch w */
+            buf_free(&g->out);
+            pthread_mutex_lock(&o->mu);
+            if (io) o->failed = 1;
+        }
+        o->written++;
+    }
+    o->writing = 0;
+}
+
+static void *segment_thread(void *arg) {
+    jout *o = *(jout **)arg;
+    for (;;) {
+        unsigned t = __atomic_fetch_add(&o->claimed, 1, __ATOMIC_RELAXED);
+        if (t >= o->nsegs) break;
+        pthread_mutex_lock(&o->mu);
+        int skip = o->failed;
+        pthread_mutex_unlock(&o->mu);
+        jseg *g = &o->segs[t];
+        if (!skip) render_segment(o, g);
+        pthread_mutex_lock(&o->mu);
+        g->done = 1;
+        write_due(o);
+        pthread_mutex_unlock(&o->mu);
+    }
     return NULL;
 }
 
-/* Sample every map, cut the key space at worker 0's samples, render the
- * segments in parallel and write them out in order. */
-static int write_segments(replay *r, jmap *maps, jseg *segs, json_objw *w, tm_err *err) {
+/* Sample every map, cut the key space at worker 0's samples, then render
+ * and write the segments (segment_thread) on one thread per worker. */
+static int write_segments(replay *r, jmap *maps, jout *o, json_objw *w, tm_err *err) {
     in_threads(sample_map, maps, sizeof *maps, r->nw);
     for (unsigned i = 0; i < r->nw; i++)
         if (maps[i].rc < 0) return err_set(err, TM_EIO, "replay %s: unreadable worker result",
                                            r->name);
-    unsigned n = maps[0].noff >= r->nw ? r->nw : 1;
-    for (unsigned t = 0; t < n; t++) {
-        segs[t] = (jseg){.maps = maps, .nmaps = r->nw};
-        if (t > 0 && sample_key(&maps[0], maps[0].noff * t / n, &segs[t].lo, &segs[t].lol) < 0)
+    unsigned n = r->nw * SEGMENTS_PER_WORKER;
+    if (maps[0].noff < n) n = maps[0].noff ? (unsigned)maps[0].noff : 1;
+    *o = (jout){.maps = maps, .nmaps = r->nw, .segs = o->segs, .nsegs = n, .w = w};
+    for (unsigned t = 1; t < n; t++) {
+        jseg *g = &o->segs[t];
+        if (sample_key(&maps[0], maps[0].noff * t / n, &g->lo, &g->lol) < 0)
             return err_set(err, TM_EIO, "replay %s: unreadable worker result", r->name);
-        if (t > 0) segs[t - 1].hi = segs[t].lo, segs[t - 1].hil = segs[t].lol;
+        o->segs[t - 1].hi = g->lo, o->segs[t - 1].hil = g->lol;
     }
-    in_threads(render_segment, segs, sizeof *segs, n);
+    pthread_mutex_init(&o->mu, NULL);
+    jout *args[MAX_WORKERS];
+    for (unsigned i = 0; i < r->nw; i++) args[i] = o;
+    in_threads(segment_thread, args, sizeof *args, r->nw);
+    pthread_mutex_destroy(&o->mu);
     for (unsigned t = 0; t < n; t++)
-        if (segs[t].rc < 0) {
-            *err = segs[t].err;
+        if (o->segs[t].rc < 0) {
+            *err = o->segs[t].err;
             err_prefix(err, "replay %s", r->name);
             return -1;
         }
-    for (unsigned t = 0; t < n && !json_objw_failed(w); t++)
-        json_objw_rendered_run(w, segs[t].out.ptr, segs[t].out.len, segs[t].n);
     return 0;
 }
 
@@ -1829,14 +1885,13 @@ int replay_json_pairs(replay *r, json_objw *w, tm_err *err) {
     buf parts[MAX_WORKERS];
     if (states_of(r, parts, err) < 0) return -1;
     jmap maps[MAX_WORKERS];
-    jseg segs[MAX_WORKERS];
-    memset(segs, 0, sizeof segs);
     for (unsigned i = 0; i < r->nw; i++) maps[i] = (jmap){.state = &r->w[i].state};
-    int rc = write_segments(r, maps, segs, w, err);
-    for (unsigned i = 0; i < r->nw; i++) {
-        free(maps[i].off);
-        buf_free(&segs[i].out);
-    }
+    jout o = {.segs = calloc(MAX_SEGMENTS, sizeof(jseg))};
+    if (!o.segs) tm_oom();
+    int rc = write_segments(r, maps, &o, w, err);
+    for (unsigned i = 0; i < r->nw; i++) free(maps[i].off);
+    for (unsigned t = 0; t < MAX_SEGMENTS; t++) buf_free(&o.segs[t].out);
+    free(o.segs);
     return rc;
 }
 

@@ -657,6 +657,38 @@ static void test_map_find(void **st) {
     buf_free(&b);
 }
 
+/* The walk without calls (fixmap, fixstr keys, fixstr and fixint values)
+ * against the general one: the same answers for a map16 header, a str8
+ * key, negative fixints, and truncation at every byte. */
+static void test_map_find_fast_forms(void **st) {
+    (void)st;
+    static const char fix[] = "\x84\xa1n\xff\xa2id\xa3" "c-7\xd9\x01k\x7f\xa1x\x92\x01\xa1y";
+    static const char big[] = "\xde\x00\x04\xa1n\xff\xa2id\xa3" "c-7\xd9\x01k\x7f\xa1x\x92\x01\xa1y";
+    const char *maps[] = {fix, big};
+    size_t lens[] = {sizeof fix - 1, sizeof big - 1};
+    for (int m = 0; m < 2; m++) {
+        const char *v;
+        size_t vl;
+        assert_int_equal(mp_map_find(maps[m], lens[m], "n", 1, &v, &vl), 1);
+        assert_int_equal(vl, 1);
+        assert_int_equal((unsigned char)*v, 0xff);
+        assert_int_equal(mp_map_find(maps[m], lens[m], "id", 2, &v, &vl), 1);
+        assert_int_equal(vl, 4);
+        assert_memory_equal(v, "\xa3" "c-7", 4);
+        assert_int_equal(mp_map_find(maps[m], lens[m], "k", 1, &v, &vl), 1); /* a str8 key */
+        assert_int_equal(vl, 1);
+        assert_int_equal(*v, 0x7f);
+        assert_int_equal(mp_map_find(maps[m], lens[m], "x", 1, &v, &vl), 1);
+        assert_int_equal(vl, 4);
+        assert_int_equal(mp_map_find(maps[m], lens[m], "y", 1, &v, &vl), 0);
+        for (size_t k = 0; k < lens[m]; k++) {
+            char *c = dup_exact(maps[m], k);
+            assert_int_equal(mp_map_find(c, k, "x", 1, &v, &vl), -1);
+            free(c);
+        }
+    }
+}
+
 /* ---- deterministic fuzz: validator agrees with mp_skip, never crashes ---- */
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
@@ -783,6 +815,7 @@ int main(void) {
         cmocka_unit_test(test_null_err_ok),
         cmocka_unit_test(test_bytes_eq),
         cmocka_unit_test(test_map_find),
+        cmocka_unit_test(test_map_find_fast_forms),
         cmocka_unit_test(test_fuzz),
         cmocka_unit_test(test_flat_shortcut),
     };

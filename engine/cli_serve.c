@@ -37,6 +37,8 @@ static const char serve_usage[] =
     "  --projection-cpu-limit S  CPU seconds a projection may spend on one batch\n"
     "                      (default 10); a runaway projection is stopped and faulted\n"
     "  --projection-memory-limit MB  Lua memory per projection (default 256)\n"
+    "  --rebuild-workers N  worker processes building a changed projection's new\n"
+    "                      version, split by partition (default: the cores; 1 = one)\n"
     "  --token-file F      bearer tokens (one per line) required for writes\n"
     "  --max-body BYTES    largest request body (default 8388608); larger: 413\n"
     "  --max-headers BYTES largest request line + headers (default 65536); larger: 431\n"
@@ -105,7 +107,7 @@ static int parse_int(const char *s, int lo, int hi, int *out) {
 
 int cli_serve(int argc, char **argv) {
     enum { O_DATA = 1, O_PORT, O_BIND, O_PROJ, O_TOKEN, O_MAXBODY, O_MAXHDR, O_DUR, O_TIMEOUT,
-           O_WORKERS, O_SSEBUF, O_SSEHB, O_PCPU, O_PMEM, O_REQTIMEOUT, O_HELP };
+           O_WORKERS, O_SSEBUF, O_SSEHB, O_PCPU, O_PMEM, O_RBW, O_REQTIMEOUT, O_HELP };
     static const struct option opts[] = {
         {"data", required_argument, 0, O_DATA},       {"port", required_argument, 0, O_PORT},
         {"bind", required_argument, 0, O_BIND},       {"projections", required_argument, 0, O_PROJ},
@@ -116,6 +118,7 @@ int cli_serve(int argc, char **argv) {
         {"sse-buffer", required_argument, 0, O_SSEBUF}, {"sse-heartbeat", required_argument, 0, O_SSEHB},
         {"projection-cpu-limit", required_argument, 0, O_PCPU},
         {"projection-memory-limit", required_argument, 0, O_PMEM},
+        {"rebuild-workers", required_argument, 0, O_RBW},
         {"help", no_argument, 0, O_HELP},             {0, 0, 0, 0},
     };
     const char *data = NULL, *projections = NULL;
@@ -124,7 +127,7 @@ int cli_serve(int argc, char **argv) {
     ho.port = 8080;
     store_opts so;
     store_opts_default(&so);
-    int workers = 0;
+    int workers = 0, rbw = 0;
     double pcpu = 10, pmem = 256;
     optind = 1;
     opterr = 0;
@@ -156,6 +159,7 @@ int cli_serve(int argc, char **argv) {
         case O_SSEHB: if (parse_int(optarg, 1, 3600, &ho.heartbeat_s)) bad = "--sse-heartbeat"; break;
         case O_PCPU: if (parse_double(optarg, 0.01, 3600, &pcpu)) bad = "--projection-cpu-limit"; break;
         case O_PMEM: if (parse_double(optarg, 1, 1 << 20, &pmem)) bad = "--projection-memory-limit"; break;
+        case O_RBW: if (parse_int(optarg, 1, 64, &rbw)) bad = "--rebuild-workers"; break;
         case 'h':
         case O_HELP: fputs(serve_usage, stdout); return 0;
         default:
@@ -206,6 +210,7 @@ int cli_serve(int argc, char **argv) {
     }
     projmgr_opts po = {.dir = projections, .exe = "/proc/self/exe",
                        .memory_limit = (size_t)(pmem * 1024 * 1024), .cpu_limit = pcpu,
+                       .rebuild_workers = (unsigned)rbw,
                        .publish = pm_publish, .publish_ud = h};
     projmgr *pm = projmgr_new(st, &po, &err);
     if (!pm) {

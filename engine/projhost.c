@@ -350,7 +350,11 @@ static void w_init(worker *w, const buf *f) {
         buf_reset(&w->msg);
         msgpack_packer pk;
         pk_init(&pk, &w->msg);
-        msgpack_pack_map(&pk, 6);
+        msgpack_pack_map(&pk, 8);
+        pk_cstr(&pk, "partitioned");
+        msgpack_pack_uint64(&pk, (uint64_t)proj_partitioned(w->p));
+        pk_cstr(&pk, "dead_letter");
+        msgpack_pack_uint64(&pk, (uint64_t)proj_dead_letter_mode(w->p));
         pk_cstr(&pk, "position");
         msgpack_pack_uint64(&pk, proj_position(w->p));
         pk_cstr(&pk, "events");
@@ -571,6 +575,7 @@ struct projhost {
     int to, from, errfd;
     projhost_status st;
     uint64_t checkpoint_every, uncommitted;
+    uint64_t skipped;  /* owns: every event up to here is fed or not ours (>= st.position) */
     int from_kind;
     char **names;
     size_t *name_lens, nnames;
@@ -877,6 +882,8 @@ projhost *projhost_start(store *s, const char *name, const char *src, size_t len
     h->st.checkpoint_ms = get_u64(h->frame.ptr, h->frame.len, "checkpoint_ms");
     h->checkpoint_every = h->st.checkpoint_every ? h->st.checkpoint_every : 100000;
     h->from_kind = (int)get_u64(h->frame.ptr, h->frame.len, "from");
+    h->st.partitioned = get_u64(h->frame.ptr, h->frame.len, "partitioned") != 0;
+    h->st.dead_letter = get_u64(h->frame.ptr, h->frame.len, "dead_letter") != 0;
     const char *v;
     size_t vl;
     if (mp_map_find(h->frame.ptr, h->frame.len, "names", 5, &v, &vl) == 1) {
@@ -1107,7 +1114,9 @@ static int send_batch(projhost *h, tm_err *err) {
 static int feed(projhost *h, uint64_t max_events, uint64_t until, tm_err *err) {
     if (usable(h, err) < 0) return -1;
     for (;;) {
-        store_iter *it = host_reader(h, h->st.position + 1, err);
+        uint64_t from = h->st.position;
+        if (h->o.owns && h->skipped > from) from = h->skipped;
+        store_iter *it = host_reader(h, from + 1, err);
         if (!it) return -1;
         tm_event ev;
         int r, rc = 0;
@@ -1115,8 +1124,12 @@ static int feed(projhost *h, uint64_t max_events, uint64_t until, tm_err *err) {
         uint64_t sent = 0;
         buf_reset(&h->msg);
         while ((r = store_iter_next(it, &ev, err)) == 1) {
-            if (ev.position <= h->st.position) continue;
+            if (ev.position <= from) continue;
             if (until && ev.position > until) break;
+            if (h->o.owns && !h->o.owns(h->o.owns_ud, &ev)) {
+                if (!n) h->skipped = ev.position; /* nothing of ours waits to be sent */
+                continue;
+            }
             const char *rec;
             size_t rl;
             store_iter_record(it, &rec, &rl);
@@ -1143,7 +1156,10 @@ static int feed(projhost *h, uint64_t max_events, uint64_t until, tm_err *err) {
         if (rc == 0 && n) rc = send_batch(h, err);
         if (rc == 0 && h->uncommitted >= h->checkpoint_every)
             rc = projhost_checkpoint(h, err);
-        if (rc == PROJ_REPLAY) continue; /* rolled back to the checkpoint: re-feed */
+        if (rc == PROJ_REPLAY) { /* rolled back to the checkpoint: re-feed */
+            h->skipped = 0;
+            continue;
+        }
         return rc;
     }
 }

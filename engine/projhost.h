@@ -44,6 +44,7 @@
 
 #include "buf.h"
 #include "err.h"
+#include "event.h"
 #include "store.h"
 
 typedef struct projhost projhost;
@@ -64,6 +65,12 @@ typedef struct projhost_opts {
      * calls projhost_settle soon; it must not wait for the owner's locks. */
     void (*on_commit)(void *ud);
     void *on_commit_ud;
+    /* Feed only the events `owns` returns 1 for (one shard of a version
+     * built on several workers; the others are read and skipped); NULL =
+     * every event.  The position then covers the events fed: a shard's
+     * checkpoint is at its own last event. */
+    int (*owns)(void *ud, const tm_event *ev);
+    void *owns_ud;
 } projhost_opts;
 
 typedef enum projhost_state {
@@ -76,6 +83,8 @@ typedef struct projhost_status {
     uint64_t checkpoint_position; /* position of the last committed checkpoint */
     uint64_t checkpoint_every;    /* the script's options; 0 = not set */
     uint64_t checkpoint_ms;
+    int partitioned;              /* the script has a partition function */
+    int dead_letter;              /* on_error = "dead_letter" */
     uint64_t fault_position;
     char fault_type[257];
     char message[512];

@@ -54,12 +54,14 @@
 #include "mp.h"
 #include "proj.h"
 #include "projhost.h"
+#include "replay.h"
 
 #define NAME_MAX_LEN 128
 #define PUB_STATE_MAX (64u << 10)   /* larger states are not pushed live */
 #define PROJMGR_CHECKPOINT_MS 100   /* default checkpoint interval (continuous mode) */
 #define FEED_CHUNK 20000            /* events per feeding call: requests get the lock between */
 #define REBUILD_CHUNK 2000          /* events per call building a new version (quit seen between) */
+#define MAX_SHARDS 64               /* worker processes building one version */
 
 typedef enum pstatus { PS_RUNNING, PS_FAULTED, PS_STOPPED } pstatus;
 
@@ -135,7 +137,24 @@ typedef struct rebuild {
     uint64_t position;        /* e->smu */
     double rate, rate_t;
     uint64_t rate_pos;
+    /* built on several workers (nsh > 1; see "Sharded builds") */
+    unsigned nsh;             /* e->smu once the thread has planned; 1 = rb->ph alone */
+    replay_router *rt;
+    struct shard *shs;
+    int sh_failed;            /* atomic: some shard stopped */
 } rebuild;
+
+/* One worker process of a sharded build: the partitions whose guessed key
+ * routes to idx (replay_router_shard), under proj/NAME@VERSION~idx/. */
+typedef struct shard {
+    rebuild *rb;
+    unsigned idx;
+    projhost *ph;
+    pthread_t th;
+    uint64_t position;        /* e->smu: every event up to here read (fed or not ours) */
+    int failed;
+    tm_err err;
+} shard;
 
 struct projmgr {
     store *s;
@@ -858,6 +877,7 @@ static int staging_delete(projmgr *m, const char *name, tm_err *err) {
     buf_printf(&k, "proj/%s@", name);
     int rc = store_kv_delete_prefix(m->s, k.ptr, k.len, err);
     buf_free(&k);
+    if (rc == 0) rc = kv_put1(m, "n", name, NULL, 0, err); /* the staged shard count */
     return rc;
 }
 
@@ -1008,12 +1028,366 @@ static int rebuild_swap(rebuild *rb) {
     return 0;
 }
 
+/* ------------------------------------------------------------ sharded builds
+ *
+ * A new version whose partition form the router recognises (replay.h,
+ * replay_router_new) is built by one worker process per core instead of
+ * one: shard i feeds only the events whose guessed partition key routes to
+ * it (projhost_opts.owns), keeps its states under proj/NAME@VERSION~i/ and
+ * checkpoints on its own (its checkpoint is at its own last event, so a
+ * restart resumes each shard where it was; the staged shard count,
+ * projmgr/n/NAME, must match or the build starts over).  Each shard has
+ * its own feeding thread, so the Lua of the shards runs on every core.
+ * The swap brings every shard to the same position L, checks that every
+ * stored partition key belongs to the shard holding it (the router's guess
+ * held), and in one batch moves every shard's states to proj/NAME/ with
+ * one checkpoint at L; a fresh worker then serves proj/NAME/ (its states
+ * load from the store as they are asked for).  A fault in a shard, a
+ * wrong guess, or a script that turns out unpartitioned, is not trusted:
+ * the version is built again on one worker, which reports a real fault as
+ * an unsharded build would. */
+
+static int shard_owns(void *ud, const tm_event *ev) {
+    shard *sh = ud;
+    return replay_router_shard(sh->rb->rt, ev, sh->rb->nsh) == sh->idx;
+}
+
+/* Workers to build rb's version on. */
+static unsigned shards_planned(rebuild *rb) {
+    projmgr *m = rb->e->m;
+    unsigned n = m->o.rebuild_workers ? m->o.rebuild_workers : tm_cores();
+    if (n > MAX_SHARDS) n = MAX_SHARDS;
+    if (n < 2 || rb->emit_mode) return 1;
+    if (!rb->rt) rb->rt = replay_router_new(rb->source, rb->srclen);
+    return rb->rt ? n : 1;
+}
+
+/* Keep a staged build only if it was split the same way; record n. */
+static int shards_prepare(rebuild *rb, unsigned n, tm_err *err) {
+    pentry *e = rb->e;
+    buf k = BUF_INIT;
+    key_of(&k, "n", e->name);
+    char *v = NULL;
+    size_t vl = 0;
+    int rc = store_kv_get(e->m->s, k.ptr, k.len, &v, &vl, err);
+    buf_free(&k);
+    if (rc < 0) return -1;
+    unsigned was = 1;
+    if (rc == 1 && vl > 0 && vl < 8) {
+        char num[8];
+        memcpy(num, v, vl);
+        num[vl] = 0;
+        was = (unsigned)atoi(num);
+    }
+    free(v);
+    if (was != n && staging_delete(e->m, e->name, err) < 0) return -1;
+    char num[16];
+    snprintf(num, sizeof num, "%u", n);
+    if (n > 1 && kv_put1(e->m, "n", e->name, num, strlen(num), err) < 0) return -1;
+    pthread_mutex_lock(&e->smu);
+    rb->nsh = n;
+    pthread_mutex_unlock(&e->smu);
+    return 0;
+}
+
+static void shards_free(rebuild *rb) {
+    for (unsigned i = 0; rb->shs && i < rb->nsh; i++)
+        if (rb->shs[i].ph) projhost_free(rb->shs[i].ph);
+    free(rb->shs);
+    rb->shs = NULL;
+}
+
+/* The build's progress: the slowest shard's position (e->smu held). */
+static void shards_progress(rebuild *rb) {
+    uint64_t p = UINT64_MAX;
+    for (unsigned i = 0; i < rb->nsh; i++)
+        if (rb->shs[i].position < p) p = rb->shs[i].position;
+    double now = now_s();
+    if (p != UINT64_MAX && p > rb->position) rb->position = p;
+    if (rb->rate_t == 0) {
+        rb->rate_t = now;
+        rb->rate_pos = rb->position;
+    } else if (now - rb->rate_t >= 0.5) {
+        rb->rate = (double)(rb->position - rb->rate_pos) / (now - rb->rate_t);
+        rb->rate_t = now;
+        rb->rate_pos = rb->position;
+    }
+}
+
+static void shard_fail(shard *sh) {
+    sh->failed = 1;
+    __atomic_store_n(&sh->rb->sh_failed, 1, __ATOMIC_RELEASE);
+}
+
+/* Feed one shard until it has caught up with the log once (or quit, or
+ * another shard stopped), checkpointing every second. */
+static void *shard_main(void *arg) {
+    shard *sh = arg;
+    rebuild *rb = sh->rb;
+    pentry *e = rb->e;
+    double last_cp = now_s();
+    while (!rb_quit(rb) && !__atomic_load_n(&rb->sh_failed, __ATOMIC_ACQUIRE)) {
+        uint64_t last = store_last_position(e->m->s);
+        int rc = projhost_feed(sh->ph, REBUILD_CHUNK, &sh->err);
+        if (rc < 0) {
+            shard_fail(sh);
+            break;
+        }
+        pthread_mutex_lock(&e->smu);
+        uint64_t p = projhost_get_status(sh->ph)->position;
+        sh->position = rc == 0 && last > p ? last : p;
+        shards_progress(rb);
+        pthread_mutex_unlock(&e->smu);
+        if (rc == 0) break;
+        if (now_s() - last_cp >= 1.0) {
+            if (projhost_checkpoint(sh->ph, &sh->err) != 0) {
+                shard_fail(sh);
+                break;
+            }
+            last_cp = now_s();
+        }
+    }
+    return NULL;
+}
+
+/* Checkpoint every shard (to resume later) and stop them. */
+static void shards_park(rebuild *rb) {
+    tm_err err;
+    for (unsigned i = 0; i < rb->nsh; i++) {
+        err_clear(&err);
+        if (rb->shs[i].ph) projhost_checkpoint(rb->shs[i].ph, &err);
+    }
+    shards_free(rb);
+}
+
+/* Move shard i's staged keys into b (proj/NAME/...), adding its states'
+ * routing check.  0, 1 (a key that shard does not own: the guess failed),
+ * -1 with err. */
+static int shard_move(rebuild *rb, unsigned i, const buf *live, store_batch *b, tm_err *err) {
+    projmgr *m = rb->e->m;
+    buf stage = BUF_INIT, key = BUF_INIT;
+    buf_printf(&stage, "proj/%s~%u/", rb->store_name, i);
+    store_kv_iter *it = store_kv_scan(m->s, stage.ptr, stage.len, NULL, 0, err);
+    const char *k, *v;
+    size_t kl, vl;
+    int r = 0, rc = it ? 0 : -1;
+    while (rc == 0 && (r = store_kv_next(it, &k, &kl, &v, &vl, err)) == 1) {
+        const char *rest = k + stage.len;
+        size_t rl = kl - stage.len;
+        store_batch_del(b, k, kl);
+        if (rl == 2 && !memcmp(rest, "cp", 2)) continue; /* one checkpoint for all, below */
+        if (rl >= 2 && !memcmp(rest, "s/", 2) && replay_shard(rest + 2, rl - 2, rb->nsh) != i) {
+            rc = 1;
+            break;
+        }
+        buf_reset(&key);
+        buf_append(&key, live->ptr, live->len);
+        buf_append(&key, rest, rl);
+        store_batch_put(b, key.ptr, key.len, v, vl);
+    }
+    if (rc == 0 && r < 0) rc = -1;
+    store_kv_iter_free(it);
+    buf_free(&stage);
+    buf_free(&key);
+    return rc;
+}
+
+/* The entry takes the built version (e->mu held, the stored switch done):
+ * its source, and a fresh worker on proj/NAME/. */
+static void shards_install(rebuild *rb, uint64_t L) {
+    pentry *e = rb->e;
+    projhost *old = e->ph;
+    e->ph = NULL;
+    free(e->source);
+    e->source = rb->source;
+    e->srclen = rb->srclen;
+    e->version = rb->version;
+    rb->source = NULL;
+    free(e->file);
+    e->file = rb->file;
+    rb->file = NULL;
+    e->from_api = rb->from_api;
+    e->big_state = 0;
+    e->dirty_since = 0;
+    tm_err err;
+    err_clear(&err);
+    entry_launch(e, &err);
+    pthread_mutex_lock(&e->smu);
+    if (e->position < L) e->position = L;
+    e->has_rb_error = 0;
+    rb->swapped = 1;
+    pthread_mutex_unlock(&e->smu);
+    if (old) projhost_free(old); /* not checkpointed again: its keys are gone */
+}
+
+/* rebuild_swap for a sharded build.  0 swapped, 1 build again on one
+ * worker, 2 quit asked, -1 failed (rb_fail called). */
+static int shards_swap(rebuild *rb) {
+    pentry *e = rb->e;
+    projmgr *m = e->m;
+    tm_err err;
+    err_clear(&err);
+    pthread_mutex_lock(&e->mu);
+    if (rb_quit(rb)) {
+        pthread_mutex_unlock(&e->mu);
+        return 2;
+    }
+    uint64_t L = store_last_position(m->s);
+    projhost *old = e->ph;
+    if (old && projhost_get_status(old)->state == PROJHOST_RUNNING) {
+        if (projhost_feed_until(old, L, &err) == 0) entry_checkpoint(e, &err);
+        sync_status(e);
+    }
+    uint64_t events = 0;
+    for (unsigned i = 0; i < rb->nsh; i++) {
+        projhost *ph = rb->shs[i].ph;
+        if (projhost_feed_until(ph, L, &err) != 0 || projhost_checkpoint(ph, &err) != 0) {
+            pthread_mutex_unlock(&e->mu);
+            return projhost_get_status(ph)->state == PROJHOST_RUNNING ? (rb_fail_ph(rb, &err), -1)
+                                                                       : 1;
+        }
+        events += projhost_get_status(ph)->events;
+    }
+    store_batch *b = store_batch_new();
+    buf live = BUF_INIT, val = BUF_INIT, key = BUF_INIT;
+    buf_printf(&live, "proj/%s/", e->name);
+    const char *k, *v;
+    size_t kl, vl;
+    int r = 0, rc = 0;
+    store_kv_iter *it = store_kv_scan(m->s, live.ptr, live.len, NULL, 0, &err);
+    if (!it) rc = -1;
+    while (it && (r = store_kv_next(it, &k, &kl, &v, &vl, &err)) == 1) store_batch_del(b, k, kl);
+    if (it && r < 0) rc = -1;
+    store_kv_iter_free(it);
+    for (unsigned i = 0; rc == 0 && i < rb->nsh; i++) rc = shard_move(rb, i, &live, b, &err);
+    if (rc == 0) { /* the checkpoint of the whole model, as proj.c writes it */
+        msgpack_packer pk;
+        msgpack_packer_init(&pk, &val, wr);
+        msgpack_pack_map(&pk, 3);
+        pk_cstr(&pk, "dead_letters");
+        msgpack_pack_uint64(&pk, 0);
+        pk_cstr(&pk, "events");
+        msgpack_pack_uint64(&pk, events);
+        pk_cstr(&pk, "position");
+        msgpack_pack_uint64(&pk, L);
+        buf_reset(&key);
+        buf_printf(&key, "proj/%s/cp", e->name);
+        store_batch_put(b, key.ptr, key.len, val.ptr, val.len);
+        char hex[17];
+        snprintf(hex, sizeof hex, "%016llx", (unsigned long long)rb->version);
+        key_of(&key, "v", e->name);
+        store_batch_put(b, key.ptr, key.len, hex, 16);
+        key_of(&key, "s", e->name);
+        store_batch_del(b, key.ptr, key.len);
+        key_of(&key, "n", e->name);
+        store_batch_del(b, key.ptr, key.len);
+        if (store_batch_commit(m->s, b, &err) < 0) rc = -1;
+    }
+    store_batch_free(b);
+    buf_free(&live);
+    buf_free(&val);
+    buf_free(&key);
+    if (rc != 0) {
+        pthread_mutex_unlock(&e->mu);
+        if (rc < 0) rb_fail(rb, "", 0, err.msg);
+        return rc < 0 ? -1 : 1;
+    }
+    shards_install(rb, L);
+    pthread_mutex_unlock(&e->mu);
+    logf_("info", "msg=\"projection version swapped in\" name=%s version=%016llx position=%llu "
+          "workers=%u", e->name, (unsigned long long)rb->version, (unsigned long long)L, rb->nsh);
+    return 0;
+}
+
+/* Build rb's version on rb->nsh workers.  0 done (swapped, failed or
+ * quit), 1 build it again on one worker. */
+static int rebuild_sharded(rebuild *rb) {
+    pentry *e = rb->e;
+    projmgr *m = e->m;
+    tm_err err;
+    err_clear(&err);
+    rb->shs = calloc(rb->nsh, sizeof *rb->shs);
+    if (!rb->shs) tm_oom();
+    for (unsigned i = 0; i < rb->nsh; i++) {
+        shard *sh = &rb->shs[i];
+        sh->rb = rb;
+        sh->idx = i;
+        char sn[NAME_MAX_LEN + 40];
+        snprintf(sn, sizeof sn, "%s~%u", rb->store_name, i);
+        projhost_opts ho = {.memory_limit = m->o.memory_limit, .cpu_limit = m->o.cpu_limit,
+                            .exe = m->exe, .store_name = sn, .suppress_emits = 1,
+                            .owns = shard_owns, .owns_ud = sh};
+        sh->ph = projhost_start(m->s, e->name, rb->source, rb->srclen, rb->file, &ho, &err);
+        if (!sh->ph) {
+            shards_free(rb);
+            rb_fail(rb, "", 0, err.msg);
+            return 0;
+        }
+        sh->position = projhost_get_status(sh->ph)->position;
+    }
+    const projhost_status *st0 = projhost_get_status(rb->shs[0].ph);
+    if (!st0->partitioned || st0->dead_letter) {
+        shards_free(rb);
+        return 1;
+    }
+    uint64_t from = UINT64_MAX;
+    for (unsigned i = 0; i < rb->nsh; i++)
+        if (rb->shs[i].position < from) from = rb->shs[i].position;
+    logf_("info", "msg=\"projection version building\" name=%s version=%016llx workers=%u "
+          "from=%llu", e->name, (unsigned long long)rb->version, rb->nsh,
+          (unsigned long long)from);
+    for (;;) {
+        for (unsigned i = 1; i < rb->nsh; i++)
+            tm_thread(&rb->shs[i].th, shard_main, &rb->shs[i], "projection rebuild shard");
+        shard_main(&rb->shs[0]);
+        for (unsigned i = 1; i < rb->nsh; i++) pthread_join(rb->shs[i].th, NULL);
+        if (rb_quit(rb)) {
+            shards_park(rb);
+            return 0;
+        }
+        if (rb->sh_failed) { /* confirmed (or not) by a build on one worker */
+            for (unsigned i = 0; i < rb->nsh; i++)
+                if (rb->shs[i].failed) {
+                    char q[600];
+                    logf_("info", "msg=\"projection rebuild shard stopped; building on one "
+                          "worker\" name=%s error=\"%s\"", e->name,
+                          logq(q, sizeof q, rb->shs[i].err.msg));
+                    break;
+                }
+            shards_free(rb);
+            return 1;
+        }
+        int rc = shards_swap(rb);
+        if (rc == 2) continue; /* quit asked: parked above */
+        if (rc == 1) {
+            logf_("info", "msg=\"projection rebuild: the router's guess did not hold; building "
+                  "on one worker\" name=%s", e->name);
+            shards_free(rb);
+            return 1;
+        }
+        shards_free(rb);
+        return 0;
+    }
+}
+
 static void *rebuild_main(void *arg) {
     rebuild *rb = arg;
     pentry *e = rb->e;
     projmgr *m = e->m;
     tm_err err;
     err_clear(&err);
+    unsigned nsh = shards_planned(rb);
+    if (shards_prepare(rb, nsh, &err) < 0) {
+        rb_fail(rb, "", 0, err.msg);
+        goto out;
+    }
+    if (nsh > 1) {
+        if (rebuild_sharded(rb) == 0) goto out;
+        if (shards_prepare(rb, 1, &err) < 0) { /* drops the shards' keys */
+            rb_fail(rb, "", 0, err.msg);
+            goto out;
+        }
+    }
     projhost_opts ho = {.memory_limit = m->o.memory_limit, .cpu_limit = m->o.cpu_limit,
                         .exe = m->exe, .store_name = rb->store_name,
                         .suppress_emits = !rb->emit_mode,
@@ -1137,6 +1511,7 @@ static int rebuild_stop(pentry *e, char **src, size_t *len, char **file, int *fr
     }
     free(rb->source);
     free(rb->file);
+    replay_router_free(rb->rt);
     free(rb);
     return pending;
 }
@@ -1169,10 +1544,10 @@ static void rebuild_json(pentry *e, uint64_t last, buf *out) {
     buf_puts(out, ",\"rebuilding\":");
     if (rb && !rb->done && !rb->swapped) {
         buf_printf(out, "{\"version\":\"%016llx\",\"position\":%llu,\"lag\":%llu,"
-                   "\"events_per_second\":%.1f}",
+                   "\"events_per_second\":%.1f,\"workers\":%u}",
                    (unsigned long long)rb->version, (unsigned long long)rb->position,
                    (unsigned long long)(last > rb->position ? last - rb->position : 0),
-                   now_s() - rb->rate_t > 2.5 ? 0.0 : rb->rate);
+                   now_s() - rb->rate_t > 2.5 ? 0.0 : rb->rate, rb->nsh ? rb->nsh : 1);
     } else {
         buf_puts(out, "null");
     }

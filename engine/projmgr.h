@@ -62,6 +62,7 @@ typedef struct projmgr_opts {
     size_t memory_limit;      /* bytes per projection; 0 = default (256 MiB) */
     double cpu_limit;         /* CPU seconds per batch; 0 = 10 */
     unsigned publish_hz;      /* live updates per second per projection; 0 = 10 */
+    unsigned rebuild_workers; /* worker processes building a new version; 0 = cores */
     projmgr_publish_fn publish; /* NULL = no live updates */
     void *publish_ud;
 } projmgr_opts;

@@ -45,6 +45,16 @@ typedef enum route_kind {
     ROUTE_NONE, ROUTE_STREAM_EXACT, ROUTE_STREAM, ROUTE_CATEGORY, ROUTE_TYPE, ROUTE_DATA
 } route_kind;
 
+/* The partition form recognised in a source (replay_router_new). */
+struct replay_router {
+    route_kind route;
+    char path[MAX_PATH][64];
+    size_t pathlen[MAX_PATH];
+    unsigned npath;
+    int emit_mode;                 /* emit_during_rebuild = true */
+    int dead_letter;               /* on_error = "dead_letter" */
+};
+
 enum { CH_EVENTS, CH_BARRIER, CH_END };
 
 typedef struct chunk {
@@ -108,10 +118,7 @@ struct replay {
     size_t srclen;
     replay_opts o;
     proj *defp;                    /* definition only (from, flags), reader thread */
-    route_kind route;
-    char path[MAX_PATH][64];
-    size_t pathlen[MAX_PATH];
-    unsigned npath;
+    replay_router rt;              /* the partition form recognised in the source */
     int emit_mode;                 /* emit_during_rebuild = true (and persisting) */
     char desc[400];
     unsigned nw;
@@ -312,7 +319,7 @@ static int same(const tok *a, const tok *b) {
 }
 
 /* `partition = ...` at t[i]: set the route; 1 if recognised. */
-static int recognise(replay *r, const tok *t, size_t n, size_t i) {
+static int recognise(replay_router *r, const tok *t, size_t n, size_t i) {
     if (i + 2 >= n) return 0;
     const tok *v = &t[i + 2];
     if (v->kind == 's' && v->n == 6 && !memcmp(v->s, "stream", 6)) {
@@ -351,19 +358,37 @@ static int recognise(replay *r, const tok *t, size_t n, size_t i) {
     return 1;
 }
 
-static void scan_source(replay *r) {
+/* Recognise the partition form and the in-order options in src, read as
+ * tokens (nothing runs). */
+static void scan_source(replay_router *r, const char *src, size_t len) {
     tok *t;
-    size_t n = tokenize(r->src, r->srclen, &t);
+    size_t n = tokenize(src, len, &t);
     int found = 0;
     for (size_t i = 0; i + 1 < n; i++) {
         if (t[i + 1].kind != '=') continue;
         if (is_name(&t[i], "partition") && !found) found = recognise(r, t, n, i);
         if (is_name(&t[i], "emit_during_rebuild") && i + 2 < n && is_name(&t[i + 2], "true"))
             r->emit_mode = 1;
+        if (is_name(&t[i], "on_error") && i + 2 < n && t[i + 2].kind == 's' &&
+            t[i + 2].n == 11 && !memcmp(t[i + 2].s, "dead_letter", 11))
+            r->dead_letter = 1;
     }
     if (!found) r->route = ROUTE_NONE;
     free(t);
 }
+
+replay_router *replay_router_new(const char *src, size_t len) {
+    replay_router *r = calloc(1, sizeof *r);
+    if (!r) tm_oom();
+    scan_source(r, src, len);
+    if (r->route == ROUTE_NONE || r->emit_mode || r->dead_letter) {
+        free(r);
+        return NULL;
+    }
+    return r;
+}
+
+void replay_router_free(replay_router *r) { free(r); }
 
 /* ------------------------------------------------------------ routing key */
 
@@ -377,7 +402,7 @@ static int number_key(double k, char *out, size_t n) {
 
 /* The worker for ev: the owner of the guessed key, worker 0 when there is
  * no key (partition() returns nil or fails the same way anywhere). */
-static unsigned route(const replay *r, const tm_event *ev) {
+unsigned replay_router_shard(const replay_router *r, const tm_event *ev, unsigned n) {
     const char *k = NULL;
     size_t kl = 0;
     char num[40];
@@ -412,7 +437,11 @@ static unsigned route(const replay *r, const tm_event *ev) {
     }
     default: return 0;
     }
-    return shard_of(k, kl, r->nw);
+    return shard_of(k, kl, n);
+}
+
+static unsigned route(const replay *r, const tm_event *ev) {
+    return replay_router_shard(&r->rt, ev, r->nw);
 }
 
 /* ------------------------------------------------------------ worker backing (key remapping) */
@@ -529,13 +558,13 @@ static void describe(replay *r, const char *why) {
     static const char *names[] = {"", "stream", "stream", "category", "type", "data"};
     if (r->nw > 1) {
         char path[200] = "";
-        if (r->route == ROUTE_DATA) {
+        if (r->rt.route == ROUTE_DATA) {
             size_t o = 0;
-            for (unsigned i = 0; i < r->npath && o < sizeof path - 66; i++)
-                o += (size_t)snprintf(path + o, sizeof path - o, "%s%s", i ? "." : "", r->path[i]);
+            for (unsigned i = 0; i < r->rt.npath && o < sizeof path - 66; i++)
+                o += (size_t)snprintf(path + o, sizeof path - o, "%s%s", i ? "." : "", r->rt.path[i]);
         }
         snprintf(r->desc, sizeof r->desc, "%u workers, routed by %s", r->nw,
-                 r->route == ROUTE_DATA ? path : names[r->route]);
+                 r->rt.route == ROUTE_DATA ? path : names[r->rt.route]);
     } else {
         snprintf(r->desc, sizeof r->desc, "1 worker%s%s", why ? ": " : "", why ? why : "");
     }
@@ -644,15 +673,15 @@ replay *replay_new(store *s, const char *name, const char *src, size_t len,
         replay_free(r);
         return NULL;
     }
-    scan_source(r);
-    if (!r->o.persist) r->emit_mode = 0;
+    scan_source(&r->rt, src, len);
+    r->emit_mode = r->o.persist && r->rt.emit_mode;
     unsigned n = r->o.workers;
     if (n == 0) n = tm_cores();
     if (n > MAX_WORKERS) n = MAX_WORKERS;
     const char *why = NULL;
     if (!proj_partitioned(r->defp)) why = "the projection has no partition";
     else if (proj_dead_letter_mode(r->defp)) why = "on_error = \"dead_letter\" replays in order";
-    else if (r->route == ROUTE_NONE) why = "partition function not recognised by the router";
+    else if (r->rt.route == ROUTE_NONE) why = "partition function not recognised by the router";
     else if (n == 1) why = NULL;
     if (why) n = 1;
     r->nw = n;
@@ -1504,7 +1533,7 @@ int replay_run(replay *r, tm_err *err) {
                 buf_free(&bad);
                 return -1;
             }
-        } else if (r->route != ROUTE_STREAM_EXACT && any_fault(r)) {
+        } else if (r->rt.route != ROUTE_STREAM_EXACT && any_fault(r)) {
             ok = 0;
             buf_puts(&bad, "(a fault under a guessed route)");
         }

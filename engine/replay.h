@@ -128,4 +128,18 @@ int replay_query(replay *r, const char *name, const char *args, size_t alen, buf
 /* The worker owning a partition key among n (exposed for tests). */
 unsigned replay_shard(const char *key, size_t len, unsigned n);
 
+/* ---- the router alone (the server's version builds split by it too) ----
+ * The partition form recognised in a projection's source, read as tokens
+ * (nothing runs): NULL when partition is not a form the router knows, or
+ * when the script needs its events in one order (on_error =
+ * "dead_letter") or emits while rebuilding (emit_during_rebuild = true).
+ * A guess: the owner of every stored key must be checked afterwards
+ * (replay_shard of the key). */
+typedef struct replay_router replay_router;
+replay_router *replay_router_new(const char *src, size_t len);
+/* The worker among n that the guessed partition key of ev belongs to
+ * (worker 0 when the event has no such key). */
+unsigned replay_router_shard(const replay_router *rt, const tm_event *ev, unsigned n);
+void replay_router_free(replay_router *rt);
+
 #endif

@@ -305,3 +305,157 @@ def test_put_while_building_cancels_or_replaces_the_build(tmp_path):
         s.stop()
         s.close()
     assert s.stderr().count("projection version swapped in") == 1
+
+
+# Partitioned versions: built on several worker processes, split by the
+# router's partition key (projmgr.c, "sharded builds").
+P1 = """
+return { from = "all", partition = function(e) return e.data.c end,
+  init = function() return { v = 1, n = 0 } end,
+  on = { Tick = function(s, e) s.n = s.n + 1 end } }
+"""
+P2 = """
+return { from = "all", partition = function(e) return e.data.c end,
+  init = function() return { v = 2, n = 0, sum = 0 } end,
+  on = { Tick = function(s, e)
+    local x = 0
+    for j = 1, 4000 do x = x + (j % 7) end
+    s.n = s.n + 1
+    s.sum = s.sum + e.data.i + (x - x)
+  end } }
+"""
+P2_BAD = P2.replace("s.n = s.n + 1\n", "if e.data.i == 777 then error('bad tick ' .. e.data.i) end\n    s.n = s.n + 1\n", 1)
+
+
+def cticks(h, start, n, stream="tick-1"):
+    for a in range(start, start + n, 1000):
+        body = [{"type": "Tick", "data": {"i": i, "c": "c-%d" % (i % 37)}}
+                for i in range(a, min(a + 1000, start + n))]
+        r = h.append(stream, body)
+        assert r.status == 201, r
+
+
+def test_sharded_swap_under_live_appends_equals_project(tmp_path):
+    data = str(tmp_path / "data")
+    s = start_server(data, "--rebuild-workers", "2", log_dir=str(tmp_path))
+    try:
+        h = s.http()
+        cticks(h, 0, 20000)
+        v1 = put(h, P1)["version"]
+        settled(h, v1)
+        stop = threading.Event()
+        seen, problems = [], []
+
+        def reader():
+            q = s.http()
+            while not stop.is_set():
+                r = q.get("/projections/p/state/c-7")
+                if r.status != 200:
+                    problems.append(r)
+                    continue
+                seen.append(r.json())
+
+        def writer():
+            w = s.http()
+            i = 20000
+            while not stop.is_set():
+                cticks(w, i, 50)
+                i += 50
+                time.sleep(0.01)
+
+        threads = [threading.Thread(target=reader), threading.Thread(target=writer)]
+        for t in threads:
+            t.start()
+        try:
+            st = put(h, P2)
+            assert st["version"] == v1 and st["rebuilding"] is not None, st
+            v2 = st["rebuilding"]["version"]
+            mid = wait_until(lambda: (lambda x: x["rebuilding"] and x["rebuilding"]["position"] > 0
+                                      and x)(status(h)), what="rebuild progress")
+            assert mid["rebuilding"]["workers"] == 2, mid
+            wait_until(lambda: status(h)["version"] == v2, what="swap")
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not problems, problems[:3]
+        vs = [x["v"] for x in seen]
+        assert vs[0] == 1 and vs[-1] == 2 and vs == sorted(vs), "version went back"
+        ns = [x["n"] for x in seen]
+        assert all(b >= a for a, b in zip(ns, ns[1:])), "a query saw a reset partition"
+        settled(h, v2)
+        served = state(h)
+        assert len(served) == 37
+        # after the swap one worker serves the merged model and follows the log
+        cticks(h, 900000, 37)
+        settled(h, v2)
+        assert state(h)["c-7"]["n"] == served["c-7"]["n"] + 1
+        served = state(h)
+    finally:
+        s.stop()
+        s.close()
+    path = str(tmp_path / "p2.lua")
+    with open(path, "w") as f:
+        f.write(P2)
+    assert served == project(data, path)
+    log = s.stderr()
+    assert "workers=2" in log and "projection version swapped in" in log
+
+
+def test_sharded_fault_is_confirmed_on_one_worker(tmp_path):
+    data = str(tmp_path / "data")
+    s = start_server(data, "--rebuild-workers", "2", log_dir=str(tmp_path))
+    try:
+        h = s.http()
+        cticks(h, 0, 2000)
+        v1 = put(h, P1)["version"]
+        settled(h, v1)
+        put(h, P2_BAD)
+        st = wait_until(lambda: (lambda x: x["rebuild_error"] and x)(status(h)),
+                        what="rebuild_error")
+        assert st["version"] == v1 and st["status"] == "running" and st["rebuilding"] is None
+        err = st["rebuild_error"]
+        assert "bad tick 777" in err["message"] and err["type"] == "Tick", err
+        assert err["position"] == 778
+        assert state(h)["c-7"] == {"v": 1, "n": len(range(7, 2000, 37))}
+        v2 = put(h, P2)["rebuilding"]["version"]
+        settled(h, v2)
+        assert status(h)["rebuild_error"] is None and state(h)["c-7"]["v"] == 2
+    finally:
+        s.stop()
+        s.close()
+    assert "building on one worker" in s.stderr()
+
+
+def test_sharded_restart_mid_rebuild_resumes_each_shard(tmp_path):
+    data = str(tmp_path / "data")
+    s = start_server(data, "--rebuild-workers", "2", log_dir=str(tmp_path))
+    try:
+        h = s.http()
+        cticks(h, 0, 60000)
+        v1 = put(h, P1)["version"]
+        settled(h, v1)
+        v2 = put(h, P2)["rebuilding"]["version"]
+        wait_until(lambda: (lambda x: x["rebuilding"] and x["rebuilding"]["position"] > 8000
+                            and x)(status(h)), what="rebuild progress")
+    finally:
+        assert s.stop() == 0
+        s.close()
+    s = start_server(data, "--rebuild-workers", "2", log_dir=str(tmp_path))
+    try:
+        h = s.http()
+        first = status(h)
+        assert first["version"] == v1 and first["rebuilding"]["version"] == v2, first
+        settled(h, v2)
+        served = state(h)
+    finally:
+        s.stop()
+        s.close()
+    path = str(tmp_path / "p2.lua")
+    with open(path, "w") as f:
+        f.write(P2)
+    assert served == project(data, path)
+    starts = [int(l.rsplit("from=", 1)[1]) for l in s.stderr().splitlines()
+              if "projection version building" in l]
+    assert len(starts) == 1 and starts[0] > 5000, starts

@@ -111,6 +111,8 @@ struct proj {
     /* faults */
     int faulted;
     int one_shot;               /* proj_set_one_shot: no dirty set, no checkpoints */
+    int none_stored;            /* no checkpoint at the start and no rollback since: a
+                                   partition not in memory is not in the store either */
     proj_fault fault;
     dead_letter *dls;
     size_t ndl, capdl;
@@ -231,6 +233,7 @@ static int c_load(lua_State *L) {
         return 1;
     }
     if (!(p->o.backing && p->o.backing->get) && !p->o.st) return 0; /* nothing stored */
+    if (p->none_stored) return 0; /* a build from zero: every state it stored is in memory */
     buf key = BUF_INIT;
     key_of(&key, p, "s/", k, kl);
     char *v = NULL;
@@ -778,6 +781,7 @@ static int is_dead_letter(const proj *p, uint64_t pos) {
 
 /* Discard every effect since the last checkpoint. */
 static void rollback(proj *p) {
+    p->none_stored = 0; /* states dropped here may be in the store */
     rt_get(p, "rollback");
     lua_call(p->L, 0, 0);
     p->position = p->cp_position;
@@ -1193,6 +1197,7 @@ int proj_restore(proj *p, tm_err *err) {
     size_t vl = 0;
     int rc = b_get(p, key.ptr, key.len, &v, &vl, err);
     buf_free(&key);
+    if (rc == 0) p->none_stored = 1; /* never checkpointed: nothing of it is stored */
     if (rc <= 0) return rc;
     const char *val;
     size_t len;

@@ -22,6 +22,10 @@ On BENCH_REPLAY_EVENTS generated events (about 100 bytes each; default
                   the benchmark harness) when present, else SKIPPED.
   replay_rss      peak resident memory of tidemark replay (every core) with
                   BENCH_REPLAY_PARTITIONS partitions; need <= 1024 MiB.
+  rebuild_scaling information: the server's build of a changed projection's
+                  new version (PUT, then wait for the swap) with
+                  --rebuild-workers 2 vs 1, on BENCH_REBUILD_EVENTS events
+                  (default 2,000,000) over a tenth as many partitions.
 
 Each prints "name  ours ..  limit ..  ratio ..  need ..  PASS|FAIL|SKIPPED".
 BENCH_REPEAT (default 3 here: best of) applies to the timed sides.
@@ -39,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-NAMES = ["replay_scaling", "replay_pair", "replay_vs_pg", "replay_rss"]
+NAMES = ["replay_scaling", "replay_pair", "replay_vs_pg", "replay_rss", "rebuild_scaling"]
 
 EXAMPLE = """
 return {
@@ -76,6 +80,7 @@ CORES = os.cpu_count() or 1
 # 1M partitions of the example needs ~300 MiB, past the 256 MiB default,
 # and a cap close to the live size makes the GC thrash.  Both sides get it.
 MEM_MB = env_int("BENCH_REPLAY_MEMORY_MB", 1024)
+REBUILD_EVENTS = env_int("BENCH_REBUILD_EVENTS", 2000000)
 
 
 class Skip(Exception):
@@ -285,10 +290,66 @@ class Bench:
         self.report("replay_rss", rss, 1024.0, 1.0, "PASS" if rss <= 1024 else "FAIL", note,
                     unit="MiB", lower=True)
 
+    def server_rebuild(self, store, workers):
+        """Seconds from the PUT of the example projection (over a trivial first
+        version) to its swap, in a server on a copy of store."""
+        import urllib.request
+        d = os.path.join(self.tmp, "rebuild-run")
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(store, d)
+        quiesce()
+        p = subprocess.Popen([TIDEMARK, "serve", "--data", d, "--port", "0",
+                              "--rebuild-workers", str(workers),
+                              "--projection-memory-limit", str(MEM_MB)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            line = p.stdout.readline()
+            if not line.startswith("ready port="):
+                raise RuntimeError("the server did not start")
+            base = "http://127.0.0.1:%d/projections/ex" % int(line.split("=")[1])
+
+            def call(method, body=None):
+                r = urllib.request.Request(base, data=body.encode() if body else None,
+                                           method=method)
+                with urllib.request.urlopen(r, timeout=600) as f:
+                    return json.loads(f.read())
+            call("PUT", 'return { from = { stream = "none-0" }, on = { X = function() end } }')
+            t0 = time.monotonic()
+            v2 = call("PUT", EXAMPLE)["rebuilding"]["version"]
+            while call("GET")["version"] != v2:
+                if time.monotonic() - t0 > 600:
+                    raise RuntimeError("the new version was not swapped in within 600 s")
+                time.sleep(0.02)
+            return time.monotonic() - t0
+        finally:
+            p.terminate()
+            p.wait()
+            shutil.rmtree(d, ignore_errors=True)
+
+    def rebuild(self):
+        d = os.path.join(self.tmp, "rebuild-store")
+        jsonl, pgcopy = d + ".jsonl", d + ".pgcopy"
+        generate(REBUILD_EVENTS, max(1, REBUILD_EVENTS // 10), jsonl, pgcopy)
+        subprocess.run([TIDEMARK, "import", "--data", d, "--durability", "lose-on-os-crash",
+                        "--quiet", jsonl], check=True, stderr=subprocess.DEVNULL)
+        os.unlink(jsonl)
+        os.unlink(pgcopy)
+        try:
+            ones, twos = [], []
+            for _ in range(REPEAT):  # alternating (see scaling)
+                ones.append(self.server_rebuild(d, 1))
+                twos.append(self.server_rebuild(d, 2))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        r1, r2 = REBUILD_EVENTS / min(ones), REBUILD_EVENTS / min(twos)
+        note = ("PUT to swap, %d events over %d partitions: 1 worker %.2f s, 2 workers %.2f s"
+                % (REBUILD_EVENTS, max(1, REBUILD_EVENTS // 10), min(ones), min(twos)))
+        self.report("rebuild_scaling", r2, r1, None, "INFO", note)
+
     def run(self, only=()):
         for name, fn in (("replay_scaling", self.scaling), ("replay_pair", self.pair),
                          ("replay_vs_pg", self.vs_pg),
-                         ("replay_rss", self.rss)):
+                         ("replay_rss", self.rss), ("rebuild_scaling", self.rebuild)):
             if only and name not in only and "replay" not in only:
                 continue
             print("\n== %s" % name)

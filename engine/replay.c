@@ -402,7 +402,7 @@ static int number_key(double k, char *out, size_t n) {
 
 /* The worker for ev: the owner of the guessed key, worker 0 when there is
  * no key (partition() returns nil or fails the same way anywhere). */
-unsigned replay_router_shard(const replay_router *r, const tm_event *ev, unsigned n) {
+static inline unsigned router_shard(const replay_router *r, const tm_event *ev, unsigned n) {
     const char *k = NULL;
     size_t kl = 0;
     char num[40];
@@ -440,9 +440,11 @@ unsigned replay_router_shard(const replay_router *r, const tm_event *ev, unsigne
     return shard_of(k, kl, n);
 }
 
-static unsigned route(const replay *r, const tm_event *ev) {
-    return replay_router_shard(&r->rt, ev, r->nw);
+unsigned replay_router_shard(const replay_router *r, const tm_event *ev, unsigned n) {
+    return router_shard(r, ev, n);
 }
+
+static unsigned route(const replay *r, const tm_event *ev) { return router_shard(&r->rt, ev, r->nw); }
 
 /* ------------------------------------------------------------ worker backing (key remapping) */
 

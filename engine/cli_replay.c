@@ -31,6 +31,8 @@ static const char usage[] =
     "running the projection for its share of the partitions.  The result is the\n"
     "same, byte for byte, as `tidemark project` prints.\n"
     "NAME is a projection installed in the server with PUT (its stored source).\n"
+    "(A running server builds a changed projection's new version on every core\n"
+    "itself: PUT the new source; see `tidemark serve --help`, --rebuild-workers.)\n"
     "\n"
     "  --data DIR           the data directory\n"
     "  --workers N          parallel workers (default: the cores this process may\n"

@@ -1376,7 +1376,7 @@ static void *rebuild_main(void *arg) {
     projmgr *m = e->m;
     tm_err err;
     err_clear(&err);
-    unsigned nsh = shards_planned(rb);
+    unsigned nsh = rb->nsh; /* planned by rebuild_begin */
     if (shards_prepare(rb, nsh, &err) < 0) {
         rb_fail(rb, "", 0, err.msg);
         goto out;
@@ -1474,6 +1474,7 @@ static int rebuild_begin(pentry *e, const char *src, size_t len, const char *fil
     rb->emit_mode = wants_emits(src, len);
     snprintf(rb->store_name, sizeof rb->store_name, "%s@%016llx", e->name,
              (unsigned long long)rb->version);
+    rb->nsh = shards_planned(rb); /* the status shows it from the start */
     pthread_mutex_lock(&e->smu);
     e->rb = rb;
     e->has_rb_error = 0;
@@ -1692,6 +1693,22 @@ static int wanted_load(projmgr *m, wanted_list *l, tm_err *err) {
 /* The stored source of NAME's serving version when a new version
  * (`want`) was still building at the last stop: projmgr/s/NAME, kept only
  * while it built proj/NAME/ (its hash is projmgr/v/NAME).  NULL = none. */
+/* At start, no build to resume (pending_active found none): a build left
+ * staged by a stop (a rebuild of the serving source, say) is dropped.
+ * 0, -1 with err. */
+static int stale_build_drop(projmgr *m, const char *name, tm_err *err) {
+    buf k = BUF_INIT;
+    key_of(&k, "s", name);
+    char *v = NULL;
+    size_t vl = 0;
+    int rc = store_kv_get(m->s, k.ptr, k.len, &v, &vl, err);
+    free(v);
+    buf_free(&k);
+    if (rc <= 0) return rc;
+    if (kv_put1(m, "s", name, NULL, 0, err) < 0) return -1;
+    return staging_delete(m, name, err);
+}
+
 static char *pending_active(projmgr *m, const char *name, uint64_t want, size_t *len) {
     buf k = BUF_INIT;
     tm_err err;
@@ -1795,7 +1812,8 @@ static int apply_wanted(projmgr *m, tm_err *err) {
             free(active);
         } else if (w->stopped) {
             e->status = PS_STOPPED;
-        } else if (state_prepare(m, e->name, e->version, 0, &e2) < 0 || entry_launch(e, &e2) < 0) {
+        } else if (stale_build_drop(m, e->name, &e2) < 0 ||
+                   state_prepare(m, e->name, e->version, 0, &e2) < 0 || entry_launch(e, &e2) < 0) {
             char q[600];
             pthread_mutex_lock(&e->smu);
             e->status = PS_FAULTED;
@@ -2334,6 +2352,40 @@ static void route_put(projmgr *m, const char *name, const api_request *rq, api_r
 }
 
 /* start | stop | reset | delete (admin held). */
+/* POST .../rebuild (admin held; releases e): build the serving source
+ * again from position 0 as a new version beside the serving model (on
+ * every core when it splits), swapped in when caught up, as a PUT of a
+ * changed source is.  A build already under way (of this source or of a
+ * newer one) is kept; a projection that is not running is a 409. */
+static void route_rebuild(projmgr *m, pentry *e, api_reply *rp) {
+    tm_err err;
+    err_clear(&err);
+    pthread_mutex_lock(&e->smu);
+    int building = e->rb && !e->rb->done && !e->rb->swapped;
+    pthread_mutex_unlock(&e->smu);
+    if (!building) {
+        rebuild_stop(e, NULL, NULL, NULL, NULL); /* a finished one (swapped or failed) */
+        pthread_mutex_lock(&e->mu);
+        int running = e->ph && e->status == PS_RUNNING;
+        int rc = running ? rebuild_begin(e, e->source, e->srclen, e->file, e->from_api, 1, &err)
+                         : 0;
+        pthread_mutex_unlock(&e->mu);
+        if (!running) {
+            api_error(rp, 409, "projection %s is not running (start it first)", e->name);
+            entry_put(m, e);
+            return;
+        }
+        if (rc < 0) {
+            reply_err(rp, &err);
+            entry_put(m, e);
+            return;
+        }
+        logf_("info", "msg=\"projection command\" name=%s command=rebuild", e->name);
+    }
+    route_status(m, e, 200, rp);
+    entry_put(m, e);
+}
+
 static void route_command(projmgr *m, pentry *e, const char *cmd, api_reply *rp) {
     tm_err err;
     err_clear(&err);
@@ -2360,6 +2412,10 @@ static void route_command(projmgr *m, pentry *e, const char *cmd, api_reply *rp)
         buf_puts(&j, ",\"status\":\"deleted\"}");
         reply_json(rp, 200, &j);
         buf_free(&j);
+        return;
+    }
+    if (!strcmp(cmd, "rebuild")) {
+        route_rebuild(m, e, rp);
         return;
     }
     if (strcmp(cmd, "start")) rebuild_abandon(e); /* stop / reset: the new source in place */
@@ -2416,7 +2472,8 @@ static int command_of(const api_request *rq, char *out, size_t n, api_reply *rp)
 }
 
 static int is_command(const char *s) {
-    return !strcmp(s, "start") || !strcmp(s, "stop") || !strcmp(s, "reset") || !strcmp(s, "delete");
+    return !strcmp(s, "start") || !strcmp(s, "stop") || !strcmp(s, "reset") ||
+           !strcmp(s, "delete") || !strcmp(s, "rebuild");
 }
 
 #define MAX_SEGS 5
@@ -2482,7 +2539,8 @@ void projmgr_handle(projmgr *m, const api_request *rq, api_reply *rp) {
         if (!strcmp(what.ptr, "command")) {
             if (command_of(rq, cmd, sizeof cmd, rp) < 0) goto out;
             if (!is_command(cmd)) {
-                api_error(rp, 400, "unknown command '%s' (start, stop, reset, delete)", cmd);
+                api_error(rp, 400, "unknown command '%s' (start, stop, reset, rebuild, delete)",
+                          cmd);
                 goto out;
             }
         } else {

@@ -459,3 +459,45 @@ def test_sharded_restart_mid_rebuild_resumes_each_shard(tmp_path):
     starts = [int(l.rsplit("from=", 1)[1]) for l in s.stderr().splitlines()
               if "projection version building" in l]
     assert len(starts) == 1 and starts[0] > 5000, starts
+
+
+def test_rebuild_command_rebuilds_the_serving_source_beside_it(tmp_path):
+    """POST /projections/NAME/rebuild: the serving source is built again from
+    position 0 as a version beside the serving model (on two workers here)
+    and swapped in; a stopped projection answers 409."""
+    data = str(tmp_path / "data")
+    s = start_server(data, "--rebuild-workers", "2", log_dir=str(tmp_path))
+    try:
+        h = s.http()
+        cticks(h, 0, 30000)
+        v2 = put(h, P2)["version"]
+        before = settled(h, v2)
+        served = state(h)
+        r = h.request("POST", "/projections/p/rebuild")
+        assert r.status == 200, r
+        st = r.json()
+        assert st["version"] == v2 and st["rebuilding"]["version"] == v2, st
+        assert st["rebuilding"]["workers"] == 2, st
+        # the serving model answers throughout
+        assert state(h)["c-7"] == served["c-7"]
+        wait_until(lambda: status(h)["rebuilding"] is None, what="the rebuild's swap")
+        after = settled(h, v2)
+        assert after["rebuild_error"] is None
+        assert state(h) == served
+        assert after["checkpoint"] == 30000 and before["checkpoint"] == 30000
+        # a stopped projection is not rebuilt
+        assert h.request("POST", "/projections/p/stop").status == 200
+        r = h.request("POST", "/projections/p/rebuild")
+        assert r.status == 409 and "not running" in r.json()["error"], r
+        r = h.request("POST", "/projections/p/command", '{"command":"bogus"}')
+        assert r.status == 400 and "rebuild" in r.json()["error"], r
+    finally:
+        s.stop()
+        s.close()
+    path = str(tmp_path / "p2.lua")
+    with open(path, "w") as f:
+        f.write(P2)
+    assert served == project(data, path)
+    log = s.stderr()
+    assert "command=rebuild" in log and "workers=2" in log
+    assert log.count("projection version swapped in") == 1

@@ -920,6 +920,71 @@ static int rb_quit(rebuild *rb) {
     return q;
 }
 
+/* The start of a swap (rebuild thread): take e->mu, fix the swap position
+ * *L (the log's end) and bring the serving worker there, checkpointed (its
+ * emitted events up to L are appended).  0 (e->mu held), or 1: quit asked
+ * (e->mu not held). */
+static int swap_enter(rebuild *rb, uint64_t *L) {
+    pentry *e = rb->e;
+    tm_err err;
+    err_clear(&err);
+    pthread_mutex_lock(&e->mu);
+    if (rb_quit(rb)) {
+        pthread_mutex_unlock(&e->mu);
+        return 1;
+    }
+    *L = store_last_position(e->m->s);
+    projhost *old = e->ph;
+    if (old && projhost_get_status(old)->state == PROJHOST_RUNNING) {
+        if (projhost_feed_until(old, *L, &err) == 0) entry_checkpoint(e, &err);
+        sync_status(e);
+    }
+    return 0;
+}
+
+/* Into the swap's batch: delete every key under the serving model's
+ * prefix.  0, -1 with err. */
+static int swap_clear_live(projmgr *m, const buf *live, store_batch *b, tm_err *err) {
+    const char *k, *v;
+    size_t kl, vl;
+    int r = 0;
+    store_kv_iter *it = store_kv_scan(m->s, live->ptr, live->len, NULL, 0, err);
+    if (!it) return -1;
+    while ((r = store_kv_next(it, &k, &kl, &v, &vl, err)) == 1) store_batch_del(b, k, kl);
+    store_kv_iter_free(it);
+    return r < 0 ? -1 : 0;
+}
+
+/* Into the swap's batch: the new version's source hash, and no build
+ * pending (its source and shard count records dropped). */
+static void swap_records(rebuild *rb, store_batch *b, buf *key) {
+    char hex[17];
+    snprintf(hex, sizeof hex, "%016llx", (unsigned long long)rb->version);
+    key_of(key, "v", rb->e->name);
+    store_batch_put(b, key->ptr, key->len, hex, 16);
+    key_of(key, "s", rb->e->name);
+    store_batch_del(b, key->ptr, key->len);
+    key_of(key, "n", rb->e->name);
+    store_batch_del(b, key->ptr, key->len);
+}
+
+/* The entry takes the built version's source (e->mu held, the stored
+ * switch done). */
+static void swap_source(rebuild *rb) {
+    pentry *e = rb->e;
+    free(e->source);
+    e->source = rb->source;
+    e->srclen = rb->srclen;
+    e->version = rb->version;
+    rb->source = NULL;
+    free(e->file);
+    e->file = rb->file;
+    rb->file = NULL;
+    e->from_api = rb->from_api;
+    e->big_state = 0;
+    e->dirty_since = 0;
+}
+
 /* Make the caught-up new version the entry's (runs on the rebuild thread):
  * under e->mu, bring the old worker and the new one to the same position L
  * (the old one checkpointed: its emitted events up to L are appended), then
@@ -931,17 +996,9 @@ static int rebuild_swap(rebuild *rb) {
     projmgr *m = e->m;
     tm_err err;
     err_clear(&err);
-    pthread_mutex_lock(&e->mu);
-    if (rb_quit(rb)) {
-        pthread_mutex_unlock(&e->mu);
-        return 1;
-    }
-    uint64_t L = store_last_position(m->s);
+    uint64_t L;
+    if (swap_enter(rb, &L)) return 1;
     projhost *old = e->ph;
-    if (old && projhost_get_status(old)->state == PROJHOST_RUNNING) {
-        if (projhost_feed_until(old, L, &err) == 0) entry_checkpoint(e, &err);
-        sync_status(e);
-    }
     int rc;
     for (int i = 0; i < 100; i++) {
         if ((rc = projhost_feed_until(rb->ph, L, &err)) != 0) break;
@@ -960,11 +1017,8 @@ static int rebuild_swap(rebuild *rb) {
     const char *k, *v;
     size_t kl, vl;
     int r = 0;
-    store_kv_iter *it = store_kv_scan(m->s, live.ptr, live.len, NULL, 0, &err);
-    while (it && (r = store_kv_next(it, &k, &kl, &v, &vl, &err)) == 1) store_batch_del(b, k, kl);
-    int bad = !it || r < 0;
-    store_kv_iter_free(it);
-    it = bad ? NULL : store_kv_scan(m->s, stage.ptr, stage.len, NULL, 0, &err);
+    int bad = swap_clear_live(m, &live, b, &err) < 0;
+    store_kv_iter *it = bad ? NULL : store_kv_scan(m->s, stage.ptr, stage.len, NULL, 0, &err);
     while (it && (r = store_kv_next(it, &k, &kl, &v, &vl, &err)) == 1) {
         buf_reset(&key);
         buf_append(&key, live.ptr, live.len);
@@ -974,12 +1028,7 @@ static int rebuild_swap(rebuild *rb) {
     }
     bad = bad || !it || r < 0;
     store_kv_iter_free(it);
-    char hex[17];
-    snprintf(hex, sizeof hex, "%016llx", (unsigned long long)rb->version);
-    key_of(&key, "v", e->name);
-    store_batch_put(b, key.ptr, key.len, hex, 16);
-    key_of(&key, "s", e->name);
-    store_batch_del(b, key.ptr, key.len);
+    swap_records(rb, b, &key);
     if (!bad && store_batch_commit(m->s, b, &err) < 0) bad = 1;
     store_batch_free(b);
     buf_free(&live);
@@ -996,17 +1045,7 @@ static int rebuild_swap(rebuild *rb) {
     const projhost_status *st = projhost_get_status(rb->ph);
     e->ph = rb->ph;
     rb->ph = NULL;
-    free(e->source);
-    e->source = rb->source;
-    e->srclen = rb->srclen;
-    e->version = rb->version;
-    rb->source = NULL;
-    free(e->file);
-    e->file = rb->file;
-    rb->file = NULL;
-    e->from_api = rb->from_api;
-    e->big_state = 0;
-    e->dirty_since = 0;
+    swap_source(rb);
     pthread_mutex_lock(&e->smu);
     e->status = PS_RUNNING;
     clear_error(e);
@@ -1022,8 +1061,8 @@ static int rebuild_swap(rebuild *rb) {
     pthread_cond_broadcast(&m->wake_cv);
     pthread_mutex_unlock(&m->wake_mu);
     pthread_mutex_unlock(&e->mu);
-    logf_("info", "msg=\"projection version swapped in\" name=%s version=%s position=%llu",
-          e->name, hex, (unsigned long long)L);
+    logf_("info", "msg=\"projection version swapped in\" name=%s version=%016llx position=%llu",
+          e->name, (unsigned long long)e->version, (unsigned long long)L);
     projhost_free(old); /* not checkpointed again: its keys are gone */
     return 0;
 }
@@ -1198,17 +1237,7 @@ static void shards_install(rebuild *rb, uint64_t L) {
     pentry *e = rb->e;
     projhost *old = e->ph;
     e->ph = NULL;
-    free(e->source);
-    e->source = rb->source;
-    e->srclen = rb->srclen;
-    e->version = rb->version;
-    rb->source = NULL;
-    free(e->file);
-    e->file = rb->file;
-    rb->file = NULL;
-    e->from_api = rb->from_api;
-    e->big_state = 0;
-    e->dirty_since = 0;
+    swap_source(rb);
     tm_err err;
     err_clear(&err);
     entry_launch(e, &err);
@@ -1227,17 +1256,8 @@ static int shards_swap(rebuild *rb) {
     projmgr *m = e->m;
     tm_err err;
     err_clear(&err);
-    pthread_mutex_lock(&e->mu);
-    if (rb_quit(rb)) {
-        pthread_mutex_unlock(&e->mu);
-        return 2;
-    }
-    uint64_t L = store_last_position(m->s);
-    projhost *old = e->ph;
-    if (old && projhost_get_status(old)->state == PROJHOST_RUNNING) {
-        if (projhost_feed_until(old, L, &err) == 0) entry_checkpoint(e, &err);
-        sync_status(e);
-    }
+    uint64_t L;
+    if (swap_enter(rb, &L)) return 2;
     uint64_t events = 0;
     for (unsigned i = 0; i < rb->nsh; i++) {
         projhost *ph = rb->shs[i].ph;
@@ -1251,14 +1271,7 @@ static int shards_swap(rebuild *rb) {
     store_batch *b = store_batch_new();
     buf live = BUF_INIT, val = BUF_INIT, key = BUF_INIT;
     buf_printf(&live, "proj/%s/", e->name);
-    const char *k, *v;
-    size_t kl, vl;
-    int r = 0, rc = 0;
-    store_kv_iter *it = store_kv_scan(m->s, live.ptr, live.len, NULL, 0, &err);
-    if (!it) rc = -1;
-    while (it && (r = store_kv_next(it, &k, &kl, &v, &vl, &err)) == 1) store_batch_del(b, k, kl);
-    if (it && r < 0) rc = -1;
-    store_kv_iter_free(it);
+    int rc = swap_clear_live(m, &live, b, &err);
     for (unsigned i = 0; rc == 0 && i < rb->nsh; i++) rc = shard_move(rb, i, &live, b, &err);
     if (rc == 0) { /* the checkpoint of the whole model, as proj.c writes it */
         msgpack_packer pk;
@@ -1273,14 +1286,7 @@ static int shards_swap(rebuild *rb) {
         buf_reset(&key);
         buf_printf(&key, "proj/%s/cp", e->name);
         store_batch_put(b, key.ptr, key.len, val.ptr, val.len);
-        char hex[17];
-        snprintf(hex, sizeof hex, "%016llx", (unsigned long long)rb->version);
-        key_of(&key, "v", e->name);
-        store_batch_put(b, key.ptr, key.len, hex, 16);
-        key_of(&key, "s", e->name);
-        store_batch_del(b, key.ptr, key.len);
-        key_of(&key, "n", e->name);
-        store_batch_del(b, key.ptr, key.len);
+        swap_records(rb, b, &key);
         if (store_batch_commit(m->s, b, &err) < 0) rc = -1;
     }
     store_batch_free(b);

@@ -1485,8 +1485,10 @@ static int rebuild_begin(pentry *e, const char *src, size_t len, const char *fil
     e->rb = rb;
     e->has_rb_error = 0;
     pthread_mutex_unlock(&e->smu);
-    logf_("info", "msg=\"projection source changed: building the new version\" name=%s "
-          "version=%016llx", e->name, (unsigned long long)rb->version);
+    logf_("info", "msg=\"%s\" name=%s version=%016llx workers=%u",
+          rb->version == e->version ? "projection rebuilding its source beside the serving model"
+                                    : "projection source changed: building the new version",
+          e->name, (unsigned long long)rb->version, rb->nsh);
     tm_thread(&rb->th, rebuild_main, rb, "projection rebuild");
     return 0;
 }

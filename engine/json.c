@@ -1093,12 +1093,6 @@ int json_objw_each(void *ctx, const char *k, size_t kl, const char *mp, size_t l
     return w->bad || w->io;
 }
 
-void json_objw_rendered(json_objw *w, const char *text, size_t len) {
-    objw_sep(w);
-    buf_append(&w->b, text, len);
-    if (w->b.len >= OBJW_CHUNK) objw_flush(w);
-}
-
 void json_objw_rendered_run(json_objw *w, const char *text, size_t len, size_t n) {
     if (!n) return;
     objw_sep(w);

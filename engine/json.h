@@ -63,8 +63,6 @@ int json_objw_pair(json_objw *w, const char *k, size_t kl, const char *mp, size_
  * stops the walk at the first value that does not transcode, or once a
  * write failed; json_objw_end then reports it. */
 int json_objw_each(void *w, const char *k, size_t kl, const char *mp, size_t len);
-/* One pair already rendered by json_render_pair. */
-void json_objw_rendered(json_objw *w, const char *text, size_t len);
 /* n pairs already rendered and joined by commas ("k":v,"k":v), written
  * straight to the stream (len may be tens of MB: it is not copied). */
 void json_objw_rendered_run(json_objw *w, const char *text, size_t len, size_t n);

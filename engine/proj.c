@@ -1003,6 +1003,18 @@ static int encode_dirty(lua_State *L, void *ud) {
     return rc;
 }
 
+void proj_checkpoint_record(buf *out, uint64_t dead_letters, uint64_t events, uint64_t position) {
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, out, wr);
+    msgpack_pack_map(&pk, 3);
+    pack_str(&pk, "dead_letters", 12);
+    msgpack_pack_uint64(&pk, dead_letters);
+    pack_str(&pk, "events", 6);
+    msgpack_pack_uint64(&pk, events);
+    pack_str(&pk, "position", 8);
+    msgpack_pack_uint64(&pk, position);
+}
+
 /* Encode the dirty states and the checkpoint into b (or the runtime's
  * in-memory `committed` table when b is NULL). */
 static int write_states(proj *p, proj_put_fn put, void *ud, tm_err *err) {
@@ -1029,15 +1041,7 @@ static int write_states(proj *p, proj_put_fn put, void *ud, tm_err *err) {
             put(ud, key.ptr, key.len, val.ptr, val.len);
         }
         buf_reset(&val);
-        msgpack_packer pk;
-        msgpack_packer_init(&pk, &val, wr);
-        msgpack_pack_map(&pk, 3);
-        pack_str(&pk, "dead_letters", 12);
-        msgpack_pack_uint64(&pk, p->ndl);
-        pack_str(&pk, "events", 6);
-        msgpack_pack_uint64(&pk, p->events);
-        pack_str(&pk, "position", 8);
-        msgpack_pack_uint64(&pk, p->position);
+        proj_checkpoint_record(&val, p->ndl, p->events, p->position);
         key_of(&key, p, "cp", NULL, 0);
         put(ud, key.ptr, key.len, val.ptr, val.len);
     }

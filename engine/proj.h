@@ -159,6 +159,10 @@ int proj_commit(proj *p, tm_err *err);
 /* Read the checkpoint from opts.st; states load lazily.  0 also when
  * there is no checkpoint yet (position 0). */
 int proj_restore(proj *p, tm_err *err);
+/* The checkpoint record (proj/NAME/cp) as proj_restore reads it, appended
+ * to out: for writers of a whole model built elsewhere (a replay's or the
+ * server's swap of a model built by several workers). */
+void proj_checkpoint_record(buf *out, uint64_t dead_letters, uint64_t events, uint64_t position);
 /* Delete every key of the projection in the store. */
 int proj_reset(proj *p, tm_err *err);
 

@@ -1273,16 +1273,8 @@ static int shards_swap(rebuild *rb) {
     buf_printf(&live, "proj/%s/", e->name);
     int rc = swap_clear_live(m, &live, b, &err);
     for (unsigned i = 0; rc == 0 && i < rb->nsh; i++) rc = shard_move(rb, i, &live, b, &err);
-    if (rc == 0) { /* the checkpoint of the whole model, as proj.c writes it */
-        msgpack_packer pk;
-        msgpack_packer_init(&pk, &val, wr);
-        msgpack_pack_map(&pk, 3);
-        pk_cstr(&pk, "dead_letters");
-        msgpack_pack_uint64(&pk, 0);
-        pk_cstr(&pk, "events");
-        msgpack_pack_uint64(&pk, events);
-        pk_cstr(&pk, "position");
-        msgpack_pack_uint64(&pk, L);
+    if (rc == 0) { /* the checkpoint of the whole model */
+        proj_checkpoint_record(&val, 0, events, L);
         buf_reset(&key);
         buf_printf(&key, "proj/%s/cp", e->name);
         store_batch_put(b, key.ptr, key.len, val.ptr, val.len);

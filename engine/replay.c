@@ -1385,15 +1385,7 @@ static int swap_in(replay *r, tm_err *err) {
     }
     if (rc == 0) {
         buf val = BUF_INIT;
-        msgpack_packer pk;
-        msgpack_packer_init(&pk, &val, wr);
-        msgpack_pack_map(&pk, 3);
-        pack_str(&pk, "dead_letters");
-        msgpack_pack_uint64(&pk, ndl);
-        pack_str(&pk, "events");
-        msgpack_pack_uint64(&pk, r->events);
-        pack_str(&pk, "position");
-        msgpack_pack_uint64(&pk, r->last);
+        proj_checkpoint_record(&val, ndl, r->events, r->last);
         buf_reset(&key);
         buf_append(&key, r->live.ptr, r->live.len);
         buf_puts(&key, "cp");

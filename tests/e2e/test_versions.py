@@ -471,7 +471,7 @@ def test_rebuild_command_rebuilds_the_serving_source_beside_it(tmp_path):
         h = s.http()
         cticks(h, 0, 30000)
         v2 = put(h, P2)["version"]
-        before = settled(h, v2)
+        settled(h, v2)
         served = state(h)
         r = h.request("POST", "/projections/p/rebuild")
         assert r.status == 200, r
@@ -484,7 +484,7 @@ def test_rebuild_command_rebuilds_the_serving_source_beside_it(tmp_path):
         after = settled(h, v2)
         assert after["rebuild_error"] is None
         assert state(h) == served
-        assert after["checkpoint"] == 30000 and before["checkpoint"] == 30000
+        assert after["checkpoint"] == 30000  # the swap's one checkpoint, at the log's end
         # a stopped projection is not rebuilt
         assert h.request("POST", "/projections/p/stop").status == 200
         r = h.request("POST", "/projections/p/rebuild")
